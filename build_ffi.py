@@ -1,0 +1,51 @@
+"""cffi builder for ptemu._native (out-of-line API mode).
+
+Lives outside the package (as in pyca/bcrypt): setup.py names it in
+cffi_modules, so `pip install .` compiles the extension once and nothing
+compiles at import time.
+
+The cdef is csrc/ptemu_cdef.h itself -- the header the C sources include --
+so declarations are never typed twice.
+
+Environment switches (read at build time):
+  PTEMU_SANITIZE=1   build with AddressSanitizer + UndefinedBehaviorSanitizer
+                     (-O1 -g -fno-omit-frame-pointer; run the interpreter with
+                     the ASan runtime preloaded, see docs/reliability.md)
+  PTEMU_DEBUG=1      -O0 -g
+"""
+import os
+import pathlib
+
+from cffi import FFI
+
+HERE = pathlib.Path(__file__).resolve().parent
+CSRC = HERE / "csrc"
+SOURCES = ["walk.c", "tlb.c", "batch.c"]
+
+
+def _compile_args():
+    if os.environ.get("PTEMU_SANITIZE") == "1":
+        return ["-O1", "-g", "-fno-omit-frame-pointer",
+                "-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"], \
+               ["-fsanitize=address,undefined"]
+    if os.environ.get("PTEMU_DEBUG") == "1":
+        return ["-O0", "-g"], []
+    return ["-O2", "-std=c99", "-Wall", "-Wextra", "-Wno-unused-parameter"], []
+
+
+ffibuilder = FFI()
+ffibuilder.cdef((CSRC / "ptemu_cdef.h").read_text())
+
+_cflags, _ldflags = _compile_args()
+ffibuilder.set_source(
+    "ptemu._native_c",
+    '#include "ptemu.h"',
+    # Relative paths: setuptools insists on them for sdists and wheels.
+    sources=[os.path.relpath(CSRC / s, HERE) for s in SOURCES],
+    include_dirs=[os.path.relpath(CSRC, HERE)],
+    extra_compile_args=_cflags,
+    extra_link_args=_ldflags,
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(verbose=True)

@@ -1,0 +1,82 @@
+/*
+ * ptemu.h -- the one umbrella header of ptemu's C core.
+ *
+ * The public contract (structs, constants, entry points) lives in
+ * ptemu_cdef.h, which cffi parses as well; this file adds what only the C
+ * side needs: fixed-width types, the architectural masks of bits.h, and the
+ * walk context shared by walk.c, tlb.c and batch.c.
+ *
+ * Rules of the core (see shared/DESIGN.md): no Python.h, no global mutable
+ * state (cffi releases the GIL on every call), every physical access through
+ * ptemu_load64/ptemu_or8, a fault assigned whole.
+ */
+#ifndef PTEMU_H
+#define PTEMU_H
+
+#include <stdint.h>
+#include <string.h>
+
+#include "ptemu_cdef.h"
+#include "bits.h"
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "ptemu reads paging structures as little-endian host words"
+#endif
+
+/*
+ * Everything a walk needs, derived once from ptemu_cpu per call (or per
+ * batch): the walk itself then touches no control register.
+ */
+typedef struct ptemu_ctx {
+    ptemu_mem *mem;
+    ptemu_tlb *tlb;           /* NULL: no TLB and no paging-structure caches */
+    uint64_t   top_table;     /* CR3 bits M-1:12 */
+    uint64_t   addr_mask;     /* bits M-1:12: the address field of an entry */
+    uint64_t   rsvd[6];       /* reserved bits of any present entry, by level */
+    uint64_t   rsvd_large[6]; /* additionally reserved when PS=1 (levels 2, 3) */
+    uint32_t   levels;        /* 0 paging off, 4 or 5 */
+    uint32_t   canon_bits;    /* 48 or 57 */
+    uint32_t   pcid;          /* current PCID (0 when CR4.PCIDE=0) */
+    uint32_t   nxe, wp, smep, smap, pke, pks, pge, ac;
+    uint32_t   pkru, pkrs;
+    uint32_t   eager_a;
+} ptemu_ctx;
+
+void ptemu_ctx_init(ptemu_ctx *c, const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb);
+int  ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t access, uint32_t flags,
+                         ptemu_walk_out *out, ptemu_fault *fault);
+
+uint32_t ptemu_resolve_flags(const ptemu_cpu *cpu, uint32_t flags);
+
+/* tlb.c */
+ptemu_tlbe *ptemu_tlb_lookup(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid);
+void ptemu_tlb_fill(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
+                    uint32_t size, uint64_t base, uint32_t flags, uint32_t pkey);
+int  ptemu_psc_lookup(ptemu_tlb *t, uint64_t va, uint32_t pcid, uint32_t levels,
+                      uint32_t *level, uint64_t *table, uint32_t *rights);
+void ptemu_psc_fill(ptemu_tlb *t, uint32_t level, uint64_t va, uint32_t pcid,
+                    uint64_t table, uint32_t rights);
+
+/* The shift of the address bits that index a table at `level` (1 = PT):
+ * also log2 of the region one entry at that level maps. */
+static inline uint32_t ptemu_level_shift(uint32_t level) { return 12u + 9u * (level - 1u); }
+
+/* The single bounds-checked load of physical memory.  Overflow-safe for any
+ * pa and any size (a size below 8 admits nothing). */
+static inline int ptemu_load64(const ptemu_mem *m, uint64_t pa, uint64_t *v)
+{
+    if (m->size < 8 || pa > m->size - 8)
+        return 0;
+    memcpy(v, m->base + pa, 8);
+    return 1;
+}
+
+/* Setting A or D: OR into the entry's low byte, so a bit another agent set
+ * meanwhile is never cleared (hardware uses a locked RMW, SDM 4.8). */
+static inline void ptemu_or8(ptemu_mem *m, uint64_t pa, uint8_t bits)
+{
+    if (pa < m->size)
+        m->base[pa] |= bits;
+}
+
+#endif

@@ -1,0 +1,277 @@
+/*
+ * ptemu_cdef.h -- the C contract of ptemu, in the subset of C that cffi's
+ * cdef() parses: integer #defines, typedef'd structs, prototypes.  No
+ * #include, no #if.  csrc/ptemu.h includes this file, so the compiler and
+ * cffi read the very same declarations; nothing is typed twice.
+ *
+ * Every constant Python needs comes from here through `lib`.
+ */
+
+/* ---- Control registers (SDM Vol. 3A 2.5, 2.2.1) ------------------------ */
+#define PTEMU_CR0_PE        0x00000001
+#define PTEMU_CR0_WP        0x00010000
+#define PTEMU_CR0_PG        0x80000000
+
+#define PTEMU_CR4_PSE       0x00000010
+#define PTEMU_CR4_PAE       0x00000020
+#define PTEMU_CR4_PGE       0x00000080
+#define PTEMU_CR4_LA57      0x00001000
+#define PTEMU_CR4_PCIDE     0x00020000
+#define PTEMU_CR4_SMEP      0x00100000
+#define PTEMU_CR4_SMAP      0x00200000
+#define PTEMU_CR4_PKE       0x00400000
+#define PTEMU_CR4_PKS       0x01000000
+
+#define PTEMU_EFER_LME      0x00000100
+#define PTEMU_EFER_LMA      0x00000400
+#define PTEMU_EFER_NXE      0x00000800
+
+/* CR3 (SDM 4.5.2, 4.10.4.1): PCID in 11:0 when CR4.PCIDE=1; bit 63 on a
+ * MOV to CR3 with PCIDE=1 asks the processor not to flush, and is not stored. */
+#define PTEMU_CR3_PCID_MASK 0x0000000000000fff
+#define PTEMU_CR3_NOFLUSH   0x8000000000000000
+
+/* ---- Paging-structure entry bits (SDM 4.5, tables 4-15 .. 4-20) ---------- */
+#define PTEMU_PTE_P         0x0000000000000001
+#define PTEMU_PTE_W         0x0000000000000002
+#define PTEMU_PTE_U         0x0000000000000004
+#define PTEMU_PTE_PWT       0x0000000000000008
+#define PTEMU_PTE_PCD       0x0000000000000010
+#define PTEMU_PTE_A         0x0000000000000020
+#define PTEMU_PTE_D         0x0000000000000040
+#define PTEMU_PTE_PS        0x0000000000000080
+#define PTEMU_PTE_G         0x0000000000000100
+#define PTEMU_PTE_PAT_LARGE 0x0000000000001000
+#define PTEMU_PTE_NX        0x8000000000000000
+#define PTEMU_PTE_PKEY_SHIFT 59
+
+/* ---- #PF error code (SDM 4.7) -------------------------------------------- */
+#define PTEMU_PF_P          0x0001
+#define PTEMU_PF_W          0x0002
+#define PTEMU_PF_U          0x0004
+#define PTEMU_PF_RSVD       0x0008
+#define PTEMU_PF_I          0x0010
+#define PTEMU_PF_PK         0x0020
+#define PTEMU_PF_SS         0x0040
+#define PTEMU_PF_SGX        0x8000
+
+/* ---- Exception vectors and walk results ---------------------------------- */
+#define PTEMU_OK            0
+#define PTEMU_VEC_GP        13
+#define PTEMU_VEC_PF        14
+
+/* Why a walk faulted (ptemu_fault.cause); finer than the error code. */
+#define PTEMU_CAUSE_NONE        0
+#define PTEMU_CAUSE_NONCANON    1   /* #GP(0): not canonical                 */
+#define PTEMU_CAUSE_NOT_PRESENT 2   /* P=0 in the entry at fault.level       */
+#define PTEMU_CAUSE_RSVD        3   /* a reserved bit set at fault.level     */
+#define PTEMU_CAUSE_PROT        4   /* rights (U/S, R/W, XD, SMEP, SMAP, PK) */
+#define PTEMU_CAUSE_BUS         5   /* entry address outside memory, see walk.c */
+
+/* Access kinds: these are the values of TRACE_DTYPE.access as well. */
+#define PTEMU_ACC_READ      0
+#define PTEMU_ACC_WRITE     1
+#define PTEMU_ACC_FETCH     2
+
+/* ptemu_walk_in.flags / batch flags */
+#define PTEMU_IN_USER       0x1   /* user-mode access (CPL 3, explicit)      */
+#define PTEMU_IN_IMPLICIT   0x2   /* implicit supervisor access (SMAP: always checked) */
+#define PTEMU_IN_NO_AD      0x4   /* probe: no A/D writes, no TLB use        */
+#define PTEMU_IN_CPL        0x8   /* user-mode iff cpu->cpl == 3 (API user=None) */
+
+/* ptemu_cpu.options */
+#define PTEMU_OPT_EAGER_A   0x1   /* QEMU order: set A in each entry as the walk passes it */
+
+/* Page-size indices (ptemu_tlbe.size for TLB entries) */
+#define PTEMU_SIZE_4K       0
+#define PTEMU_SIZE_2M       1
+#define PTEMU_SIZE_1G       2
+
+/* TLB entry flags: the rights combined over the walk, and leaf state */
+/* (W, U and D sit at their PTE bit positions so a walk can AND them in.) */
+#define PTEMU_TE_NX         0x01  /* XD=1 at some level (with NXE)        */
+#define PTEMU_TE_W          0x02  /* R/W=1 at every level                 */
+#define PTEMU_TE_U          0x04  /* U/S=1 at every level                 */
+#define PTEMU_TE_G          0x08  /* leaf G=1 and CR4.PGE=1 when cached   */
+#define PTEMU_TE_D          0x40  /* leaf D was 1 when cached             */
+
+/* TLB array kinds */
+#define PTEMU_KIND_DATA     0x1
+#define PTEMU_KIND_FETCH    0x2
+
+/* Flush kinds (ptemu_tlb_flush) */
+#define PTEMU_FLUSH_ALL            0  /* everything, globals included, all PCIDs */
+#define PTEMU_FLUSH_NONGLOBAL      1  /* all PCIDs, globals kept; all PSCs       */
+#define PTEMU_FLUSH_PCID           2  /* one PCID, globals kept; its PSCs        */
+#define PTEMU_FLUSH_PCID_ALL       3  /* one PCID, its global-tagged too; its PSCs */
+#define PTEMU_FLUSH_INVLPG         4  /* page of va: PCID or global; PCID's PSCs */
+#define PTEMU_FLUSH_ADDR           5  /* page of va: PCID, not global; PCID's PSCs */
+
+/* Flush causes: index into ptemu_tlb.flushes */
+#define PTEMU_CAUSE_FL_CR3       0
+#define PTEMU_CAUSE_FL_CR4       1
+#define PTEMU_CAUSE_FL_CR0       2
+#define PTEMU_CAUSE_FL_INVLPG    3
+#define PTEMU_CAUSE_FL_INVPCID   4
+#define PTEMU_CAUSE_FL_PF        5
+#define PTEMU_CAUSE_FL_USER      6
+#define PTEMU_NFLUSH_CAUSES      7
+
+#define PTEMU_TLB_MAX_ARRAYS     8
+#define PTEMU_MAX_LEVELS         5
+
+/* ---- Structures ----------------------------------------------------------- */
+
+/* Physical memory: a byte buffer owned by Python (numpy array or memmap). */
+typedef struct ptemu_mem {
+    uint8_t  *base;
+    uint64_t  size;         /* bytes; every access is checked against it */
+} ptemu_mem;
+
+/* The architectural state a walk depends on. */
+typedef struct ptemu_cpu {
+    uint64_t cr0, cr3, cr4, efer;
+    uint32_t cpl;           /* 0..3 */
+    uint32_t ac;            /* RFLAGS.AC */
+    uint32_t pkru;          /* 2 bits per key: AD = bit 2k, WD = bit 2k+1 */
+    uint32_t pkrs;          /* same layout, supervisor keys (CR4.PKS) */
+    uint32_t maxphyaddr;    /* 32..52 */
+    uint32_t options;       /* PTEMU_OPT_* */
+} ptemu_cpu;
+
+/* One access to translate. */
+typedef struct ptemu_walk_in {
+    uint64_t va;
+    uint32_t access;        /* PTEMU_ACC_* */
+    uint32_t flags;         /* PTEMU_IN_* */
+} ptemu_walk_in;
+
+/* A successful translation (and, on a fault, the entries read so far). */
+typedef struct ptemu_walk_out {
+    uint64_t va;
+    uint64_t pa;
+    uint64_t page_size;
+    uint64_t leaf;          /* the leaf entry as it is in memory after the walk */
+    uint32_t level;         /* level of the leaf: 1 PTE, 2 PDE, 3 PDPTE; 0 paging off */
+    uint32_t rights;        /* PTEMU_TE_W | PTEMU_TE_U | PTEMU_TE_NX combined */
+    uint32_t nentries;      /* entries read from memory this time (0 on a TLB hit) */
+    uint32_t mem_refs;      /* memory references the walk made (reads) */
+    uint32_t tlb_hit;       /* 1 when a TLB entry answered */
+    uint32_t first_level;   /* level of entry_pa[0] (lower than the top on a PSC hit) */
+    uint64_t entry_pa[5];   /* top first */
+    uint64_t entry[5];
+} ptemu_walk_out;
+
+/* A fault, always assigned whole. */
+typedef struct ptemu_fault {
+    uint32_t vector;        /* PTEMU_VEC_GP or PTEMU_VEC_PF */
+    uint32_t error_code;
+    uint64_t cr2;           /* the faulting address for #PF; 0 for #GP */
+    uint32_t cause;         /* PTEMU_CAUSE_* */
+    uint32_t level;         /* level of the entry at fault (0: none / rights) */
+} ptemu_fault;
+
+/* One cached translation (TLB) or paging-structure entry (PSC). */
+typedef struct ptemu_tlbe {
+    uint64_t tag;           /* va >> shift of this entry's size/level */
+    uint64_t base;          /* TLB: page frame base; PSC: next table base */
+    uint64_t stamp;         /* LRU clock at last use; 0 = invalid */
+    uint16_t pcid;
+    uint8_t  size;          /* TLB: PTEMU_SIZE_*; PSC: level */
+    uint8_t  flags;         /* PTEMU_TE_* */
+    uint8_t  pkey;
+    uint8_t  pad[3];
+} ptemu_tlbe;
+
+/* A set-associative array with LRU replacement. */
+typedef struct ptemu_tlb_array {
+    ptemu_tlbe *e;          /* sets*ways entries, owned by Python */
+    uint32_t sets;          /* power of two; 0 = array absent */
+    uint32_t ways;
+    uint32_t sizes;         /* bitmask of 1 << PTEMU_SIZE_* held (TLB arrays) */
+    uint32_t kinds;         /* PTEMU_KIND_* served (TLB arrays) */
+    uint32_t tier;          /* 1 first level, 2 second level (TLB arrays) */
+    uint32_t pad;
+    uint64_t clock;
+    uint64_t hits;
+    uint64_t misses;        /* lookups that probed this array and missed */
+    uint64_t fills;
+    uint64_t evictions;     /* fills that displaced a valid entry */
+} ptemu_tlb_array;
+
+typedef struct ptemu_tlb {
+    uint32_t narrays;
+    uint32_t pad;
+    ptemu_tlb_array arr[8];        /* TLB arrays */
+    ptemu_tlb_array psc[6];        /* paging-structure caches, index = level 2..5 */
+    uint64_t lookups[3];           /* by access kind */
+    uint64_t l1_hits[3];
+    uint64_t l2_hits[3];
+    uint64_t misses[3];
+    uint64_t walks;                /* walks started (TLB misses and D-bit rewalks) */
+    uint64_t walk_refs;            /* memory references made by those walks */
+    uint64_t dirty_rewalks;        /* hits on write with cached D=0 */
+    uint64_t fault_invalidations;  /* #PF-triggered invalidations (SDM 4.10.4.1) */
+    uint64_t flushes[7];           /* by PTEMU_CAUSE_FL_* */
+} ptemu_tlb;
+
+/* One record of an access trace: numpy TRACE_DTYPE with align=True. */
+typedef struct ptemu_trace_rec {
+    uint64_t va;
+    uint8_t  access;        /* PTEMU_ACC_* */
+    uint8_t  user;          /* 1: user-mode access */
+    uint8_t  pad[6];
+} ptemu_trace_rec;
+
+/* An Mmu's handle: what one scalar call needs behind one pointer (a cffi
+ * call costs per argument), and the result slots it fills. */
+typedef struct ptemu_mmu {
+    ptemu_cpu *cpu;
+    ptemu_mem *mem;
+    ptemu_tlb *tlb;         /* NULL: no TLB */
+    ptemu_walk_out *out;    /* Python-owned (a bytearray it unpacks in one go) */
+    ptemu_fault fault;
+} ptemu_mmu;
+
+/* ---- Functions ------------------------------------------------------------ */
+
+/* The layout version of this header; _native checks it against the build. */
+#define PTEMU_ABI_VERSION 1
+int ptemu_abi_version(void);
+
+/* Scalar translation through an Mmu handle: fills m->out or m->fault and
+ * returns PTEMU_OK, PTEMU_VEC_GP or PTEMU_VEC_PF. */
+int ptemu_mmu_translate(ptemu_mmu *m, uint64_t va, uint32_t access, uint32_t flags);
+
+/* Translate one access.  tlb may be NULL.  Returns PTEMU_OK (out filled),
+ * PTEMU_VEC_GP or PTEMU_VEC_PF (fault filled; out holds the entries read). */
+int ptemu_translate(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
+                    const ptemu_walk_in *in, ptemu_walk_out *out, ptemu_fault *fault);
+
+/* Translate n addresses.  access: per-element array (may be NULL, then
+ * access_all is used).  flags: PTEMU_IN_* for all.  Outputs: pa, vector,
+ * error_code (each n long).  Returns the number of faults. */
+uint64_t ptemu_translate_many(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
+                              const uint64_t *va, const uint8_t *access,
+                              uint32_t access_all, uint32_t flags, uint64_t n,
+                              uint64_t *pa, uint8_t *vector, uint32_t *error_code);
+
+/* Run trace[start:n] through TLB and walker; A/D bits set.  pa may be NULL.
+ * Returns the index of the first faulting access (fault filled), or n. */
+uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
+                   const ptemu_trace_rec *trace, uint64_t n, uint64_t start,
+                   uint64_t *pa, ptemu_fault *fault);
+
+/* Benchmark baseline: follow only P and PS bits, no checks, no A/D. */
+uint64_t ptemu_minimal_walk_many(const ptemu_mem *mem, uint64_t cr3, uint32_t levels,
+                                 const uint64_t *va, uint64_t n, uint64_t *pa);
+
+/* TLB maintenance */
+void ptemu_tlb_flush(ptemu_tlb *tlb, uint32_t kind, uint32_t pcid, uint64_t va,
+                     uint32_t cause);
+/* Count valid entries (all arrays when arr < 0; PSC level when arr >= 100+level). */
+uint64_t ptemu_tlb_count_valid(const ptemu_tlb *tlb, int arr);
+
+/* Bounds-checked physical accessors (also used by Python for tests). */
+int ptemu_mem_load64(const ptemu_mem *mem, uint64_t pa, uint64_t *value);
+int ptemu_mem_store64(ptemu_mem *mem, uint64_t pa, uint64_t value);

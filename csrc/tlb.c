@@ -1,0 +1,273 @@
+/*
+ * tlb.c -- TLBs and paging-structure caches (Intel SDM Vol. 3A 4.10).
+ *
+ * A ptemu_tlb is a handful of set-associative arrays with LRU replacement,
+ * all owned by Python (ffi.new) and described by their geometry:
+ *
+ *   tier 1:  L1 ITLB arrays (kind FETCH)   L1 DTLB arrays (kind DATA)
+ *            one array per page size where real cores split them
+ *   tier 2:  unified STLB arrays (FETCH|DATA), possibly several sizes each
+ *   psc[2..5]: PDE, PDPTE, PML4E, PML5E caches (4.10.3), tagged by PCID
+ *
+ * A TLB entry caches the rights combined over the walk, not a decision, so
+ * changes of CR0.WP, SMEP, SMAP, RFLAGS.AC or PKRU take effect at once, as
+ * on hardware.  It also caches the leaf's D bit: a write through a clean
+ * entry walks again (walk.c) so memory gets its D bit (4.8).
+ *
+ * Tags are va >> shift of the entry's page size (TLB) or level (PSC).  An
+ * entry is valid when its LRU stamp is non-zero.  Entries match the current
+ * PCID, or any PCID when global (4.10.2.4); PSC entries are never global.
+ *
+ * Invariant: an array holds at most one valid entry per (tag, size, pcid);
+ * fill() overwrites a match before it evicts anything.
+ */
+#include "ptemu.h"
+
+static inline uint32_t kind_of(uint32_t access)
+{
+    return access == PTEMU_ACC_FETCH ? PTEMU_KIND_FETCH : PTEMU_KIND_DATA;
+}
+
+static inline ptemu_tlbe *set_of(const ptemu_tlb_array *a, uint64_t tag)
+{
+    return a->e + (size_t)(tag & (a->sets - 1)) * a->ways;
+}
+
+/* Probe one array for va at every page size it holds. */
+static ptemu_tlbe *probe(ptemu_tlb_array *a, uint64_t va, uint32_t pcid)
+{
+    for (uint32_t s = 0; s < 3; s++) {
+        if (!(a->sizes & (1u << s)))
+            continue;
+        uint64_t tag = va >> ptemu_level_shift(s + 1);
+        ptemu_tlbe *row = set_of(a, tag);
+        for (uint32_t w = 0; w < a->ways; w++) {
+            ptemu_tlbe *e = &row[w];
+            if (e->stamp && e->tag == tag && e->size == s &&
+                (e->pcid == pcid || (e->flags & PTEMU_TE_G))) {
+                e->stamp = ++a->clock;
+                return e;
+            }
+        }
+    }
+    return NULL;
+}
+
+/* Install an entry in its set: over a matching one, else an invalid way,
+ * else the least recently used. */
+static ptemu_tlbe *array_fill(ptemu_tlb_array *a, const ptemu_tlbe *src)
+{
+    ptemu_tlbe *row = set_of(a, src->tag);
+    ptemu_tlbe *victim = NULL;
+    for (uint32_t w = 0; w < a->ways; w++) {
+        ptemu_tlbe *e = &row[w];
+        if (e->stamp && e->tag == src->tag && e->size == src->size && e->pcid == src->pcid) {
+            victim = e;
+            break;
+        }
+        if (!victim || (victim->stamp && (!e->stamp || e->stamp < victim->stamp)))
+            victim = e;
+    }
+    if (victim->stamp && !(victim->tag == src->tag && victim->size == src->size &&
+                           victim->pcid == src->pcid))
+        a->evictions++;
+    *victim = *src;
+    victim->stamp = ++a->clock;
+    a->fills++;
+    return victim;
+}
+
+static ptemu_tlb_array *array_for(ptemu_tlb *t, uint32_t tier, uint32_t kind, uint32_t size)
+{
+    for (uint32_t i = 0; i < t->narrays && i < PTEMU_TLB_MAX_ARRAYS; i++) {
+        ptemu_tlb_array *a = &t->arr[i];
+        if (a->sets && a->tier == tier && (a->kinds & kind) && (a->sizes & (1u << size)))
+            return a;
+    }
+    return NULL;
+}
+
+ptemu_tlbe *ptemu_tlb_lookup(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid)
+{
+    uint32_t kind = kind_of(access);
+    uint32_t n = t->narrays < PTEMU_TLB_MAX_ARRAYS ? t->narrays : PTEMU_TLB_MAX_ARRAYS;
+    t->lookups[access]++;
+    for (uint32_t tier = 1; tier <= 2; tier++) {
+        for (uint32_t i = 0; i < n; i++) {
+            ptemu_tlb_array *a = &t->arr[i];
+            if (!a->sets || a->tier != tier || !(a->kinds & kind))
+                continue;
+            ptemu_tlbe *e = probe(a, va, pcid);
+            if (!e) {
+                a->misses++;
+                continue;
+            }
+            a->hits++;
+            if (tier == 1) {
+                t->l1_hits[access]++;
+                return e;
+            }
+            t->l2_hits[access]++;
+            /* Second-level hit: refill the first level, as the STLB does. */
+            ptemu_tlb_array *l1 = array_for(t, 1, kind, e->size);
+            return l1 ? array_fill(l1, e) : e;
+        }
+    }
+    t->misses[access]++;
+    return NULL;
+}
+
+void ptemu_tlb_fill(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
+                    uint32_t size, uint64_t base, uint32_t flags, uint32_t pkey)
+{
+    ptemu_tlbe ne;
+    memset(&ne, 0, sizeof ne);
+    ne.tag = va >> ptemu_level_shift(size + 1);
+    ne.base = base;
+    ne.pcid = (uint16_t)pcid;
+    ne.size = (uint8_t)size;
+    ne.flags = (uint8_t)flags;
+    ne.pkey = (uint8_t)pkey;
+    uint32_t kind = kind_of(access);
+    for (uint32_t tier = 1; tier <= 2; tier++) {
+        ptemu_tlb_array *a = array_for(t, tier, kind, size);
+        if (a)
+            array_fill(a, &ne);
+    }
+}
+
+int ptemu_psc_lookup(ptemu_tlb *t, uint64_t va, uint32_t pcid, uint32_t levels,
+                     uint32_t *level, uint64_t *table, uint32_t *rights)
+{
+    /* Deepest first: a PDE-cache hit leaves only the PTE to read. */
+    for (uint32_t l = 2; l <= levels && l <= 5; l++) {
+        ptemu_tlb_array *a = &t->psc[l];
+        if (!a->sets)
+            continue;
+        uint64_t tag = va >> ptemu_level_shift(l);
+        ptemu_tlbe *row = set_of(a, tag);
+        for (uint32_t w = 0; w < a->ways; w++) {
+            ptemu_tlbe *e = &row[w];
+            if (e->stamp && e->tag == tag && e->pcid == pcid) {
+                e->stamp = ++a->clock;
+                a->hits++;
+                *level = l - 1;
+                *table = e->base;
+                *rights = e->flags;
+                return 1;
+            }
+        }
+        a->misses++;
+    }
+    return 0;
+}
+
+void ptemu_psc_fill(ptemu_tlb *t, uint32_t level, uint64_t va, uint32_t pcid,
+                    uint64_t table, uint32_t rights)
+{
+    if (level < 2 || level > 5 || !t->psc[level].sets)
+        return;
+    ptemu_tlbe ne;
+    memset(&ne, 0, sizeof ne);
+    ne.tag = va >> ptemu_level_shift(level);
+    ne.base = table;
+    ne.pcid = (uint16_t)pcid;
+    ne.size = (uint8_t)level;
+    ne.flags = (uint8_t)rights;
+    array_fill(&t->psc[level], &ne);
+}
+
+/* Does a flush of `kind` remove this TLB entry?  (SDM 4.10.4.1) */
+static inline int tlb_entry_goes(const ptemu_tlbe *e, uint32_t kind, uint32_t pcid, uint64_t va)
+{
+    int global = (e->flags & PTEMU_TE_G) != 0;
+    switch (kind) {
+    case PTEMU_FLUSH_ALL:
+        return 1;
+    case PTEMU_FLUSH_NONGLOBAL:
+        return !global;
+    case PTEMU_FLUSH_PCID:
+        return e->pcid == pcid && !global;
+    case PTEMU_FLUSH_PCID_ALL:
+        return e->pcid == pcid;
+    case PTEMU_FLUSH_INVLPG:
+        /* The page containing va at the entry's own size: a large page
+         * covering the address goes too; global entries in every PCID. */
+        return e->tag == (va >> ptemu_level_shift(e->size + 1u)) && (e->pcid == pcid || global);
+    case PTEMU_FLUSH_ADDR:
+        return e->tag == (va >> ptemu_level_shift(e->size + 1u)) && e->pcid == pcid && !global;
+    }
+    return 1;   /* unknown kind: dropping more is always allowed */
+}
+
+static inline int psc_entry_goes(const ptemu_tlbe *e, uint32_t kind, uint32_t pcid)
+{
+    if (kind == PTEMU_FLUSH_ALL || kind == PTEMU_FLUSH_NONGLOBAL)
+        return 1;
+    /* Per-PCID kinds, INVLPG and INVPCID type 0 drop every PSC entry of the
+     * PCID, whatever address it maps (4.10.4.1). */
+    return e->pcid == pcid;
+}
+
+static void sweep(ptemu_tlb_array *a, int is_psc, uint32_t kind, uint32_t pcid, uint64_t va)
+{
+    size_t n = (size_t)a->sets * a->ways;
+    for (size_t i = 0; i < n; i++) {
+        ptemu_tlbe *e = &a->e[i];
+        if (e->stamp && (is_psc ? psc_entry_goes(e, kind, pcid)
+                                : tlb_entry_goes(e, kind, pcid, va)))
+            e->stamp = 0;
+    }
+}
+
+void ptemu_tlb_flush(ptemu_tlb *t, uint32_t kind, uint32_t pcid, uint64_t va, uint32_t cause)
+{
+    if (cause < PTEMU_NFLUSH_CAUSES)
+        t->flushes[cause]++;
+    if (cause == PTEMU_CAUSE_FL_PF)
+        t->fault_invalidations++;
+    uint32_t n = t->narrays < PTEMU_TLB_MAX_ARRAYS ? t->narrays : PTEMU_TLB_MAX_ARRAYS;
+    for (uint32_t i = 0; i < n; i++) {
+        ptemu_tlb_array *a = &t->arr[i];
+        if (!a->sets)
+            continue;
+        if (kind == PTEMU_FLUSH_INVLPG || kind == PTEMU_FLUSH_ADDR) {
+            /* Only the sets va indexes can hold its page. */
+            for (uint32_t s = 0; s < 3; s++) {
+                if (!(a->sizes & (1u << s)))
+                    continue;
+                ptemu_tlbe *row = set_of(a, va >> ptemu_level_shift(s + 1));
+                for (uint32_t w = 0; w < a->ways; w++)
+                    if (row[w].stamp && tlb_entry_goes(&row[w], kind, pcid, va))
+                        row[w].stamp = 0;
+            }
+        } else {
+            sweep(a, 0, kind, pcid, va);
+        }
+    }
+    for (uint32_t l = 2; l <= 5; l++)
+        if (t->psc[l].sets)
+            sweep(&t->psc[l], 1, kind, pcid, va);
+}
+
+uint64_t ptemu_tlb_count_valid(const ptemu_tlb *t, int which)
+{
+    uint64_t count = 0;
+    for (uint32_t i = 0; i < PTEMU_TLB_MAX_ARRAYS + 6; i++) {
+        const ptemu_tlb_array *a;
+        if (i < PTEMU_TLB_MAX_ARRAYS) {
+            if (i >= t->narrays || (which >= 0 && which != (int)i))
+                continue;
+            a = &t->arr[i];
+        } else {
+            uint32_t level = i - PTEMU_TLB_MAX_ARRAYS;
+            if (which != 100 + (int)level)
+                continue;
+            a = &t->psc[level];
+        }
+        size_t n = (size_t)a->sets * a->ways;
+        for (size_t k = 0; k < n; k++)
+            count += a->e[k].stamp != 0;
+    }
+    return count;
+}

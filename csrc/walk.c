@@ -1,0 +1,391 @@
+/*
+ * walk.c -- the 4-level and 5-level x86-64 page walk (Intel SDM Vol. 3A
+ * 4.5 - 4.8), with the TLB and paging-structure caches of tlb.c in front.
+ *
+ * One access in, either a translation or a whole fault out:
+ *
+ *   canonical? --no--> #GP(0), CR2 untouched                      (SDM 4.5.1)
+ *      |
+ *   TLB hit? --yes--> rights check on the cached rights --> done or #PF
+ *      |                (a write through a clean entry walks again, 4.8)
+ *   PSC hit? picks the level to start at                          (SDM 4.10.3)
+ *      |
+ *   level loop: load entry (bounds-checked), P, reserved bits, AND/OR rights
+ *      |
+ *   rights check (U/S, R/W+WP, XD, SMEP, SMAP, PKU/PKS)           (SDM 4.6)
+ *      |
+ *   A in every entry read, D in the leaf on a write -- only now, after every
+ *   check passed (Bochs order; PTEMU_OPT_EAGER_A asks for QEMU's)  (SDM 4.8)
+ *      |
+ *   fill paging-structure caches and TLB
+ *
+ * A paging-structure reference outside physical memory is a defined fault:
+ * #PF with P|RSVD (plus W/U/I as usual) and cause PTEMU_CAUSE_BUS.  It is
+ * what PC hardware would report after reading the all-ones value that reads
+ * of nonexistent memory return (bits 51:MAXPHYADDR of it are reserved); the
+ * cause field lets software tell it from a true reserved-bit fault.
+ */
+#include "ptemu.h"
+
+void ptemu_ctx_init(ptemu_ctx *c, const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb)
+{
+    uint32_t m = cpu->maxphyaddr;
+    /* MAXPHYADDR is checked in Python; clamp anyway so no shift here is
+     * undefined whatever the struct holds. */
+    if (m < 13 || m > 52)
+        m = 52;
+    memset(c, 0, sizeof *c);
+    c->mem = mem;
+    c->tlb = tlb;
+    c->addr_mask = ptemu_addr_mask(m);
+    c->nxe = (cpu->efer & PTEMU_EFER_NXE) != 0;
+    c->wp = (cpu->cr0 & PTEMU_CR0_WP) != 0;
+    c->smep = (cpu->cr4 & PTEMU_CR4_SMEP) != 0;
+    c->smap = (cpu->cr4 & PTEMU_CR4_SMAP) != 0;
+    c->pke = (cpu->cr4 & PTEMU_CR4_PKE) != 0;
+    c->pks = (cpu->cr4 & PTEMU_CR4_PKS) != 0;
+    c->pge = (cpu->cr4 & PTEMU_CR4_PGE) != 0;
+    c->ac = cpu->ac != 0;
+    c->pkru = cpu->pkru;
+    c->pkrs = cpu->pkrs;
+    c->eager_a = (cpu->options & PTEMU_OPT_EAGER_A) != 0;
+    c->pcid = (cpu->cr4 & PTEMU_CR4_PCIDE) ? (uint32_t)(cpu->cr3 & PTEMU_CR3_PCID_MASK) : 0;
+    c->top_table = cpu->cr3 & c->addr_mask;
+
+    /* Paging off (CR0.PG=0): linear = physical.  Legacy 32-bit and PAE
+     * paging are refused in Python; should such a state reach C anyway it
+     * is walked as 4-level, never as something undefined. */
+    if (!(cpu->cr0 & PTEMU_CR0_PG)) {
+        c->levels = 0;
+    } else if (cpu->cr4 & PTEMU_CR4_LA57) {
+        c->levels = 5;
+    } else {
+        c->levels = 4;
+    }
+    c->canon_bits = c->levels == 5 ? 57 : 48;
+
+    /* Reserved bits (SDM 4.5.4 tables 4-15..4-20; NOTES "Walk"). */
+    uint64_t base = ptemu_rsvd_phys(m) | (c->nxe ? 0 : PTEMU_PTE_NX);
+    for (int l = 1; l <= 5; l++)
+        c->rsvd[l] = base;
+    c->rsvd[4] |= PTEMU_PTE_PS;     /* PS in a PML4E is reserved */
+    c->rsvd[5] |= PTEMU_PTE_PS;     /* and in a PML5E */
+    c->rsvd_large[3] = PTEMU_RSVD_1G;
+    c->rsvd_large[2] = PTEMU_RSVD_2M;
+    /* level 1: bit 7 is PAT, nothing extra */
+}
+
+/* Error-code bits that describe the access itself (SDM 4.7): W/R, U/S, and
+ * I/D only when instruction fetches can be told apart (NXE or SMEP). */
+static inline uint32_t access_bits(const ptemu_ctx *c, uint32_t access, uint32_t flags)
+{
+    uint32_t ec = 0;
+    if (access == PTEMU_ACC_WRITE)
+        ec |= PTEMU_PF_W;
+    if (flags & PTEMU_IN_USER)
+        ec |= PTEMU_PF_U;
+    if (access == PTEMU_ACC_FETCH && (c->nxe || c->smep))
+        ec |= PTEMU_PF_I;
+    return ec;
+}
+
+/*
+ * The access-rights decision of SDM 4.6 over rights combined across all
+ * levels (W and U ANDed, NX ORed).  Returns 0 when allowed, else the
+ * protection-fault bits: P, plus PK when the key check fails -- which the
+ * SDM (4.7) reports whether or not another check failed too.
+ */
+static inline uint32_t rights_check(const ptemu_ctx *c, uint32_t access, uint32_t flags,
+                                    uint32_t rights, uint32_t pkey)
+{
+    int upage = (rights & PTEMU_TE_U) != 0;
+    int writable = (rights & PTEMU_TE_W) != 0;
+    int nx = (rights & PTEMU_TE_NX) != 0;
+    int bad = 0;
+
+    if (flags & PTEMU_IN_USER) {
+        /* 4.6.1: user-mode accesses need a user-mode address; writes R/W
+         * everywhere; fetches XD clear everywhere. */
+        if (!upage)
+            bad = 1;
+        else if (access == PTEMU_ACC_WRITE && !writable)
+            bad = 1;
+        else if (access == PTEMU_ACC_FETCH && nx)
+            bad = 1;
+    } else if (access == PTEMU_ACC_FETCH) {
+        /* Supervisor fetch: XD; SMEP forbids user-mode addresses. */
+        if (nx || (upage && c->smep))
+            bad = 1;
+    } else {
+        /* Supervisor data access: SMAP forbids user-mode addresses unless
+         * RFLAGS.AC=1 on an explicit access; writes need R/W when WP=1. */
+        if (upage && c->smap && ((flags & PTEMU_IN_IMPLICIT) || !c->ac))
+            bad = 1;
+        if (access == PTEMU_ACC_WRITE && !writable && c->wp)
+            bad = 1;
+    }
+
+    /* 4.6.2: protection keys, data accesses only (fetches never). PKRU for
+     * user-mode addresses with CR4.PKE, PKRS for supervisor-mode addresses
+     * with CR4.PKS.  WD blocks writes by user-mode accesses, and by
+     * supervisor-mode accesses when CR0.WP=1. */
+    int pk = 0;
+    if (access != PTEMU_ACC_FETCH) {
+        uint32_t reg = 0;
+        int keyed = 0;
+        if (upage && c->pke) {
+            reg = c->pkru;
+            keyed = 1;
+        } else if (!upage && c->pks) {
+            reg = c->pkrs;
+            keyed = 1;
+        }
+        if (keyed) {
+            uint32_t ad = (reg >> (2 * pkey)) & 1;
+            uint32_t wd = (reg >> (2 * pkey + 1)) & 1;
+            if (ad || (wd && access == PTEMU_ACC_WRITE &&
+                       ((flags & PTEMU_IN_USER) || c->wp)))
+                pk = 1;
+        }
+    }
+    if (!bad && !pk)
+        return 0;
+    return PTEMU_PF_P | (pk ? PTEMU_PF_PK : 0);
+}
+
+static inline int page_fault(const ptemu_ctx *c, ptemu_fault *f, uint64_t va,
+                             uint32_t ec, uint32_t cause, uint32_t level)
+{
+    f->vector = PTEMU_VEC_PF;
+    f->error_code = ec;
+    f->cr2 = va;
+    f->cause = cause;
+    f->level = level;
+    /* SDM 4.10.4.1: a #PF invalidates the TLB entries for the faulting page
+     * and the paging-structure-cache entries of the current PCID, so a fault
+     * caused only by stale cached state does not recur. */
+    if (c->tlb)
+        ptemu_tlb_flush(c->tlb, PTEMU_FLUSH_INVLPG, c->pcid, va, PTEMU_CAUSE_FL_PF);
+    return PTEMU_VEC_PF;
+}
+
+int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t access, uint32_t flags,
+                        ptemu_walk_out *o, ptemu_fault *f)
+{
+    o->va = va;
+    o->nentries = 0;
+    o->mem_refs = 0;
+    o->tlb_hit = 0;
+
+    if (c->levels == 0) {
+        o->pa = va;
+        o->page_size = 4096;
+        o->leaf = 0;
+        o->level = 0;
+        o->first_level = 0;
+        o->rights = PTEMU_TE_W | PTEMU_TE_U;
+        return PTEMU_OK;
+    }
+
+    /* SDM 4.5.1 / 3.3.7.1: bits 63:47 (63:56) must all equal bit 47 (56). */
+    {
+        int64_t s = (int64_t)(va << (64 - c->canon_bits)) >> (64 - c->canon_bits);
+        if ((uint64_t)s != va) {
+            f->vector = PTEMU_VEC_GP;
+            f->error_code = 0;
+            f->cr2 = 0;
+            f->cause = PTEMU_CAUSE_NONCANON;
+            f->level = 0;
+            return PTEMU_VEC_GP;
+        }
+    }
+
+    uint32_t acc_ec = access_bits(c, access, flags);
+    ptemu_tlb *tlb = (flags & PTEMU_IN_NO_AD) ? NULL : c->tlb;
+
+    if (tlb) {
+        ptemu_tlbe *e = ptemu_tlb_lookup(tlb, va, access, c->pcid);
+        if (e) {
+            uint32_t prot = rights_check(c, access, flags, e->flags, e->pkey);
+            if (prot)
+                return page_fault(c, f, va, prot | acc_ec, PTEMU_CAUSE_PROT, 0);
+            if (access == PTEMU_ACC_WRITE && !(e->flags & PTEMU_TE_D)) {
+                /* SDM 4.8: D must be set in memory by this write; the
+                 * cached entry cannot do it, so walk again. */
+                e->stamp = 0;
+                tlb->dirty_rewalks++;
+            } else {
+                uint64_t size = 1ULL << ptemu_level_shift(e->size + 1u);
+                o->pa = e->base | (va & (size - 1));
+                o->page_size = size;
+                o->level = e->size + 1u;
+                o->rights = e->flags & (PTEMU_TE_W | PTEMU_TE_U | PTEMU_TE_NX);
+                o->leaf = 0;
+                o->first_level = o->level;
+                o->tlb_hit = 1;
+                return PTEMU_OK;
+            }
+        }
+        tlb->walks++;
+    }
+
+    uint32_t level = c->levels;
+    uint64_t table = c->top_table;
+    uint32_t rights = PTEMU_TE_W | PTEMU_TE_U;
+    if (tlb)
+        ptemu_psc_lookup(tlb, va, c->pcid, c->levels, &level, &table, &rights);
+    o->first_level = level;
+
+    uint32_t rights_at[PTEMU_MAX_LEVELS];   /* combined rights down to entry i */
+    uint32_t n = 0;
+    uint64_t e;
+    for (;;) {
+        uint64_t epa = table + ((va >> ptemu_level_shift(level)) & 511) * 8;
+        if (!ptemu_load64(c->mem, epa, &e)) {
+            o->nentries = n;
+            if (tlb)
+                tlb->walk_refs += o->mem_refs;
+            return page_fault(c, f, va, PTEMU_PF_P | PTEMU_PF_RSVD | acc_ec,
+                              PTEMU_CAUSE_BUS, level);
+        }
+        o->mem_refs++;
+        o->entry_pa[n] = epa;
+        o->entry[n] = e;
+        n++;
+        if (!(e & PTEMU_PTE_P)) {
+            o->nentries = n;
+            if (tlb)
+                tlb->walk_refs += o->mem_refs;
+            return page_fault(c, f, va, acc_ec, PTEMU_CAUSE_NOT_PRESENT, level);
+        }
+        if (e & (c->rsvd[level] | ((e & PTEMU_PTE_PS) ? c->rsvd_large[level] : 0))) {
+            o->nentries = n;
+            if (tlb)
+                tlb->walk_refs += o->mem_refs;
+            return page_fault(c, f, va, PTEMU_PF_P | PTEMU_PF_RSVD | acc_ec,
+                              PTEMU_CAUSE_RSVD, level);
+        }
+        /* 4.6: R/W and U/S ANDed over levels, XD ORed (bit positions of
+         * W and U coincide with PTEMU_TE_W/U). */
+        rights &= (uint32_t)e | ~(uint32_t)(PTEMU_TE_W | PTEMU_TE_U);
+        if (c->nxe && (e & PTEMU_PTE_NX))
+            rights |= PTEMU_TE_NX;
+        rights_at[n - 1] = rights;
+        if (c->eager_a && !(flags & PTEMU_IN_NO_AD) && !(e & PTEMU_PTE_A)) {
+            ptemu_or8(c->mem, epa, (uint8_t)PTEMU_PTE_A);
+            o->entry[n - 1] = e | PTEMU_PTE_A;
+        }
+        /* PS in PML4E/PML5E was rejected above as reserved; at level 1
+         * bit 7 is PAT. */
+        if (level == 1 || (e & PTEMU_PTE_PS))
+            break;
+        table = e & c->addr_mask;
+        level--;
+    }
+    o->nentries = n;
+    if (tlb)
+        tlb->walk_refs += o->mem_refs;
+
+    uint32_t pkey = (uint32_t)(e >> PTEMU_PTE_PKEY_SHIFT) & 15;
+    uint32_t prot = rights_check(c, access, flags, rights, pkey);
+    if (prot)
+        return page_fault(c, f, va, prot | acc_ec, PTEMU_CAUSE_PROT, 0);
+
+    uint64_t size = 1ULL << ptemu_level_shift(level);
+    /* The frame field: bits M-1:shift; for large pages this drops PAT
+     * (bit 12) and the reserved bits below the frame. */
+    uint64_t base = e & c->addr_mask & ~(size - 1);
+
+    if (!(flags & PTEMU_IN_NO_AD)) {
+        /* 4.8: every check has passed; now set A everywhere and D in the
+         * leaf on a write.  Entries were in bounds when loaded. */
+        for (uint32_t i = 0; i < n; i++) {
+            if (!(o->entry[i] & PTEMU_PTE_A)) {
+                ptemu_or8(c->mem, o->entry_pa[i], (uint8_t)PTEMU_PTE_A);
+                o->entry[i] |= PTEMU_PTE_A;
+            }
+        }
+        if (access == PTEMU_ACC_WRITE && !(o->entry[n - 1] & PTEMU_PTE_D)) {
+            ptemu_or8(c->mem, o->entry_pa[n - 1], (uint8_t)PTEMU_PTE_D);
+            o->entry[n - 1] |= PTEMU_PTE_D;
+        }
+    }
+
+    o->pa = base | (va & (size - 1));
+    o->page_size = size;
+    o->level = level;
+    o->leaf = o->entry[n - 1];
+    o->rights = rights;
+
+    if (tlb) {
+        /* Cache what was used: one PSC entry per non-leaf entry read (all
+         * have A=1 now, SDM 4.10.3.1), then the translation itself. */
+        for (uint32_t i = 0; i + 1 < n; i++)
+            ptemu_psc_fill(tlb, o->first_level - i, va, c->pcid,
+                           o->entry[i] & c->addr_mask, rights_at[i]);
+        uint32_t tflags = rights;
+        if (o->leaf & PTEMU_PTE_D)
+            tflags |= PTEMU_TE_D;
+        if (c->pge && (o->leaf & PTEMU_PTE_G))
+            tflags |= PTEMU_TE_G;
+        ptemu_tlb_fill(tlb, va, access, c->pcid, level - 1, base, tflags, pkey);
+    }
+    return PTEMU_OK;
+}
+
+uint32_t ptemu_resolve_flags(const ptemu_cpu *cpu, uint32_t flags)
+{
+    if (flags & PTEMU_IN_CPL) {
+        flags &= ~(uint32_t)PTEMU_IN_CPL;
+        if (cpu->cpl == 3 && !(flags & PTEMU_IN_IMPLICIT))
+            flags |= PTEMU_IN_USER;
+    }
+    if (flags & PTEMU_IN_IMPLICIT)   /* implicit accesses are supervisor-mode */
+        flags &= ~(uint32_t)PTEMU_IN_USER;
+    return flags;
+}
+
+int ptemu_translate(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
+                    const ptemu_walk_in *in, ptemu_walk_out *out, ptemu_fault *fault)
+{
+    ptemu_ctx c;
+    ptemu_ctx_init(&c, cpu, mem, tlb);
+    if (in->access > PTEMU_ACC_FETCH) {
+        /* Python validates the kind; C still refuses to guess. */
+        fault->vector = PTEMU_VEC_GP;
+        fault->error_code = 0;
+        fault->cr2 = 0;
+        fault->cause = PTEMU_CAUSE_NONE;
+        fault->level = 0;
+        return PTEMU_VEC_GP;
+    }
+    return ptemu_ctx_translate(&c, in->va, in->access, ptemu_resolve_flags(cpu, in->flags),
+                               out, fault);
+}
+
+int ptemu_mmu_translate(ptemu_mmu *m, uint64_t va, uint32_t access, uint32_t flags)
+{
+    ptemu_walk_in in;
+    in.va = va;
+    in.access = access;
+    in.flags = flags;
+    return ptemu_translate(m->cpu, m->mem, m->tlb, &in, m->out, &m->fault);
+}
+
+int ptemu_abi_version(void)
+{
+    return PTEMU_ABI_VERSION;
+}
+
+int ptemu_mem_load64(const ptemu_mem *mem, uint64_t pa, uint64_t *value)
+{
+    return ptemu_load64(mem, pa, value);
+}
+
+int ptemu_mem_store64(ptemu_mem *mem, uint64_t pa, uint64_t value)
+{
+    if (mem->size < 8 || pa > mem->size - 8)
+        return 0;
+    memcpy(mem->base + pa, &value, 8);
+    return 1;
+}
