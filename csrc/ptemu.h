@@ -61,13 +61,29 @@ void ptemu_psc_fill(ptemu_tlb *t, uint32_t level, uint64_t va, uint32_t pcid,
  * also log2 of the region one entry at that level maps. */
 static inline uint32_t ptemu_level_shift(uint32_t level) { return 12u + 9u * (level - 1u); }
 
-/* The single bounds-checked load of physical memory.  Overflow-safe for any
- * pa and any size (a size below 8 admits nothing). */
-static inline int ptemu_load64(const ptemu_mem *m, uint64_t pa, uint64_t *v)
+/* Where an 8-byte word at physical address pa lives in m->base, or 0 when
+ * any byte of it is outside memory.  The one bounds check of the core:
+ * overflow-safe for any pa and any size (a size below 8 admits nothing).
+ * Through a frame table the word must also stay inside its 4 KiB frame. */
+static inline uint8_t *ptemu_word(const ptemu_mem *m, uint64_t pa)
 {
+    if (m->frames) {
+        uint64_t fn = pa >> 12;
+        if (fn >= m->nframes || (pa & 0xfff) > 0xff8 || m->frames[fn] == PTEMU_NO_FRAME)
+            return 0;
+        pa = m->frames[fn] + (pa & 0xfff);
+    }
     if (m->size < 8 || pa > m->size - 8)
         return 0;
-    memcpy(v, m->base + pa, 8);
+    return m->base + pa;
+}
+
+static inline int ptemu_load64(const ptemu_mem *m, uint64_t pa, uint64_t *v)
+{
+    const uint8_t *p = ptemu_word(m, pa);
+    if (!p)
+        return 0;
+    memcpy(v, p, 8);
     return 1;
 }
 
@@ -75,8 +91,9 @@ static inline int ptemu_load64(const ptemu_mem *m, uint64_t pa, uint64_t *v)
  * meanwhile is never cleared (hardware uses a locked RMW, SDM 4.8). */
 static inline void ptemu_or8(ptemu_mem *m, uint64_t pa, uint8_t bits)
 {
-    if (pa < m->size)
-        m->base[pa] |= bits;
+    uint8_t *p = ptemu_word(m, pa);
+    if (p)
+        *p |= bits;
 }
 
 #endif

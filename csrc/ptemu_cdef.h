@@ -122,10 +122,17 @@
 
 /* ---- Structures ----------------------------------------------------------- */
 
-/* Physical memory: a byte buffer owned by Python (numpy array or memmap). */
+/* Physical memory: a byte buffer owned by Python (numpy array or memmap).
+ * With `frames` set, addresses are first mapped frame by frame: physical
+ * address pa is base[frames[pa >> 12] + (pa & 0xfff)] -- a guest-physical
+ * view of host memory (the p2m).  A frame number past nframes, or a frame
+ * entry of PTEMU_NO_FRAME, is outside memory. */
+#define PTEMU_NO_FRAME 0xffffffffffffffff
 typedef struct ptemu_mem {
     uint8_t  *base;
     uint64_t  size;         /* bytes; every access is checked against it */
+    const uint64_t *frames; /* NULL, or nframes host byte offsets (4K aligned) */
+    uint64_t  nframes;
 } ptemu_mem;
 
 /* The architectural state a walk depends on. */

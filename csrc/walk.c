@@ -384,8 +384,9 @@ int ptemu_mem_load64(const ptemu_mem *mem, uint64_t pa, uint64_t *value)
 
 int ptemu_mem_store64(ptemu_mem *mem, uint64_t pa, uint64_t value)
 {
-    if (mem->size < 8 || pa > mem->size - 8)
+    uint8_t *p = ptemu_word(mem, pa);
+    if (!p)
         return 0;
-    memcpy(mem->base + pa, &value, 8);
+    memcpy(p, &value, 8);
     return 1;
 }

@@ -16,6 +16,8 @@ class PhysicalMemory:
     range leaves memory.
     """
 
+    NO_FRAME = lib.PTEMU_NO_FRAME
+
     def __init__(self, size=None, *, _array=None, _path=None):
         if _array is None:
             size = check_u64(size, "memory size")
@@ -23,10 +25,44 @@ class PhysicalMemory:
             _array = np.zeros(size, dtype=np.uint8)
         self._array = _array
         self.path = _path
+        self.frames = None
+        self.host = None
         self._c = ffi.new("ptemu_mem *")
         self._keep = ffi.from_buffer("uint8_t[]", _array, require_writable=True)
         self._c.base = self._keep
         self._c.size = len(_array)
+
+    @classmethod
+    def view(cls, host, frames):
+        """A physical address space whose 4 KiB frames live scattered in `host`.
+
+        frames: a uint64 numpy array, one entry per frame of this space: the
+        byte offset in host of that frame (4 KiB aligned), or
+        PhysicalMemory.NO_FRAME where nothing backs it.  The array is live:
+        whoever owns it (a hypervisor's p2m) may back frames later.  Walks
+        and A/D updates through the view land in host memory; an address in
+        an unbacked frame is outside memory.
+        """
+        if not isinstance(host, PhysicalMemory) or host.frames is not None:
+            raise InvalidInput("a view needs a plain PhysicalMemory as host")
+        if (not isinstance(frames, np.ndarray) or frames.dtype != np.uint64 or frames.ndim != 1
+                or not frames.flags.c_contiguous or not len(frames)):
+            raise InvalidInput("frames must be a non-empty 1-D C-contiguous uint64 numpy array")
+        backed = frames[frames != cls.NO_FRAME]
+        if len(backed) and (int(backed.max()) + 4096 > host.size or (backed % 4096).any()):
+            raise InvalidInput("frames must be 4 KiB aligned offsets inside host memory")
+        self = cls.__new__(cls)
+        self._array = None
+        self.path = None
+        self.host = host
+        self.frames = frames
+        self._c = ffi.new("ptemu_mem *")
+        self._keep = (host._keep, ffi.from_buffer("uint64_t[]", frames))
+        self._c.base = host._c.base
+        self._c.size = host._c.size
+        self._c.frames = self._keep[1]
+        self._c.nframes = len(frames)
+        return self
 
     @staticmethod
     def _check_size(size):
@@ -80,16 +116,43 @@ class PhysicalMemory:
 
     @property
     def size(self):
+        """Bytes of this physical address space."""
+        if self.frames is not None:
+            return len(self.frames) * 4096
         return int(self._c.size)
 
     @property
     def array(self):
+        """The shared uint8 numpy array (None for a view: it is not contiguous)."""
         return self._array
+
+    def _host_offset(self, pa):
+        """Offset in the backing array of physical address pa, or None."""
+        if self.frames is None:
+            return pa if pa < self.size else None
+        fn = pa >> 12
+        if fn >= len(self.frames):
+            return None
+        f = int(self.frames[fn])
+        return None if f == self.NO_FRAME else f + (pa & 0xFFF)
+
+    def table(self, pa):
+        """The 4 KiB-aligned table at pa as 512 uint64 (a live numpy view), or None
+        when it is not wholly inside memory."""
+        if pa % 4096:
+            raise InvalidInput("a table address must be 4 KiB aligned, not %#x" % pa)
+        off = self._host_offset(pa)
+        buf = self._array if self.frames is None else self.host._array
+        if off is None or off + 4096 > len(buf):
+            return None
+        return buf[off:off + 4096].view(np.uint64)
 
     def __len__(self):
         return self.size
 
     def __repr__(self):
+        if self.frames is not None:
+            return "PhysicalMemory.view(%d frames)" % len(self.frames)
         return "PhysicalMemory(%#x%s)" % (self.size, ", %r" % self.path if self.path else "")
 
     def _range(self, pa, n):
@@ -100,14 +163,31 @@ class PhysicalMemory:
                                % (pa, pa + n, self.size))
         return pa, n
 
+    def _chunks(self, pa, n):
+        """(backing array, offset, start in request, length) per frame."""
+        if self.frames is None:
+            yield self._array, pa, 0, n
+            return
+        done = 0
+        while done < n:
+            cur = pa + done
+            step = min(n - done, 4096 - (cur & 0xFFF))
+            off = self._host_offset(cur)
+            if off is None:
+                raise InvalidInput("physical address %#x is in a frame nothing backs" % cur)
+            yield self.host._array, off, done, step
+            done += step
+
     def read(self, pa, n):
         pa, n = self._range(pa, n)
-        return self._array[pa:pa + n].tobytes()
+        return b"".join(arr[off:off + k].tobytes() for arr, off, _, k in self._chunks(pa, n))
 
     def write(self, pa, data):
-        data = bytes(data)
+        data = np.frombuffer(bytes(data), dtype=np.uint8)
         pa, n = self._range(pa, len(data))
-        self._array[pa:pa + n] = np.frombuffer(data, dtype=np.uint8)
+        chunks = list(self._chunks(pa, n))  # all checked before anything is written
+        for arr, off, start, k in chunks:
+            arr[off:off + k] = data[start:start + k]
 
     def read_u64(self, pa):
         value = ffi.new("uint64_t *")
@@ -124,5 +204,5 @@ class PhysicalMemory:
 
     def flush(self):
         """Write a writable memory-mapped image back to its file."""
-        if isinstance(self._array, np.memmap):
+        if self._array is not None and isinstance(self._array, np.memmap):
             self._array.flush()

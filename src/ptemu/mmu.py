@@ -311,6 +311,8 @@ class Mmu:
     def __init__(self, memory, cpu, tlb=None):
         if not isinstance(memory, PhysicalMemory):
             raise InvalidInput("memory must be a PhysicalMemory")
+        if not memory.size:
+            raise InvalidInput("memory is empty")
         if not isinstance(cpu, CpuState):
             raise InvalidInput("cpu must be a CpuState")
         if tlb is not None and not isinstance(tlb, Tlb):
@@ -565,15 +567,9 @@ class Mmu:
         m = cpu.maxphyaddr
         addr_mask = ((1 << m) - 1) & ~0xFFF
         nxe = bool(cpu.efer & bits.EFER_NXE)
-        arr = self.memory.array
-        size = self.memory.size
         width = 9 * levels + 12
         wu = int(lib.PTEMU_TE_W | lib.PTEMU_TE_U)
-
-        def table(pa):
-            if pa + 4096 > size:
-                return None
-            return arr[pa:pa + 4096].view(np.uint64)
+        table = self.memory.table
 
         def rec(pa, level, va_base, rights):
             t = table(pa)

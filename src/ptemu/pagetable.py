@@ -55,7 +55,7 @@ class PageTableBuilder:
         if pa + 4096 > self._end:
             raise InvalidInput("table region exhausted at %#x" % pa)
         self._next += 4096
-        self.memory.array[pa:pa + 4096] = 0
+        self.memory.write(pa, bytes(4096))
         self.tables.append(pa)
         return pa
 
