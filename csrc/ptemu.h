@@ -32,8 +32,8 @@ typedef struct ptemu_ctx {
     ptemu_tlb *tlb;           /* NULL: no TLB and no paging-structure caches */
     uint64_t   top_table;     /* CR3 bits M-1:12 */
     uint64_t   addr_mask;     /* bits M-1:12: the address field of an entry */
-    uint64_t   rsvd[6];       /* reserved bits of any present entry, by level */
-    uint64_t   rsvd_large[6]; /* additionally reserved when PS=1 (levels 2, 3) */
+    uint64_t   rsvd[6][2];    /* reserved bits of a present entry, by level and PS */
+    uint64_t   nx_mask;       /* PTEMU_PTE_NX when EFER.NXE=1, else 0 */
     uint32_t   levels;        /* 0 paging off, 4 or 5 */
     uint32_t   canon_bits;    /* 48 or 57 */
     uint32_t   pcid;          /* current PCID (0 when CR4.PCIDE=0) */
@@ -41,6 +41,13 @@ typedef struct ptemu_ctx {
     uint32_t   pkru, pkrs;
     uint32_t   eager_a;
 } ptemu_ctx;
+
+/* In the unity build (ptemu_all.c) the walk is inlined into each batch loop. */
+#if defined(__GNUC__)
+#define PTEMU_INLINE __attribute__((always_inline)) inline
+#else
+#define PTEMU_INLINE inline
+#endif
 
 void ptemu_ctx_init(ptemu_ctx *c, const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb);
 int  ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t access, uint32_t flags,

@@ -180,9 +180,10 @@ typedef struct ptemu_fault {
 
 /* One cached translation (TLB) or paging-structure entry (PSC). */
 typedef struct ptemu_tlbe {
-    uint64_t tag;           /* va >> shift of this entry's size/level */
+    uint64_t key;           /* (tag << 3) | (size << 1) | 1, tag = va >> shift of the
+                               entry's page size (TLB) or level (PSC); 0 = invalid */
     uint64_t base;          /* TLB: page frame base; PSC: next table base */
-    uint64_t stamp;         /* LRU clock at last use; 0 = invalid */
+    uint64_t stamp;         /* LRU clock at last use */
     uint16_t pcid;
     uint8_t  size;          /* TLB: PTEMU_SIZE_*; PSC: level */
     uint8_t  flags;         /* PTEMU_TE_* */
@@ -198,6 +199,8 @@ typedef struct ptemu_tlb_array {
     uint32_t sizes;         /* bitmask of 1 << PTEMU_SIZE_* held (TLB arrays) */
     uint32_t kinds;         /* PTEMU_KIND_* served (TLB arrays) */
     uint32_t tier;          /* 1 first level, 2 second level (TLB arrays) */
+    uint32_t nsizes;        /* derived by ptemu_tlb_init: sizes as a list */
+    uint8_t  size_list[4];
     uint32_t pad;
     uint64_t clock;
     uint64_t hits;
@@ -208,9 +211,15 @@ typedef struct ptemu_tlb_array {
 
 typedef struct ptemu_tlb {
     uint32_t narrays;
-    uint32_t pad;
+    uint32_t ready;                /* set by ptemu_tlb_init once geometry is final */
     ptemu_tlb_array arr[8];        /* TLB arrays */
     ptemu_tlb_array psc[6];        /* paging-structure caches, index = level 2..5 */
+    /* Derived by ptemu_tlb_init, per access kind (0 data, 1 fetch): the
+     * arrays to probe, first level first; and per page size the array to
+     * fill at each tier (index + 1, 0 = none). */
+    uint8_t  probe[2][8];
+    uint8_t  nprobe[2];
+    uint8_t  fill_at[2][2][3];     /* [kind][tier-1][size] */
     uint64_t lookups[3];           /* by access kind */
     uint64_t l1_hits[3];
     uint64_t l2_hits[3];
@@ -243,7 +252,7 @@ typedef struct ptemu_mmu {
 /* ---- Functions ------------------------------------------------------------ */
 
 /* The layout version of this header; _native checks it against the build. */
-#define PTEMU_ABI_VERSION 1
+#define PTEMU_ABI_VERSION 2
 int ptemu_abi_version(void);
 
 /* Scalar translation through an Mmu handle: fills m->out or m->fault and
@@ -273,7 +282,10 @@ uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
 uint64_t ptemu_minimal_walk_many(const ptemu_mem *mem, uint64_t cr3, uint32_t levels,
                                  const uint64_t *va, uint64_t n, uint64_t *pa);
 
-/* TLB maintenance */
+/* TLB maintenance.  ptemu_tlb_init derives the probe order once the
+ * geometry is set (lookups call it if nobody did); returns 0 when the
+ * geometry is unusable (a sets count not a power of two, > 8 arrays). */
+int ptemu_tlb_init(ptemu_tlb *tlb);
 void ptemu_tlb_flush(ptemu_tlb *tlb, uint32_t kind, uint32_t pcid, uint64_t va,
                      uint32_t cause);
 /* Count valid entries (all arrays when arr < 0; PSC level when arr >= 100+level). */

@@ -14,8 +14,8 @@
  * on hardware.  It also caches the leaf's D bit: a write through a clean
  * entry walks again (walk.c) so memory gets its D bit (4.8).
  *
- * Tags are va >> shift of the entry's page size (TLB) or level (PSC).  An
- * entry is valid when its LRU stamp is non-zero.  Entries match the current
+ * Tags are va >> shift of the entry's page size (TLB) or level (PSC); an
+ * entry matches on one 64-bit key (tag, size, valid bit).  Entries match the current
  * PCID, or any PCID when global (4.10.2.4); PSC entries are never global.
  *
  * Invariant: an array holds at most one valid entry per (tag, size, pcid);
@@ -28,23 +28,70 @@ static inline uint32_t kind_of(uint32_t access)
     return access == PTEMU_ACC_FETCH ? PTEMU_KIND_FETCH : PTEMU_KIND_DATA;
 }
 
+/* The match key of a page (TLB: size 0..2) or a table region (PSC: size =
+ * level); bit 0 keeps every valid key non-zero.  The size field is bits 2:1
+ * only: PSC levels 4 and 5 would otherwise spill into the tag's bit 0 and
+ * make the PML4E/PML5E caches of two neighbouring regions collide (each PSC
+ * array holds a single level, so size & 3 still tells nothing apart there
+ * that needs telling). */
+static inline uint64_t key_of(uint64_t tag, uint32_t size)
+{
+    return (tag << 3) | ((uint64_t)(size & 3u) << 1) | 1u;
+}
+
 static inline ptemu_tlbe *set_of(const ptemu_tlb_array *a, uint64_t tag)
 {
     return a->e + (size_t)(tag & (a->sets - 1)) * a->ways;
 }
 
-/* Probe one array for va at every page size it holds. */
-static ptemu_tlbe *probe(ptemu_tlb_array *a, uint64_t va, uint32_t pcid)
+int ptemu_tlb_init(ptemu_tlb *t)
 {
-    for (uint32_t s = 0; s < 3; s++) {
-        if (!(a->sizes & (1u << s)))
-            continue;
+    if (t->narrays > PTEMU_TLB_MAX_ARRAYS)
+        return 0;
+    memset(t->probe, 0, sizeof t->probe);
+    memset(t->nprobe, 0, sizeof t->nprobe);
+    memset(t->fill_at, 0, sizeof t->fill_at);
+    for (uint32_t i = 0; i < t->narrays; i++) {
+        ptemu_tlb_array *a = &t->arr[i];
+        if (a->sets & (a->sets - 1))
+            return 0;
+        a->nsizes = 0;
+        for (uint32_t s = 0; s < 3; s++)
+            if (a->sizes & (1u << s))
+                a->size_list[a->nsizes++] = (uint8_t)s;
+    }
+    for (uint32_t l = 0; l < 6; l++)
+        if (t->psc[l].sets & (t->psc[l].sets - 1))
+            return 0;
+    for (uint32_t k = 0; k < 2; k++) {
+        uint32_t kind = k ? PTEMU_KIND_FETCH : PTEMU_KIND_DATA;
+        for (uint32_t tier = 1; tier <= 2; tier++) {
+            for (uint32_t i = 0; i < t->narrays; i++) {
+                ptemu_tlb_array *a = &t->arr[i];
+                if (!a->sets || a->tier != tier || !(a->kinds & kind))
+                    continue;
+                t->probe[k][t->nprobe[k]++] = (uint8_t)i;
+                for (uint32_t s = 0; s < 3; s++)
+                    if ((a->sizes & (1u << s)) && !t->fill_at[k][tier - 1][s])
+                        t->fill_at[k][tier - 1][s] = (uint8_t)(i + 1);
+            }
+        }
+    }
+    t->ready = 1;
+    return 1;
+}
+
+/* Probe one array for va at every page size it holds. */
+static inline ptemu_tlbe *probe(ptemu_tlb_array *a, uint64_t va, uint32_t pcid)
+{
+    for (uint32_t k = 0; k < a->nsizes; k++) {
+        uint32_t s = a->size_list[k];
         uint64_t tag = va >> ptemu_level_shift(s + 1);
+        uint64_t key = key_of(tag, s);
         ptemu_tlbe *row = set_of(a, tag);
         for (uint32_t w = 0; w < a->ways; w++) {
             ptemu_tlbe *e = &row[w];
-            if (e->stamp && e->tag == tag && e->size == s &&
-                (e->pcid == pcid || (e->flags & PTEMU_TE_G))) {
+            if (e->key == key && (e->pcid == pcid || (e->flags & PTEMU_TE_G))) {
                 e->stamp = ++a->clock;
                 return e;
             }
@@ -57,61 +104,48 @@ static ptemu_tlbe *probe(ptemu_tlb_array *a, uint64_t va, uint32_t pcid)
  * else the least recently used. */
 static ptemu_tlbe *array_fill(ptemu_tlb_array *a, const ptemu_tlbe *src)
 {
-    ptemu_tlbe *row = set_of(a, src->tag);
-    ptemu_tlbe *victim = NULL;
+    ptemu_tlbe *row = set_of(a, src->key >> 3);
+    ptemu_tlbe *victim = row;
     for (uint32_t w = 0; w < a->ways; w++) {
         ptemu_tlbe *e = &row[w];
-        if (e->stamp && e->tag == src->tag && e->size == src->size && e->pcid == src->pcid) {
+        if (e->key == src->key && e->pcid == src->pcid) {
             victim = e;
-            break;
+            goto install;
         }
-        if (!victim || (victim->stamp && (!e->stamp || e->stamp < victim->stamp)))
+        if (victim->key && (!e->key || e->stamp < victim->stamp))
             victim = e;
     }
-    if (victim->stamp && !(victim->tag == src->tag && victim->size == src->size &&
-                           victim->pcid == src->pcid))
+    if (victim->key)
         a->evictions++;
+install:
     *victim = *src;
     victim->stamp = ++a->clock;
     a->fills++;
     return victim;
 }
 
-static ptemu_tlb_array *array_for(ptemu_tlb *t, uint32_t tier, uint32_t kind, uint32_t size)
-{
-    for (uint32_t i = 0; i < t->narrays && i < PTEMU_TLB_MAX_ARRAYS; i++) {
-        ptemu_tlb_array *a = &t->arr[i];
-        if (a->sets && a->tier == tier && (a->kinds & kind) && (a->sizes & (1u << size)))
-            return a;
-    }
-    return NULL;
-}
-
 ptemu_tlbe *ptemu_tlb_lookup(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid)
 {
-    uint32_t kind = kind_of(access);
-    uint32_t n = t->narrays < PTEMU_TLB_MAX_ARRAYS ? t->narrays : PTEMU_TLB_MAX_ARRAYS;
+    if (!t->ready && !ptemu_tlb_init(t))
+        return NULL;
+    uint32_t k = access == PTEMU_ACC_FETCH;
     t->lookups[access]++;
-    for (uint32_t tier = 1; tier <= 2; tier++) {
-        for (uint32_t i = 0; i < n; i++) {
-            ptemu_tlb_array *a = &t->arr[i];
-            if (!a->sets || a->tier != tier || !(a->kinds & kind))
-                continue;
-            ptemu_tlbe *e = probe(a, va, pcid);
-            if (!e) {
-                a->misses++;
-                continue;
-            }
-            a->hits++;
-            if (tier == 1) {
-                t->l1_hits[access]++;
-                return e;
-            }
-            t->l2_hits[access]++;
-            /* Second-level hit: refill the first level, as the STLB does. */
-            ptemu_tlb_array *l1 = array_for(t, 1, kind, e->size);
-            return l1 ? array_fill(l1, e) : e;
+    for (uint32_t i = 0; i < t->nprobe[k]; i++) {
+        ptemu_tlb_array *a = &t->arr[t->probe[k][i]];
+        ptemu_tlbe *e = probe(a, va, pcid);
+        if (!e) {
+            a->misses++;
+            continue;
         }
+        a->hits++;
+        if (a->tier == 1) {
+            t->l1_hits[access]++;
+            return e;
+        }
+        t->l2_hits[access]++;
+        /* Second-level hit: refill the first level, as the STLB does. */
+        uint32_t l1 = t->fill_at[k][0][e->size];
+        return l1 ? array_fill(&t->arr[l1 - 1], e) : e;
     }
     t->misses[access]++;
     return NULL;
@@ -120,19 +154,21 @@ ptemu_tlbe *ptemu_tlb_lookup(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_
 void ptemu_tlb_fill(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
                     uint32_t size, uint64_t base, uint32_t flags, uint32_t pkey)
 {
+    if (!t->ready && !ptemu_tlb_init(t))
+        return;
     ptemu_tlbe ne;
     memset(&ne, 0, sizeof ne);
-    ne.tag = va >> ptemu_level_shift(size + 1);
+    ne.key = key_of(va >> ptemu_level_shift(size + 1), size);
     ne.base = base;
     ne.pcid = (uint16_t)pcid;
     ne.size = (uint8_t)size;
     ne.flags = (uint8_t)flags;
     ne.pkey = (uint8_t)pkey;
-    uint32_t kind = kind_of(access);
-    for (uint32_t tier = 1; tier <= 2; tier++) {
-        ptemu_tlb_array *a = array_for(t, tier, kind, size);
-        if (a)
-            array_fill(a, &ne);
+    uint32_t k = access == PTEMU_ACC_FETCH;
+    for (uint32_t tier = 0; tier < 2; tier++) {
+        uint32_t i = t->fill_at[k][tier][size];
+        if (i)
+            array_fill(&t->arr[i - 1], &ne);
     }
 }
 
@@ -145,10 +181,11 @@ int ptemu_psc_lookup(ptemu_tlb *t, uint64_t va, uint32_t pcid, uint32_t levels,
         if (!a->sets)
             continue;
         uint64_t tag = va >> ptemu_level_shift(l);
+        uint64_t key = key_of(tag, l);
         ptemu_tlbe *row = set_of(a, tag);
         for (uint32_t w = 0; w < a->ways; w++) {
             ptemu_tlbe *e = &row[w];
-            if (e->stamp && e->tag == tag && e->pcid == pcid) {
+            if (e->key == key && e->pcid == pcid) {
                 e->stamp = ++a->clock;
                 a->hits++;
                 *level = l - 1;
@@ -169,7 +206,7 @@ void ptemu_psc_fill(ptemu_tlb *t, uint32_t level, uint64_t va, uint32_t pcid,
         return;
     ptemu_tlbe ne;
     memset(&ne, 0, sizeof ne);
-    ne.tag = va >> ptemu_level_shift(level);
+    ne.key = key_of(va >> ptemu_level_shift(level), level);
     ne.base = table;
     ne.pcid = (uint16_t)pcid;
     ne.size = (uint8_t)level;
@@ -193,9 +230,11 @@ static inline int tlb_entry_goes(const ptemu_tlbe *e, uint32_t kind, uint32_t pc
     case PTEMU_FLUSH_INVLPG:
         /* The page containing va at the entry's own size: a large page
          * covering the address goes too; global entries in every PCID. */
-        return e->tag == (va >> ptemu_level_shift(e->size + 1u)) && (e->pcid == pcid || global);
+        return (e->key >> 3) == (va >> ptemu_level_shift(e->size + 1u)) &&
+               (e->pcid == pcid || global);
     case PTEMU_FLUSH_ADDR:
-        return e->tag == (va >> ptemu_level_shift(e->size + 1u)) && e->pcid == pcid && !global;
+        return (e->key >> 3) == (va >> ptemu_level_shift(e->size + 1u)) &&
+               e->pcid == pcid && !global;
     }
     return 1;   /* unknown kind: dropping more is always allowed */
 }
@@ -214,9 +253,9 @@ static void sweep(ptemu_tlb_array *a, int is_psc, uint32_t kind, uint32_t pcid, 
     size_t n = (size_t)a->sets * a->ways;
     for (size_t i = 0; i < n; i++) {
         ptemu_tlbe *e = &a->e[i];
-        if (e->stamp && (is_psc ? psc_entry_goes(e, kind, pcid)
-                                : tlb_entry_goes(e, kind, pcid, va)))
-            e->stamp = 0;
+        if (e->key && (is_psc ? psc_entry_goes(e, kind, pcid)
+                              : tlb_entry_goes(e, kind, pcid, va)))
+            e->key = 0;
     }
 }
 
@@ -238,8 +277,8 @@ void ptemu_tlb_flush(ptemu_tlb *t, uint32_t kind, uint32_t pcid, uint64_t va, ui
                     continue;
                 ptemu_tlbe *row = set_of(a, va >> ptemu_level_shift(s + 1));
                 for (uint32_t w = 0; w < a->ways; w++)
-                    if (row[w].stamp && tlb_entry_goes(&row[w], kind, pcid, va))
-                        row[w].stamp = 0;
+                    if (row[w].key && tlb_entry_goes(&row[w], kind, pcid, va))
+                        row[w].key = 0;
             }
         } else {
             sweep(a, 0, kind, pcid, va);
@@ -267,7 +306,7 @@ uint64_t ptemu_tlb_count_valid(const ptemu_tlb *t, int which)
         }
         size_t n = (size_t)a->sets * a->ways;
         for (size_t k = 0; k < n; k++)
-            count += a->e[k].stamp != 0;
+            count += a->e[k].key != 0;
     }
     return count;
 }

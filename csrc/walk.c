@@ -64,15 +64,17 @@ void ptemu_ctx_init(ptemu_ctx *c, const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tl
     }
     c->canon_bits = c->levels == 5 ? 57 : 48;
 
-    /* Reserved bits (SDM 4.5.4 tables 4-15..4-20; NOTES "Walk"). */
+    /* Reserved bits (SDM 4.5.4 tables 4-15..4-20; NOTES "Walk"), indexed
+     * by level and by the entry's bit 7. */
     uint64_t base = ptemu_rsvd_phys(m) | (c->nxe ? 0 : PTEMU_PTE_NX);
     for (int l = 1; l <= 5; l++)
-        c->rsvd[l] = base;
-    c->rsvd[4] |= PTEMU_PTE_PS;     /* PS in a PML4E is reserved */
-    c->rsvd[5] |= PTEMU_PTE_PS;     /* and in a PML5E */
-    c->rsvd_large[3] = PTEMU_RSVD_1G;
-    c->rsvd_large[2] = PTEMU_RSVD_2M;
+        c->rsvd[l][0] = c->rsvd[l][1] = base;
+    c->rsvd[4][1] |= PTEMU_PTE_PS;  /* PS in a PML4E is reserved */
+    c->rsvd[5][1] |= PTEMU_PTE_PS;  /* and in a PML5E */
+    c->rsvd[3][1] |= PTEMU_RSVD_1G; /* 1 GiB PDPTE: bits 29:13 */
+    c->rsvd[2][1] |= PTEMU_RSVD_2M; /* 2 MiB PDE: bits 20:13 */
     /* level 1: bit 7 is PAT, nothing extra */
+    c->nx_mask = c->nxe ? PTEMU_PTE_NX : 0;
 }
 
 /* Error-code bits that describe the access itself (SDM 4.7): W/R, U/S, and
@@ -169,8 +171,8 @@ static inline int page_fault(const ptemu_ctx *c, ptemu_fault *f, uint64_t va,
     return PTEMU_VEC_PF;
 }
 
-int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t access, uint32_t flags,
-                        ptemu_walk_out *o, ptemu_fault *f)
+PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t access,
+                                     uint32_t flags, ptemu_walk_out *o, ptemu_fault *f)
 {
     o->va = va;
     o->nentries = 0;
@@ -212,7 +214,7 @@ int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t access, uint32
             if (access == PTEMU_ACC_WRITE && !(e->flags & PTEMU_TE_D)) {
                 /* SDM 4.8: D must be set in memory by this write; the
                  * cached entry cannot do it, so walk again. */
-                e->stamp = 0;
+                e->key = 0;
                 tlb->dirty_rewalks++;
             } else {
                 uint64_t size = 1ULL << ptemu_level_shift(e->size + 1u);
@@ -234,57 +236,66 @@ int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t access, uint32
     uint32_t rights = PTEMU_TE_W | PTEMU_TE_U;
     if (tlb)
         ptemu_psc_lookup(tlb, va, c->pcid, c->levels, &level, &table, &rights);
-    o->first_level = level;
+    const uint32_t first_level = level;
 
+    /* Locals, so that stores into *o cannot force reloads of the context. */
+    const ptemu_mem *mem = c->mem;
+    const uint64_t addr_mask = c->addr_mask, nx_mask = c->nx_mask;
+    const int set_a_now = c->eager_a && !(flags & PTEMU_IN_NO_AD);
+    uint64_t epas[PTEMU_MAX_LEVELS], ents[PTEMU_MAX_LEVELS];
     uint32_t rights_at[PTEMU_MAX_LEVELS];   /* combined rights down to entry i */
-    uint32_t n = 0;
-    uint64_t e;
+    uint32_t n = 0, cause = PTEMU_CAUSE_NONE;
+    uint64_t e = 0;
     for (;;) {
         uint64_t epa = table + ((va >> ptemu_level_shift(level)) & 511) * 8;
-        if (!ptemu_load64(c->mem, epa, &e)) {
-            o->nentries = n;
-            if (tlb)
-                tlb->walk_refs += o->mem_refs;
-            return page_fault(c, f, va, PTEMU_PF_P | PTEMU_PF_RSVD | acc_ec,
-                              PTEMU_CAUSE_BUS, level);
+        if (!ptemu_load64(mem, epa, &e)) {
+            cause = PTEMU_CAUSE_BUS;
+            break;
         }
-        o->mem_refs++;
-        o->entry_pa[n] = epa;
-        o->entry[n] = e;
+        epas[n] = epa;
+        ents[n] = e;
         n++;
         if (!(e & PTEMU_PTE_P)) {
-            o->nentries = n;
-            if (tlb)
-                tlb->walk_refs += o->mem_refs;
-            return page_fault(c, f, va, acc_ec, PTEMU_CAUSE_NOT_PRESENT, level);
+            cause = PTEMU_CAUSE_NOT_PRESENT;
+            break;
         }
-        if (e & (c->rsvd[level] | ((e & PTEMU_PTE_PS) ? c->rsvd_large[level] : 0))) {
-            o->nentries = n;
-            if (tlb)
-                tlb->walk_refs += o->mem_refs;
-            return page_fault(c, f, va, PTEMU_PF_P | PTEMU_PF_RSVD | acc_ec,
-                              PTEMU_CAUSE_RSVD, level);
+        if (e & c->rsvd[level][(e >> 7) & 1]) {
+            cause = PTEMU_CAUSE_RSVD;
+            break;
         }
-        /* 4.6: R/W and U/S ANDed over levels, XD ORed (bit positions of
-         * W and U coincide with PTEMU_TE_W/U). */
+        /* 4.6: R/W and U/S ANDed over levels (their bit positions are
+         * PTEMU_TE_W/U), XD ORed (bit 63 lands on PTEMU_TE_NX = bit 0). */
         rights &= (uint32_t)e | ~(uint32_t)(PTEMU_TE_W | PTEMU_TE_U);
-        if (c->nxe && (e & PTEMU_PTE_NX))
-            rights |= PTEMU_TE_NX;
+        rights |= (uint32_t)((e & nx_mask) >> 63);
         rights_at[n - 1] = rights;
-        if (c->eager_a && !(flags & PTEMU_IN_NO_AD) && !(e & PTEMU_PTE_A)) {
-            ptemu_or8(c->mem, epa, (uint8_t)PTEMU_PTE_A);
-            o->entry[n - 1] = e | PTEMU_PTE_A;
-        }
         /* PS in PML4E/PML5E was rejected above as reserved; at level 1
          * bit 7 is PAT. */
         if (level == 1 || (e & PTEMU_PTE_PS))
             break;
-        table = e & c->addr_mask;
+        /* QEMU order marks a non-leaf entry once it passed P and reserved
+         * bits; the leaf only after the rights check, like the default. */
+        if (set_a_now && !(e & PTEMU_PTE_A)) {
+            ptemu_or8(c->mem, epa, (uint8_t)PTEMU_PTE_A);
+            ents[n - 1] = e | PTEMU_PTE_A;
+        }
+        table = e & addr_mask;
         level--;
     }
+    for (uint32_t i = 0; i < n; i++) {
+        o->entry_pa[i] = epas[i];
+        o->entry[i] = ents[i];
+    }
     o->nentries = n;
+    o->mem_refs = n;
+    o->first_level = first_level;
     if (tlb)
-        tlb->walk_refs += o->mem_refs;
+        tlb->walk_refs += n;
+    if (cause == PTEMU_CAUSE_BUS)
+        return page_fault(c, f, va, PTEMU_PF_P | PTEMU_PF_RSVD | acc_ec, cause, level);
+    if (cause == PTEMU_CAUSE_NOT_PRESENT)
+        return page_fault(c, f, va, acc_ec, cause, level);
+    if (cause == PTEMU_CAUSE_RSVD)
+        return page_fault(c, f, va, PTEMU_PF_P | PTEMU_PF_RSVD | acc_ec, cause, level);
 
     uint32_t pkey = (uint32_t)(e >> PTEMU_PTE_PKEY_SHIFT) & 15;
     uint32_t prot = rights_check(c, access, flags, rights, pkey);
@@ -294,35 +305,36 @@ int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t access, uint32
     uint64_t size = 1ULL << ptemu_level_shift(level);
     /* The frame field: bits M-1:shift; for large pages this drops PAT
      * (bit 12) and the reserved bits below the frame. */
-    uint64_t base = e & c->addr_mask & ~(size - 1);
+    uint64_t base = e & addr_mask & ~(size - 1);
 
     if (!(flags & PTEMU_IN_NO_AD)) {
         /* 4.8: every check has passed; now set A everywhere and D in the
          * leaf on a write.  Entries were in bounds when loaded. */
         for (uint32_t i = 0; i < n; i++) {
-            if (!(o->entry[i] & PTEMU_PTE_A)) {
-                ptemu_or8(c->mem, o->entry_pa[i], (uint8_t)PTEMU_PTE_A);
-                o->entry[i] |= PTEMU_PTE_A;
+            if (!(ents[i] & PTEMU_PTE_A)) {
+                ptemu_or8(c->mem, epas[i], (uint8_t)PTEMU_PTE_A);
+                ents[i] |= PTEMU_PTE_A;
+                o->entry[i] = ents[i];
             }
         }
-        if (access == PTEMU_ACC_WRITE && !(o->entry[n - 1] & PTEMU_PTE_D)) {
-            ptemu_or8(c->mem, o->entry_pa[n - 1], (uint8_t)PTEMU_PTE_D);
-            o->entry[n - 1] |= PTEMU_PTE_D;
+        if (access == PTEMU_ACC_WRITE && !(ents[n - 1] & PTEMU_PTE_D)) {
+            ptemu_or8(c->mem, epas[n - 1], (uint8_t)PTEMU_PTE_D);
+            ents[n - 1] |= PTEMU_PTE_D;
+            o->entry[n - 1] = ents[n - 1];
         }
     }
 
     o->pa = base | (va & (size - 1));
     o->page_size = size;
     o->level = level;
-    o->leaf = o->entry[n - 1];
+    o->leaf = ents[n - 1];
     o->rights = rights;
 
     if (tlb) {
         /* Cache what was used: one PSC entry per non-leaf entry read (all
          * have A=1 now, SDM 4.10.3.1), then the translation itself. */
         for (uint32_t i = 0; i + 1 < n; i++)
-            ptemu_psc_fill(tlb, o->first_level - i, va, c->pcid,
-                           o->entry[i] & c->addr_mask, rights_at[i]);
+            ptemu_psc_fill(tlb, first_level - i, va, c->pcid, ents[i] & addr_mask, rights_at[i]);
         uint32_t tflags = rights;
         if (o->leaf & PTEMU_PTE_D)
             tflags |= PTEMU_TE_D;

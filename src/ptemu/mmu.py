@@ -512,6 +512,16 @@ class Mmu:
         old = cpu._c.cr0
         if old & bits.CR0_PG and not value & bits.CR0_PG and cpu._c.efer & bits.EFER_LMA:
             raise GeneralProtection(message="#GP(0): CR0.PG cannot be cleared in 64-bit mode")
+        # SDM 2.5 and MOV CR0's exceptions: these are #GP(0) on hardware, not
+        # merely states ptemu does not model.
+        if value >> 32:
+            raise GeneralProtection(message="#GP(0): CR0 bits 63:32 are reserved")
+        if value & bits.CR0_PG and not value & bits.CR0_PE:
+            raise GeneralProtection(message="#GP(0): CR0.PG requires CR0.PE")
+        if (value & bits.CR0_PG and not old & bits.CR0_PG and cpu._c.efer & bits.EFER_LME
+                and not cpu._c.cr4 & bits.CR4_PAE):
+            raise GeneralProtection(message="#GP(0): enabling paging with EFER.LME=1 "
+                                    "needs CR4.PAE")
         cpu.cr0 = value
         if old & bits.CR0_PG and not value & bits.CR0_PG:
             self._flush(lib.PTEMU_FLUSH_ALL, 0, 0, lib.PTEMU_CAUSE_FL_CR0)

@@ -95,6 +95,8 @@ class Tlb:
             if level not in PSC_NAMES:
                 raise InvalidInput("paging-structure caches exist for levels 2..5, not %r" % level)
             self._setup(self._c.psc[level], PSC_NAMES[level], entries, ways)
+        if not lib.ptemu_tlb_init(self._c):
+            raise InvalidInput("unusable TLB geometry")
         self.owner = None
 
     def _setup(self, carr, name, entries, ways):
