@@ -1,0 +1,131 @@
+"""Shared fixtures for the benchmarks: a large page-table image built with numpy.
+
+The image issue 2 asks for: 256 MiB of physical memory, 200,000 scattered
+4 KiB pages, plus 2 MiB and 1 GiB pages.  Building it through
+PageTableBuilder one page at a time would take tens of seconds here, so the
+tables are laid out in bulk; a few of its translations are checked against
+the expected frame so the benchmarks measure a correct image.
+"""
+import os
+
+import numpy as np
+import ptemu
+
+FULL = bool(os.environ.get("PTEMU_BENCH_FULL"))
+
+MEM_BYTES = 256 << 20
+N_4K = 200_000
+REGION_4K = 0x0000_0010_0000_0000     # 4K pages scattered over 8 GiB from here
+REGION_4K_SPAN = 8 << 30
+REGION_2M = 0x0000_4000_0000_0000     # 64 x 2 MiB pages
+N_2M = 64
+REGION_1G = 0xffff_8800_0000_0000     # 4 x 1 GiB pages (kernel half)
+N_1G = 4
+TABLES_AT = 128 << 20                 # page tables live in the upper half of memory
+LEAF_FLAGS = ptemu.PTE_P | ptemu.PTE_W | ptemu.PTE_U | ptemu.PTE_A | ptemu.PTE_D
+TABLE_FLAGS = ptemu.PTE_P | ptemu.PTE_W | ptemu.PTE_U | ptemu.PTE_A
+
+
+class BulkImage:
+    """Tables for many leaves, allocated from a bump region, written with numpy."""
+
+    def __init__(self, mem, start):
+        self.words = mem.array.view(np.uint64)
+        self.next = start
+        self.end = mem.size
+        self.root = self.alloc(1)[0]
+        # (level, parent table pa, index) -> child table pa
+        self.children = {}
+
+    def alloc(self, n):
+        pas = self.next + 4096 * np.arange(n, dtype=np.uint64)
+        self.next += 4096 * n
+        assert self.next <= self.end, "table region exhausted"
+        return pas
+
+    def tables_for(self, vas, leaf_level):
+        """Return, for each va, the pa of its table at leaf_level (creating them)."""
+        tables = np.full(len(vas), self.root, dtype=np.uint64)
+        for level in range(4, leaf_level, -1):
+            shift = 12 + 9 * (level - 1)
+            idx = (vas >> np.uint64(shift)) & np.uint64(511)
+            # One child table per distinct (parent table, index).
+            key = tables * np.uint64(512) + idx
+            uniq, inv = np.unique(key, return_inverse=True)
+            child = np.empty(len(uniq), dtype=np.uint64)
+            for j, k in enumerate(uniq.tolist()):
+                existing = self.children.get(k)
+                if existing is None:
+                    existing = int(self.alloc(1)[0])
+                    self.children[k] = existing
+                    parent, i = divmod(k, 512)
+                    self.words[(parent >> 3) + i] = existing | TABLE_FLAGS
+                child[j] = existing
+            tables = child[inv]
+        return tables
+
+    def map_many(self, vas, pas, level, flags):
+        tables = self.tables_for(vas, level)
+        shift = 12 + 9 * (level - 1)
+        idx = (vas >> np.uint64(shift)) & np.uint64(511)
+        value = pas | np.uint64(flags | (ptemu.PTE_PS if level > 1 else 0))
+        self.words[(tables >> np.uint64(3)) + idx] = value
+
+
+def _canon(va):
+    return va & 0xFFFF_FFFF_FFFF_FFFF
+
+
+def build_big_image():
+    """{memory, cr3, vas_4k, pas_4k, vas_2m, vas_1g} with the issue-2 layout."""
+    rng = np.random.default_rng(20261124)
+    mem = ptemu.PhysicalMemory(MEM_BYTES)
+    img = BulkImage(mem, TABLES_AT)
+    vpn = rng.choice(REGION_4K_SPAN >> 12, size=N_4K, replace=False).astype(np.uint64)
+    vas = np.uint64(REGION_4K) + (vpn << np.uint64(12))
+    pas = rng.integers(0, TABLES_AT >> 12, size=N_4K, dtype=np.uint64) << np.uint64(12)
+    img.map_many(vas, pas, 1, LEAF_FLAGS)
+    vas2 = np.uint64(REGION_2M) + (np.arange(N_2M, dtype=np.uint64) << np.uint64(21))
+    pas2 = (np.arange(N_2M, dtype=np.uint64) << np.uint64(21))
+    img.map_many(vas2, pas2, 2, LEAF_FLAGS)
+    vas1 = np.uint64(REGION_1G) + (np.arange(N_1G, dtype=np.uint64) << np.uint64(30))
+    pas1 = (np.arange(N_1G, dtype=np.uint64) << np.uint64(30))
+    img.map_many(vas1, pas1, 3, LEAF_FLAGS | ptemu.PTE_G)
+    mmu = ptemu.Mmu(mem, ptemu.CpuState.long_mode(cr3=img.root))
+    # The image is what it claims to be.
+    for k in (0, N_4K // 2, N_4K - 1):
+        assert mmu.translate(int(vas[k]) + 0x123).pa == int(pas[k]) + 0x123
+    assert mmu.translate(int(vas2[3]) + 0x1234).pa == int(pas2[3]) + 0x1234
+    assert mmu.translate(int(vas1[1]) + 0x12345).pa == int(pas1[1]) + 0x12345
+    return {"memory": mem, "cr3": img.root, "vas_4k": vas, "pas_4k": pas,
+            "vas_2m": vas2, "vas_1g": vas1, "rng": rng}
+
+
+def random_mapped(image, n, rng, large_share=0.02):
+    """n random mapped addresses: mostly 4 KiB pages, `large_share` in large pages."""
+    n_large = int(n * large_share)
+    pick = rng.integers(0, N_4K, size=n - n_large)
+    off = rng.integers(0, 4096, size=n - n_large, dtype=np.uint64)
+    small = image["vas_4k"][pick] + off
+    which = rng.integers(0, 2, size=n_large)
+    big2 = image["vas_2m"][rng.integers(0, N_2M, size=n_large)] + \
+        rng.integers(0, 1 << 21, size=n_large, dtype=np.uint64)
+    big1 = image["vas_1g"][rng.integers(0, N_1G, size=n_large)] + \
+        rng.integers(0, 1 << 30, size=n_large, dtype=np.uint64)
+    large = np.where(which == 0, big2, big1)
+    out = np.concatenate([small, large])
+    rng.shuffle(out)
+    return out
+
+
+def record_ratio(benchmark, results, name, baseline_name):
+    """Store this benchmark's mean; when both are known, the ratio goes in extra_info."""
+    stats = getattr(benchmark, "stats", None)
+    if stats is None or not getattr(stats, "stats", None):
+        return None  # --benchmark-disable: nothing measured
+    results[name] = stats.stats.mean
+    if baseline_name in results:
+        ratio = results[name] / results[baseline_name]
+        benchmark.extra_info["ratio_vs_" + baseline_name] = round(ratio, 3)
+        return ratio
+    return None
