@@ -1,0 +1,266 @@
+"""The `ptemu` command line: demo, translate, tlb, mem, and its errors.
+
+Expected walks follow SDM 4.5 (4-level/5-level walk, leaves), 4.6 (rights)
+and 4.7 (#PF error code: P bit 0, W/R bit 1, U/S bit 2); the tlb/mem lines
+follow QEMU's monitor.c formats (see tests/test_listings.py).  All derived
+by hand from the entries written below.
+"""
+import io
+import os
+import shutil
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from ptemu import cli
+
+P, W, U, A, PS, G, NX = 0x1, 0x2, 0x4, 0x20, 0x80, 0x100, 1 << 63
+
+
+def write_image(path, entries, size=0x10000):
+    img = bytearray(size)
+    for pa, value in entries:
+        struct.pack_into("<Q", img, pa, value)
+    path.write_bytes(bytes(img))
+    return str(path)
+
+
+# PML4 0x1000 -> PDPT 0x2000 -> PD 0x3000 -> PT 0x4000
+ENTRIES = [
+    (0x1000, 0x2000 | P | W | U),
+    (0x2000, 0x3000 | P | W | U),
+    (0x3000, 0x4000 | P | W | U),
+    (0x3000 + 8, 0x200000 | PS | P | W | G),        # PD[1]: 2 MiB, supervisor
+    (0x4000 + 8 * 5, 0x9000 | P | U | A),           # PT[5]: 4 KiB, user read-only
+]
+
+
+@pytest.fixture
+def image(tmp_path):
+    return write_image(tmp_path / "ram.img", ENTRIES)
+
+
+def run(capsys, *argv):
+    rc = cli.main(list(argv))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def test_translate_walk_level_by_level(capsys, image):
+    rc, out, err = run(capsys, "translate", image, "--cr3", "0x1000", "0x5123")
+    assert rc == 0 and err == ""
+    assert out.splitlines() == [
+        "va 0x0000000000005123: read, supervisor, 4-level paging",
+        "  PML4E @ 0x0000000000001000 = 0x0000000000002007  P W U",
+        "  PDPTE @ 0x0000000000002000 = 0x0000000000003007  P W U",
+        "  PDE   @ 0x0000000000003000 = 0x0000000000004007  P W U",
+        "  PTE   @ 0x0000000000004028 = 0x0000000000009025  P U A",
+        "  => pa 0x0000000000009123  (4 KiB page; read-only, user, executable)",
+    ]
+
+
+def test_translate_faults_and_gp(capsys, image):
+    rc, out, err = run(capsys, "translate", image, "--cr3", "4096", "--user", "--access", "w",
+                       "0x5123", "0x200000")
+    assert rc == 0 and err == ""
+    lines = out.splitlines()
+    # SDM 4.6: a user write needs R/W=1 everywhere -> protection: P|W|U = 0x7
+    assert lines[5] == "  => #PF, error code 0x7 (P W U): protection"
+    # SDM 4.6: U/S=0 in the PDE -> a user access faults: P|W|U again
+    assert lines[7:] == [
+        "va 0x0000000000200000: write, user, 4-level paging",
+        "  PML4E @ 0x0000000000001000 = 0x0000000000002007  P W U",
+        "  PDPTE @ 0x0000000000002000 = 0x0000000000003007  P W U",
+        "  PDE   @ 0x0000000000003008 = 0x0000000000200183  P W PS G",
+        "  => #PF, error code 0x7 (P W U): protection",
+    ]
+    rc, out, err = run(capsys, "translate", image, "--cr3", "0x1000", "--access", "x",
+                       "0x6000", "0x800000000000")
+    assert rc == 0
+    lines = out.splitlines()
+    # SDM 4.7: P=0 in the PTE -> P clear; a fetch with NXE=1 sets I/D (0x10)
+    assert lines[4] == "  PTE   @ 0x0000000000004030 = 0x0000000000000000  -"
+    assert lines[5] == "  => #PF, error code 0x10 (I): not-present at the PTE"
+    # SDM 4.5.1: bit 47 set, bits 63:48 clear -> not canonical, #GP(0), no walk
+    assert lines[7:] == [
+        "va 0x0000800000000000: fetch, supervisor, 4-level paging",
+        "  => #GP(0): 0x800000000000 is not canonical for 4-level paging (no walk)",
+    ]
+
+
+def test_translate_does_not_write_the_image(capsys, image):
+    before = open(image, "rb").read()
+    run(capsys, "translate", image, "--cr3", "0x1000", "--access", "w", "0xffffffff", "0x200000")
+    assert open(image, "rb").read() == before
+
+
+def test_tlb_and_mem(capsys, image):
+    rc, out, err = run(capsys, "tlb", image, "--cr3", "0x1000")
+    assert (rc, err) == (0, "")
+    assert out == ("0000000000005000: 0000000000009000 ----A--U-\n"
+                   "0000000000200000: 0000000000200000 -GP-----W\n")
+    rc, out, err = run(capsys, "mem", image, "--cr3", "0x1000")
+    assert (rc, err) == (0, "")
+    assert out == ("0000000000005000-0000000000006000 0000000000001000 ur-\n"
+                   "0000000000200000-0000000000400000 0000000000200000 -rw\n")
+
+
+def test_la57_selected_by_cr4(capsys, image):
+    # With CR4.LA57 the same tables are read one level higher: 0x1000 is the
+    # PML5, 0x3000 the PDPT, whose entry 1 (PS=1) is now a 1 GiB page at
+    # VA 1 << 30 with PA 0x200183 & 0x3ffffc0000000 = 0.  0x3000[0] -> 0x4000
+    # is a PD whose entry 5 (PS=0) points at a zero page table.
+    rc, out, err = run(capsys, "tlb", image, "--cr3", "0x1000", "--cr4", "0x1020")
+    assert (rc, err) == (0, "")
+    assert out == "0000000040000000: 0000000000000000 -GP-----W\n"
+    rc, out, _ = run(capsys, "translate", image, "--cr3", "0x1000", "--cr4", "0x1020",
+                     "0x40000123")
+    assert out.splitlines()[0] == "va 0x0000000040000123: read, supervisor, 5-level paging"
+    assert out.splitlines()[1].startswith("  PML5E @ 0x0000000000001000")
+    # QEMU's listing ignores reserved bits; the walk does not: bit 21 of a
+    # 1 GiB PDPTE is in the reserved range 29:13 (SDM 4.5, table 4-17), so
+    # #PF with P|RSVD (SDM 4.7) = 0x9.
+    assert out.splitlines()[-1] == "  => #PF, error code 0x9 (P RSVD): reserved-bit at the PDPTE"
+
+
+def test_paging_off(capsys, image):
+    rc, out, _ = run(capsys, "tlb", image, "--cr3", "0", "--cr0", "1", "--efer", "0")
+    assert (rc, out) == (0, "PG disabled\n")
+    rc, out, _ = run(capsys, "translate", image, "--cr3", "0", "--cr0", "1", "--efer", "0",
+                     "0x1234")
+    assert out.splitlines()[-1] == "  => pa 0x0000000000001234  (paging off: physical = linear)"
+
+
+def test_demo(capsys):
+    buf = io.StringIO()
+    cli.run_demo(buf)
+    text = buf.getvalue()
+    # direct map: 1 GiB page at PA 0 -> pa = va - 0xffff888000000000 (SDM 4.5, 1 GiB leaf)
+    assert "  => pa 0x0000000012345678  (1 GiB page; writable, supervisor, no-execute)" in text
+    # user write to a P|U page: P|W|U (SDM 4.7)
+    assert "  => #PF, error code 0x7 (P W U): protection\n" in text
+    # not present: error code 0 (supervisor read, P=0)
+    assert "  => #PF, error code 0x0 (-): not-present at the PDE\n" in text
+    # 2 MiB kernel text page, G=1 and PS=1
+    assert "ffffffff80000000: 0000000000200000 -GP-----W\n" in text
+    assert "0000000000400000-0000000000401000 0000000000001000 ur-\n" in text
+    assert run(capsys, "demo")[:2] == (0, text)
+
+
+# ---- errors -------------------------------------------------------------------------
+
+def assert_one_line_error(rc, out, err, *fragments):
+    assert rc != 0
+    assert out == ""
+    assert err.count("\n") == 1 and err.startswith("ptemu: error: "), err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in err, err
+
+
+def test_error_missing_file(capsys, tmp_path):
+    assert_one_line_error(*run(capsys, "tlb", str(tmp_path / "nope.img"), "--cr3", "0x1000"),
+                          "no such file")
+
+
+def test_error_cr3_outside_image(capsys, image):
+    assert_one_line_error(*run(capsys, "mem", image, "--cr3", "0x10000"),
+                          "outside the image")
+    assert_one_line_error(*run(capsys, "translate", image, "--cr3", "0x7fff000", "0"),
+                          "outside the image")
+
+
+def test_error_bad_numbers(capsys, image):
+    assert_one_line_error(*run(capsys, "tlb", image, "--cr3", "0xzz"), "--cr3", "0xzz")
+    assert_one_line_error(*run(capsys, "translate", image, "--cr3", "0x1000", "banana"),
+                          "banana")
+    assert_one_line_error(*run(capsys, "tlb", image, "--cr3", str(1 << 64)), "64 bits")
+
+
+def test_error_bad_flag_combinations(capsys, image):
+    # CR0.PG without CR4.PAE would be legacy 32-bit paging (not modelled)
+    assert_one_line_error(*run(capsys, "tlb", image, "--cr3", "0x1000", "--cr4", "0"),
+                          "PAE")
+    # SDM 4.1.1: LA57 is a form of IA-32e paging; it needs PAE
+    assert_one_line_error(*run(capsys, "mem", image, "--cr3", "0x1000", "--cr4", "0x1000"),
+                          "LA57")
+    assert_one_line_error(*run(capsys, "translate", image, "--cr3", "0x1000",
+                               "--maxphyaddr", "60", "0"), "maxphyaddr")
+    # CR3 bits 62:MAXPHYADDR are reserved (SDM 4.5.2)
+    assert_one_line_error(*run(capsys, "translate", image, "--cr3", hex(0x1000 | 1 << 40),
+                               "--maxphyaddr", "36", "0"), "reserved")
+
+
+def test_error_usage(capsys, image):
+    assert_one_line_error(*run(capsys))
+    assert_one_line_error(*run(capsys, "frobnicate"), "frobnicate")
+    assert_one_line_error(*run(capsys, "tlb", image), "--cr3")
+    assert_one_line_error(*run(capsys, "translate", image, "--cr3", "0x1000", "--access", "q",
+                               "0"), "q")
+
+
+def test_error_truncated_elf(capsys, tmp_path):
+    hdr = struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF" + bytes([2, 1, 1]) + bytes(9), 4, 62, 1,
+                      0, 64, 0, 0, 64, 56, 1, 0, 0, 0)
+    ph = struct.pack("<IIQQQQQQ", 1, 4, 0x1000, 0, 0, 0x10000, 0x10000, 0)
+    path = tmp_path / "core.elf"
+    path.write_bytes(hdr + ph + bytes(0x2000))
+    assert_one_line_error(*run(capsys, "tlb", str(path), "--cr3", "0x1000"), "truncated")
+
+
+# ---- big sparse images ---------------------------------------------------------------
+
+def test_sparse_multi_gib_image_is_fast(capsys, tmp_path):
+    # 4 GiB, almost all holes; tables at 3 GiB map 2 MiB of 4 KiB pages at
+    # VA 0xffff800000000000 and one 1 GiB page at VA 0.
+    path = tmp_path / "big.img"
+    base = 3 << 30
+    with open(path, "wb") as f:
+        f.truncate(4 << 30)
+        entries = [(base, (base + 0x1000) | P | W),                     # PML4[0]
+                   (base + 8 * 256, (base + 0x2000) | P | W),           # PML4[256]
+                   (base + 0x1000, 0x40000000 | PS | P | W | NX),       # 1 GiB at VA 0
+                   (base + 0x2000, (base + 0x3000) | P | W),            # PDPT -> PD
+                   (base + 0x3000, (base + 0x4000) | P | W)]            # PD -> PT
+        entries += [(base + 0x4000 + 8 * i, (i << 12) | P | W) for i in range(512)]
+        for pa, value in entries:
+            f.seek(pa)
+            f.write(struct.pack("<Q", value))
+    t0 = time.perf_counter()
+    rc, out, err = run(capsys, "tlb", str(path), "--cr3", hex(base))
+    rc2, out2, err2 = run(capsys, "mem", str(path), "--cr3", hex(base))
+    elapsed = time.perf_counter() - t0
+    assert (rc, err, rc2, err2) == (0, "", 0, "")
+    lines = out.splitlines()
+    assert len(lines) == 513
+    assert lines[0] == "0000000000000000: 0000000040000000 X-P-----W"
+    assert lines[1] == "ffff800000000000: 0000000000000000 --------W"
+    assert lines[-1] == "ffff8000001ff000: 00000000001ff000 --------W"
+    assert out2 == ("0000000000000000-0000000040000000 0000000040000000 -rw\n"
+                    "ffff800000000000-ffff800000200000 0000000000200000 -rw\n")
+    assert elapsed < 5.0, elapsed
+
+
+# ---- the installed console script ------------------------------------------------------
+
+def _console_script():
+    exe = shutil.which("ptemu", path=os.path.dirname(sys.executable)) or shutil.which("ptemu")
+    if exe is None:
+        pytest.skip("the ptemu console script is not installed")
+    return exe
+
+
+def test_console_script(image):
+    exe = _console_script()
+    r = subprocess.run([exe, "mem", image, "--cr3", "0x1000"], capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0 and r.stderr == ""
+    assert r.stdout == ("0000000000005000-0000000000006000 0000000000001000 ur-\n"
+                        "0000000000200000-0000000000400000 0000000000200000 -rw\n")
+    r = subprocess.run([exe, "tlb", image + ".missing", "--cr3", "0x1000"],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode != 0 and r.stdout == ""
+    assert r.stderr.startswith("ptemu: error: ") and r.stderr.count("\n") == 1
