@@ -71,21 +71,34 @@ uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
 /*
  * The baseline: what any page walk must do at the least -- index, load
  * (still bounds-checked), test P and PS.  No rights, no reserved bits, no
- * A/D, no canonical check.  Unmapped addresses give ~0.
+ * A/D, no canonical check.  Unmapped addresses give ~0.  Plain memory only
+ * (no frame table, no EPT: those return n, all unmapped).
  */
 uint64_t ptemu_minimal_walk_many(const ptemu_mem *mem, uint64_t cr3, uint32_t levels,
                                  const uint64_t *va, uint64_t n, uint64_t *pa)
 {
     const uint64_t mask = 0x000ffffffffff000ULL;
+    const uint8_t *base = mem->base;
+    const uint64_t size = mem->size;
     uint64_t unmapped = 0;
+    if (mem->frames || mem->ept) {
+        for (uint64_t i = 0; i < n; i++)
+            pa[i] = ~0ULL;
+        return n;
+    }
     if (levels != 5)
         levels = 4;
     for (uint64_t i = 0; i < n; i++) {
         uint64_t table = cr3 & mask, e = 0, v = va[i];
         uint32_t level = levels;
         for (;;) {
-            if (!ptemu_load64(mem, table + ((v >> ptemu_level_shift(level)) & 511) * 8, &e) ||
-                !(e & PTEMU_PTE_P)) {
+            uint64_t epa = table + ((v >> ptemu_level_shift(level)) & 511) * 8;
+            if (size < 8 || epa > size - 8) {
+                e = 0;
+                break;
+            }
+            memcpy(&e, base + epa, 8);
+            if (!(e & PTEMU_PTE_P)) {
                 e = 0;
                 break;
             }
@@ -98,8 +111,8 @@ uint64_t ptemu_minimal_walk_many(const ptemu_mem *mem, uint64_t cr3, uint32_t le
             pa[i] = ~0ULL;
             unmapped++;
         } else {
-            uint64_t size = 1ULL << ptemu_level_shift(level);
-            pa[i] = (e & mask & ~(size - 1)) | (v & (size - 1));
+            uint64_t sz = 1ULL << ptemu_level_shift(level);
+            pa[i] = (e & mask & ~(sz - 1)) | (v & (sz - 1));
         }
     }
     return unmapped;

@@ -68,12 +68,20 @@ void ptemu_psc_fill(ptemu_tlb *t, uint32_t level, uint64_t va, uint32_t pcid,
  * also log2 of the region one entry at that level maps. */
 static inline uint32_t ptemu_level_shift(uint32_t level) { return 12u + 9u * (level - 1u); }
 
-/* Where an 8-byte word at physical address pa lives in m->base, or 0 when
+/* ept.c: an EPT walk, and the host location of a guest-physical word. */
+int ptemu_ept_walk(ptemu_ept *x, uint64_t gpa, uint32_t access, uint32_t qual_extra,
+                   uint64_t *hpa, uint32_t *rights_out);
+uint8_t *ptemu_word_ept(const ptemu_mem *m, uint64_t gpa, uint32_t access);
+
+/* Where an 8-byte word at physical address pa lives in memory, or 0 when
  * any byte of it is outside memory.  The one bounds check of the core:
  * overflow-safe for any pa and any size (a size below 8 admits nothing).
- * Through a frame table the word must also stay inside its 4 KiB frame. */
-static inline uint8_t *ptemu_word(const ptemu_mem *m, uint64_t pa)
+ * Through a frame table the word must also stay inside its 4 KiB frame;
+ * behind an EPT, the EPT walk decides (and may record a VM exit). */
+static inline uint8_t *ptemu_word_acc(const ptemu_mem *m, uint64_t pa, uint32_t access)
 {
+    if (m->ept)
+        return ptemu_word_ept(m, pa, access);
     if (m->frames) {
         uint64_t fn = pa >> 12;
         if (fn >= m->nframes || (pa & 0xfff) > 0xff8 || m->frames[fn] == PTEMU_NO_FRAME)
@@ -83,6 +91,11 @@ static inline uint8_t *ptemu_word(const ptemu_mem *m, uint64_t pa)
     if (m->size < 8 || pa > m->size - 8)
         return 0;
     return m->base + pa;
+}
+
+static inline uint8_t *ptemu_word(const ptemu_mem *m, uint64_t pa)
+{
+    return ptemu_word_acc(m, pa, PTEMU_ACC_READ);
 }
 
 static inline int ptemu_load64(const ptemu_mem *m, uint64_t pa, uint64_t *v)
@@ -95,12 +108,25 @@ static inline int ptemu_load64(const ptemu_mem *m, uint64_t pa, uint64_t *v)
 }
 
 /* Setting A or D: OR into the entry's low byte, so a bit another agent set
- * meanwhile is never cleared (hardware uses a locked RMW, SDM 4.8). */
-static inline void ptemu_or8(ptemu_mem *m, uint64_t pa, uint8_t bits)
+ * meanwhile is never cleared (hardware uses a locked RMW, SDM 4.8).  Returns
+ * 0 only when the write is refused (behind an EPT that forbids it). */
+static inline int ptemu_or8(ptemu_mem *m, uint64_t pa, uint8_t bits)
 {
-    uint8_t *p = ptemu_word(m, pa);
-    if (p)
-        *p |= bits;
+    uint8_t *p = ptemu_word_acc(m, pa, PTEMU_ACC_WRITE);
+    if (!p)
+        return 0;
+    *p |= bits;
+    return 1;
+}
+
+/* The same for bits 15:0 (EPT A and D are bits 8 and 9). */
+static inline void ptemu_or16(ptemu_mem *m, uint64_t pa, uint16_t bits)
+{
+    uint8_t *p = ptemu_word_acc(m, pa, PTEMU_ACC_WRITE);
+    if (p) {
+        p[0] |= (uint8_t)bits;
+        p[1] |= (uint8_t)(bits >> 8);
+    }
 }
 
 #endif

@@ -6,6 +6,7 @@
  * hoists what a batch never changes (no TLB, NXE, eager-A...) out of the
  * loop.  Each file still compiles on its own.
  */
-#include "walk.c"
 #include "tlb.c"
+#include "ept.c"
+#include "walk.c"
 #include "batch.c"

@@ -57,6 +57,7 @@
 
 /* ---- Exception vectors and walk results ---------------------------------- */
 #define PTEMU_OK            0
+#define PTEMU_VEC_EPT       48      /* a VM exit (EPT violation or misconfiguration) */
 #define PTEMU_VEC_GP        13
 #define PTEMU_VEC_PF        14
 
@@ -67,6 +68,7 @@
 #define PTEMU_CAUSE_RSVD        3   /* a reserved bit set at fault.level     */
 #define PTEMU_CAUSE_PROT        4   /* rights (U/S, R/W, XD, SMEP, SMAP, PK) */
 #define PTEMU_CAUSE_BUS         5   /* entry address outside memory, see walk.c */
+#define PTEMU_CAUSE_EPT         6   /* EPT exit: details in the ptemu_ept */
 
 /* Access kinds: these are the values of TRACE_DTYPE.access as well. */
 #define PTEMU_ACC_READ      0
@@ -94,6 +96,9 @@
 #define PTEMU_TE_U          0x04  /* U/S=1 at every level                 */
 #define PTEMU_TE_G          0x08  /* leaf G=1 and CR4.PGE=1 when cached   */
 #define PTEMU_TE_D          0x40  /* leaf D was 1 when cached             */
+#define PTEMU_TE_EPT_R      0x10  /* nested: EPT allows reads of the page */
+#define PTEMU_TE_EPT_W      0x20  /* nested: EPT allows writes            */
+#define PTEMU_TE_EPT_X      0x80  /* nested: EPT allows fetches           */
 
 /* TLB array kinds */
 #define PTEMU_KIND_DATA     0x1
@@ -128,12 +133,56 @@
  * view of host memory (the p2m).  A frame number past nframes, or a frame
  * entry of PTEMU_NO_FRAME, is outside memory. */
 #define PTEMU_NO_FRAME 0xffffffffffffffff
+typedef struct ptemu_ept ptemu_ept;
 typedef struct ptemu_mem {
     uint8_t  *base;
     uint64_t  size;         /* bytes; every access is checked against it */
     const uint64_t *frames; /* NULL, or nframes host byte offsets (4K aligned) */
     uint64_t  nframes;
+    ptemu_ept *ept;         /* non-NULL: guest-physical memory behind EPT (ept.c) */
 } ptemu_mem;
+
+/* ---- EPT (SDM Vol. 3C ch. 29, "EPT") --------------------------------------- */
+#define PTEMU_EPT_R           0x001
+#define PTEMU_EPT_W           0x002
+#define PTEMU_EPT_X           0x004
+#define PTEMU_EPT_MT_SHIFT    3       /* memory type, bits 5:3 of a leaf */
+#define PTEMU_EPT_IPAT        0x040
+#define PTEMU_EPT_PS          0x080
+#define PTEMU_EPT_A           0x100
+#define PTEMU_EPT_D           0x200
+#define PTEMU_EPTP_WB         0x006   /* EPTP bits 2:0: write-back */
+#define PTEMU_EPTP_WALK4      0x018   /* bits 5:3 = page-walk length - 1 = 3 */
+#define PTEMU_EPTP_WALK5      0x020   /* ... = 4 */
+#define PTEMU_EPTP_AD         0x040   /* bit 6: EPT accessed and dirty flags */
+/* Exit reasons (SDM Vol. 3D appendix C) */
+#define PTEMU_EXIT_EPT_VIOLATION 48
+#define PTEMU_EXIT_EPT_MISCONFIG 49
+/* EPT-violation exit qualification (SDM Vol. 3C table 28-7) */
+#define PTEMU_EQ_READ         0x001
+#define PTEMU_EQ_WRITE        0x002
+#define PTEMU_EQ_FETCH        0x004
+#define PTEMU_EQ_READABLE     0x008
+#define PTEMU_EQ_WRITABLE     0x010
+#define PTEMU_EQ_EXECUTABLE   0x020
+#define PTEMU_EQ_GLA_VALID    0x080
+#define PTEMU_EQ_TRANSLATED   0x100   /* the access was to the translated address, not to
+                                         a guest paging-structure entry */
+
+/* The EPT state of one vCPU: its EPTP, the host memory the EPT tables and
+ * the guest's frames live in, and the last EPT exit. */
+struct ptemu_ept {
+    ptemu_mem *host;
+    uint64_t eptp;
+    uint32_t maxphyaddr;
+    uint32_t pending;       /* an exit was recorded and not yet reported */
+    uint32_t exit_reason;   /* PTEMU_EXIT_EPT_* */
+    uint32_t exit_level;    /* EPT level of the entry at fault */
+    uint64_t exit_gpa;
+    uint64_t exit_qual;
+    uint64_t refs;          /* memory references of EPT walks, cumulative */
+    uint64_t walks;         /* EPT walks, cumulative */
+};
 
 /* The architectural state a walk depends on. */
 typedef struct ptemu_cpu {
@@ -252,7 +301,7 @@ typedef struct ptemu_mmu {
 /* ---- Functions ------------------------------------------------------------ */
 
 /* The layout version of this header; _native checks it against the build. */
-#define PTEMU_ABI_VERSION 2
+#define PTEMU_ABI_VERSION 3
 int ptemu_abi_version(void);
 
 /* Scalar translation through an Mmu handle: fills m->out or m->fault and
@@ -277,6 +326,11 @@ uint64_t ptemu_translate_many(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *t
 uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
                    const ptemu_trace_rec *trace, uint64_t n, uint64_t start,
                    uint64_t *pa, ptemu_fault *fault);
+
+/* One EPT translation of a guest-physical address, outside any guest walk:
+ * access is PTEMU_ACC_*.  Returns 1 with *hpa, or 0 with the exit recorded
+ * in ept (exit_reason, exit_qual, exit_gpa). */
+int ptemu_ept_translate(ptemu_ept *ept, uint64_t gpa, uint32_t access, uint64_t *hpa);
 
 /* Benchmark baseline: follow only P and PS bits, no checks, no A/D. */
 uint64_t ptemu_minimal_walk_many(const ptemu_mem *mem, uint64_t cr3, uint32_t levels,

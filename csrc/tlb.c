@@ -82,7 +82,7 @@ int ptemu_tlb_init(ptemu_tlb *t)
 }
 
 /* Probe one array for va at every page size it holds. */
-static inline ptemu_tlbe *probe(ptemu_tlb_array *a, uint64_t va, uint32_t pcid)
+static PTEMU_INLINE ptemu_tlbe *probe(ptemu_tlb_array *a, uint64_t va, uint32_t pcid)
 {
     for (uint32_t k = 0; k < a->nsizes; k++) {
         uint32_t s = a->size_list[k];
@@ -124,7 +124,8 @@ install:
     return victim;
 }
 
-ptemu_tlbe *ptemu_tlb_lookup(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid)
+PTEMU_INLINE ptemu_tlbe *ptemu_tlb_lookup(ptemu_tlb *t, uint64_t va, uint32_t access,
+                                          uint32_t pcid)
 {
     if (!t->ready && !ptemu_tlb_init(t))
         return NULL;

@@ -171,6 +171,17 @@ static inline int page_fault(const ptemu_ctx *c, ptemu_fault *f, uint64_t va,
     return PTEMU_VEC_PF;
 }
 
+/* A VM exit for the EPT, recorded by ept.c; the guest sees nothing. */
+static int ept_exit_fault(ptemu_fault *f, const ptemu_ept *x, uint64_t va)
+{
+    f->vector = PTEMU_VEC_EPT;
+    f->error_code = (uint32_t)x->exit_qual;
+    f->cr2 = va;
+    f->cause = PTEMU_CAUSE_EPT;
+    f->level = x->exit_level;
+    return PTEMU_VEC_EPT;
+}
+
 PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t access,
                                      uint32_t flags, ptemu_walk_out *o, ptemu_fault *f)
 {
@@ -204,6 +215,12 @@ PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t a
 
     uint32_t acc_ec = access_bits(c, access, flags);
     ptemu_tlb *tlb = (flags & PTEMU_IN_NO_AD) ? NULL : c->tlb;
+    ptemu_ept *ept = c->mem->ept;
+    uint64_t ept_refs0 = 0;
+    if (ept) {
+        ept->pending = 0;
+        ept_refs0 = ept->refs;
+    }
 
     if (tlb) {
         ptemu_tlbe *e = ptemu_tlb_lookup(tlb, va, access, c->pcid);
@@ -216,6 +233,12 @@ PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t a
                  * cached entry cannot do it, so walk again. */
                 e->key = 0;
                 tlb->dirty_rewalks++;
+            } else if (ept && !(e->flags & (access == PTEMU_ACC_WRITE ? PTEMU_TE_EPT_W
+                                          : access == PTEMU_ACC_FETCH ? PTEMU_TE_EPT_X
+                                          : PTEMU_TE_EPT_R))) {
+                /* The combined mapping lacks the EPT right: walk again so
+                 * the exit (or a changed EPT) comes from memory. */
+                e->key = 0;
             } else {
                 uint64_t size = 1ULL << ptemu_level_shift(e->size + 1u);
                 o->pa = e->base | (va & (size - 1));
@@ -238,8 +261,14 @@ PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t a
         ptemu_psc_lookup(tlb, va, c->pcid, c->levels, &level, &table, &rights);
     const uint32_t first_level = level;
 
-    /* Locals, so that stores into *o cannot force reloads of the context. */
+    /* Locals, so that stores into *o (or A-bit byte stores, which may alias
+     * anything) cannot force reloads of the context.  Plain memory -- no
+     * frame table, no EPT -- is read directly with the same bounds check as
+     * ptemu_word(). */
     const ptemu_mem *mem = c->mem;
+    const int plain = !mem->frames && !mem->ept;
+    const uint8_t *pbase = mem->base;
+    const uint64_t psize = mem->size;
     const uint64_t addr_mask = c->addr_mask, nx_mask = c->nx_mask;
     const int set_a_now = c->eager_a && !(flags & PTEMU_IN_NO_AD);
     uint64_t epas[PTEMU_MAX_LEVELS], ents[PTEMU_MAX_LEVELS];
@@ -248,8 +277,14 @@ PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t a
     uint64_t e = 0;
     for (;;) {
         uint64_t epa = table + ((va >> ptemu_level_shift(level)) & 511) * 8;
-        if (!ptemu_load64(mem, epa, &e)) {
-            cause = PTEMU_CAUSE_BUS;
+        if (plain) {
+            if (psize < 8 || epa > psize - 8) {
+                cause = PTEMU_CAUSE_BUS;
+                break;
+            }
+            memcpy(&e, pbase + epa, 8);
+        } else if (!ptemu_load64(mem, epa, &e)) {
+            cause = ept && ept->pending ? PTEMU_CAUSE_EPT : PTEMU_CAUSE_BUS;
             break;
         }
         epas[n] = epa;
@@ -275,7 +310,10 @@ PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t a
         /* QEMU order marks a non-leaf entry once it passed P and reserved
          * bits; the leaf only after the rights check, like the default. */
         if (set_a_now && !(e & PTEMU_PTE_A)) {
-            ptemu_or8(c->mem, epa, (uint8_t)PTEMU_PTE_A);
+            if (!ptemu_or8(c->mem, epa, (uint8_t)PTEMU_PTE_A)) {
+                cause = PTEMU_CAUSE_EPT;
+                break;
+            }
             ents[n - 1] = e | PTEMU_PTE_A;
         }
         table = e & addr_mask;
@@ -286,10 +324,12 @@ PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t a
         o->entry[i] = ents[i];
     }
     o->nentries = n;
-    o->mem_refs = n;
+    o->mem_refs = n + (uint32_t)(ept ? ept->refs - ept_refs0 : 0);
     o->first_level = first_level;
     if (tlb)
-        tlb->walk_refs += n;
+        tlb->walk_refs += o->mem_refs;
+    if (cause == PTEMU_CAUSE_EPT)
+        return ept_exit_fault(f, ept, va);
     if (cause == PTEMU_CAUSE_BUS)
         return page_fault(c, f, va, PTEMU_PF_P | PTEMU_PF_RSVD | acc_ec, cause, level);
     if (cause == PTEMU_CAUSE_NOT_PRESENT)
@@ -303,6 +343,7 @@ PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t a
         return page_fault(c, f, va, prot | acc_ec, PTEMU_CAUSE_PROT, 0);
 
     uint64_t size = 1ULL << ptemu_level_shift(level);
+    uint32_t ept_rights = 0;
     /* The frame field: bits M-1:shift; for large pages this drops PAT
      * (bit 12) and the reserved bits below the frame. */
     uint64_t base = e & addr_mask & ~(size - 1);
@@ -312,20 +353,51 @@ PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t a
          * leaf on a write.  Entries were in bounds when loaded. */
         for (uint32_t i = 0; i < n; i++) {
             if (!(ents[i] & PTEMU_PTE_A)) {
-                ptemu_or8(c->mem, epas[i], (uint8_t)PTEMU_PTE_A);
+                if (!ptemu_or8(c->mem, epas[i], (uint8_t)PTEMU_PTE_A))
+                    return ept_exit_fault(f, ept, va);
                 ents[i] |= PTEMU_PTE_A;
                 o->entry[i] = ents[i];
             }
         }
         if (access == PTEMU_ACC_WRITE && !(ents[n - 1] & PTEMU_PTE_D)) {
-            ptemu_or8(c->mem, epas[n - 1], (uint8_t)PTEMU_PTE_D);
+            if (!ptemu_or8(c->mem, epas[n - 1], (uint8_t)PTEMU_PTE_D))
+                return ept_exit_fault(f, ept, va);
             ents[n - 1] |= PTEMU_PTE_D;
             o->entry[n - 1] = ents[n - 1];
+            /* A recursive slot: the leaf's word may also have served as a
+             * table entry above; report it as memory now holds it. */
+            for (uint32_t i = 0; i + 1 < n; i++)
+                if (epas[i] == epas[n - 1])
+                    o->entry[i] = ents[i] |= PTEMU_PTE_D;
         }
     }
 
+    uint32_t tlb_size = level - 1;
+    if (ept) {
+        /* Nested paging: the guest-physical address the guest walk gave
+         * goes through the EPT too (the last of the (n+1)(m+1)-1
+         * references).  The combined mapping is cached at 4 KiB: never
+         * larger than either the guest's or the EPT's page. */
+        uint64_t gpa = base | (va & (size - 1)), hpa;
+        uint32_t erights = 0;
+        uint64_t r0 = ept->refs;
+        if (!ptemu_ept_walk(ept, gpa, access, PTEMU_EQ_GLA_VALID | PTEMU_EQ_TRANSLATED, &hpa,
+                            &erights))
+            return ept_exit_fault(f, ept, va);
+        o->mem_refs += (uint32_t)(ept->refs - r0);
+        if (tlb)
+            tlb->walk_refs += ept->refs - r0;
+        ept->exit_gpa = gpa;    /* for the caller: the guest-physical address */
+        base = hpa & ~0xfffULL;
+        size = 4096;
+        tlb_size = PTEMU_SIZE_4K;
+        ept_rights = (erights & PTEMU_EPT_R ? PTEMU_TE_EPT_R : 0) |
+                     (erights & PTEMU_EPT_W ? PTEMU_TE_EPT_W : 0) |
+                     (erights & PTEMU_EPT_X ? PTEMU_TE_EPT_X : 0);
+    }
+
     o->pa = base | (va & (size - 1));
-    o->page_size = size;
+    o->page_size = ept ? 1ULL << ptemu_level_shift(level) : size;
     o->level = level;
     o->leaf = ents[n - 1];
     o->rights = rights;
@@ -335,12 +407,12 @@ PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t a
          * have A=1 now, SDM 4.10.3.1), then the translation itself. */
         for (uint32_t i = 0; i + 1 < n; i++)
             ptemu_psc_fill(tlb, first_level - i, va, c->pcid, ents[i] & addr_mask, rights_at[i]);
-        uint32_t tflags = rights;
+        uint32_t tflags = rights | ept_rights;
         if (o->leaf & PTEMU_PTE_D)
             tflags |= PTEMU_TE_D;
         if (c->pge && (o->leaf & PTEMU_PTE_G))
             tflags |= PTEMU_TE_G;
-        ptemu_tlb_fill(tlb, va, access, c->pcid, level - 1, base, tflags, pkey);
+        ptemu_tlb_fill(tlb, va, access, c->pcid, tlb_size, base, tflags, pkey);
     }
     return PTEMU_OK;
 }

@@ -12,13 +12,13 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
         "with `pip install .` (nothing is compiled at import time)") from exc
 
 # The header the extension was built from must be the one this code expects.
-ABI_VERSION = 2
+ABI_VERSION = 3
 if lib.ptemu_abi_version() != ABI_VERSION or lib.PTEMU_ABI_VERSION != ABI_VERSION:
     raise ImportError("ptemu._native_c was built from another csrc/ (ABI %d, expected %d); "
                       "reinstall ptemu" % (lib.ptemu_abi_version(), ABI_VERSION))
 
 __all__ = ["ffi", "lib", "PtemuError", "InvalidInput", "ImageError", "MmuFault",
-           "PageFault", "GeneralProtection", "check_u64", "check_array",
+           "PageFault", "GeneralProtection", "EptExit", "EptViolation", "EptMisconfig", "check_u64", "check_array",
            "fault_from_c", "ACCESS_CODES"]
 
 U64_MAX = (1 << 64) - 1
@@ -32,6 +32,7 @@ _CAUSE_NAMES = {
     lib.PTEMU_CAUSE_RSVD: "reserved-bit",
     lib.PTEMU_CAUSE_PROT: "protection",
     lib.PTEMU_CAUSE_BUS: "outside-memory",
+    lib.PTEMU_CAUSE_EPT: "ept",
 }
 
 
@@ -82,6 +83,45 @@ class GeneralProtection(MmuFault):
                                      if va is not None else "#GP(0)"))
 
 
+class EptExit(MmuFault):
+    """A VM exit caused by the EPT during a guest access (nested paging): the
+    guest sees nothing; the hypervisor handles it and resumes.
+    `.gpa` the guest-physical address, `.gla` the guest-linear address,
+    `.qualification` (SDM Vol. 3C table 28-7), `.level` the EPT level."""
+
+    reason = None
+
+    def __init__(self, gpa, gla, qualification, level, message=None):
+        self.gpa = gpa
+        self.gla = gla
+        self.va = gla
+        self.qualification = qualification
+        self.error_code = qualification
+        self.level = level
+        super().__init__(message or "%s for gpa %#x (gla %#x, qualification %#x, EPT level %d)"
+                         % (self.kind, gpa, gla, qualification, level))
+
+
+class EptViolation(EptExit):
+    """Exit reason 48: not present in the EPT, or an access the EPT forbids."""
+    vector = 48
+    reason = 48
+    kind = "EPT violation"
+
+
+class EptMisconfig(EptExit):
+    """Exit reason 49: an EPT entry with W but not R, reserved bits, or a
+    reserved memory type."""
+    vector = 49
+    reason = 49
+    kind = "EPT misconfiguration"
+
+
+def ept_exit_from_c(ept_c, gla):
+    cls = EptMisconfig if ept_c.exit_reason == lib.PTEMU_EXIT_EPT_MISCONFIG else EptViolation
+    return cls(int(ept_c.exit_gpa), gla, int(ept_c.exit_qual), int(ept_c.exit_level))
+
+
 def decode_error_code(ec):
     """'P W U RSVD I PK' style names of a #PF error code's bits ('-' if none)."""
     names = [(lib.PTEMU_PF_P, "P"), (lib.PTEMU_PF_W, "W"), (lib.PTEMU_PF_U, "U"),
@@ -91,9 +131,11 @@ def decode_error_code(ec):
     return " ".join(out) if out else "-"
 
 
-def fault_from_c(f, memory_size=None):
+def fault_from_c(f, memory_size=None, ept_c=None):
     """Turn a filled ptemu_fault into the exception it stands for."""
     cause = _CAUSE_NAMES.get(f.cause, "unknown")
+    if f.vector == lib.PTEMU_VEC_EPT and ept_c is not None:
+        return ept_exit_from_c(ept_c, int(f.cr2))
     if f.vector == lib.PTEMU_VEC_GP:
         if f.cause == lib.PTEMU_CAUSE_NONCANON:
             return None  # caller knows the va

@@ -27,6 +27,7 @@ class PhysicalMemory:
         self.path = _path
         self.frames = None
         self.host = None
+        self.ept = None
         self._c = ffi.new("ptemu_mem *")
         self._keep = ffi.from_buffer("uint8_t[]", _array, require_writable=True)
         self._c.base = self._keep
@@ -56,6 +57,7 @@ class PhysicalMemory:
         self.path = None
         self.host = host
         self.frames = frames
+        self.ept = None
         self._c = ffi.new("ptemu_mem *")
         self._keep = (host._keep, ffi.from_buffer("uint64_t[]", frames))
         self._c.base = host._c.base
@@ -114,11 +116,34 @@ class PhysicalMemory:
             raise ImageError("image %s: %s" % (path, exc.strerror or exc)) from None
         return cls(_array=arr, _path=path)
 
+    @classmethod
+    def nested(cls, ept, size):
+        """Guest-physical memory of `size` bytes behind an EPT (ptemu.ept.Ept):
+        walks over it are 2-D walks, every guest-physical reference translated
+        by the EPT in host memory; an EPT violation is a VM exit (EptViolation)."""
+        size = check_u64(size, "guest memory size")
+        cls._check_size(size)
+        self = cls.__new__(cls)
+        self._array = None
+        self.path = None
+        self.host = ept.host
+        self.frames = None
+        self.ept = ept
+        self._nested_size = size
+        self._c = ffi.new("ptemu_mem *")
+        self._keep = (ept.host._keep, ept._c)
+        self._c.base = ept.host._c.base
+        self._c.size = ept.host._c.size
+        self._c.ept = ept._c
+        return self
+
     @property
     def size(self):
         """Bytes of this physical address space."""
         if self.frames is not None:
             return len(self.frames) * 4096
+        if self._c.ept != ffi.NULL:
+            return self._nested_size
         return int(self._c.size)
 
     @property
@@ -128,6 +153,8 @@ class PhysicalMemory:
 
     def _host_offset(self, pa):
         """Offset in the backing array of physical address pa, or None."""
+        if self.ept is not None:
+            return self.ept.host_address(pa) if pa < self.size else None
         if self.frames is None:
             return pa if pa < self.size else None
         fn = pa >> 12
@@ -142,7 +169,7 @@ class PhysicalMemory:
         if pa % 4096:
             raise InvalidInput("a table address must be 4 KiB aligned, not %#x" % pa)
         off = self._host_offset(pa)
-        buf = self._array if self.frames is None else self.host._array
+        buf = self._array if self.host is None else self.host._array
         if off is None or off + 4096 > len(buf):
             return None
         return buf[off:off + 4096].view(np.uint64)
@@ -165,7 +192,7 @@ class PhysicalMemory:
 
     def _chunks(self, pa, n):
         """(backing array, offset, start in request, length) per frame."""
-        if self.frames is None:
+        if self.frames is None and self.ept is None:
             yield self._array, pa, 0, n
             return
         done = 0
@@ -189,9 +216,17 @@ class PhysicalMemory:
         for arr, off, start, k in chunks:
             arr[off:off + k] = data[start:start + k]
 
+    def _nested_offset(self, pa, n):
+        off = self._host_offset(pa) if pa + n <= self.size else None
+        if off is None or (pa & 0xFFF) + n > 4096:
+            raise InvalidInput("u64 at %#x is not backed through the EPT" % pa)
+        return off
+
     def read_u64(self, pa):
         value = ffi.new("uint64_t *")
         pa = check_u64(pa, "physical address")
+        if self.ept is not None:  # a side-effect-free EPT lookup, not an EPT walk
+            return self.host.read_u64(self._nested_offset(pa, 8))
         if not lib.ptemu_mem_load64(self._c, pa, value):
             raise InvalidInput("u64 at %#x is outside memory (size %#x)" % (pa, self.size))
         return int(value[0])
@@ -199,6 +234,8 @@ class PhysicalMemory:
     def write_u64(self, pa, value):
         pa = check_u64(pa, "physical address")
         value = check_u64(value, "value")
+        if self.ept is not None:
+            return self.host.write_u64(self._nested_offset(pa, 8), value)
         if not lib.ptemu_mem_store64(self._c, pa, value):
             raise InvalidInput("u64 at %#x is outside memory (size %#x)" % (pa, self.size))
 

@@ -233,7 +233,8 @@ _new_translation = tuple.__new__
 
 @dataclass
 class BatchResult:
-    """translate_many: pa (uint64), vector (uint8: 0, 13 or 14), error_code (uint32)."""
+    """translate_many: pa (uint64), vector (uint8: 0, 13 or 14; 48 for an EPT
+    exit under nested paging, the qualification in error_code), error_code (uint32)."""
     pa: np.ndarray
     vector: np.ndarray
     error_code: np.ndarray
@@ -330,6 +331,7 @@ class Mmu:
         self._out_c = ffi.from_buffer("ptemu_walk_out *", self._outbuf)
         self._m.out = self._out_c
         self._fault = ffi.addressof(self._m[0], "fault")
+        self._ept_c = memory._c.ept if memory._c.ept != ffi.NULL else None
 
     # -- translation --------------------------------------------------------
     def _user_flag(self, user):
@@ -340,7 +342,7 @@ class Mmu:
     def _raise(self, r, va):
         if r == lib.PTEMU_VEC_GP:
             raise GeneralProtection(va)
-        raise fault_from_c(self._fault, self.memory.size)
+        raise fault_from_c(self._fault, self.memory.size, self._ept_c)
 
     def translate(self, va, access="r", user=None, update_ad=True, implicit=False):
         """Translate one access; raises PageFault or GeneralProtection.
@@ -447,8 +449,9 @@ class Mmu:
         if f.vector == lib.PTEMU_VEC_GP:
             exc = GeneralProtection(va)
             return RunResult(int(idx), 13, 0, 0, "non-canonical", exc)
-        exc = fault_from_c(f, self.memory.size)
-        return RunResult(int(idx), int(f.vector), int(f.error_code), int(f.cr2), exc.cause, exc)
+        exc = fault_from_c(f, self.memory.size, self._ept_c)
+        return RunResult(int(idx), int(f.vector), int(f.error_code), int(f.cr2),
+                         getattr(exc, "cause", "ept"), exc)
 
     # -- architectural events (SDM 4.10.4.1) ----------------------------------
     def _flush(self, kind, pcid, va, cause):
