@@ -137,10 +137,15 @@ int ptemu_ept_translate(ptemu_ept *ept, uint64_t gpa, uint32_t access, uint64_t 
 uint8_t *ptemu_word_ept(const ptemu_mem *m, uint64_t gpa, uint32_t access)
 {
     uint64_t hpa;
-    /* Paging-structure accesses with EPT A/D on count as writes. */
-    if (access == PTEMU_ACC_READ && (m->ept->eptp & PTEMU_EPTP_AD))
+    uint32_t extra = PTEMU_EQ_GLA_VALID;
+    /* Paging-structure accesses with EPT A/D on count as writes; an EPT
+     * violation on one sets both bit 0 and bit 1 of the exit qualification
+     * (SDM 29.3.3.2 and the note to table 28-7). */
+    if (access == PTEMU_ACC_READ && (m->ept->eptp & PTEMU_EPTP_AD)) {
         access = PTEMU_ACC_WRITE;
-    if (!ptemu_ept_walk(m->ept, gpa, access, PTEMU_EQ_GLA_VALID, &hpa, NULL))
+        extra |= PTEMU_EQ_READ;
+    }
+    if (!ptemu_ept_walk(m->ept, gpa, access, extra, &hpa, NULL))
         return 0;
     const ptemu_mem *h = m->ept->host;
     if (h->size < 8 || hpa > h->size - 8)

@@ -244,8 +244,10 @@ static inline int psc_entry_goes(const ptemu_tlbe *e, uint32_t kind, uint32_t pc
 {
     if (kind == PTEMU_FLUSH_ALL || kind == PTEMU_FLUSH_NONGLOBAL)
         return 1;
-    /* Per-PCID kinds, INVLPG and INVPCID type 0 drop every PSC entry of the
-     * PCID, whatever address it maps (4.10.4.1). */
+    /* Per-PCID kinds drop every PSC entry of the PCID (4.10.4.1), and so
+     * does INVLPG.  For INVPCID type 0 and a #PF the SDM requires only the
+     * entries the address would use; dropping all of the PCID's is more,
+     * which invalidation may always do. */
     return e->pcid == pcid;
 }
 

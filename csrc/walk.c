@@ -192,6 +192,18 @@ PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t a
 
     if (c->levels == 0) {
         o->pa = va;
+        if (c->mem->ept) {
+            /* SDM 29.3.1: with CR0.PG = 0 the linear address is a
+             * guest-physical address, still translated by EPT. */
+            ptemu_ept *x = c->mem->ept;
+            uint64_t r0 = x->refs;
+            x->pending = 0;
+            if (!ptemu_ept_walk(x, va, access, PTEMU_EQ_GLA_VALID | PTEMU_EQ_TRANSLATED,
+                                &o->pa, NULL))
+                return ept_exit_fault(f, x, va);
+            o->mem_refs = (uint32_t)(x->refs - r0);
+            x->exit_gpa = va;
+        }
         o->page_size = 4096;
         o->leaf = 0;
         o->level = 0;

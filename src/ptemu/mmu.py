@@ -545,7 +545,7 @@ class Mmu:
     def invpcid(self, kind, pcid, va=0):
         """INVPCID type 0 (address, not globals), 1 (one PCID, not globals),
         2 (all, globals too), 3 (all but globals)."""
-        if kind not in (0, 1, 2, 3):
+        if isinstance(kind, bool) or kind not in (0, 1, 2, 3):
             raise GeneralProtection(message="#GP(0): INVPCID type %r is not 0..3" % (kind,))
         pcid = check_u64(pcid, "pcid")
         va = check_u64(va, "virtual address")

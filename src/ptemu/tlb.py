@@ -100,7 +100,8 @@ class Tlb:
         self.owner = None
 
     def _setup(self, carr, name, entries, ways):
-        if not isinstance(entries, int) or not isinstance(ways, int) or entries <= 0 or ways <= 0:
+        if (not isinstance(entries, int) or not isinstance(ways, int) or isinstance(entries, bool)
+                or isinstance(ways, bool) or entries <= 0 or ways <= 0):
             raise InvalidInput("%s: entries and ways must be positive integers" % name)
         if entries % ways:
             raise InvalidInput("%s: %d entries is not a multiple of %d ways" % (name, entries, ways))
