@@ -114,7 +114,7 @@ int ptemu_ept_walk(ptemu_ept *x, uint64_t gpa, uint32_t access, uint32_t qual_ex
     if ((rights & need) != need)
         return ept_exit(x, PTEMU_EXIT_EPT_VIOLATION, gpa,
                         qual_access | qual_extra | ((uint64_t)rights << 3), 0);
-    if (x->eptp & PTEMU_EPTP_AD) {
+    if ((x->eptp & PTEMU_EPTP_AD) && !x->no_ad) {
         /* SDM 29.3.5: A in every EPT entry used, D in the leaf on a write. */
         for (uint32_t i = 0; i < n; i++)
             ptemu_or16(x->host, epas[i], (uint16_t)PTEMU_EPT_A);

@@ -176,6 +176,8 @@ struct ptemu_ept {
     uint64_t eptp;
     uint32_t maxphyaddr;
     uint32_t pending;       /* an exit was recorded and not yet reported */
+    uint32_t no_ad;         /* set for a probe walk: no EPT A/D writes either */
+    uint32_t pad;
     uint32_t exit_reason;   /* PTEMU_EXIT_EPT_* */
     uint32_t exit_level;    /* EPT level of the entry at fault */
     uint64_t exit_gpa;
@@ -301,7 +303,7 @@ typedef struct ptemu_mmu {
 /* ---- Functions ------------------------------------------------------------ */
 
 /* The layout version of this header; _native checks it against the build. */
-#define PTEMU_ABI_VERSION 3
+#define PTEMU_ABI_VERSION 4
 int ptemu_abi_version(void);
 
 /* Scalar translation through an Mmu handle: fills m->out or m->fault and

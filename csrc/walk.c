@@ -174,12 +174,13 @@ static inline int page_fault(const ptemu_ctx *c, ptemu_fault *f, uint64_t va,
 /* A VM exit for the EPT, recorded by ept.c; the guest sees nothing. */
 static int ept_exit_fault(ptemu_fault *f, const ptemu_ept *x, uint64_t va)
 {
-    f->vector = PTEMU_VEC_EPT;
+    /* The exit reason is the vector: 48 violation, 49 misconfiguration. */
+    f->vector = x->exit_reason;
     f->error_code = (uint32_t)x->exit_qual;
     f->cr2 = va;
     f->cause = PTEMU_CAUSE_EPT;
     f->level = x->exit_level;
-    return PTEMU_VEC_EPT;
+    return (int)x->exit_reason;
 }
 
 PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t access,
@@ -189,6 +190,8 @@ PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t a
     o->nentries = 0;
     o->mem_refs = 0;
     o->tlb_hit = 0;
+    if (c->mem->ept)    /* a probe writes no EPT A/D bits either */
+        c->mem->ept->no_ad = (flags & PTEMU_IN_NO_AD) != 0;
 
     if (c->levels == 0) {
         o->pa = va;

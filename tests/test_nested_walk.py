@@ -501,12 +501,13 @@ def test_translate_many_reports_ept_exits():
 
 
 def test_translate_many_misconfig():
-    """An EPT misconfiguration in a batch is an EPT exit too: vector 48,
-    qualification 0 (SDM 28.2.1: not saved for misconfigurations)."""
+    """An EPT misconfiguration in a batch is an EPT exit too, told apart by
+    its exit reason as the vector: 49 (SDM Vol. 3D appendix C), qualification
+    0 (SDM 28.2.1: not saved for misconfigurations)."""
     e = setup()
     ept_rights(e, DATA, EW)                      # 010b
     r = e.mmu.translate_many(np.array([VA], dtype=np.uint64), "r")
-    assert (int(r.vector[0]), int(r.error_code[0])) == (48, 0)
+    assert (int(r.vector[0]), int(r.error_code[0])) == (49, 0)
 
 
 def test_run_stops_at_ept_exit():
@@ -530,3 +531,16 @@ def test_run_stops_at_ept_exit():
     assert pa[:2].tolist() == [hpa_4k(DATA), hpa_4k(DATA) + 8]
     ept_rights(e, DATA2, RWX)
     assert e.mmu.run(trace, start=2).index == 4
+
+
+def test_probe_sets_no_ept_accessed_dirty():
+    """update_ad=False is a probe (API.md): under nested paging it writes
+    neither the guest's A/D bits (SDM 4.8) nor the EPT's (SDM 29.3.5, EPTP
+    bit 6) -- host memory is byte-for-byte unchanged."""
+    e = setup(ad=True)
+    before = e.host.array.copy()
+    t = e.mmu.translate(VA + 0x10, "w", update_ad=False)
+    assert t.pa == e.hpa(DATA) + 0x10
+    assert np.array_equal(e.host.array, before)
+    e.mmu.translate(VA + 0x10, "w")          # a real access does write them
+    assert not np.array_equal(e.host.array, before)

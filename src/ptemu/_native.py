@@ -12,7 +12,7 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
         "with `pip install .` (nothing is compiled at import time)") from exc
 
 # The header the extension was built from must be the one this code expects.
-ABI_VERSION = 3
+ABI_VERSION = 4
 if lib.ptemu_abi_version() != ABI_VERSION or lib.PTEMU_ABI_VERSION != ABI_VERSION:
     raise ImportError("ptemu._native_c was built from another csrc/ (ABI %d, expected %d); "
                       "reinstall ptemu" % (lib.ptemu_abi_version(), ABI_VERSION))
@@ -134,7 +134,7 @@ def decode_error_code(ec):
 def fault_from_c(f, memory_size=None, ept_c=None):
     """Turn a filled ptemu_fault into the exception it stands for."""
     cause = _CAUSE_NAMES.get(f.cause, "unknown")
-    if f.vector == lib.PTEMU_VEC_EPT and ept_c is not None:
+    if f.vector in (lib.PTEMU_EXIT_EPT_VIOLATION, lib.PTEMU_EXIT_EPT_MISCONFIG) and ept_c is not None:
         return ept_exit_from_c(ept_c, int(f.cr2))
     if f.vector == lib.PTEMU_VEC_GP:
         if f.cause == lib.PTEMU_CAUSE_NONCANON:
