@@ -17,5 +17,6 @@ from ptemu.mmu import (  # noqa: F401
     CpuState, Mmu, Translation, BatchResult, RunResult, Mapping, TRACE_DTYPE,
 )
 from ptemu.tlb import Tlb, TlbArray  # noqa: F401
+from ptemu.hypervisor import Hypervisor  # noqa: F401
 
 __version__ = "0.1.0"

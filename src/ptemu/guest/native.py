@@ -1,0 +1,229 @@
+"""NativeMachine: the machine contract with no hypervisor in between.
+
+The reference for "invisible to the guest": the guest's own page tables are
+the tables the MMU walks (CR3 is the guest's CR3), guest-physical memory is
+one plain PhysicalMemory, and every guest event (MOV CR3, INVLPG, a #PF) is
+the architectural event itself, with the TLB rules of SDM 4.10.4.  A VM built
+by ptemu.hypervisor must give its guest exactly what this machine gives.
+
+Layout of the contract (see machine-contract.md, shared with the hypervisor):
+
+    machine.paging        "native"
+    machine.unsync        False (only meaningful for shadow VMs)
+    machine.memory_bytes  guest-physical size
+    machine.phys          PhysicalMemory (read_u64/write_u64/read/write/size)
+    machine.vcpu          NativeVcpu: cpu, write_cr3, write_cr4, invlpg, access,
+                          load_u64, store_u64, run, hypercall
+    machine.stats         counters (a plain dict)
+
+The paravirtual hypercalls (Xen's mmu_update / mmuext_op shapes) are
+accepted and performed directly, so a paravirtual guest kernel runs
+unchanged on this machine.
+"""
+from collections import defaultdict
+
+from ptemu._native import (ffi, lib, InvalidInput, PageFault, GeneralProtection, check_u64,
+                           check_array, fault_from_c, U64_MAX)
+from ptemu.memory import PhysicalMemory
+from ptemu.mmu import CpuState, Mmu, RunResult, TRACE_DTYPE
+from ptemu.tlb import Tlb
+
+__all__ = ["NativeMachine", "NativeVcpu", "HYPERCALLS"]
+
+#: The paravirtual operations of the machine contract.
+HYPERCALLS = ("mmu_update", "new_baseptr", "invlpg", "flush_tlb")
+
+
+class NativeVcpu:
+    """A CPU running the guest directly: guest accesses go to an Mmu over
+    guest-physical memory whose CR3 is the guest's own CR3.
+
+    A true fault is the only kind there is: it reaches the caller as the
+    PageFault (or GeneralProtection) the hardware raises.
+    """
+
+    def __init__(self, machine, tlb):
+        self._machine = machine
+        self._stats = machine.stats
+        #: The CpuState the guest sees (and the one the MMU uses: no hypervisor).
+        self.cpu = CpuState.long_mode()
+        self.mmu = Mmu(machine.phys, self.cpu, tlb)
+        self.tlb = tlb
+        self._phys = machine.phys
+        self._mem_c = machine.phys._c
+        self._tlb_c = tlb._c if tlb is not None else ffi.NULL
+        self._translate = self.mmu.translate
+        self._val = ffi.new("uint64_t *")
+        self._fault = ffi.new("ptemu_fault *")
+
+    # -- control registers and invalidation (SDM 4.10.4.1) ---------------------
+    def write_cr3(self, value):
+        """MOV to CR3: the TLB rules of SDM 4.10.4.1 (flush non-global, PCID 0)."""
+        self.mmu.write_cr3(value)
+        self._stats["cr3_write"] += 1
+
+    def write_cr4(self, value):
+        self.mmu.write_cr4(value)
+        self._stats["cr4_write"] += 1
+
+    def invlpg(self, va):
+        """INVLPG va (SDM 4.10.4.1)."""
+        self.mmu.invlpg(va)
+        self._stats["invlpg"] += 1
+
+    # -- guest accesses ---------------------------------------------------------
+    def access(self, va, access="r"):
+        """One access at the current CPL (user iff CPL 3); the guest-physical
+        address, or PageFault / GeneralProtection as the hardware raises."""
+        try:
+            return self._translate(va, access)[1]
+        except PageFault:
+            self._stats["page_fault"] += 1
+            raise
+
+    def _data_pa(self, va, access):
+        try:
+            misaligned = va & 7
+        except TypeError:
+            misaligned = check_u64(va, "virtual address") & 7   # raises the clear error
+        if misaligned:
+            raise InvalidInput("load_u64/store_u64 need an 8-byte aligned address, not %#x" % va)
+        try:
+            return self._translate(va, access)[1]
+        except PageFault:
+            self._stats["page_fault"] += 1
+            raise
+
+    def load_u64(self, va):
+        """An 8-byte load at va (8-aligned); the value in guest memory."""
+        if not lib.ptemu_mem_load64(self._mem_c, self._data_pa(va, "r"), self._val):
+            raise InvalidInput("u64 at %#x maps outside guest memory" % va)
+        return int(self._val[0])
+
+    def store_u64(self, va, value):
+        """An 8-byte store at va (8-aligned)."""
+        pa = self._data_pa(va, "w")
+        try:
+            ok = lib.ptemu_mem_store64(self._mem_c, pa, value)
+        except (TypeError, OverflowError):
+            check_u64(value, "value")
+            raise
+        if not ok:
+            raise InvalidInput("u64 at %#x maps outside guest memory" % va)
+
+    def run(self, trace, start=0):
+        """Run trace[start:] on the MMU; stop at the first (true) fault.
+
+        Mmu.run, minus its scan of the whole trace for bad access codes on
+        every call (the C loop stops at one; it becomes InvalidInput here):
+        a guest kernel resumes the same trace after every fault it handles.
+        """
+        trace = check_array(trace, TRACE_DTYPE, "trace")
+        n = len(trace)
+        start = check_u64(start, "start")
+        if start > n:
+            raise InvalidInput("start %d is past the end of the trace (%d)" % (start, n))
+        f = self._fault
+        idx = int(lib.ptemu_run(self.cpu._c, self._mem_c, self._tlb_c,
+                                ffi.from_buffer("ptemu_trace_rec[]", trace), n, start,
+                                ffi.NULL, f))
+        st = self._stats
+        st["guest_accesses"] += idx - start
+        if idx == n:
+            return RunResult(n, 0, 0, 0, "none", None)
+        if f.vector == lib.PTEMU_VEC_GP:
+            if f.cause == lib.PTEMU_CAUSE_NONE:
+                raise InvalidInput("trace[%d]: access code %d is not 0 (read), 1 (write) or "
+                                   "2 (fetch)" % (idx, int(trace["access"][idx])))
+            st["general_protection"] += 1
+            return RunResult(idx, 13, 0, 0, "non-canonical",
+                             GeneralProtection(int(trace["va"][idx])))
+        st["page_fault"] += 1
+        exc = fault_from_c(f, self._phys.size)
+        return RunResult(idx, int(f.vector), int(f.error_code), int(f.cr2), exc.cause, exc)
+
+    # -- paravirtual operations, performed directly -----------------------------
+    def hypercall(self, op, *args):
+        """The paravirtual page-table operations, done as the hardware would:
+
+        mmu_update [(gpa_of_entry, value), ...] -> count: plain stores of
+        the entries; new_baseptr cr3: MOV CR3; invlpg va: INVLPG;
+        flush_tlb: reload CR3 (drops every non-global translation).
+        """
+        st = self._stats
+        if op == "mmu_update":
+            if len(args) != 1:
+                raise InvalidInput("mmu_update takes one list of (gpa, value) pairs")
+            updates = []
+            size = self._phys.size
+            for item in args[0]:
+                try:
+                    gpa, value = item
+                except (TypeError, ValueError):
+                    raise InvalidInput("mmu_update entries are (gpa, value) pairs, not %r"
+                                       % (item,)) from None
+                gpa = check_u64(gpa, "entry address")
+                value = check_u64(value, "entry value")
+                if gpa & 7 or gpa + 8 > size:
+                    raise InvalidInput("mmu_update: entry address %#x is not an aligned "
+                                       "entry inside guest memory (size %#x)" % (gpa, size))
+                updates.append((gpa, value))
+            for gpa, value in updates:      # all checked before any is applied
+                self._phys.write_u64(gpa, value)
+            st["hypercall"] += 1
+            st["hypercall_mmu_update"] += 1
+            st["mmu_update_entries"] += len(updates)
+            return len(updates)
+        if op == "new_baseptr":
+            if len(args) != 1:
+                raise InvalidInput("new_baseptr takes one CR3 value")
+            self.mmu.write_cr3(args[0])
+            st["hypercall"] += 1
+            st["hypercall_new_baseptr"] += 1
+            return 0
+        if op == "invlpg":
+            if len(args) != 1:
+                raise InvalidInput("invlpg takes one virtual address")
+            self.mmu.invlpg(args[0])
+            st["hypercall"] += 1
+            st["hypercall_invlpg"] += 1
+            return 0
+        if op == "flush_tlb":
+            if args:
+                raise InvalidInput("flush_tlb takes no arguments")
+            # A CR3 reload: every non-global translation of the current PCID.
+            self.mmu.write_cr3(self.cpu.cr3 & U64_MAX)
+            st["hypercall"] += 1
+            st["hypercall_flush_tlb"] += 1
+            return 0
+        raise InvalidInput("unknown hypercall %r (known: %s)" % (op, ", ".join(HYPERCALLS)))
+
+
+class NativeMachine:
+    """Guest-physical memory and one vCPU with no hypervisor (the reference).
+
+    memory_bytes: guest-physical size (a positive multiple of 4096).
+    tlb: True for Tlb.default(), False/None for no TLB, or a Tlb.
+    """
+
+    paging = "native"
+    unsync = False
+
+    def __init__(self, memory_bytes, tlb=True):
+        memory_bytes = check_u64(memory_bytes, "memory_bytes")
+        if not memory_bytes or memory_bytes % 4096:
+            raise InvalidInput("memory_bytes must be a positive multiple of 4096, not %#x"
+                               % memory_bytes)
+        if tlb is True:
+            tlb = Tlb.default()
+        elif tlb is False:
+            tlb = None
+        elif tlb is not None and not isinstance(tlb, Tlb):
+            raise InvalidInput("tlb must be True, False, None or a Tlb")
+        self.memory_bytes = memory_bytes
+        self.phys = PhysicalMemory(memory_bytes)
+        self.stats = defaultdict(int)
+        self.vcpu = NativeVcpu(self, tlb)
+
+    def __repr__(self):
+        return "NativeMachine(%#x, tlb=%s)" % (self.memory_bytes, self.vcpu.tlb is not None)

@@ -1,0 +1,142 @@
+"""Exit reasons, the per-VM counters, and the hypervisor's named exceptions.
+
+Every guest event that leaves the guest (a VM exit) has a reason; each
+reason and each decision the shadow MMU takes has a counter, under the
+names KVM uses where one exists (arch/x86/kvm: pf_fixed, pf_guest,
+pf_emulate, mmu_pte_write, mmu_flooded, mmu_unsync, mmu_cache_miss,
+mmu_shadow_zapped, mmu_recycled, invlpg, ...).
+"""
+from ptemu._native import PtemuError, InvalidInput
+
+__all__ = ["EXIT_REASONS", "COUNTERS", "VmStats", "ExitRecord", "GuestMemoryError",
+           "HostMemoryExhausted", "HypercallRejected", "ShadowMmuError"]
+
+#: Why the guest left guest mode (the `exit_<reason>` counters).
+EXIT_REASONS = (
+    "page_fault",   # #PF on the shadow tables: hidden, true, emulated or MMIO
+    "cr3_write",    # MOV to CR3 (intercepted under shadow paging)
+    "cr_write",     # MOV to CR0/CR4, EFER changes: a new paging mode
+    "invlpg",       # INVLPG (intercepted under shadow paging)
+    "hypercall",    # a paravirtual call (VMCALL)
+)
+
+#: Every counter a VM keeps, with what it counts.
+COUNTERS = {
+    "exits": "VM exits of every reason (the sum of the exit_* counters)",
+    "exit_page_fault": "exits: #PF on the shadow tables",
+    "exit_cr3_write": "exits: MOV to CR3",
+    "exit_cr_write": "exits: MOV to CR0/CR4 or a new paging mode",
+    "exit_invlpg": "exits: INVLPG",
+    "exit_hypercall": "exits: hypercalls",
+    "guest_accesses": "guest accesses completed through vcpu.run/access/load/store",
+    "pf_fixed": "hidden faults: the shadow was filled from the guest's tables",
+    "pf_guest": "true faults injected into the guest (#PF with the guest's error code)",
+    "pf_emulate": "guest writes emulated by the hypervisor (write-protected page table, "
+                  "or CR0.WP=0 supervisor write to a read-only page)",
+    "pf_mmio": "accesses to guest-physical addresses outside the VM's memory",
+    "pf_spurious": "exits where the shadow already allowed the access (stale real TLB)",
+    "guest_walks": "walks of the guest's own tables by the hypervisor (one per #PF exit)",
+    "mmu_pte_write": "emulated or DMA writes to a shadowed guest page table",
+    "mmu_pte_updated": "shadow leaf entries updated in place after such a write",
+    "mmu_pde_zapped": "shadow non-leaf entries dropped after such a write",
+    "mmu_flooded": "shadow pages unshadowed because of write flooding",
+    "mmu_misaligned": "shadow pages unshadowed because of a misaligned write",
+    "mmu_unsync": "shadow pages made unsync (guest page table left writable)",
+    "mmu_sync": "unsync shadow pages brought back in sync",
+    "mmu_sync_entry": "single unsync entries resynced at INVLPG",
+    "mmu_cache_miss": "shadow pages created (no (gfn, role) match in the hash)",
+    "mmu_shadow_zapped": "shadow pages destroyed",
+    "mmu_recycled": "shadow pages evicted for the shadow limit or host memory",
+    "mmu_prefetch": "shadow leaf entries prefetched from neighbouring guest entries",
+    "mmu_write_protect": "guest frames write-protected because they became page tables",
+    "invlpg": "guest INVLPGs handled",
+    "cr3_write": "guest CR3 loads handled",
+    "prev_root_hit": "CR3 loads that found their shadow root in the previous-roots cache",
+    "root_reload": "shadow roots rebuilt (new paging mode, or the root was zapped)",
+    "tlb_flush": "full flushes of the real TLB by the hypervisor (after zaps)",
+    "hypercall": "hypercalls",
+    "hypercall_mmu_update": "mmu_update hypercalls",
+    "mmu_update_entries": "guest page-table entries written by mmu_update",
+    "hypercall_rejected": "hypercalls refused by validation",
+    "frames_backed": "guest frames backed by a host frame",
+    "shadow_walks": "walks of the shadow tables by the real MMU (its TLB misses)",
+    "shadow_walk_refs": "memory references of those walks (4 per walk, 5 with LA57)",
+    "shadow_pages": "live shadow pages (current)",
+    "shadow_pages_peak": "most live shadow pages at once",
+}
+
+
+class VmStats(dict):
+    """The counters of one VM: a dict of name -> int (see COUNTERS).
+
+    Counters are plain dict items, incremented in place on the exit paths;
+    `exits_by_reason()` gives the exit counters keyed by reason.
+    """
+
+    def __init__(self):
+        super().__init__((k, 0) for k in COUNTERS)
+
+    def __missing__(self, key):
+        return 0
+
+    def exits_by_reason(self):
+        return {r: self["exit_" + r] for r in EXIT_REASONS}
+
+    def reset(self):
+        """Zero the event counters (not the gauges shadow_pages, frames_backed)."""
+        for k in self:
+            if k not in ("shadow_pages", "frames_backed"):
+                self[k] = 0
+
+
+class ExitRecord(tuple):
+    """One logged exit: (number, reason, what happened) -- see VirtualMachine.log_exits."""
+
+    __slots__ = ()
+
+    def __new__(cls, number, reason, detail):
+        return tuple.__new__(cls, (number, reason, detail))
+
+    number = property(lambda self: self[0])
+    reason = property(lambda self: self[1])
+    detail = property(lambda self: self[2])
+
+    def __str__(self):
+        return "exit #%d %-10s %s" % self
+
+
+class GuestMemoryError(InvalidInput):
+    """A guest access to a guest-physical address outside the VM's memory.
+
+    A guest page table may map any guest-physical address; the hypervisor
+    never lets a shadow entry map one the VM does not own (isolation).  The
+    access is handled as an MMIO exit with no device behind it: the vCPU
+    operation (load_u64/store_u64) raises this error, as the native machine
+    raises InvalidInput for a physical address past its memory; in a bulk
+    `run` (no data moves) the access is counted (pf_mmio) and skipped.
+    """
+
+    def __init__(self, va, gpa, size):
+        self.va = va
+        self.gpa = gpa
+        super().__init__("guest access at %#x reaches guest-physical %#x, outside the "
+                         "VM's memory (size %#x)" % (va, gpa, size))
+
+
+class HostMemoryExhausted(PtemuError, MemoryError):
+    """The hypervisor has no free host frame left (even after recycling shadow pages)."""
+
+
+class HypercallRejected(InvalidInput):
+    """A paravirtual call refused by validation (nothing of the batch applied).
+
+    `.index` is the refused item of an mmu_update batch (or None).
+    """
+
+    def __init__(self, message, index=None):
+        self.index = index
+        super().__init__(message)
+
+
+class ShadowMmuError(PtemuError):
+    """An internal inconsistency of the shadow MMU (a bug, never a guest's doing)."""

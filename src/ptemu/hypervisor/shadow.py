@@ -1,0 +1,829 @@
+"""The shadow MMU: shadow page tables built from the guest's, kept coherent.
+
+Vocabulary and structure follow KVM (Documentation/virt/kvm/x86/mmu.rst,
+arch/x86/kvm/mmu/mmu.c, paging_tmpl.h); docs/shadow-mmu.md walks through
+every event flow.  In one picture::
+
+    guest CR3 ──> guest PML4 (gfn a) ──> guest PDPT (gfn b) ──> ... guest PT (gfn d)
+                      ▲ shadowed by           ▲                        ▲
+    real  CR3 ──> sp(a, L4 role) ────> sp(b, L3 role) ──> ... sp(d, L1 role) ──> host frame
+                  (a host frame)                                   spte = p2m[gfn] | rights
+
+* A shadow page (`ShadowPage`) is one host frame of 512 sptes, keyed by
+  (gfn, role): the guest table it shadows and how it is read (`role`: level,
+  the rights inherited from the parents, EFER.NXE, CR0.WP, LA57; `direct`
+  pages shadow a linear range -- a guest 2 MiB / 1 GiB page split into 4 KiB
+  host pages -- rather than a guest table).  Non-leaf sptes point at shadow
+  pages and carry every right (P|W|U|A, no NX); the leaf spte carries the
+  rights of the whole guest walk (the role's inherited rights ANDed with the
+  guest leaf's), so the real MMU combines them exactly as the guest's would.
+* The reverse map (rmap: gfn -> host addresses of leaf sptes mapping it)
+  finds every writable mapping of a guest frame when that frame becomes a
+  page table: it is write-protected (leaf sptes lose W), so guest stores to
+  it trap and are emulated (`guest_write`).
+* A leaf spte exists only when the guest walk to it succeeded with A set on
+  every level (a guest walk sets them), and is writable only when the
+  guest's leaf D is set: the first write traps and the guest walk sets D.
+  That makes A/D bits in guest tables exactly what native hardware leaves.
+* Unsync (KVM) / out-of-sync (Xen): a level-1 guest table may be left
+  writable; its shadow page is then only as fresh as a TLB, and is brought
+  back at the guest's own flush points (INVLPG: that entry; CR3 loads: all).
+
+All sptes are written through one memoryview of host memory (`_m`, uint64
+words); hardware (the C walker under `vcpu.run`) reads the same words.
+Every change that lowers or removes a translation sets `need_flush`; the vCPU
+flushes the real TLB once before the guest runs again (KVM's
+kvm_flush_remote_tlbs after a batch of zaps), which also covers the
+paging-structure caches that may point into a freed shadow page.
+"""
+import numpy as np
+
+from ptemu import bits
+from ptemu._native import lib
+from ptemu.hypervisor.exits import HostMemoryExhausted
+
+__all__ = ["ShadowPage", "ShadowMmu", "role_str", "audit"]
+
+P, W, U, A, D, PS, G = (bits.PTE_P, bits.PTE_W, bits.PTE_U, bits.PTE_A, bits.PTE_D,
+                        bits.PTE_PS, bits.PTE_G)
+NX = bits.PTE_NX
+PWT, PCD = bits.PTE_PWT, bits.PTE_PCD
+PKEY_MASK = 0xF << bits.PTE_PKEY_SHIFT
+#: Rights in TLB-flag form (walk.c): NX 1, W 2, U 4 -- W and U at their PTE positions.
+TE_NX, TE_W, TE_U = lib.PTEMU_TE_NX, lib.PTEMU_TE_W, lib.PTEMU_TE_U
+ACC_ALL = TE_W | TE_U
+NONLEAF = P | W | U | A
+#: Guest leaf bits a 4 KiB spte copies as they are: caching (PWT, PCD, PAT=bit 7
+#: in a PTE), G (meaningful with CR4.PGE, which the real CPU shares) and the key.
+LEAF_COPY = PWT | PCD | 0x80 | G | PKEY_MASK
+SHIFT = (0, 12, 21, 30, 39, 48)
+NO_FRAME = lib.PTEMU_NO_FRAME
+
+# Role bits (kvm_mmu_page_role, reduced to what changes the meaning of a gpte).
+R_LEVEL = 0x7
+R_DIRECT = 0x8
+R_ACC_SHIFT = 4                 # 3 bits: TE_NX | TE_W | TE_U inherited from parents
+R_NXE = 1 << 7                  # EFER.NXE: bit 63 is XD, not reserved
+R_WP = 1 << 8                   # CR0.WP
+R_LA57 = 1 << 9                 # 5-level guest
+R_PKEY_SHIFT = 10               # direct pages: the large leaf's key (4 bits) ...
+R_G = 1 << 14                   # ... G,
+R_PWT = 1 << 15                 # ... and caching bits, copied into every spte
+R_PCD = 1 << 16
+R_MODE = R_NXE | R_WP | R_LA57   # the paging-mode part, shared by all pages of one mode
+KEY_SHIFT = 20                  # key = gfn << 20 | role
+
+
+def role_str(role):
+    """'L1 direct acc=WU- nxe wp' style description of a role."""
+    acc = (role >> R_ACC_SHIFT) & 7
+    out = ["L%d" % (role & R_LEVEL)]
+    if role & R_DIRECT:
+        out.append("direct")
+    out.append("acc=%s%s%s" % ("W" if acc & TE_W else "-", "U" if acc & TE_U else "S",
+                               "-" if acc & TE_NX else "X"))
+    for bit, name in ((R_NXE, "nxe"), (R_WP, "wp"), (R_LA57, "la57")):
+        if role & bit:
+            out.append(name)
+    return " ".join(out)
+
+
+class ShadowPage:
+    """One shadow page (KVM struct kvm_mmu_page).
+
+    gfn/role/key   what it shadows (see the module docstring)
+    hpa, base      its host frame, and base = hpa // 8 (index of spte 0 in `_m`)
+    children       level > 1: {index: child ShadowPage} mirroring the non-leaf sptes
+    parents        host addresses of the sptes pointing at this page (parent_ptes)
+    unsync         level-1 page left writable to the guest (see ShadowMmu.unsync_page)
+    gsnap          unsync only: the gptes the present sptes were made from
+    flood          emulated writes since the page was last used (write_flooding_count)
+    leafbits       direct pages: key, G and caching bits of the guest's large leaf
+    """
+
+    __slots__ = ("key", "gfn", "role", "level", "direct", "access", "hpa", "base",
+                 "children", "parents", "unsync", "gsnap", "flood", "alive", "leafbits")
+
+    def __init__(self, gfn, role, hpa):
+        self.key = (gfn << KEY_SHIFT) | role
+        self.gfn = gfn
+        self.role = role
+        self.level = role & R_LEVEL
+        self.direct = bool(role & R_DIRECT)
+        self.access = (role >> R_ACC_SHIFT) & 7
+        self.hpa = hpa
+        self.base = hpa >> 3
+        self.children = {} if self.level > 1 else None
+        self.parents = set()
+        self.unsync = False
+        self.gsnap = None
+        self.flood = 0
+        self.alive = True
+        self.leafbits = 0
+        if self.direct:
+            self.leafbits = (((role >> R_PKEY_SHIFT) & 0xF) << bits.PTE_PKEY_SHIFT
+                             | (G if role & R_G else 0) | (PWT if role & R_PWT else 0)
+                             | (PCD if role & R_PCD else 0))
+
+    def __repr__(self):
+        return "<ShadowPage gfn %#x %s at host %#x%s>" % (
+            self.gfn, role_str(self.role), self.hpa, " unsync" if self.unsync else "")
+
+
+class ShadowMmu:
+    """The shadow page tables of one VM, and every operation on them.
+
+    vm: the VirtualMachine (p2m, host frames, stats).  The vCPU drives it:
+    `load_root` at CR3 loads, `fill` at hidden faults, `guest_write` for
+    emulated and DMA writes to guest page tables, `invlpg`, `sync_all`.
+    """
+
+    def __init__(self, vm, unsync=False, prev_roots=3, shadow_limit=None, prefetch=False):
+        self.vm = vm
+        self.hv = vm.hypervisor
+        self._m = vm.hypervisor._m          # host memory as uint64 words
+        self.p2m = vm.p2m                   # numpy uint64: gfn -> host byte offset
+        self._p2m = vm._p2m_list            # the same as a Python list (fast reads)
+        self.h2g = vm._h2g                  # host frame number -> gfn
+        self.nframes = len(vm.p2m)
+        self.stats = vm._stats
+        self.allow_unsync = bool(unsync)
+        self.prev_roots_max = int(prev_roots)
+        self.limit = shadow_limit
+        self.prefetch = bool(prefetch)
+
+        self.hash = {}          # key -> ShadowPage (every live page)
+        self.by_frame = {}      # host frame number -> ShadowPage
+        self.gfn_sps = {}       # gfn -> [non-direct ShadowPages shadowing that guest table]
+        self.wp = set()         # gfns write-protected: some synced non-direct page shadows them
+        self.rmap = {}          # gfn -> set of host addresses of leaf sptes mapping it
+        self.unsync_sps = set()
+        self.root = None        # the ShadowPage the real CR3 points at (None: paging off)
+        self.prev_roots = []    # most recent first (KVM prev_roots)
+        self.need_flush = False
+        self.need_reload = False
+        self._pcache = {}       # va >> 21 -> level-1 page under the current root (fill)
+
+        # Paging mode (set by set_mode from the guest's CR0/CR4/EFER).
+        self.levels = 4
+        self.role_base = 0
+        self.nxe = True
+        self.amask = 0x000FFFFFFFFFF000
+        self.rsvd_phys = 0      # bits 51:MAXPHYADDR, reserved in every present entry
+        self.rsvd = 0           # ... plus XD when EFER.NXE=0 (the current mode)
+        self.maxphyaddr = 52
+
+    # -- paging mode -------------------------------------------------------------
+    def set_mode(self, levels, nxe, wp, maxphyaddr):
+        """The guest's paging mode; returns True when the role changed (new roots)."""
+        base = (R_NXE if nxe else 0) | (R_WP if wp else 0) | (R_LA57 if levels == 5 else 0)
+        amask = ((1 << maxphyaddr) - 1) & ~0xFFF
+        rsvd = ((1 << 52) - 1) & ~((1 << maxphyaddr) - 1)
+        if not nxe:
+            rsvd |= NX
+        changed = (base != self.role_base or levels != self.levels)
+        self._pcache.clear()
+        if maxphyaddr != self.maxphyaddr:
+            # Entry formats changed under every page: start over (rare).
+            self.zap_all()
+            changed = True
+        self.role_base, self.levels, self.nxe = base, levels, nxe
+        self.amask, self.rsvd, self.maxphyaddr = amask, rsvd, maxphyaddr
+        self.rsvd_phys = rsvd & ~NX
+        return changed
+
+    # -- shadow pages: create, link, zap -------------------------------------------
+    def _alloc_frame(self):
+        hv = self.hv
+        if not hv._free:
+            self._recycle(1, host=True)
+        return hv.alloc_frame(owner=self.vm)
+
+    def reserve(self, n):
+        """Make room for n new shadow pages (KVM make_mmu_pages_available):
+        evict the oldest pages while over the limit or short of host frames.
+        Called before a fill, so that nothing on the path being built is evicted."""
+        if self.limit is not None and len(self.hash) + n > self.limit:
+            self._recycle(len(self.hash) + n - self.limit)
+        if len(self.hv._free) < n + 1:
+            self._recycle(n + 1 - len(self.hv._free), host=True)
+
+    def _recycle(self, n, host=False):
+        """Zap the n oldest shadow pages that are not the current root."""
+        victims = []
+        for sp in self.hash.values():          # insertion order: oldest first
+            if sp is not self.root:
+                victims.append(sp)
+                if len(victims) >= n:
+                    break
+        for sp in victims:
+            if sp.alive:
+                self.zap(sp)
+                self.stats["mmu_recycled"] += 1
+        if host and not self.hv._free:
+            raise HostMemoryExhausted("no free host frame left (host memory %#x bytes; "
+                                      "%d shadow pages in this VM)"
+                                      % (self.hv.host.size, len(self.hash)))
+
+    def get_page(self, gfn, role):
+        """The shadow page for (gfn, role), created when missing (kvm_mmu_get_page)."""
+        sp = self.hash.get((gfn << KEY_SHIFT) | role)
+        if sp is not None:
+            return sp
+        st = self.stats
+        st["mmu_cache_miss"] += 1
+        hpa = self._alloc_frame()
+        sp = ShadowPage(gfn, role, hpa)
+        self.hash[sp.key] = sp
+        self.by_frame[hpa >> 12] = sp
+        n = len(self.hash)
+        st["shadow_pages"] = n
+        if n > st["shadow_pages_peak"]:
+            st["shadow_pages_peak"] = n
+        if not sp.direct:
+            sps = self.gfn_sps.get(gfn)
+            if sps is None:
+                self.gfn_sps[gfn] = [sp]
+            else:
+                # A page that is unsync elsewhere must not stay writable while
+                # this new page is read from it (KVM syncs on get_page too).
+                for other in sps:
+                    if other.unsync:
+                        self.sync_page(other)
+                sps.append(sp)
+            if gfn < self.nframes and gfn not in self.wp:
+                self.wp.add(gfn)
+                self.write_protect(gfn)
+        return sp
+
+    def link(self, parent, idx, gfn, role):
+        """Point parent's spte idx at the shadow page (gfn, role); returns it."""
+        old = parent.children.get(idx)
+        if old is not None:
+            self._unlink(parent, idx, old)
+        child = self.get_page(gfn, role)
+        addr = parent.hpa + idx * 8
+        child.parents.add(addr)
+        parent.children[idx] = child
+        self._m[addr >> 3] = child.hpa | NONLEAF
+        return child
+
+    def _unlink(self, parent, idx, child):
+        self._pcache.clear()
+        addr = parent.hpa + idx * 8
+        self._m[addr >> 3] = 0
+        del parent.children[idx]
+        child.parents.discard(addr)
+        self.need_flush = True
+
+    def drop_spte(self, sp, idx):
+        """Drop one spte of sp (leaf: rmap too; non-leaf: unlink the child)."""
+        if sp.level > 1:
+            child = sp.children.get(idx)
+            if child is not None:
+                self._unlink(sp, idx, child)
+            return
+        i = sp.base + idx
+        old = self._m[i]
+        if old:
+            self._m[i] = 0
+            self._rmap_remove(old, (i << 3))
+            self.need_flush = True
+
+    def _rmap_remove(self, spte, addr):
+        gfn = self.h2g.get(spte >> 12 & 0xFFFFFFFFFF)
+        if gfn is not None:
+            s = self.rmap.get(gfn)
+            if s is not None:
+                s.discard(addr)
+
+    def zap(self, sp):
+        """Destroy a shadow page (kvm_mmu_prepare_zap_page + commit)."""
+        if not sp.alive:
+            return
+        sp.alive = False
+        self._pcache.clear()
+        m = self._m
+        st = self.stats
+        st["mmu_shadow_zapped"] += 1
+        for addr in sp.parents:
+            m[addr >> 3] = 0
+            parent = self.by_frame.get(addr >> 12)
+            if parent is not None:
+                parent.children.pop((addr & 0xFFF) >> 3, None)
+        sp.parents = set()
+        if sp.level > 1:
+            for idx, child in sp.children.items():
+                child.parents.discard(sp.hpa + idx * 8)
+            sp.children.clear()
+        else:
+            base = sp.base
+            table = np.frombuffer(m[base:base + 512], dtype=np.uint64)
+            for idx in np.flatnonzero(table).tolist():
+                self._rmap_remove(m[base + idx], (base + idx) << 3)
+        del self.hash[sp.key]
+        del self.by_frame[sp.hpa >> 12]
+        if sp.unsync:
+            self.unsync_sps.discard(sp)
+            sp.unsync = False
+            sp.gsnap = None
+        if not sp.direct:
+            sps = self.gfn_sps[sp.gfn]
+            sps.remove(sp)
+            if not sps:
+                del self.gfn_sps[sp.gfn]
+                self.wp.discard(sp.gfn)
+            elif all(o.unsync for o in sps):
+                self.wp.discard(sp.gfn)
+        self.hv.free_frame(sp.hpa, self.vm)
+        st["shadow_pages"] = len(self.hash)
+        self.need_flush = True
+        if sp is self.root:
+            self.need_reload = True
+
+    def zap_gfn(self, gfn):
+        """Unshadow a guest frame: zap every shadow page of it (any role)."""
+        for sp in list(self.gfn_sps.get(gfn, ())):
+            self.zap(sp)
+
+    def zap_all(self):
+        for sp in list(self.hash.values()):
+            self.zap(sp)
+        self.prev_roots = []
+
+    # -- write protection and the reverse map ---------------------------------------
+    def write_protect(self, gfn):
+        """Clear W in every leaf spte mapping gfn (rmap_write_protect)."""
+        s = self.rmap.get(gfn)
+        if not s:
+            return
+        m = self._m
+        hit = False
+        for addr in s:
+            v = m[addr >> 3]
+            if v & W:
+                m[addr >> 3] = v & ~W
+                hit = True
+        if hit:
+            self.stats["mmu_write_protect"] += 1
+            self.need_flush = True
+
+    def _set_leaf(self, i, new):
+        """Write leaf spte word i, keeping the rmap and the flush need right."""
+        m = self._m
+        old = m[i]
+        if old == new:
+            return False
+        if old:
+            self._rmap_remove(old, i << 3)
+            # A lowered or moved translation may sit in the real TLB.
+            if (old ^ new) & ~(W | D | A) or (old & W and not new & W):
+                self.need_flush = True
+        if new:
+            gfn = self.h2g[new >> 12 & 0xFFFFFFFFFF]
+            s = self.rmap.get(gfn)
+            if s is None:
+                self.rmap[gfn] = {i << 3}
+            else:
+                s.add(i << 3)
+        m[i] = new
+        return True
+
+    def leaf_from_gpte(self, sp, gpte):
+        """The spte a level-1 page `sp` holds for guest PTE gpte, or 0 when none may
+        exist yet: not present, A clear (the walk that sets A must happen), a reserved
+        bit, a frame outside the VM (never mapped: isolation) or not yet backed."""
+        nxe = sp.role & R_NXE       # the page's own mode (pages of an old mode stay cached)
+        if not gpte & P or not gpte & A or gpte & (self.rsvd_phys if nxe else
+                                                   self.rsvd_phys | NX):
+            return 0
+        gfn = (gpte & self.amask) >> 12
+        if gfn >= self.nframes:
+            return 0
+        hpa = self._p2m[gfn]
+        if hpa == NO_FRAME:
+            return 0
+        acc = sp.access & ((gpte & ACC_ALL) | TE_NX)
+        if nxe and gpte & NX:
+            acc |= TE_NX
+        spte = hpa | P | A | (acc & TE_U) | (gpte & LEAF_COPY)
+        if acc & TE_W and gpte & D and gfn not in self.wp:
+            spte |= W | D
+        if acc & TE_NX:
+            spte |= NX
+        return spte
+
+    def direct_role(self, rights, leaf, base=None):
+        """Role bits (no level) of the direct pages under guest large leaf `leaf`
+        reached with combined rights `rights`: the role's rights lose W while the
+        leaf is clean (the first write fault sets D and picks the role with W),
+        and the leaf's key, G and caching bits go into every spte."""
+        dacc = rights if leaf & D else rights & ~TE_W
+        return ((self.role_base if base is None else base) | R_DIRECT | (dacc << R_ACC_SHIFT)
+                | (((leaf >> bits.PTE_PKEY_SHIFT) & 0xF) << R_PKEY_SHIFT)
+                | (R_G if leaf & G else 0) | (R_PWT if leaf & PWT else 0)
+                | (R_PCD if leaf & PCD else 0))
+
+    # -- the hidden-fault fill (FNAME(fetch)) -----------------------------------------
+    def fill(self, va, gpa, level, rights, words, n, hpa, use=True):
+        """Build the shadow path for a successful guest walk and install the leaf.
+
+        words: the walk as a tuple of the ptemu_walk_out fields (vm._WALK: the
+        entry addresses are words 10..14, their values 15..19, top first); n
+        entries; level: the guest
+        leaf's level; rights: TE rights combined over the walk; hpa: the host
+        frame of gpa's page.  use: the fault counts as a use of every page on the
+        path (resets their write-flooding counts); False for the exit of a store
+        the hypervisor then emulates (that store is a write, not a use).  Returns
+        True when the leaf spte changed.
+        """
+        if level == 1:
+            # The level-1 page of this 2 MiB region under the current root, as
+            # the last fill left it: valid while no spte was unlinked and no
+            # page zapped since (any change of the guest's upper entries traps
+            # and unlinks), checked against the table the guest walk used.
+            sp = self._pcache.get(va >> 21)
+            if sp is None or sp.gfn != words[9 + n] >> 12:
+                sp = self._descend(va, words, n, use)
+                self._pcache[va >> 21] = sp
+            elif use:
+                sp.flood = 0
+            leaf = words[14 + n]
+            gfn = gpa >> 12
+            spte = hpa | 0x21 | (rights & TE_U) | (leaf & LEAF_COPY)    # P | A
+            if rights & TE_W and leaf & D and gfn not in self.wp:
+                spte |= 0x42                                          # W | D
+            if rights & TE_NX:
+                spte |= NX
+        else:
+            sp = self._descend(va, words, n, use)
+            leaf = words[14 + n]
+            gfn = gpa >> 12
+            # A guest large page backed by 4 KiB host frames: direct shadow
+            # pages below, keyed by the base frame of the range they map.
+            extra = self.direct_role(rights, leaf)
+            dacc = (extra >> R_ACC_SHIFT) & 7
+            L = level
+            while L > 1:
+                idx = (va >> SHIFT[L]) & 511
+                L -= 1
+                dgfn = gfn & ~((1 << (9 * L)) - 1)
+                key = (dgfn << KEY_SHIFT) | extra | L
+                child = sp.children.get(idx)
+                if child is None or child.key != key:
+                    child = self.link(sp, idx, dgfn, extra | L)
+                sp = child
+            spte = hpa | P | A | (dacc & TE_U) | sp.leafbits
+            if dacc & TE_W and gfn not in self.wp:
+                spte |= W | D
+            if dacc & TE_NX:
+                spte |= NX
+        idx = (va >> 12) & 511
+        if sp.gsnap is not None:
+            sp.gsnap[idx] = leaf
+        i = sp.base + idx
+        m = self._m
+        if m[i]:
+            changed = self._set_leaf(i, spte)
+        else:
+            # The common case, inline: a new leaf and its rmap entry.
+            m[i] = spte
+            s = self.rmap.get(gfn)
+            if s is None:
+                self.rmap[gfn] = {i << 3}
+            else:
+                s.add(i << 3)
+            changed = True
+        if self.prefetch and not sp.direct:
+            self._prefetch(sp, idx)
+        return changed
+
+    def _descend(self, va, words, n, use=True):
+        """The shadow page for the guest table holding the walk's leaf entry:
+        one shadow page per guest table on the way, per role (FNAME(fetch))."""
+        sp = self.root
+        if use:
+            sp.flood = 0
+        L = self.levels
+        acc = ACC_ALL
+        base = self.role_base
+        nxe = self.nxe
+        amask = self.amask
+        for k in range(15, 14 + n):
+            e = words[k]
+            acc &= (e & ACC_ALL) | TE_NX
+            if nxe and e & NX:
+                acc |= TE_NX
+            idx = (va >> SHIFT[L]) & 511
+            L -= 1
+            role = base | L | (acc << R_ACC_SHIFT)
+            key = (((e & amask) >> 12) << KEY_SHIFT) | role
+            child = sp.children.get(idx)
+            if child is None or child.key != key:
+                child = self.link(sp, idx, (e & amask) >> 12, role)
+            sp = child
+            if use:
+                sp.flood = 0
+        return sp
+
+    def _prefetch(self, sp, idx):
+        """Map the neighbours of idx (an aligned group of 8, KVM PTE_PREFETCH_NUM)
+        whose guest entries are present and already accessed."""
+        gbase = self._p2m[sp.gfn]
+        if sp.gfn >= self.nframes or gbase == NO_FRAME:
+            return
+        m = self._m
+        g0 = gbase >> 3
+        start = idx & ~7
+        for j in range(start, start + 8):
+            if j == idx or m[sp.base + j]:
+                continue
+            gpte = m[g0 + j]
+            spte = self.leaf_from_gpte(sp, gpte)
+            if spte:
+                if sp.gsnap is not None:
+                    sp.gsnap[j] = gpte
+                self._set_leaf(sp.base + j, spte)
+                self.stats["mmu_prefetch"] += 1
+
+    # -- roots (CR3) -------------------------------------------------------------------
+    def load_root(self, gfn):
+        """The shadow root for guest top table gfn (prev_roots first, then the hash)."""
+        role = self.role_base | self.levels | (ACC_ALL << R_ACC_SHIFT)
+        key = (gfn << KEY_SHIFT) | role
+        cur = self.root
+        if cur is not None and cur.alive and cur.key == key:
+            return cur
+        prev = self.prev_roots
+        for i, sp in enumerate(prev):
+            if sp.key == key:
+                if sp.alive:
+                    break
+        else:
+            sp = None
+        if sp is not None:
+            self.stats["prev_root_hit"] += 1
+            root = sp
+            del prev[i]
+        else:
+            self.reserve(1)
+            root = self.get_page(gfn, role)
+        self._pcache.clear()
+        if cur is not None and cur.alive and self.prev_roots_max:
+            prev.insert(0, cur)
+        if len(prev) > self.prev_roots_max or not all(sp.alive for sp in prev):
+            prev[:] = [sp for sp in prev if sp.alive and sp is not root][:self.prev_roots_max]
+        self.root = root
+        return root
+
+    # -- writes to shadowed guest page tables --------------------------------------------
+    def pte_written(self, gfn, offset, old, new, nbytes=8, flood=True):
+        """A write of nbytes at offset of guest frame gfn, which has shadow pages
+        (kvm_mmu_pte_write): flood and misalignment detection, then update or
+        drop the affected sptes of every shadow page of the frame."""
+        sps = self.gfn_sps.get(gfn)
+        if not sps:
+            return
+        st = self.stats
+        st["mmu_pte_write"] += 1
+        # KVM detect_write_misaligned: a write that is not one whole entry
+        # (a 1-byte write at an entry's start is the usual clear_bit, allowed).
+        misaligned = (offset ^ (offset + nbytes - 1)) & ~7 or (nbytes < 4 and not
+                                                               (offset & 7 == 0 and nbytes == 1))
+        idx = offset >> 3
+        for sp in list(sps):
+            if not sp.alive:
+                continue
+            if misaligned:
+                st["mmu_misaligned"] += 1
+                self.zap(sp)
+                continue
+            # Flooding: three emulated writes with no use in between.  Level-1
+            # pages are skipped when they can go unsync instead (as KVM).
+            if flood and (sp.level > 1 or not self.allow_unsync):
+                sp.flood += 1
+                if sp.flood >= 3:
+                    st["mmu_flooded"] += 1
+                    self.zap(sp)
+                    continue
+            if old == new:
+                continue
+            if sp.level > 1:
+                if idx in sp.children:
+                    self.drop_spte(sp, idx)
+                    st["mmu_pde_zapped"] += 1
+            else:
+                spte = self.leaf_from_gpte(sp, new)
+                if sp.gsnap is not None:
+                    sp.gsnap[idx] = new
+                if self._set_leaf(sp.base + idx, spte) and spte:
+                    st["mmu_pte_updated"] += 1
+
+    # -- unsync --------------------------------------------------------------------------
+    def try_unsync(self, gfn):
+        """Leave guest table gfn writable (kvm_unsync_page), when every shadow
+        page of it is a level-1 page.  Returns True on success."""
+        sps = self.gfn_sps.get(gfn, ())
+        for sp in sps:
+            if sp.level != 1:
+                return False
+        gbase = self._p2m[gfn]
+        for sp in sps:
+            if not sp.unsync:
+                sp.unsync = True
+                # In sync until now, so the guest table as it is now is what
+                # the present sptes were made from.
+                sp.gsnap = np.frombuffer(self._m[gbase >> 3:(gbase >> 3) + 512],
+                                         dtype=np.uint64).copy()
+                self.unsync_sps.add(sp)
+                self.stats["mmu_unsync"] += 1
+        self.wp.discard(gfn)
+        return True
+
+    def sync_page(self, sp):
+        """Bring an unsync page back in sync and write-protect its frame again."""
+        if not sp.unsync:
+            return
+        m = self._m
+        gbase = self._p2m[sp.gfn] >> 3
+        guest = np.frombuffer(m[gbase:gbase + 512], dtype=np.uint64)
+        shadow = np.frombuffer(m[sp.base:sp.base + 512], dtype=np.uint64)
+        changed = np.flatnonzero((sp.gsnap != guest) & (shadow != 0))
+        for idx in changed.tolist():
+            self._set_leaf(sp.base + idx, self.leaf_from_gpte(sp, m[gbase + idx]))
+        sp.unsync = False
+        sp.gsnap = None
+        self.unsync_sps.discard(sp)
+        self.stats["mmu_sync"] += 1
+        if sp.gfn not in self.wp:
+            self.wp.add(sp.gfn)
+            self.write_protect(sp.gfn)
+
+    def sync_all(self):
+        """Every unsync page (at a guest TLB flush: MOV CR3 and the like)."""
+        for sp in list(self.unsync_sps):
+            self.sync_page(sp)
+
+    def invlpg(self, va):
+        """Guest INVLPG: resync the entry for va if its leaf page is unsync
+        (FNAME(invlpg)).  Synced pages are coherent already."""
+        sp = self.root
+        if sp is None or not self.unsync_sps:
+            return
+        L = self.levels
+        while L > 1:
+            sp = sp.children.get((va >> SHIFT[L]) & 511)
+            if sp is None:
+                return
+            L -= 1
+        if sp.unsync:
+            idx = (va >> 12) & 511
+            gpte = self._m[(self._p2m[sp.gfn] >> 3) + idx]
+            if gpte != sp.gsnap[idx]:
+                sp.gsnap[idx] = gpte
+                self._set_leaf(sp.base + idx, self.leaf_from_gpte(sp, gpte))
+                self.stats["mmu_sync_entry"] += 1
+
+    # -- inspection ----------------------------------------------------------------------
+    def pages(self):
+        """Live shadow pages, oldest first."""
+        return list(self.hash.values())
+
+    def table(self, sp):
+        """sp's 512 sptes (a live numpy view of host memory)."""
+        return np.frombuffer(self._m[sp.base:sp.base + 512], dtype=np.uint64)
+
+
+# -- audits (used by the tests; KVM had mmu_audit.c) --------------------------------------
+def audit(vm):
+    """Check every invariant of a VM's shadow MMU; returns a list of problems.
+
+    Isolation: every spte points at this VM's shadow pages (non-leaf) or at
+    host frames backing this VM's guest memory (leaf).  Coherence of every
+    synced shadow page with the guest table it shadows: a leaf spte maps
+    p2m(gpte's frame) with rights no wider than the guest's (the role's
+    inherited rights ANDed with the gpte's; W only with the guest's D and
+    never onto a write-protected frame), only for a gpte that is present,
+    accessed and free of reserved bits; a non-leaf spte points at the page of
+    (gpte's frame, inherited role).  Bookkeeping: rmap and write protection.
+    """
+    sh = vm.shadow
+    m = sh._m
+    problems = []
+    owned = set(f >> 12 for f in vm.p2m.tolist() if f != NO_FRAME)
+    for sp in sh.hash.values():
+        if sp.hpa >> 12 not in vm._host_frames:
+            problems.append("%r: shadow page frame not owned by the VM" % sp)
+        tab = sh.table(sp)
+        present = np.flatnonzero(tab).tolist()
+        nxe = bool(sp.role & R_NXE)
+        rsvd = sh.rsvd_phys | (0 if nxe else NX)
+        gtab = None
+        if not sp.direct and sp.gfn < sh.nframes and sh._p2m[sp.gfn] != NO_FRAME:
+            gtab = np.frombuffer(m[sh._p2m[sp.gfn] >> 3:(sh._p2m[sp.gfn] >> 3) + 512],
+                                 dtype=np.uint64)
+        for idx in present:
+            spte = int(tab[idx])
+            target = (spte & 0x000FFFFFFFFFF000) >> 12
+            if sp.level > 1:
+                child = sp.children.get(idx)
+                if child is None or child.hpa >> 12 != target or not child.alive:
+                    problems.append("%r[%d]: non-leaf spte %#x not a live child" % (sp, idx, spte))
+                    continue
+                if spte != child.hpa | NONLEAF:
+                    problems.append("%r[%d]: non-leaf spte %#x has wrong bits" % (sp, idx, spte))
+                if sp.direct:
+                    span = 1 << (9 * (sp.level - 1))
+                    want = (sp.gfn + idx * span, (sp.role & ~R_LEVEL) | (sp.level - 1))
+                    if (child.gfn, child.role) != want:
+                        problems.append("%r[%d]: direct child %r" % (sp, idx, child))
+                    continue
+                if gtab is None:
+                    problems.append("%r[%d]: shadows no guest table yet has children" % (sp, idx))
+                    continue
+                g = int(gtab[idx])
+                if not g & P or not g & A or g & rsvd or (sp.level >= 4 and g & PS):
+                    problems.append("%r[%d]: child %r for gpte %#x" % (sp, idx, child, g))
+                    continue
+                acc = sp.access & ((g & ACC_ALL) | TE_NX)
+                if nxe and g & NX:
+                    acc |= TE_NX
+                if g & PS and sp.level <= 3:
+                    # (made while the leaf was clean, a child without W is narrower: fine)
+                    span = (1 << (9 * (sp.level - 1))) - 1
+                    want = ((((g & sh.amask) >> 12) & ~span) << KEY_SHIFT) | (sp.level - 1)
+                    if child.key not in (want | sh.direct_role(acc, g, sp.role & R_MODE),
+                                         want | sh.direct_role(acc, g & ~D, sp.role & R_MODE)):
+                        problems.append("%r[%d]: large gpte %#x, child %r" % (sp, idx, g, child))
+                    continue
+                if child.direct or child.gfn != (g & sh.amask) >> 12 or child.access != acc:
+                    problems.append("%r[%d]: child %r does not shadow gpte %#x"
+                                    % (sp, idx, child, g))
+                continue
+            # leaf spte
+            gfn = vm._h2g.get(target)
+            if target not in owned or gfn is None:
+                problems.append("%r[%d]: leaf spte %#x maps a host frame outside the VM"
+                                % (sp, idx, spte))
+                continue
+            if spte & W and gfn in sh.wp:
+                problems.append("%r[%d]: writable spte onto write-protected gfn %#x"
+                                % (sp, idx, gfn))
+            if (sp.base + idx) << 3 not in sh.rmap.get(gfn, ()):
+                problems.append("%r[%d]: spte %#x missing from the rmap of gfn %#x"
+                                % (sp, idx, spte, gfn))
+            if sp.direct:
+                want = sp.gfn + idx
+                if gfn != want:
+                    problems.append("%r[%d]: direct spte maps gfn %#x, not %#x"
+                                    % (sp, idx, gfn, want))
+                wide = _wider(spte, sp.access, 1)
+                if wide:
+                    problems.append("%r[%d]: spte %#x wider than role (%s)" % (sp, idx, spte, wide))
+                continue
+            if sp.unsync or gtab is None:
+                continue
+            g = int(gtab[idx])
+            if not g & P or not g & A or g & rsvd or (g & sh.amask) >> 12 != gfn:
+                problems.append("%r[%d]: spte %#x does not follow gpte %#x" % (sp, idx, spte, g))
+                continue
+            acc = sp.access & ((g & ACC_ALL) | TE_NX)
+            if nxe and g & NX:
+                acc |= TE_NX
+            wide = _wider(spte, acc, g & D)
+            if wide:
+                problems.append("%r[%d]: spte %#x wider than gpte %#x (%s)"
+                                % (sp, idx, spte, g, wide))
+            if (spte ^ g) & PKEY_MASK:
+                problems.append("%r[%d]: spte %#x has another key than gpte %#x" % (sp, idx, spte, g))
+    for gfn, addrs in sh.rmap.items():
+        for addr in addrs:
+            v = m[addr >> 3]
+            if not v or vm._h2g.get((v >> 12) & 0xFFFFFFFFFF) != gfn:
+                problems.append("rmap of gfn %#x lists %#x holding %#x" % (gfn, addr, v))
+            elif gfn in sh.wp and v & W:
+                problems.append("gfn %#x write-protected but spte at %#x is writable" % (gfn, addr))
+    for gfn, sps in sh.gfn_sps.items():
+        synced = [sp for sp in sps if not sp.unsync]
+        if gfn < sh.nframes and bool(synced) != (gfn in sh.wp):
+            problems.append("gfn %#x: %d synced pages but write-protected=%s"
+                            % (gfn, len(synced), gfn in sh.wp))
+    root = sh.root
+    if root is not None:
+        if not root.alive:
+            problems.append("the root %r is dead" % root)
+        elif vm.vcpu._rcpu.cr3 & 0x000FFFFFFFFFF000 != root.hpa:
+            problems.append("the real CR3 %#x is not the root %r" % (vm.vcpu._rcpu.cr3, root))
+    return problems
+
+
+def _wider(spte, acc, dirty):
+    """Which rights spte has beyond acc (TE form), and W without D."""
+    out = []
+    if spte & W and not (acc & TE_W and dirty):
+        out.append("W")
+    if spte & U and not acc & TE_U:
+        out.append("U")
+    if not spte & NX and acc & TE_NX:
+        out.append("X")
+    return " ".join(out)

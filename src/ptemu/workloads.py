@@ -1,0 +1,391 @@
+"""Synthetic guest workloads and address-trace readers.
+
+Workloads drive a `ptemu.guest.Kernel` on any machine of the machine
+contract (NativeMachine or a hypervisor VM).  Their traces are generated
+with numpy from a seed, all before the run starts, so a run is
+deterministic and its timing measures the machine and the kernel, not the
+generator:
+
+* `ContextSwitchWorkload`: N processes, each with the same address-space
+  layout (text, heap, stack: the same virtual addresses in every process,
+  so only CR3 keeps them apart), run round-robin in time slices; each
+  slice is a stream of fetches, reads and writes with spatial locality
+  (runs of consecutive words on one page) and temporal locality (a hot
+  set of pages per process).
+* `ForkWorkload`: a parent with a written heap forks children again and
+  again; a child reads and writes part of the inherited heap (COW breaks),
+  sometimes unmaps part of it or execs into a fresh image, exits and is
+  reaped; the parent then writes its heap again (COW reuse faults).
+
+Both report guest accesses, faults and the kernel's and machine's counters.
+
+Trace files: `read_trace(path)` reads a .npz/.npy array or a text trace
+(one access per line: ``r|w|x ADDRESS [u|s]``, or Valgrind lackey lines
+``I addr,size`` / `` L addr,size`` / `` S addr,size`` / `` M addr,size``)
+into a TRACE_DTYPE array; `write_trace` writes a .npz.
+"""
+import os
+import time
+
+import numpy as np
+
+from ptemu._native import InvalidInput, check_u64
+from ptemu.mmu import TRACE_DTYPE
+
+__all__ = ["synth_trace", "ContextSwitchWorkload", "ForkWorkload", "read_trace",
+           "write_trace", "WorkloadResult"]
+
+PAGE = 4096
+ACC_READ, ACC_WRITE, ACC_FETCH = 0, 1, 2
+
+
+def synth_trace(rng, n, code_vas, data_vas, hot_vas=None, fetch_frac=0.25, write_frac=0.3,
+                mean_run=16, hot_prob=0.9):
+    """n user accesses (TRACE_DTYPE) with locality, vectorized.
+
+    The stream is cut into runs (geometric length, mean `mean_run`); a run
+    stays on one page and walks consecutive 8-byte words from a random
+    offset.  A run is a code run (fetches on a page of `code_vas`) with
+    probability fetch_frac, else a data run on a page of `data_vas`: from
+    `hot_vas` with probability hot_prob, else uniform; each data access is
+    a write with probability write_frac.
+    """
+    n = int(n)
+    if n < 0:
+        raise InvalidInput("trace length must not be negative")
+    out = np.zeros(n, dtype=TRACE_DTYPE)
+    if n == 0:
+        return out
+    code_vas = np.asarray(code_vas, dtype=np.uint64)
+    data_vas = np.asarray(data_vas, dtype=np.uint64)
+    hot_vas = data_vas if hot_vas is None else np.asarray(hot_vas, dtype=np.uint64)
+    if not len(data_vas) or (fetch_frac > 0 and not len(code_vas)):
+        raise InvalidInput("synth_trace needs data pages (and code pages when fetch_frac > 0)")
+    starts = rng.random(n) < 1.0 / mean_run
+    starts[0] = True
+    run_id = np.cumsum(starts) - 1
+    nr = int(run_id[-1]) + 1
+    first = np.flatnonzero(starts)
+    is_code = rng.random(nr) < fetch_frac
+    use_hot = rng.random(nr) < hot_prob
+    page = np.where(use_hot, hot_vas[rng.integers(0, len(hot_vas), nr)],
+                    data_vas[rng.integers(0, len(data_vas), nr)])
+    if len(code_vas):
+        # Code: a skewed choice (low pages hottest), as a program's hot loop.
+        ci = np.minimum(rng.geometric(4.0 / max(len(code_vas), 4), nr) - 1, len(code_vas) - 1)
+        page = np.where(is_code, code_vas[ci], page)
+    off0 = rng.integers(0, PAGE // 8, nr, dtype=np.uint64) * np.uint64(8)
+    pos = np.arange(n, dtype=np.uint64) - first[run_id].astype(np.uint64)
+    off = (off0[run_id] + pos * np.uint64(8)) % np.uint64(PAGE)
+    out["va"] = page[run_id] + off
+    acc = np.where(rng.random(n) < write_frac, ACC_WRITE, ACC_READ).astype(np.uint8)
+    acc[is_code[run_id]] = ACC_FETCH
+    out["access"] = acc
+    out["user"] = True
+    return out
+
+
+def _pages(base, npages):
+    return np.uint64(base) + np.arange(npages, dtype=np.uint64) * np.uint64(PAGE)
+
+
+class WorkloadResult(dict):
+    """accesses (guest user accesses run), faults (true faults handled by
+    the guest kernel), seconds, kernel (its counters), machine (the
+    machine's counters, e.g. exits by reason on a VM)."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _snapshot(stats):
+    out = {}
+    for k, v in dict(stats).items():
+        out[k] = dict(v) if isinstance(v, dict) else v
+    return out
+
+
+class ContextSwitchWorkload:
+    """nproc processes, round-robin time slices of slice_len accesses,
+    `total` accesses in all.
+
+    Every process has text (text_pages, r-x) at 0x400000, a heap
+    (heap_pages, rw-) at 0x10000000 and a stack (stack_pages, rw-) below
+    0x7ffffff00000; its hot set is hot_pages pages of heap and stack.
+    """
+
+    TEXT = 0x400000
+    HEAP = 0x10000000
+    STACK_TOP = 0x7ffffff00000
+
+    def __init__(self, total=5_000_000, nproc=8, slice_len=10_000, text_pages=32,
+                 heap_pages=512, stack_pages=32, hot_pages=48, fetch_frac=0.25,
+                 write_frac=0.3, seed=0):
+        if nproc < 1 or slice_len < 1 or total < 1:
+            raise InvalidInput("nproc, slice_len and total must be positive")
+        self.nproc, self.slice_len, self.total = nproc, slice_len, int(total)
+        self.layout = ((self.TEXT, text_pages * PAGE, "rx"),
+                       (self.HEAP, heap_pages * PAGE, "rw"),
+                       (self.STACK_TOP - stack_pages * PAGE, stack_pages * PAGE, "rw"))
+        code = _pages(self.TEXT, text_pages)
+        data = np.concatenate([_pages(self.HEAP, heap_pages),
+                               _pages(self.STACK_TOP - stack_pages * PAGE, stack_pages)])
+        root = np.random.default_rng(seed)
+        per = -(-self.total // nproc)
+        self.traces = []
+        for _ in range(nproc):
+            rng = np.random.default_rng(root.integers(1 << 63))
+            hot = rng.choice(data, size=min(hot_pages, len(data)), replace=False)
+            self.traces.append(synth_trace(rng, per, code, data, hot, fetch_frac, write_frac))
+        self.pids = None
+
+    def setup(self, kernel):
+        self.pids = [kernel.spawn(self.layout) for _ in range(self.nproc)]
+
+    def run(self, kernel):
+        """Run all slices; a WorkloadResult."""
+        if self.pids is None:
+            self.setup(kernel)
+        t0 = time.perf_counter()
+        done = faults = 0
+        pos = 0
+        L = self.slice_len
+        per = len(self.traces[0])
+        while done < self.total and pos < per:
+            for pid, tr in zip(self.pids, self.traces):
+                k = min(L, self.total - done, per - pos)
+                if k <= 0:
+                    break
+                faults += kernel.run(pid, tr[pos:pos + k])
+                done += k
+            pos += L
+        return WorkloadResult(accesses=done, faults=faults, seconds=time.perf_counter() - t0,
+                              kernel=_snapshot(kernel.stats),
+                              machine=_snapshot(kernel.machine.stats))
+
+
+class ForkWorkload:
+    """A parent with a written heap forks, again and again, until `total`
+    accesses have run.  Each child runs child_accesses accesses over
+    child_touch pages of the inherited heap (reads, and writes that break
+    COW); every munmap_every-th child first unmaps 8 heap pages (and then
+    touches only the rest); every exec_every-th child execs into a fresh
+    image (demand paging from nothing).  The child exits and is reaped;
+    the parent runs parent_accesses accesses over its whole heap.
+    """
+
+    TEXT = 0x400000
+    HEAP = 0x10000000
+    STACK_TOP = 0x7ffffff00000
+
+    def __init__(self, total=5_000_000, heap_pages=256, child_accesses=15_000,
+                 parent_accesses=5_000, child_touch=64, exec_every=4, munmap_every=3,
+                 write_frac=0.3, seed=0):
+        if total < 1 or heap_pages < 16 or child_touch < 1:
+            raise InvalidInput("total must be positive, heap_pages >= 16, child_touch >= 1")
+        self.total = int(total)
+        self.heap_pages = heap_pages
+        self.exec_every, self.munmap_every = exec_every, munmap_every
+        stack_pages = 16
+        self.layout = ((self.TEXT, 16 * PAGE, "rx"), (self.HEAP, heap_pages * PAGE, "rw"),
+                       (self.STACK_TOP - stack_pages * PAGE, stack_pages * PAGE, "rw"))
+        code = _pages(self.TEXT, 16)
+        heap = _pages(self.HEAP, heap_pages)
+        stack = _pages(self.STACK_TOP - stack_pages * PAGE, stack_pages)
+        rng = np.random.default_rng(seed)
+        # The parent first writes every heap page once.
+        init = np.zeros(heap_pages, dtype=TRACE_DTYPE)
+        init["va"] = heap
+        init["access"] = ACC_WRITE
+        init["user"] = True
+        self.init_trace = init
+        self.rounds = []
+        done = len(init)
+        i = 0
+        while done < self.total:
+            exec_child = exec_every and i % exec_every == exec_every - 1
+            unmap = None
+            if exec_child:
+                ctr = synth_trace(rng, child_accesses, code, np.concatenate([heap[:32], stack]),
+                                  write_frac=write_frac)
+            else:
+                avail = heap
+                if munmap_every and i % munmap_every == munmap_every - 1:
+                    j = int(rng.integers(0, heap_pages - 8))
+                    unmap = (int(heap[j]), 8 * PAGE)
+                    avail = np.concatenate([heap[:j], heap[j + 8:]])
+                touch = rng.choice(avail, size=min(child_touch, len(avail)), replace=False)
+                ctr = synth_trace(rng, child_accesses, code, np.concatenate([touch, stack]),
+                                  hot_vas=touch, write_frac=write_frac)
+            ptr = synth_trace(rng, parent_accesses, code, np.concatenate([heap, stack]),
+                              write_frac=write_frac)
+            self.rounds.append((bool(exec_child), unmap, ctr, ptr))
+            done += len(ctr) + len(ptr)
+            i += 1
+        self.parent = None
+
+    def setup(self, kernel):
+        self.parent = kernel.spawn(self.layout)
+
+    def run(self, kernel):
+        if self.parent is None:
+            self.setup(kernel)
+        t0 = time.perf_counter()
+        parent = self.parent
+        faults = kernel.run(parent, self.init_trace)
+        done = len(self.init_trace)
+        for exec_child, unmap, ctr, ptr in self.rounds:
+            child = kernel.fork(parent)
+            if exec_child:
+                kernel.exec(child, self.layout[:1] + ((self.HEAP, 32 * PAGE, "rw"),)
+                            + self.layout[2:])
+            elif unmap is not None:
+                kernel.munmap(child, *unmap)
+            faults += kernel.run(child, ctr)
+            kernel.exit(child)
+            kernel.wait(child)
+            faults += kernel.run(parent, ptr)
+            done += len(ctr) + len(ptr)
+        return WorkloadResult(accesses=done, faults=faults, seconds=time.perf_counter() - t0,
+                              kernel=_snapshot(kernel.stats),
+                              machine=_snapshot(kernel.machine.stats))
+
+
+# ---------------------------------------------------------------------------
+# Trace files
+# ---------------------------------------------------------------------------
+_OPS = {"r": [ACC_READ], "w": [ACC_WRITE], "x": [ACC_FETCH],
+        "0": [ACC_READ], "1": [ACC_WRITE], "2": [ACC_FETCH],
+        # Valgrind lackey: instruction fetch, load, store, modify (load + store)
+        "i": [ACC_FETCH], "l": [ACC_READ], "s": [ACC_WRITE], "m": [ACC_READ, ACC_WRITE]}
+_MODES = {"u": True, "user": True, "s": False, "k": False, "kernel": False,
+          "supervisor": False}
+
+
+def _parse_addr(tok, where):
+    tok = tok.split(",", 1)[0]
+    try:
+        return check_u64(int(tok, 16), "address")
+    except ValueError:
+        raise InvalidInput("%s: %r is not a hexadecimal address" % (where, tok)) from None
+    except InvalidInput as exc:
+        raise InvalidInput("%s: %s" % (where, exc)) from None
+
+
+def _read_text(path, user):
+    vas, accs, users = [], [], []
+    with open(path, "r", encoding="ascii", errors="replace") as fh:
+        for lineno, line in enumerate(fh, 1):
+            text = line.split("#", 1)[0].strip()
+            if not text or text.startswith("==") or text.startswith("--"):
+                continue                              # blank, comment, valgrind banner
+            where = "%s:%d" % (path, lineno)
+            toks = text.split()
+            if len(toks) == 1:
+                ops, addr, mode = [ACC_READ], toks[0], None
+            elif len(toks) in (2, 3):
+                ops = _OPS.get(toks[0].lower())
+                if ops is None:
+                    raise InvalidInput("%s: unknown access %r (r/w/x, 0/1/2 or lackey "
+                                       "I/L/S/M)" % (where, toks[0]))
+                addr = toks[1]
+                mode = toks[2].lower() if len(toks) == 3 else None
+            else:
+                raise InvalidInput("%s: expected 'ACCESS ADDRESS [u|s]', got %r" % (where, text))
+            if mode is not None and mode not in _MODES:
+                raise InvalidInput("%s: unknown mode %r (u or s)" % (where, mode))
+            va = _parse_addr(addr, where)
+            for op in ops:
+                vas.append(va)
+                accs.append(op)
+                users.append(user if mode is None else _MODES[mode])
+    out = np.zeros(len(vas), dtype=TRACE_DTYPE)
+    out["va"] = np.array(vas, dtype=np.uint64)
+    out["access"] = np.array(accs, dtype=np.uint8)
+    out["user"] = np.array(users, dtype=bool)
+    return out
+
+
+def _from_arrays(get, keys, user, path):
+    if "trace" in keys:
+        arr = get("trace")
+        if arr.dtype.names and set(("va", "access", "user")) <= set(arr.dtype.names):
+            out = np.zeros(len(arr), dtype=TRACE_DTYPE)
+            for f in ("va", "access", "user"):
+                out[f] = arr[f]
+            return _checked(out, path)
+        if arr.dtype.kind in "ui":
+            keys, get = ["va"], (lambda k, a=arr: a)
+        else:
+            raise InvalidInput("%s: 'trace' must be a TRACE_DTYPE array or integer addresses"
+                               % path)
+    if "va" not in keys:
+        raise InvalidInput("%s: no 'trace' or 'va' array" % path)
+    va = np.asarray(get("va"))
+    if va.ndim != 1 or va.dtype.kind not in "ui":
+        raise InvalidInput("%s: 'va' must be a 1-D integer array" % path)
+    if va.dtype.kind == "i" and len(va) and int(va.min()) < 0:
+        raise InvalidInput("%s: negative addresses in 'va'" % path)
+    out = np.zeros(len(va), dtype=TRACE_DTYPE)
+    out["va"] = va.astype(np.uint64)
+    if "access" in keys:
+        acc = np.asarray(get("access"))
+        if len(acc) != len(va):
+            raise InvalidInput("%s: 'access' and 'va' differ in length" % path)
+        if acc.dtype.kind == "S":
+            codes = np.full(len(acc), 255, dtype=np.uint8)
+            for ch, code in ((b"r", 0), (b"w", 1), (b"x", 2)):
+                codes[np.char.lower(acc) == ch] = code
+            acc = codes
+        if acc.dtype.kind not in "ui":
+            raise InvalidInput("%s: 'access' must be integer codes or b'r'/b'w'/b'x'" % path)
+        if len(acc) and (int(acc.min()) < 0 or int(acc.max()) > 2):
+            raise InvalidInput("%s: access codes must be 0 (read), 1 (write) or 2 (fetch)"
+                               % path)
+        out["access"] = acc.astype(np.uint8)
+    out["user"] = np.asarray(get("user"), dtype=bool) if "user" in keys else user
+    return _checked(out, path)
+
+
+def _checked(out, path):
+    if len(out) and int(out["access"].max()) > 2:
+        raise InvalidInput("%s: access codes must be 0 (read), 1 (write) or 2 (fetch)" % path)
+    return out
+
+
+def read_trace(path, user=True):
+    """An address trace file as a TRACE_DTYPE array.
+
+    .npz: an array 'trace' (TRACE_DTYPE-like, or plain addresses) or arrays
+    'va' (+ optional 'access': 0/1/2 or b'r'/b'w'/b'x', 'user').  .npy: the
+    same as 'trace'.  Anything else is text (see the module docstring).
+    `user` is the mode of records that do not say.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise InvalidInput("trace %s: no such file" % path)
+    if path.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                return _from_arrays(lambda k: z[k], list(z.keys()), user, path)
+        except (ValueError, OSError) as exc:
+            if isinstance(exc, InvalidInput):
+                raise
+            raise InvalidInput("trace %s: not a readable .npz (%s)" % (path, exc)) from None
+    if path.endswith(".npy"):
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except (ValueError, OSError) as exc:
+            raise InvalidInput("trace %s: not a readable .npy (%s)" % (path, exc)) from None
+        return _from_arrays(lambda k: arr, ["trace"], user, path)
+    return _read_text(path, user)
+
+
+def write_trace(path, trace):
+    """Write a TRACE_DTYPE array as .npz (array 'trace')."""
+    if not isinstance(trace, np.ndarray) or trace.dtype != TRACE_DTYPE:
+        raise InvalidInput("write_trace needs a TRACE_DTYPE array")
+    np.savez(os.fspath(path), trace=trace)
