@@ -30,15 +30,23 @@ class Ept:
     dirty flags.
     """
 
-    def __init__(self, host, table_start, table_end, levels=4, ad=False, maxphyaddr=52):
+    def __init__(self, host, table_start=None, table_end=None, levels=4, ad=False,
+                 maxphyaddr=52, alloc=None):
         if not isinstance(host, PhysicalMemory) or host.host is not None:
             raise InvalidInput("an Ept needs a plain PhysicalMemory as host")
         if levels not in (4, 5):
             raise InvalidInput("EPT page-walk length must be 4 or 5")
-        table_start = check_u64(table_start, "table_start")
-        table_end = check_u64(table_end, "table_end")
-        if table_start % 4096 or table_end > host.size or table_start >= table_end:
-            raise InvalidInput("EPT table region must be 4 KiB aligned and inside host memory")
+        self._alloc_frame = alloc
+        if alloc is None:
+            # Table frames from a fixed region [table_start, table_end).
+            if table_start is None or table_end is None:
+                raise InvalidInput("an Ept needs a table region or an alloc callable")
+            table_start = check_u64(table_start, "table_start")
+            table_end = check_u64(table_end, "table_end")
+            if table_start % 4096 or table_end > host.size or table_start >= table_end:
+                raise InvalidInput("EPT table region must be 4 KiB aligned and inside host memory")
+        elif not callable(alloc):
+            raise InvalidInput("alloc must be a callable returning a zeroed host frame address")
         if not 32 <= maxphyaddr <= 52:
             raise InvalidInput("maxphyaddr must be 32..52")
         self.host = host
@@ -68,10 +76,13 @@ class Ept:
         return int(self._c.walks)
 
     def _alloc(self):
-        pa = self._next
-        if pa + 4096 > self._end:
-            raise InvalidInput("EPT table region exhausted at %#x" % pa)
-        self._next += 4096
+        if self._alloc_frame is not None:
+            pa = self._alloc_frame()
+        else:
+            pa = self._next
+            if pa + 4096 > self._end:
+                raise InvalidInput("EPT table region exhausted at %#x" % pa)
+            self._next += 4096
         self.host.write(pa, bytes(4096))
         self.tables.append(pa)
         return pa
