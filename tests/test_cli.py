@@ -147,7 +147,19 @@ def test_demo(capsys):
     # 2 MiB kernel text page, G=1 and PS=1
     assert "ffffffff80000000: 0000000000200000 -GP-----W\n" in text
     assert "0000000000400000-0000000000401000 0000000000001000 ur-\n" in text
-    assert run(capsys, "demo")[:2] == (0, text)
+    assert run(capsys, "demo", "--walks")[:2] == (0, text)
+
+
+def test_demo_is_the_textbook_scenario(capsys):
+    """`ptemu demo` runs Modern Operating Systems 7.6: two VMs map guest pages
+    10, 11, 12 onto different host frames; VM 1's remap of virtual page 7 onto
+    guest page 200 traps because its page-table page is write-protected."""
+    rc, out, _ = run(capsys, "demo")
+    assert rc == 0
+    assert "MOV CR3 is intercepted" in out
+    assert "host frames in both: none" in out
+    assert "write-protected page table" in out
+    assert "virtual page 7 -> guest frame 200" in out
 
 
 # ---- errors -------------------------------------------------------------------------

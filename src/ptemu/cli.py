@@ -1,6 +1,7 @@
 """The `ptemu` command.
 
-    ptemu demo
+    ptemu demo [--walks]               the textbook shadow-paging scenario (--walks:
+                                       hand-built page walks, level by level)
     ptemu translate IMAGE --cr3 X [--cr0 X] [--cr4 X] [--efer X] [--user]
                           [--access r|w|x] [--maxphyaddr N] VA...
     ptemu tlb IMAGE --cr3 X [...]      QEMU monitor `info tlb` of the image
@@ -67,7 +68,10 @@ def _build_parser():
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    d = sub.add_parser("demo", help="walk a small hand-built image, level by level")
+    d = sub.add_parser("demo", help="shadow paging as Modern Operating Systems 7.6 tells it: "
+                                     "two VMs, their shadow tables, every exit")
+    d.add_argument("--walks", action="store_true",
+                   help="instead: walk a small hand-built image, level by level")
     d.set_defaults(func=_cmd_demo)
 
     def image_cmd(name, help_, func):
@@ -171,7 +175,11 @@ def run_demo(out):
 # -- commands -------------------------------------------------------------------
 
 def _cmd_demo(args, out):
-    run_demo(out)
+    if args.walks:
+        run_demo(out)
+    else:
+        from ptemu.hypervisor.demo import run_demo as run_textbook_demo
+        run_textbook_demo(out)
     return 0
 
 
