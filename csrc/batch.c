@@ -22,9 +22,7 @@ uint64_t ptemu_translate_many(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *t
         int r;
         if (acc > PTEMU_ACC_FETCH) {
             /* Validated in Python; here only kept from indexing stats. */
-            r = PTEMU_VEC_GP;
-            f.error_code = 0;
-            f.vector = PTEMU_VEC_GP;
+            r = ptemu_set_fault(&f, PTEMU_VEC_GP, 0, 0, PTEMU_CAUSE_NONE, 0);
         } else {
             r = ptemu_ctx_translate(&c, va[i], acc, flags, &o, &f);
         }
@@ -52,11 +50,7 @@ uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
     for (uint64_t i = start; i < n; i++) {
         uint32_t acc = trace[i].access;
         if (acc > PTEMU_ACC_FETCH) {
-            fault->vector = PTEMU_VEC_GP;
-            fault->error_code = 0;
-            fault->cr2 = 0;
-            fault->cause = PTEMU_CAUSE_NONE;
-            fault->level = 0;
+            ptemu_set_fault(fault, PTEMU_VEC_GP, 0, 0, PTEMU_CAUSE_NONE, 0);
             return i;
         }
         uint32_t flags = trace[i].user ? PTEMU_IN_USER : 0;

@@ -68,6 +68,21 @@ void ptemu_psc_fill(ptemu_tlb *t, uint32_t level, uint64_t va, uint32_t pcid,
  * also log2 of the region one entry at that level maps. */
 static inline uint32_t ptemu_level_shift(uint32_t level) { return 12u + 9u * (level - 1u); }
 
+/* A fault is assigned whole, so no stale field of an earlier one survives;
+ * returns the vector. */
+static inline int ptemu_set_fault(ptemu_fault *f, uint32_t vector, uint32_t error_code,
+                                  uint64_t cr2, uint32_t cause, uint32_t level)
+{
+    ptemu_fault nf;
+    nf.vector = vector;
+    nf.error_code = error_code;
+    nf.cr2 = cr2;
+    nf.cause = cause;
+    nf.level = level;
+    *f = nf;
+    return (int)vector;
+}
+
 /* ept.c: an EPT walk, and the host location of a guest-physical word. */
 int ptemu_ept_walk(ptemu_ept *x, uint64_t gpa, uint32_t access, uint32_t qual_extra,
                    uint64_t *hpa, uint32_t *rights_out);

@@ -158,11 +158,7 @@ static inline uint32_t rights_check(const ptemu_ctx *c, uint32_t access, uint32_
 static inline int page_fault(const ptemu_ctx *c, ptemu_fault *f, uint64_t va,
                              uint32_t ec, uint32_t cause, uint32_t level)
 {
-    f->vector = PTEMU_VEC_PF;
-    f->error_code = ec;
-    f->cr2 = va;
-    f->cause = cause;
-    f->level = level;
+    ptemu_set_fault(f, PTEMU_VEC_PF, ec, va, cause, level);
     /* SDM 4.10.4.1: a #PF invalidates the TLB entries for the faulting page
      * and the paging-structure-cache entries of the current PCID, so a fault
      * caused only by stale cached state does not recur. */
@@ -175,12 +171,8 @@ static inline int page_fault(const ptemu_ctx *c, ptemu_fault *f, uint64_t va,
 static int ept_exit_fault(ptemu_fault *f, const ptemu_ept *x, uint64_t va)
 {
     /* The exit reason is the vector: 48 violation, 49 misconfiguration. */
-    f->vector = x->exit_reason;
-    f->error_code = (uint32_t)x->exit_qual;
-    f->cr2 = va;
-    f->cause = PTEMU_CAUSE_EPT;
-    f->level = x->exit_level;
-    return (int)x->exit_reason;
+    return ptemu_set_fault(f, x->exit_reason, (uint32_t)x->exit_qual, va, PTEMU_CAUSE_EPT,
+                           x->exit_level);
 }
 
 PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t access,
@@ -218,14 +210,8 @@ PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t a
     /* SDM 4.5.1 / 3.3.7.1: bits 63:47 (63:56) must all equal bit 47 (56). */
     {
         int64_t s = (int64_t)(va << (64 - c->canon_bits)) >> (64 - c->canon_bits);
-        if ((uint64_t)s != va) {
-            f->vector = PTEMU_VEC_GP;
-            f->error_code = 0;
-            f->cr2 = 0;
-            f->cause = PTEMU_CAUSE_NONCANON;
-            f->level = 0;
-            return PTEMU_VEC_GP;
-        }
+        if ((uint64_t)s != va)
+            return ptemu_set_fault(f, PTEMU_VEC_GP, 0, 0, PTEMU_CAUSE_NONCANON, 0);
     }
 
     uint32_t acc_ec = access_bits(c, access, flags);
@@ -451,12 +437,7 @@ int ptemu_translate(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
     ptemu_ctx_init(&c, cpu, mem, tlb);
     if (in->access > PTEMU_ACC_FETCH) {
         /* Python validates the kind; C still refuses to guess. */
-        fault->vector = PTEMU_VEC_GP;
-        fault->error_code = 0;
-        fault->cr2 = 0;
-        fault->cause = PTEMU_CAUSE_NONE;
-        fault->level = 0;
-        return PTEMU_VEC_GP;
+        return ptemu_set_fault(fault, PTEMU_VEC_GP, 0, 0, PTEMU_CAUSE_NONE, 0);
     }
     return ptemu_ctx_translate(&c, in->va, in->access, ptemu_resolve_flags(cpu, in->flags),
                                out, fault);
