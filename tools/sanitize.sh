@@ -27,6 +27,8 @@ if [[ $# -gt 0 && $1 != --* ]]; then
     VENV=$1
     shift
 fi
+# Absolute: the script changes directory before it runs the venv's python.
+case $VENV in /*) ;; *) VENV=$PWD/$VENV ;; esac
 MODE=tests
 CMD=()
 if [[ $# -gt 0 ]]; then
