@@ -27,6 +27,7 @@ from ptemu._native import (ffi, lib, InvalidInput, PageFault, GeneralProtection,
 from ptemu.memory import PhysicalMemory
 from ptemu.mmu import CpuState, Mmu, RunResult, TRACE_DTYPE
 from ptemu.tlb import Tlb
+from ptemu.hypervisor.paravirt import mmu_update_items
 
 __all__ = ["NativeMachine", "NativeVcpu", "HYPERCALLS"]
 
@@ -152,22 +153,7 @@ class NativeVcpu:
         """
         st = self._stats
         if op == "mmu_update":
-            if len(args) != 1:
-                raise InvalidInput("mmu_update takes one list of (gpa, value) pairs")
-            updates = []
-            size = self._phys.size
-            for item in args[0]:
-                try:
-                    gpa, value = item
-                except (TypeError, ValueError):
-                    raise InvalidInput("mmu_update entries are (gpa, value) pairs, not %r"
-                                       % (item,)) from None
-                gpa = check_u64(gpa, "entry address")
-                value = check_u64(value, "entry value")
-                if gpa & 7 or gpa + 8 > size:
-                    raise InvalidInput("mmu_update: entry address %#x is not an aligned "
-                                       "entry inside guest memory (size %#x)" % (gpa, size))
-                updates.append((gpa, value))
+            updates = mmu_update_items(args, self._phys.size)
             for gpa, value in updates:      # all checked before any is applied
                 self._phys.write_u64(gpa, value)
             st["hypercall"] += 1

@@ -60,36 +60,46 @@ def validate_entry(vm, gpa, value):
     return None
 
 
+def mmu_update_items(args, size):
+    """The (gpa, value) pairs of an mmu_update call, checked for shape and for
+    being aligned entries inside guest memory of `size` bytes; nothing is
+    applied.  HypercallRejected names the first bad item."""
+    if len(args) != 1:
+        raise InvalidInput("mmu_update takes one list of (gpa, value) pairs")
+    updates = []
+    for i, item in enumerate(args[0]):
+        try:
+            gpa, value = item
+        except (TypeError, ValueError):
+            raise InvalidInput("mmu_update entries are (gpa, value) pairs, not %r"
+                               % (item,)) from None
+        gpa = check_u64(gpa, "entry address")
+        value = check_u64(value, "entry value")
+        if gpa & 7 or gpa + 8 > size:
+            raise HypercallRejected("mmu_update item %d: entry address %#x is not an "
+                                    "aligned entry inside guest memory (size %#x)"
+                                    % (i, gpa, size), index=i)
+        updates.append((gpa, value))
+    return updates
+
+
 def hypercall(vcpu, op, args):
     """Dispatch one hypercall of a paravirt VM (see the module docstring)."""
     st = vcpu._stats
     st["exit_hypercall"] += 1
     st["hypercall"] += 1
     if op == "mmu_update":
-        if len(args) != 1:
-            raise InvalidInput("mmu_update takes one list of (gpa, value) pairs")
         vm = vcpu.vm
-        size = vm.memory_bytes
-        updates = []
-        for i, item in enumerate(args[0]):
-            try:
-                gpa, value = item
-            except (TypeError, ValueError):
-                raise InvalidInput("mmu_update entries are (gpa, value) pairs, not %r"
-                                   % (item,)) from None
-            gpa = check_u64(gpa, "entry address")
-            value = check_u64(value, "entry value")
-            if gpa & 7 or gpa + 8 > size:
-                st["hypercall_rejected"] += 1
-                raise HypercallRejected("mmu_update item %d: entry address %#x is not an "
-                                        "aligned entry inside guest memory (size %#x)"
-                                        % (i, gpa, size), index=i)
-            why = validate_entry(vm, gpa, value)
-            if why:
-                st["hypercall_rejected"] += 1
-                raise HypercallRejected("mmu_update item %d (%#x <- %#x) refused: %s"
-                                        % (i, gpa, value, why), index=i)
-            updates.append((gpa, value))
+        try:
+            updates = mmu_update_items(args, vm.memory_bytes)
+            for i, (gpa, value) in enumerate(updates):
+                why = validate_entry(vm, gpa, value)
+                if why:
+                    raise HypercallRejected("mmu_update item %d (%#x <- %#x) refused: %s"
+                                            % (i, gpa, value, why), index=i)
+        except HypercallRejected:
+            st["hypercall_rejected"] += 1
+            raise
         st["hypercall_mmu_update"] += 1
         for gpa, value in updates:
             vm.guest_write(gpa, value, flood=False, commit=False)
