@@ -178,5 +178,29 @@ def instrumented(fn):
     return atheris.instrument_func(fn)
 
 
+def feedback_tree(nbits, name):
+    """An instrumented function `name(sig)`: a binary tree of `if`s over the low
+    `nbits` bits of sig, one leaf per value, so that a coverage-guided engine
+    (which sees Python coverage only) tells distinct outcomes apart.  Several
+    small trees rather than one big one: atheris instruments a function in
+    time that grows fast with its size."""
+    lines = ["def %s(sig):" % name]
+
+    def emit(depth, indent):
+        pad = "    " * indent
+        if depth == nbits:
+            lines.append(pad + "return None")
+            return
+        lines.append(pad + "if sig & %d:" % (1 << depth))
+        emit(depth + 1, indent + 1)
+        lines.append(pad + "else:")
+        emit(depth + 1, indent + 1)
+
+    emit(0, 1)
+    ns = {}
+    exec(compile("\n".join(lines), "<%s>" % name, "exec"), ns)  # noqa: S102 - generated code
+    return instrumented(ns[name])
+
+
 def describe_failure(exc):
     return "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))

@@ -39,7 +39,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ByteInput, Finding, U64, ROOT, main, instrumented  # noqa: E402
+from _common import ByteInput, Finding, U64, ROOT, main, instrumented, feedback_tree  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 try:
@@ -74,32 +74,13 @@ _LAST_REPORT = [0.0]
 # ---------------------------------------------------------------------------
 # Coverage feedback: which hypervisor counters a step moved.
 # ---------------------------------------------------------------------------
-def _make_tree(nbits, name):
-    lines = ["def %s(sig):" % name]
-
-    def emit(depth, indent):
-        pad = "    " * indent
-        if depth == nbits:
-            lines.append(pad + "return 0")
-            return
-        lines.append(pad + "if sig & %d:" % (1 << depth))
-        emit(depth + 1, indent + 1)
-        lines.append(pad + "else:")
-        emit(depth + 1, indent + 1)
-
-    emit(0, 1)
-    ns = {}
-    exec(compile("\n".join(lines), "<%s>" % name, "exec"), ns)  # noqa: S102
-    return ns[name]
-
-
 _FB_A = ("pf_fixed", "pf_guest", "pf_emulate", "pf_mmio", "pf_spurious", "mmu_pte_write")
 _FB_B = ("mmu_pte_updated", "mmu_pde_zapped", "mmu_flooded", "mmu_misaligned", "mmu_unsync",
          "mmu_sync")
 _FB_C = ("mmu_cache_miss", "mmu_shadow_zapped", "mmu_recycled", "prev_root_hit",
          "root_reload", "mmu_write_protect")
-_fb = [instrumented(_make_tree(6, "fb_%d" % i)) for i in range(3)]
-_fb_step = instrumented(_make_tree(6, "fb_step"))
+_fb = [feedback_tree(6, "fb_%d" % i) for i in range(3)]
+_fb_step = feedback_tree(6, "fb_step")
 
 
 def _feedback(before, after, kind, outcome):

@@ -35,7 +35,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import ByteInput, Finding, U64, ROOT, main, instrumented  # noqa: E402
+from _common import ByteInput, Finding, U64, ROOT, main, instrumented, feedback_tree  # noqa: E402
 
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 try:
@@ -255,29 +255,10 @@ def _user(inp):
 # signatures (atheris instruments a function in time that grows fast with
 # its size, so several small trees rather than one big one).
 # ---------------------------------------------------------------------------
-def _make_tree(nbits, name):
-    lines = ["def %s(sig):" % name]
-
-    def emit(depth, indent):
-        pad = "    " * indent
-        if depth == nbits:
-            lines.append(pad + "return %d" % depth)
-            return
-        lines.append(pad + "if sig & %d:" % (1 << depth))
-        emit(depth + 1, indent + 1)
-        lines.append(pad + "else:")
-        emit(depth + 1, indent + 1)
-
-    emit(0, 1)
-    ns = {}
-    exec(compile("\n".join(lines), "<%s>" % name, "exec"), ns)  # noqa: S102 - generated code
-    return ns[name]
-
-
-_fb_fault = instrumented(_make_tree(6, "fault_cause_level"))
-_fb_ec = instrumented(_make_tree(6, "fault_error_code"))
-_fb_ok = instrumented(_make_tree(6, "translation_kind"))
-_fb_misc = instrumented(_make_tree(5, "misc"))
+_fb_fault = feedback_tree(6, "fault_cause_level")
+_fb_ec = feedback_tree(6, "fault_error_code")
+_fb_ok = feedback_tree(6, "translation_kind")
+_fb_misc = feedback_tree(5, "misc")
 _CAUSES = {"not-present": 1, "reserved-bit": 2, "protection": 3, "outside-memory": 4}
 
 
@@ -648,7 +629,7 @@ def op_reference(inp, ctx):
 def _instrument_ops():
     g = globals()
     for name in [n for n in g if n.startswith("op_") or n.startswith("_") and n[1:2].islower()
-                 and n not in ("_make_tree", "_instrument_ops") and callable(g[n])
+                 and n != "_instrument_ops" and callable(g[n])
                  and getattr(g[n], "__module__", None) == __name__]:
         g[name] = instrumented(g[name])
 
