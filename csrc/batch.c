@@ -16,8 +16,7 @@
 static inline int fast_walk(const ptemu_ctx *c, const uint8_t *base, uint64_t size,
                             uint64_t va, uint32_t access, uint32_t flags, uint64_t *pa)
 {
-    int64_t s = (int64_t)(va << (64 - c->canon_bits)) >> (64 - c->canon_bits);
-    if ((uint64_t)s != va)
+    if (!ptemu_canonical(c, va))
         return 0;
     uint64_t table = c->top_table, e, missing = 0;
     uint32_t level = c->levels, rights = PTEMU_TE_W | PTEMU_TE_U;
@@ -56,6 +55,7 @@ uint64_t ptemu_translate_many(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *t
     ptemu_fault f;
     uint64_t faults = 0;
     ptemu_ctx_init(&c, cpu, mem, tlb);
+    ptemu_ctx_tables(&c);
     flags = ptemu_resolve_flags(cpu, flags);
     const int fast = !tlb && !mem->frames && !mem->ept && c.levels && !c.eager_a;
     for (uint64_t i = 0; i < n; i++) {
@@ -94,14 +94,33 @@ uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
     ptemu_ctx c;
     ptemu_walk_out o;
     ptemu_ctx_init(&c, cpu, mem, tlb);
+    ptemu_ctx_tables(&c);
+    /* With paging on, a TLB and no EPT, the loop takes a usable TLB hit
+     * itself; the rest -- misses, faults, rewalks -- continues in the one
+     * translation path from the entry the lookup found. */
+    const int own_hits = tlb && c.levels && !mem->ept;
     for (uint64_t i = start; i < n; i++) {
+        uint64_t va = trace[i].va;
         uint32_t acc = trace[i].access;
         if (acc > PTEMU_ACC_FETCH) {
             ptemu_set_fault(fault, PTEMU_VEC_GP, 0, 0, PTEMU_CAUSE_NONE, 0);
             return i;
         }
         uint32_t flags = trace[i].user ? PTEMU_IN_USER : 0;
-        if (ptemu_ctx_translate(&c, trace[i].va, acc, flags, &o, fault) != PTEMU_OK)
+        int r;
+        if (own_hits && ptemu_canonical(&c, va)) {
+            ptemu_tlbe *e = ptemu_tlb_lookup(tlb, va, acc, c.pcid);
+            if (e && !rights_check(&c, acc, flags, e->flags, e->pkey) &&
+                !hit_needs_walk(e, acc, NULL)) {
+                if (pa)
+                    pa[i] = hit_pa(e, va);
+                continue;
+            }
+            r = translate_looked_up(&c, va, acc, flags, tlb, e, &o, fault);
+        } else {
+            r = ptemu_ctx_translate(&c, va, acc, flags, &o, fault);
+        }
+        if (r != PTEMU_OK)
             return i;
         if (pa)
             pa[i] = o.pa;

@@ -40,6 +40,10 @@ typedef struct ptemu_ctx {
     uint32_t   nxe, wp, smep, smap, pke, pks, pge, ac;
     uint32_t   pkru, pkrs;
     uint32_t   eager_a;
+    /* Batch loops only (ptemu_ctx_tables): rights_refused() as a table,
+     * [access][flags & (USER|IMPLICIT)][rights & (NX|W|U)] -> PTEMU_PF_P or 0. */
+    uint32_t   rtab_ready;
+    uint8_t    rtab[3][4][8];
 } ptemu_ctx;
 
 /* In the unity build (ptemu_all.c) the walk is inlined into each batch loop. */
@@ -53,7 +57,16 @@ void ptemu_ctx_init(ptemu_ctx *c, const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tl
 int  ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t access, uint32_t flags,
                          ptemu_walk_out *out, ptemu_fault *fault);
 
+void ptemu_ctx_tables(ptemu_ctx *c);
+
 uint32_t ptemu_resolve_flags(const ptemu_cpu *cpu, uint32_t flags);
+
+/* SDM 4.5.1 / 3.3.7.1: bits 63:47 (63:56) must all equal bit 47 (56). */
+static inline int ptemu_canonical(const ptemu_ctx *c, uint64_t va)
+{
+    int64_t s = (int64_t)(va << (64 - c->canon_bits)) >> (64 - c->canon_bits);
+    return (uint64_t)s == va;
+}
 
 /* tlb.c */
 ptemu_tlbe *ptemu_tlb_lookup(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid);

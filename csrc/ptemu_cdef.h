@@ -252,7 +252,9 @@ typedef struct ptemu_tlb_array {
     uint32_t tier;          /* 1 first level, 2 second level (TLB arrays) */
     uint32_t nsizes;        /* derived by ptemu_tlb_init: sizes as a list */
     uint8_t  size_list[4];
-    uint32_t pad;
+    uint32_t live;          /* 1 << size for each size that may have a valid entry: a
+                               superset kept by fills and sweeps, so that a probe
+                               skips only sizes surely absent */
     uint64_t clock;
     uint64_t hits;
     uint64_t misses;        /* lookups that probed this array and missed */
@@ -303,7 +305,7 @@ typedef struct ptemu_mmu {
 /* ---- Functions ------------------------------------------------------------ */
 
 /* The layout version of this header; _native checks it against the build. */
-#define PTEMU_ABI_VERSION 4
+#define PTEMU_ABI_VERSION 5
 int ptemu_abi_version(void);
 
 /* Scalar translation through an Mmu handle: fills m->out or m->fault and

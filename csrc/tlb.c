@@ -44,6 +44,17 @@ static inline ptemu_tlbe *set_of(const ptemu_tlb_array *a, uint64_t tag)
     return a->e + (size_t)(tag & (a->sets - 1)) * a->ways;
 }
 
+/* The sizes an array's valid entries have (for ptemu_tlb_array.live). */
+static uint32_t live_sizes(const ptemu_tlb_array *a)
+{
+    uint32_t live = 0;
+    size_t n = (size_t)a->sets * a->ways;
+    for (size_t i = 0; i < n; i++)
+        if (a->e[i].key)
+            live |= 1u << (a->e[i].size & 3u);
+    return live;
+}
+
 int ptemu_tlb_init(ptemu_tlb *t)
 {
     if (t->narrays > PTEMU_TLB_MAX_ARRAYS)
@@ -56,6 +67,7 @@ int ptemu_tlb_init(ptemu_tlb *t)
         if (a->sets & (a->sets - 1))
             return 0;
         a->nsizes = 0;
+        a->live = live_sizes(a);
         for (uint32_t s = 0; s < 3; s++)
             if (a->sizes & (1u << s))
                 a->size_list[a->nsizes++] = (uint8_t)s;
@@ -84,42 +96,59 @@ int ptemu_tlb_init(ptemu_tlb *t)
 /* Probe one array for va at every page size it holds. */
 static PTEMU_INLINE ptemu_tlbe *probe(ptemu_tlb_array *a, uint64_t va, uint32_t pcid)
 {
-    for (uint32_t k = 0; k < a->nsizes; k++) {
+    const uint32_t ways = a->ways, nsizes = a->nsizes;
+    const uint64_t set_mask = a->sets - 1;
+    for (uint32_t k = 0; k < nsizes; k++) {
         uint32_t s = a->size_list[k];
+        if (!(a->live & (1u << s)))
+            continue;
         uint64_t tag = va >> ptemu_level_shift(s + 1);
         uint64_t key = key_of(tag, s);
-        ptemu_tlbe *row = set_of(a, tag);
-        for (uint32_t w = 0; w < a->ways; w++) {
-            ptemu_tlbe *e = &row[w];
-            if (e->key == key && (e->pcid == pcid || (e->flags & PTEMU_TE_G))) {
-                e->stamp = ++a->clock;
-                return e;
+        ptemu_tlbe *row = a->e + (size_t)(tag & set_mask) * ways;
+        for (uint32_t w = 0; w < ways; w++) {
+            if (row[w].key == key && (row[w].pcid == pcid || (row[w].flags & PTEMU_TE_G))) {
+                row[w].stamp = ++a->clock;
+                return &row[w];
             }
         }
     }
     return NULL;
 }
 
-/* Install an entry in its set: over a matching one, else an invalid way,
- * else the least recently used. */
-static ptemu_tlbe *array_fill(ptemu_tlb_array *a, const ptemu_tlbe *src)
+/* Install an entry in its set: over a matching one (same key and PCID),
+ * else the first invalid way, else the least recently used (stamps of
+ * valid entries are >= 1, so an invalid way counts as oldest). */
+static PTEMU_INLINE ptemu_tlbe *array_fill(ptemu_tlb_array *a, uint64_t key, uint64_t base,
+                                           uint32_t pcid, uint32_t size, uint32_t flags,
+                                           uint32_t pkey)
 {
-    ptemu_tlbe *row = set_of(a, src->key >> 3);
+    const uint32_t ways = a->ways;
+    ptemu_tlbe *row = a->e + (size_t)((key >> 3) & (a->sets - 1)) * ways;
     ptemu_tlbe *victim = row;
-    for (uint32_t w = 0; w < a->ways; w++) {
-        ptemu_tlbe *e = &row[w];
-        if (e->key == src->key && e->pcid == src->pcid) {
-            victim = e;
+    uint64_t oldest = ~0ULL;
+    for (uint32_t w = 0; w < ways; w++) {
+        uint64_t k = row[w].key;
+        if (k == key && row[w].pcid == pcid) {
+            victim = &row[w];
             goto install;
         }
-        if (victim->key && (!e->key || e->stamp < victim->stamp))
-            victim = e;
+        uint64_t age = k ? row[w].stamp : 0;
+        if (age < oldest) {
+            oldest = age;
+            victim = &row[w];
+        }
     }
     if (victim->key)
         a->evictions++;
 install:
-    *victim = *src;
+    a->live |= 1u << (size & 3u);
+    victim->key = key;
+    victim->base = base;
     victim->stamp = ++a->clock;
+    victim->pcid = (uint16_t)pcid;
+    victim->size = (uint8_t)size;
+    victim->flags = (uint8_t)flags;
+    victim->pkey = (uint8_t)pkey;
     a->fills++;
     return victim;
 }
@@ -129,9 +158,9 @@ PTEMU_INLINE ptemu_tlbe *ptemu_tlb_lookup(ptemu_tlb *t, uint64_t va, uint32_t ac
 {
     if (!t->ready && !ptemu_tlb_init(t))
         return NULL;
-    uint32_t k = access == PTEMU_ACC_FETCH;
+    const uint32_t k = access == PTEMU_ACC_FETCH, nprobe = t->nprobe[k];
     t->lookups[access]++;
-    for (uint32_t i = 0; i < t->nprobe[k]; i++) {
+    for (uint32_t i = 0; i < nprobe; i++) {
         ptemu_tlb_array *a = &t->arr[t->probe[k][i]];
         ptemu_tlbe *e = probe(a, va, pcid);
         if (!e) {
@@ -146,7 +175,9 @@ PTEMU_INLINE ptemu_tlbe *ptemu_tlb_lookup(ptemu_tlb *t, uint64_t va, uint32_t ac
         t->l2_hits[access]++;
         /* Second-level hit: refill the first level, as the STLB does. */
         uint32_t l1 = t->fill_at[k][0][e->size];
-        return l1 ? array_fill(&t->arr[l1 - 1], e) : e;
+        return l1 ? array_fill(&t->arr[l1 - 1], e->key, e->base, e->pcid, e->size, e->flags,
+                               e->pkey)
+                  : e;
     }
     t->misses[access]++;
     return NULL;
@@ -157,19 +188,12 @@ void ptemu_tlb_fill(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
 {
     if (!t->ready && !ptemu_tlb_init(t))
         return;
-    ptemu_tlbe ne;
-    memset(&ne, 0, sizeof ne);
-    ne.key = key_of(va >> ptemu_level_shift(size + 1), size);
-    ne.base = base;
-    ne.pcid = (uint16_t)pcid;
-    ne.size = (uint8_t)size;
-    ne.flags = (uint8_t)flags;
-    ne.pkey = (uint8_t)pkey;
+    uint64_t key = key_of(va >> ptemu_level_shift(size + 1), size);
     uint32_t k = access == PTEMU_ACC_FETCH;
     for (uint32_t tier = 0; tier < 2; tier++) {
         uint32_t i = t->fill_at[k][tier][size];
         if (i)
-            array_fill(&t->arr[i - 1], &ne);
+            array_fill(&t->arr[i - 1], key, base, pcid, size, flags, pkey);
     }
 }
 
@@ -205,14 +229,8 @@ void ptemu_psc_fill(ptemu_tlb *t, uint32_t level, uint64_t va, uint32_t pcid,
 {
     if (level < 2 || level > 5 || !t->psc[level].sets)
         return;
-    ptemu_tlbe ne;
-    memset(&ne, 0, sizeof ne);
-    ne.key = key_of(va >> ptemu_level_shift(level), level);
-    ne.base = table;
-    ne.pcid = (uint16_t)pcid;
-    ne.size = (uint8_t)level;
-    ne.flags = (uint8_t)rights;
-    array_fill(&t->psc[level], &ne);
+    array_fill(&t->psc[level], key_of(va >> ptemu_level_shift(level), level), table, pcid,
+               level, rights, 0);
 }
 
 /* Does a flush of `kind` remove this TLB entry?  (SDM 4.10.4.1) */
@@ -254,12 +272,17 @@ static inline int psc_entry_goes(const ptemu_tlbe *e, uint32_t kind, uint32_t pc
 static void sweep(ptemu_tlb_array *a, int is_psc, uint32_t kind, uint32_t pcid, uint64_t va)
 {
     size_t n = (size_t)a->sets * a->ways;
+    uint32_t live = 0;
     for (size_t i = 0; i < n; i++) {
         ptemu_tlbe *e = &a->e[i];
-        if (e->key && (is_psc ? psc_entry_goes(e, kind, pcid)
-                              : tlb_entry_goes(e, kind, pcid, va)))
+        if (!e->key)
+            continue;
+        if (is_psc ? psc_entry_goes(e, kind, pcid) : tlb_entry_goes(e, kind, pcid, va))
             e->key = 0;
+        else
+            live |= 1u << (e->size & 3u);
     }
+    a->live = live;
 }
 
 void ptemu_tlb_flush(ptemu_tlb *t, uint32_t kind, uint32_t pcid, uint64_t va, uint32_t cause)

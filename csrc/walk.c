@@ -93,66 +93,88 @@ static inline uint32_t access_bits(const ptemu_ctx *c, uint32_t access, uint32_t
 
 /*
  * The access-rights decision of SDM 4.6 over rights combined across all
- * levels (W and U ANDed, NX ORed).  Returns 0 when allowed, else the
- * protection-fault bits: P, plus PK when the key check fails -- which the
- * SDM (4.7) reports whether or not another check failed too.
+ * levels (W and U ANDed, NX ORed), without protection keys: 1 when the
+ * access is refused.
  */
-static inline uint32_t rights_check(const ptemu_ctx *c, uint32_t access, uint32_t flags,
-                                    uint32_t rights, uint32_t pkey)
+static inline int rights_refused(const ptemu_ctx *c, uint32_t access, uint32_t flags,
+                                 uint32_t rights)
 {
     int upage = (rights & PTEMU_TE_U) != 0;
     int writable = (rights & PTEMU_TE_W) != 0;
     int nx = (rights & PTEMU_TE_NX) != 0;
-    int bad = 0;
 
     if (flags & PTEMU_IN_USER) {
         /* 4.6.1: user-mode accesses need a user-mode address; writes R/W
          * everywhere; fetches XD clear everywhere. */
         if (!upage)
-            bad = 1;
-        else if (access == PTEMU_ACC_WRITE && !writable)
-            bad = 1;
-        else if (access == PTEMU_ACC_FETCH && nx)
-            bad = 1;
-    } else if (access == PTEMU_ACC_FETCH) {
+            return 1;
+        if (access == PTEMU_ACC_WRITE && !writable)
+            return 1;
+        return access == PTEMU_ACC_FETCH && nx;
+    }
+    if (access == PTEMU_ACC_FETCH) {
         /* Supervisor fetch: XD; SMEP forbids user-mode addresses. */
-        if (nx || (upage && c->smep))
-            bad = 1;
-    } else {
-        /* Supervisor data access: SMAP forbids user-mode addresses unless
-         * RFLAGS.AC=1 on an explicit access; writes need R/W when WP=1. */
-        if (upage && c->smap && ((flags & PTEMU_IN_IMPLICIT) || !c->ac))
-            bad = 1;
-        if (access == PTEMU_ACC_WRITE && !writable && c->wp)
-            bad = 1;
+        return nx || (upage && c->smep);
     }
+    /* Supervisor data access: SMAP forbids user-mode addresses unless
+     * RFLAGS.AC=1 on an explicit access; writes need R/W when WP=1. */
+    if (upage && c->smap && ((flags & PTEMU_IN_IMPLICIT) || !c->ac))
+        return 1;
+    return access == PTEMU_ACC_WRITE && !writable && c->wp;
+}
 
-    /* 4.6.2: protection keys, data accesses only (fetches never). PKRU for
-     * user-mode addresses with CR4.PKE, PKRS for supervisor-mode addresses
-     * with CR4.PKS.  WD blocks writes by user-mode accesses, and by
-     * supervisor-mode accesses when CR0.WP=1. */
-    int pk = 0;
-    if (access != PTEMU_ACC_FETCH) {
-        uint32_t reg = 0;
-        int keyed = 0;
-        if (upage && c->pke) {
-            reg = c->pkru;
-            keyed = 1;
-        } else if (!upage && c->pks) {
-            reg = c->pkrs;
-            keyed = 1;
-        }
-        if (keyed) {
-            uint32_t ad = (reg >> (2 * pkey)) & 1;
-            uint32_t wd = (reg >> (2 * pkey + 1)) & 1;
-            if (ad || (wd && access == PTEMU_ACC_WRITE &&
-                       ((flags & PTEMU_IN_USER) || c->wp)))
-                pk = 1;
-        }
-    }
-    if (!bad && !pk)
+/* 4.6.2: protection keys, data accesses only (fetches never).  PKRU for
+ * user-mode addresses with CR4.PKE, PKRS for supervisor-mode addresses
+ * with CR4.PKS.  WD blocks writes by user-mode accesses, and by
+ * supervisor-mode accesses when CR0.WP=1.  1 when the key check fails. */
+static inline int key_refused(const ptemu_ctx *c, uint32_t access, uint32_t flags,
+                              uint32_t rights, uint32_t pkey)
+{
+    if (access == PTEMU_ACC_FETCH)
         return 0;
-    return PTEMU_PF_P | (pk ? PTEMU_PF_PK : 0);
+    uint32_t reg;
+    if (rights & PTEMU_TE_U) {
+        if (!c->pke)
+            return 0;
+        reg = c->pkru;
+    } else {
+        if (!c->pks)
+            return 0;
+        reg = c->pkrs;
+    }
+    uint32_t ad = (reg >> (2 * pkey)) & 1;
+    uint32_t wd = (reg >> (2 * pkey + 1)) & 1;
+    return ad || (wd && access == PTEMU_ACC_WRITE && ((flags & PTEMU_IN_USER) || c->wp));
+}
+
+/*
+ * Batch loops decide rights by table: rights_refused() for every access
+ * kind, mode (flags & (USER|IMPLICIT)) and combination of NX/W/U, computed
+ * once per call -- the same function, so one logic serves both.
+ */
+void ptemu_ctx_tables(ptemu_ctx *c)
+{
+    for (uint32_t a = 0; a < 3; a++)
+        for (uint32_t m = 0; m < 4; m++)
+            for (uint32_t r = 0; r < 8; r++)
+                c->rtab[a][m][r] = rights_refused(c, a, m, r) ? (uint8_t)PTEMU_PF_P : 0;
+    c->rtab_ready = 1;
+}
+
+/*
+ * Returns 0 when the access is allowed, else the protection-fault bits: P,
+ * plus PK when the key check fails -- which the SDM (4.7) reports whether
+ * or not another check failed too.
+ */
+static PTEMU_INLINE uint32_t rights_check(const ptemu_ctx *c, uint32_t access, uint32_t flags,
+                                          uint32_t rights, uint32_t pkey)
+{
+    uint32_t ec = c->rtab_ready
+        ? c->rtab[access][flags & (PTEMU_IN_USER | PTEMU_IN_IMPLICIT)][rights & 7]
+        : (rights_refused(c, access, flags, rights) ? PTEMU_PF_P : 0);
+    if ((c->pke | c->pks) && key_refused(c, access, flags, rights, pkey))
+        ec = PTEMU_PF_P | PTEMU_PF_PK;
+    return ec;
 }
 
 static inline int page_fault(const ptemu_ctx *c, ptemu_fault *f, uint64_t va,
@@ -175,47 +197,40 @@ static int ept_exit_fault(ptemu_fault *f, const ptemu_ept *x, uint64_t va)
                            x->exit_level);
 }
 
-PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t access,
-                                     uint32_t flags, ptemu_walk_out *o, ptemu_fault *f)
+/* A TLB hit that cannot serve this access by itself (SDM 4.8: a write
+ * through an entry cached with D=0 must set D in memory; nested: the
+ * combined mapping lacks the EPT right, so the exit, or a changed EPT, must
+ * come from memory).  The rights check comes first. */
+static PTEMU_INLINE int hit_needs_walk(const ptemu_tlbe *e, uint32_t access, const ptemu_ept *ept)
+{
+    if (access == PTEMU_ACC_WRITE && !(e->flags & PTEMU_TE_D))
+        return 1;
+    return ept && !(e->flags & (access == PTEMU_ACC_WRITE ? PTEMU_TE_EPT_W
+                                : access == PTEMU_ACC_FETCH ? PTEMU_TE_EPT_X
+                                : PTEMU_TE_EPT_R));
+}
+
+/* The address a TLB entry gives for va. */
+static PTEMU_INLINE uint64_t hit_pa(const ptemu_tlbe *e, uint64_t va)
+{
+    return e->base | (va & ((1ULL << ptemu_level_shift(e->size + 1u)) - 1));
+}
+
+/*
+ * A translation once the TLB was probed: hit is what ptemu_tlb_lookup()
+ * returned for this access (NULL: a miss, or no TLB), so that batch loops
+ * can take the common hit themselves and hand everything else here without
+ * probing (and counting) twice.  va is canonical, paging is on.
+ */
+static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uint32_t access,
+                                            uint32_t flags, ptemu_tlb *tlb, ptemu_tlbe *hit,
+                                            ptemu_walk_out *o, ptemu_fault *f)
 {
     o->va = va;
     o->nentries = 0;
     o->mem_refs = 0;
     o->tlb_hit = 0;
-    if (c->mem->ept)    /* a probe writes no EPT A/D bits either */
-        c->mem->ept->no_ad = (flags & PTEMU_IN_NO_AD) != 0;
-
-    if (c->levels == 0) {
-        o->pa = va;
-        if (c->mem->ept) {
-            /* SDM 29.3.1: with CR0.PG = 0 the linear address is a
-             * guest-physical address, still translated by EPT. */
-            ptemu_ept *x = c->mem->ept;
-            uint64_t r0 = x->refs;
-            x->pending = 0;
-            if (!ptemu_ept_walk(x, va, access, PTEMU_EQ_GLA_VALID | PTEMU_EQ_TRANSLATED,
-                                &o->pa, NULL))
-                return ept_exit_fault(f, x, va);
-            o->mem_refs = (uint32_t)(x->refs - r0);
-            x->exit_gpa = va;
-        }
-        o->page_size = 4096;
-        o->leaf = 0;
-        o->level = 0;
-        o->first_level = 0;
-        o->rights = PTEMU_TE_W | PTEMU_TE_U;
-        return PTEMU_OK;
-    }
-
-    /* SDM 4.5.1 / 3.3.7.1: bits 63:47 (63:56) must all equal bit 47 (56). */
-    {
-        int64_t s = (int64_t)(va << (64 - c->canon_bits)) >> (64 - c->canon_bits);
-        if ((uint64_t)s != va)
-            return ptemu_set_fault(f, PTEMU_VEC_GP, 0, 0, PTEMU_CAUSE_NONCANON, 0);
-    }
-
     uint32_t acc_ec = access_bits(c, access, flags);
-    ptemu_tlb *tlb = (flags & PTEMU_IN_NO_AD) ? NULL : c->tlb;
     ptemu_ept *ept = c->mem->ept;
     uint64_t ept_refs0 = 0;
     if (ept) {
@@ -223,37 +238,26 @@ PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t a
         ept_refs0 = ept->refs;
     }
 
-    if (tlb) {
-        ptemu_tlbe *e = ptemu_tlb_lookup(tlb, va, access, c->pcid);
-        if (e) {
-            uint32_t prot = rights_check(c, access, flags, e->flags, e->pkey);
-            if (prot)
-                return page_fault(c, f, va, prot | acc_ec, PTEMU_CAUSE_PROT, 0);
-            if (access == PTEMU_ACC_WRITE && !(e->flags & PTEMU_TE_D)) {
-                /* SDM 4.8: D must be set in memory by this write; the
-                 * cached entry cannot do it, so walk again. */
-                e->key = 0;
-                tlb->dirty_rewalks++;
-            } else if (ept && !(e->flags & (access == PTEMU_ACC_WRITE ? PTEMU_TE_EPT_W
-                                          : access == PTEMU_ACC_FETCH ? PTEMU_TE_EPT_X
-                                          : PTEMU_TE_EPT_R))) {
-                /* The combined mapping lacks the EPT right: walk again so
-                 * the exit (or a changed EPT) comes from memory. */
-                e->key = 0;
-            } else {
-                uint64_t size = 1ULL << ptemu_level_shift(e->size + 1u);
-                o->pa = e->base | (va & (size - 1));
-                o->page_size = size;
-                o->level = e->size + 1u;
-                o->rights = e->flags & (PTEMU_TE_W | PTEMU_TE_U | PTEMU_TE_NX);
-                o->leaf = 0;
-                o->first_level = o->level;
-                o->tlb_hit = 1;
-                return PTEMU_OK;
-            }
+    if (hit) {
+        uint32_t prot = rights_check(c, access, flags, hit->flags, hit->pkey);
+        if (prot)
+            return page_fault(c, f, va, prot | acc_ec, PTEMU_CAUSE_PROT, 0);
+        if (!hit_needs_walk(hit, access, ept)) {
+            o->pa = hit_pa(hit, va);
+            o->page_size = 1ULL << ptemu_level_shift(hit->size + 1u);
+            o->level = hit->size + 1u;
+            o->rights = hit->flags & (PTEMU_TE_W | PTEMU_TE_U | PTEMU_TE_NX);
+            o->leaf = 0;
+            o->first_level = o->level;
+            o->tlb_hit = 1;
+            return PTEMU_OK;
         }
-        tlb->walks++;
+        if (access == PTEMU_ACC_WRITE && !(hit->flags & PTEMU_TE_D))
+            tlb->dirty_rewalks++;
+        hit->key = 0;
     }
+    if (tlb)
+        tlb->walks++;
 
     uint32_t level = c->levels;
     uint64_t table = c->top_table;
@@ -416,6 +420,46 @@ PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t a
         ptemu_tlb_fill(tlb, va, access, c->pcid, tlb_size, base, tflags, pkey);
     }
     return PTEMU_OK;
+}
+
+PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t access,
+                                     uint32_t flags, ptemu_walk_out *o, ptemu_fault *f)
+{
+    if (c->mem->ept)    /* a probe writes no EPT A/D bits either */
+        c->mem->ept->no_ad = (flags & PTEMU_IN_NO_AD) != 0;
+
+    if (c->levels == 0) {
+        o->va = va;
+        o->nentries = 0;
+        o->mem_refs = 0;
+        o->tlb_hit = 0;
+        o->pa = va;
+        if (c->mem->ept) {
+            /* SDM 29.3.1: with CR0.PG = 0 the linear address is a
+             * guest-physical address, still translated by EPT. */
+            ptemu_ept *x = c->mem->ept;
+            uint64_t r0 = x->refs;
+            x->pending = 0;
+            if (!ptemu_ept_walk(x, va, access, PTEMU_EQ_GLA_VALID | PTEMU_EQ_TRANSLATED,
+                                &o->pa, NULL))
+                return ept_exit_fault(f, x, va);
+            o->mem_refs = (uint32_t)(x->refs - r0);
+            x->exit_gpa = va;
+        }
+        o->page_size = 4096;
+        o->leaf = 0;
+        o->level = 0;
+        o->first_level = 0;
+        o->rights = PTEMU_TE_W | PTEMU_TE_U;
+        return PTEMU_OK;
+    }
+
+    if (!ptemu_canonical(c, va))
+        return ptemu_set_fault(f, PTEMU_VEC_GP, 0, 0, PTEMU_CAUSE_NONCANON, 0);
+
+    ptemu_tlb *tlb = (flags & PTEMU_IN_NO_AD) ? NULL : c->tlb;
+    ptemu_tlbe *e = tlb ? ptemu_tlb_lookup(tlb, va, access, c->pcid) : NULL;
+    return translate_looked_up(c, va, access, flags, tlb, e, o, f);
 }
 
 uint32_t ptemu_resolve_flags(const ptemu_cpu *cpu, uint32_t flags)
