@@ -321,6 +321,9 @@ class GuestPhys:
         return pa, n
 
     def read_u64(self, pa):
+        if pa.__class__ is int and not pa & 7 and 0 <= pa and pa + 8 <= self.size:
+            hpa = self._vm._p2m_list[pa >> 12]
+            return 0 if hpa == NO_FRAME else self._m[(hpa + (pa & 0xFFF)) >> 3]
         pa, _ = self._range(pa, 8)
         if pa & 7:
             return int.from_bytes(self.read(pa, 8), "little")
@@ -338,6 +341,13 @@ class GuestPhys:
 
     def read(self, pa, n):
         pa, n = self._range(pa, n)
+        if n and (pa & 0xFFF) + n <= PAGE:
+            # Within one frame (clear_page / copy_page): one slice, no assembly.
+            hpa = self._vm._p2m_list[pa >> 12]
+            if hpa == NO_FRAME:
+                return bytes(n)
+            off = hpa + (pa & 0xFFF)
+            return self._arr[off:off + n].tobytes()
         out = bytearray(n)
         p2m = self._vm._p2m_list
         done = 0
@@ -368,8 +378,7 @@ class GuestPhys:
                 hpa = vm.back(gfn)
                 word = (hpa + (off & ~7)) >> 3
                 old = self._m[word]
-                self._arr[hpa + off:hpa + off + k] = np.frombuffer(data[done:done + k],
-                                                                   dtype=np.uint8)
+                self._arr[hpa + off:hpa + off + k] = np.frombuffer(data, np.uint8, k, done)
                 if gfn in sh.gfn_sps:
                     sh.pte_written(gfn, off, old, self._m[word], k)
                     vm.vcpu._commit()
@@ -419,7 +428,9 @@ class VCpu:
         self._nlogged = 0
         self._gpa = 0
         self._exc = None
-        self._checked_trace = None     # the last trace run() checked (kept alive)
+        self._checked_trace = None     # the last trace run() checked (kept alive),
+        self._trace_raw = None         # its bytes,
+        self._trace_c = None           # and its records as C sees them
         self._pf_exit = self._make_pf_exit()
 
     # -- keeping the real CPU in step with the guest's ------------------------------
@@ -758,6 +769,9 @@ class VCpu:
                 raise InvalidInput("trace access codes must be 0 (read), 1 (write) or 2 "
                                    "(fetch)")
             self._checked_trace = trace
+            # The access kind and user flag of record i are bytes 16*i+8 and 16*i+9.
+            self._trace_raw = memoryview(trace.view(np.uint8)) if len(trace) else None
+            self._trace_c = ffi.from_buffer("ptemu_trace_rec[]", trace)
         n = len(trace)
         if start.__class__ is not int or start < 0:
             start = check_u64(start, "start")
@@ -768,9 +782,7 @@ class VCpu:
         if not self._paging:
             st["guest_accesses"] += n - start
             return RunResult(n, 0, 0, 0, "none", None)
-        # The access kind and user flag of record i are bytes 16*i+8 and 16*i+9.
-        raw = memoryview(trace.view(np.uint8)) if n else None
-        tp = ffi.from_buffer("ptemu_trace_rec[]", trace)
+        raw, tp = self._trace_raw, self._trace_c
         f = self._rfault
         rcpu, hmem, rtlb = self._rcpu, self._hmem, self._rtlb
         pf_exit = self._pf_exit
