@@ -385,10 +385,13 @@ class ShadowMmu:
         if old == new:
             return False
         if old:
-            self._rmap_remove(old, i << 3)
             # A lowered or moved translation may sit in the real TLB.
             if (old ^ new) & ~(W | D | A) or (old & W and not new & W):
                 self.need_flush = True
+            if new and not (old ^ new) & 0x000FFFFFFFFFF000:
+                m[i] = new          # same frame (rights changed): the rmap stays
+                return True
+            self._rmap_remove(old, i << 3)
         if new:
             gfn = self.h2g[new >> 12 & 0xFFFFFFFFFF]
             s = self.rmap.get(gfn)
