@@ -122,26 +122,39 @@ def ept_exit_from_c(ept_c, gla):
     return cls(int(ept_c.exit_gpa), gla, int(ept_c.exit_qual), int(ept_c.exit_level))
 
 
+_PF_NAMES = ((lib.PTEMU_PF_P, "P"), (lib.PTEMU_PF_W, "W"), (lib.PTEMU_PF_U, "U"),
+             (lib.PTEMU_PF_RSVD, "RSVD"), (lib.PTEMU_PF_I, "I"), (lib.PTEMU_PF_PK, "PK"),
+             (lib.PTEMU_PF_SS, "SS"), (lib.PTEMU_PF_SGX, "SGX"))
+_PF_DECODED = {}          # error code -> its names (few distinct codes occur)
+
+
 def decode_error_code(ec):
     """'P W U RSVD I PK' style names of a #PF error code's bits ('-' if none)."""
-    names = [(lib.PTEMU_PF_P, "P"), (lib.PTEMU_PF_W, "W"), (lib.PTEMU_PF_U, "U"),
-             (lib.PTEMU_PF_RSVD, "RSVD"), (lib.PTEMU_PF_I, "I"), (lib.PTEMU_PF_PK, "PK"),
-             (lib.PTEMU_PF_SS, "SS"), (lib.PTEMU_PF_SGX, "SGX")]
-    out = [n for bit, n in names if ec & bit]
-    return " ".join(out) if out else "-"
+    out = _PF_DECODED.get(ec)
+    if out is None:
+        out = " ".join(n for bit, n in _PF_NAMES if ec & bit) or "-"
+        if ec.__class__ is int and 0 <= ec < 1 << 32 and len(_PF_DECODED) < 4096:
+            _PF_DECODED[ec] = out
+    return out
+
+
+_EPT_EXITS = (lib.PTEMU_EXIT_EPT_VIOLATION, lib.PTEMU_EXIT_EPT_MISCONFIG)
+_VEC_GP, _CAUSE_NONCANON, _CAUSE_BUS = lib.PTEMU_VEC_GP, lib.PTEMU_CAUSE_NONCANON, lib.PTEMU_CAUSE_BUS
 
 
 def fault_from_c(f, memory_size=None, ept_c=None):
     """Turn a filled ptemu_fault into the exception it stands for."""
-    cause = _CAUSE_NAMES.get(f.cause, "unknown")
-    if f.vector in (lib.PTEMU_EXIT_EPT_VIOLATION, lib.PTEMU_EXIT_EPT_MISCONFIG) and ept_c is not None:
+    fcause = f.cause
+    cause = _CAUSE_NAMES.get(fcause, "unknown")
+    vector = f.vector
+    if vector in _EPT_EXITS and ept_c is not None:
         return ept_exit_from_c(ept_c, int(f.cr2))
-    if f.vector == lib.PTEMU_VEC_GP:
-        if f.cause == lib.PTEMU_CAUSE_NONCANON:
+    if vector == _VEC_GP:
+        if fcause == _CAUSE_NONCANON:
             return None  # caller knows the va
         return GeneralProtection(None)
     msg = None
-    if f.cause == lib.PTEMU_CAUSE_BUS:
+    if fcause == _CAUSE_BUS:
         msg = ("#PF at %#x, error code %#x (%s): the paging-structure entry at level %d "
                "lies outside physical memory%s" % (
                    f.cr2, f.error_code, decode_error_code(f.error_code), f.level,

@@ -31,6 +31,7 @@ __all__ = ["hypercall", "validate_entry", "HYPERCALLS"]
 
 HYPERCALLS = ("mmu_update", "new_baseptr", "invlpg", "flush_tlb")
 _P, _W, _PS = bits.PTE_P, bits.PTE_W, bits.PTE_PS
+_U64_MAX = (1 << 64) - 1
 
 
 def validate_entry(vm, gpa, value):
@@ -40,8 +41,8 @@ def validate_entry(vm, gpa, value):
     sh = vm.shadow
     nframes = len(vm._p2m_list)
     target = (value & sh.amask) >> 12
-    levels = {sp.level for sp in sh.gfn_sps.get(gpa >> 12, ())}
-    large = [lv for lv in (2, 3) if lv in levels] if value & _PS else []
+    sps = sh.gfn_sps.get(gpa >> 12, ())
+    large = [lv for lv in (2, 3) if any(sp.level == lv for sp in sps)] if value & _PS else []
     for lv in large:
         span = 1 << (9 * (lv - 1))
         base = target & ~(span - 1)
@@ -55,7 +56,7 @@ def validate_entry(vm, gpa, value):
     if not large:
         if target >= nframes:
             return "it points at gfn %#x, outside the VM (%d frames)" % (target, nframes)
-        if value & _W and 1 in levels and target in sh.gfn_sps:
+        if value & _W and target in sh.gfn_sps and any(sp.level == 1 for sp in sps):
             return "it would map page-table frame %#x writable" % target
     return None
 
@@ -73,8 +74,10 @@ def mmu_update_items(args, size):
         except (TypeError, ValueError):
             raise InvalidInput("mmu_update entries are (gpa, value) pairs, not %r"
                                % (item,)) from None
-        gpa = check_u64(gpa, "entry address")
-        value = check_u64(value, "entry value")
+        if gpa.__class__ is not int or gpa < 0 or gpa > _U64_MAX:
+            gpa = check_u64(gpa, "entry address")
+        if value.__class__ is not int or value < 0 or value > _U64_MAX:
+            value = check_u64(value, "entry value")
         if gpa & 7 or gpa + 8 > size:
             raise HypercallRejected("mmu_update item %d: entry address %#x is not an "
                                     "aligned entry inside guest memory (size %#x)"

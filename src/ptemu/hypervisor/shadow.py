@@ -162,7 +162,8 @@ class ShadowMmu:
         self.prev_roots = []    # most recent first (KVM prev_roots)
         self.need_flush = False
         self.need_reload = False
-        self._pcache = {}       # va >> 21 -> level-1 page under the current root (fill)
+        self._pcache = {}       # va >> 21 -> level-1 page under the current root (fill);
+                                # ~(va >> 21) -> direct level-1 page of a guest 2 MiB page
 
         # Paging mode (set by set_mode from the guest's CR0/CR4/EFER).
         self.levels = 4
@@ -319,8 +320,17 @@ class ShadowMmu:
         else:
             base = sp.base
             table = np.frombuffer(m[base:base + 512], dtype=np.uint64)
-            for idx in np.flatnonzero(table).tolist():
-                self._rmap_remove(m[base + idx], (base + idx) << 3)
+            present = np.flatnonzero(table)
+            if len(present):
+                # _rmap_remove for each present spte, in one pass
+                h2g, rmap = self.h2g, self.rmap
+                frames = ((table[present] >> np.uint64(12)) & np.uint64(0xFFFFFFFFFF)).tolist()
+                for idx, frame in zip(present.tolist(), frames):
+                    gfn = h2g.get(frame)
+                    if gfn is not None:
+                        s = rmap.get(gfn)
+                        if s is not None:
+                            s.discard((base + idx) << 3)
         del self.hash[sp.key]
         del self.by_frame[sp.hpa >> 12]
         if sp.unsync:
@@ -375,10 +385,13 @@ class ShadowMmu:
         if old == new:
             return False
         if old:
-            self._rmap_remove(old, i << 3)
             # A lowered or moved translation may sit in the real TLB.
             if (old ^ new) & ~(W | D | A) or (old & W and not new & W):
                 self.need_flush = True
+            if new and not (old ^ new) & 0x000FFFFFFFFFF000:
+                m[i] = new          # same frame (rights changed): the rmap stays
+                return True
+            self._rmap_remove(old, i << 3)
         if new:
             gfn = self.h2g[new >> 12 & 0xFFFFFFFFFF]
             s = self.rmap.get(gfn)
@@ -456,23 +469,35 @@ class ShadowMmu:
             if rights & TE_NX:
                 spte |= NX
         else:
-            sp = self._descend(va, words, n, use)
             leaf = words[14 + n]
             gfn = gpa >> 12
             # A guest large page backed by 4 KiB host frames: direct shadow
             # pages below, keyed by the base frame of the range they map.
             extra = self.direct_role(rights, leaf)
             dacc = (extra >> R_ACC_SHIFT) & 7
-            L = level
-            while L > 1:
-                idx = (va >> SHIFT[L]) & 511
-                L -= 1
-                dgfn = gfn & ~((1 << (9 * L)) - 1)
-                key = (dgfn << KEY_SHIFT) | extra | L
-                child = sp.children.get(idx)
-                if child is None or child.key != key:
-                    child = self.link(sp, idx, dgfn, extra | L)
-                sp = child
+            # The direct level-1 page of a guest 2 MiB page, as the last fill
+            # left it (same validity as above; cached under ~(va >> 21)).  Only
+            # when the fill is no use of the path: a use resets the flood count
+            # of every page on it, which _descend does.
+            sp = None
+            if level == 2 and not use:
+                sp = self._pcache.get(~(va >> 21))
+                if sp is not None and sp.key != (((gfn & ~511) << KEY_SHIFT) | extra | 1):
+                    sp = None
+            if sp is None:
+                sp = self._descend(va, words, n, use)
+                L = level
+                while L > 1:
+                    idx = (va >> SHIFT[L]) & 511
+                    L -= 1
+                    dgfn = gfn & ~((1 << (9 * L)) - 1)
+                    key = (dgfn << KEY_SHIFT) | extra | L
+                    child = sp.children.get(idx)
+                    if child is None or child.key != key:
+                        child = self.link(sp, idx, dgfn, extra | L)
+                    sp = child
+                if level == 2:
+                    self._pcache[~(va >> 21)] = sp
             spte = hpa | P | A | (dacc & TE_U) | sp.leafbits
             if dacc & TE_W and gfn not in self.wp:
                 spte |= W | D

@@ -28,6 +28,7 @@ from ptemu.tlb import Tlb
 from ptemu.hypervisor.exits import (EXIT_REASONS, VmStats, ExitRecord, GuestMemoryError,
                                     HostMemoryExhausted, ShadowMmuError)
 from ptemu.hypervisor.shadow import ShadowMmu, TE_W, LEAF_COPY, R_WP
+from ptemu.hypervisor.paravirt import hypercall as _hypercall
 
 __all__ = ["Hypervisor", "VirtualMachine", "VCpu", "GuestPhys"]
 
@@ -49,6 +50,7 @@ _IN_USER = lib.PTEMU_IN_USER
 _IN_CPL = lib.PTEMU_IN_CPL
 _VEC_PF = lib.PTEMU_VEC_PF
 _VEC_GP = lib.PTEMU_VEC_GP
+_CAUSE_NONE = lib.PTEMU_CAUSE_NONE
 _BUS = lib.PTEMU_CAUSE_BUS
 _ACC_WRITE = lib.PTEMU_ACC_WRITE
 _FLUSH_ALL = lib.PTEMU_FLUSH_ALL
@@ -319,6 +321,9 @@ class GuestPhys:
         return pa, n
 
     def read_u64(self, pa):
+        if pa.__class__ is int and not pa & 7 and 0 <= pa and pa + 8 <= self.size:
+            hpa = self._vm._p2m_list[pa >> 12]
+            return 0 if hpa == NO_FRAME else self._m[(hpa + (pa & 0xFFF)) >> 3]
         pa, _ = self._range(pa, 8)
         if pa & 7:
             return int.from_bytes(self.read(pa, 8), "little")
@@ -336,6 +341,13 @@ class GuestPhys:
 
     def read(self, pa, n):
         pa, n = self._range(pa, n)
+        if n and (pa & 0xFFF) + n <= PAGE:
+            # Within one frame (clear_page / copy_page): one slice, no assembly.
+            hpa = self._vm._p2m_list[pa >> 12]
+            if hpa == NO_FRAME:
+                return bytes(n)
+            off = hpa + (pa & 0xFFF)
+            return self._arr[off:off + n].tobytes()
         out = bytearray(n)
         p2m = self._vm._p2m_list
         done = 0
@@ -366,8 +378,7 @@ class GuestPhys:
                 hpa = vm.back(gfn)
                 word = (hpa + (off & ~7)) >> 3
                 old = self._m[word]
-                self._arr[hpa + off:hpa + off + k] = np.frombuffer(data[done:done + k],
-                                                                   dtype=np.uint8)
+                self._arr[hpa + off:hpa + off + k] = np.frombuffer(data, np.uint8, k, done)
                 if gfn in sh.gfn_sps:
                     sh.pte_written(gfn, off, old, self._m[word], k)
                     vm.vcpu._commit()
@@ -417,6 +428,9 @@ class VCpu:
         self._nlogged = 0
         self._gpa = 0
         self._exc = None
+        self._checked_trace = None     # the last trace run() checked (kept alive),
+        self._trace_raw = None         # its bytes,
+        self._trace_c = None           # and its records as C sees them
         self._pf_exit = self._make_pf_exit()
 
     # -- keeping the real CPU in step with the guest's ------------------------------
@@ -647,12 +661,14 @@ class VCpu:
             return True
         return False
 
-    def _xlate(self, va, acc):
+    def _xlate(self, va, acc, r=None):
         """One guest access through the real MMU, exits handled.  Returns
-        (0, hpa), (EMULATE, gpa) or (MMIO, gpa); raises the true fault."""
+        (0, hpa), (EMULATE, gpa) or (MMIO, gpa); raises the true fault.
+        r: the result of the caller's own first try of the real MMU, if any."""
         tries = 0
         while True:
-            r = _translate(self._rm, va, acc, _IN_CPL)
+            if r is None:
+                r = _translate(self._rm, va, acc, _IN_CPL)
             if not r:
                 return 0, _PA.unpack_from(self._rbuf, 8)[0]
             if r == _VEC_GP:
@@ -663,6 +679,7 @@ class VCpu:
                 tries += 1
                 if tries > 8:
                     raise ShadowMmuError("no progress on %s at %#x" % (_ACC_NAMES[acc], va))
+                r = None
                 continue
             if code == INJECT:
                 raise self._exc
@@ -699,14 +716,18 @@ class VCpu:
 
     def load_u64(self, va):
         """An 8-byte load at va (8-aligned): the value in guest memory."""
-        va = self._aligned(va)
+        if va.__class__ is not int or va < 0 or va > _U64_MAX or va & 7:
+            va = self._aligned(va)
         self._sync_cpu()
         self._stats["guest_accesses"] += 1
         if not self._paging:
             if va + 8 > self.vm.memory_bytes:
                 raise GuestMemoryError(va, va, self.vm.memory_bytes)
             return self.vm.phys.read_u64(va)
-        kind, addr = self._xlate(va, 0)
+        r = _translate(self._rm, va, 0, _IN_CPL)
+        if not r:                       # no exit: the real MMU had it
+            return self._m[_PA.unpack_from(self._rbuf, 8)[0] >> 3]
+        kind, addr = self._xlate(va, 0, r)
         if kind == MMIO:
             raise GuestMemoryError(va, addr, self.vm.memory_bytes)
         return self._m[addr >> 3]
@@ -714,7 +735,8 @@ class VCpu:
     def store_u64(self, va, value):
         """An 8-byte store at va (8-aligned).  A store into a write-protected guest
         page table exits and is emulated; the shadows follow it."""
-        va = self._aligned(va)
+        if va.__class__ is not int or va < 0 or va > _U64_MAX or va & 7:
+            va = self._aligned(va)
         if value.__class__ is not int or value < 0 or value > _U64_MAX:
             value = check_u64(value, "value")
         self._sync_cpu()
@@ -724,7 +746,11 @@ class VCpu:
                 raise GuestMemoryError(va, va, self.vm.memory_bytes)
             self.vm.guest_write(va, value)
             return
-        kind, addr = self._xlate(va, _ACC_WRITE)
+        r = _translate(self._rm, va, _ACC_WRITE, _IN_CPL)
+        if not r:                       # no exit: the real MMU had it
+            self._m[_PA.unpack_from(self._rbuf, 8)[0] >> 3] = value
+            return
+        kind, addr = self._xlate(va, _ACC_WRITE, r)
         if kind == 0:
             self._m[addr >> 3] = value
         elif kind == EMULATE:
@@ -735,22 +761,28 @@ class VCpu:
     def run(self, trace, start=0):
         """Run trace[start:] (TRACE_DTYPE) on the real MMU in C; exits are handled
         here and the run resumes, up to the first true fault (RunResult)."""
-        trace = check_array(trace, TRACE_DTYPE, "trace")
+        if trace is not self._checked_trace:
+            # A guest kernel resumes the same trace after every fault it handles:
+            # check it (and scan its access codes) once, not at every resume.
+            trace = check_array(trace, TRACE_DTYPE, "trace")
+            if len(trace) and int(trace["access"].max()) > 2:
+                raise InvalidInput("trace access codes must be 0 (read), 1 (write) or 2 "
+                                   "(fetch)")
+            self._checked_trace = trace
+            # The access kind and user flag of record i are bytes 16*i+8 and 16*i+9.
+            self._trace_raw = memoryview(trace.view(np.uint8)) if len(trace) else None
+            self._trace_c = ffi.from_buffer("ptemu_trace_rec[]", trace)
         n = len(trace)
-        start = check_u64(start, "start")
+        if start.__class__ is not int or start < 0:
+            start = check_u64(start, "start")
         if start > n:
             raise InvalidInput("start %d is past the end of the trace (%d)" % (start, n))
-        accs = trace["access"]
-        if n and int(accs.max()) > 2:
-            raise InvalidInput("trace access codes must be 0 (read), 1 (write) or 2 (fetch)")
         self._sync_cpu()
         st = self._stats
         if not self._paging:
             st["guest_accesses"] += n - start
             return RunResult(n, 0, 0, 0, "none", None)
-        # The access kind and user flag of record i are bytes 16*i+8 and 16*i+9.
-        raw = memoryview(trace.view(np.uint8)) if n else None
-        tp = ffi.from_buffer("ptemu_trace_rec[]", trace)
+        raw, tp = self._trace_raw, self._trace_c
         f = self._rfault
         rcpu, hmem, rtlb = self._rcpu, self._hmem, self._rtlb
         pf_exit = self._pf_exit
@@ -767,6 +799,11 @@ class VCpu:
                     return RunResult(n, 0, 0, 0, "none", None)
                 if f.vector != vec_pf:
                     st["guest_accesses"] += idx - start
+                    if f.cause == _CAUSE_NONE:
+                        # A bad access code written into the trace since it was
+                        # checked: the C loop refuses it, as on the native machine.
+                        raise InvalidInput("trace[%d]: access code %d is not 0 (read), 1 "
+                                           "(write) or 2 (fetch)" % (idx, raw[16 * idx + 8]))
                     va = int(trace["va"][idx])
                     return RunResult(int(idx), 13, 0, 0, "non-canonical", GeneralProtection(va))
                 va = f.cr2
@@ -794,10 +831,12 @@ class VCpu:
                         self._commit()
                     i = idx + 1
         finally:
-            st["exit_page_fault"] += sum(counts)
-            for k, c in enumerate(counts):
-                if c:
-                    st[_OUTCOME_COUNTERS[k]] += c
+            n_exits = counts[0] + counts[1] + counts[2] + counts[3] + counts[4]
+            if n_exits:
+                st["exit_page_fault"] += n_exits
+                for k, c in enumerate(counts):
+                    if c:
+                        st[_OUTCOME_COUNTERS[k]] += c
 
     # -- control registers and invalidations ---------------------------------------------
     def write_cr3(self, value):
@@ -893,9 +932,8 @@ class VCpu:
         if self.vm.paging != "paravirt":
             raise InvalidInput("hypercall %r: this VM uses %s paging; hypercalls are for "
                                "paravirt VMs" % (op, self.vm.paging))
-        from ptemu.hypervisor.paravirt import hypercall
         self._sync_cpu(load=False)
-        return hypercall(self, op, args)
+        return _hypercall(self, op, args)
 
     def __repr__(self):
         return "<vCPU of VM %d: guest CR3 %#x, real CR3 %#x>" % (self.vm.id, self.cpu.cr3,
