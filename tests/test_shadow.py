@@ -370,6 +370,28 @@ def test_use_of_the_page_resets_the_flood_count():
     assert vm.stats["mmu_flooded"] == 0 and pt >> 12 in vm.shadow.wp
 
 
+def test_use_resets_the_flood_count_of_every_page_on_the_path():
+    """docs: hidden fault, step 1 (KVM clears write_flooding_count of each shadow
+    page on the way): a fill through an upper table counts as its use too, also
+    when the level-1 page comes from the fill cache.  Here the page directory:
+    2 writes, a fill through it, 2 writes: not flooded."""
+    hv, vm, g, pt = _window_setup()
+    pd = g.table_of(0x7000, level=2)
+    g.map(0x6000, 13 * PAGE)
+    g.map(WIN + PAGE, pd, P | W)
+    fill_data(vm, [13])
+    vc = vm.vcpu
+    vc.load_u64(0x7000)                              # the path, and the cached L1 page
+    pd_win = WIN + PAGE
+    vc.store_u64(pd_win + 300 * 8, 0)
+    vc.store_u64(pd_win + 301 * 8, 0)
+    assert vc.load_u64(0x6000) == 0xD000D            # a hidden fault through the PD
+    vc.store_u64(pd_win + 302 * 8, 0)
+    vc.store_u64(pd_win + 303 * 8, 0)
+    assert vm.stats["mmu_flooded"] == 0 and pd >> 12 in vm.shadow.wp
+    assert audit(vm) == []
+
+
 def test_misaligned_write_unshadows_but_a_byte_at_an_entry_start_does_not():
     """KVM detect_write_misaligned: a write straddling two entries zaps the shadow
     page; a 1-byte write at an entry's start (clear_bit) is an entry update."""

@@ -162,7 +162,8 @@ class ShadowMmu:
         self.prev_roots = []    # most recent first (KVM prev_roots)
         self.need_flush = False
         self.need_reload = False
-        self._pcache = {}       # va >> 21 -> level-1 page under the current root (fill);
+        self._pcache = {}       # va >> 21 -> the pages on the path to the level-1 page
+                                # under the current root, root first (fill);
                                 # ~(va >> 21) -> direct level-1 page of a guest 2 MiB page
 
         # Paging mode (set by set_mode from the guest's CR0/CR4/EFER).
@@ -455,12 +456,17 @@ class ShadowMmu:
             # the last fill left it: valid while no spte was unlinked and no
             # page zapped since (any change of the guest's upper entries traps
             # and unlinks), checked against the table the guest walk used.
-            sp = self._pcache.get(va >> 21)
-            if sp is None or sp.gfn != words[9 + n] >> 12:
-                sp = self._descend(va, words, n, use)
-                self._pcache[va >> 21] = sp
-            elif use:
-                sp.flood = 0
+            cached = self._pcache.get(va >> 21)
+            if cached is None or cached[-1].gfn != words[9 + n] >> 12:
+                path = []
+                sp = self._descend(va, words, n, use, path)
+                self._pcache[va >> 21] = cached = tuple(path)
+            else:
+                sp = cached[-1]
+                if use:
+                    # A use of every page on the path, as _descend counts it.
+                    for p in cached:
+                        p.flood = 0
             leaf = words[14 + n]
             gfn = gpa >> 12
             spte = hpa | 0x21 | (rights & TE_U) | (leaf & LEAF_COPY)    # P | A
@@ -523,12 +529,15 @@ class ShadowMmu:
             self._prefetch(sp, idx)
         return changed
 
-    def _descend(self, va, words, n, use=True):
+    def _descend(self, va, words, n, use=True, path=None):
         """The shadow page for the guest table holding the walk's leaf entry:
-        one shadow page per guest table on the way, per role (FNAME(fetch))."""
+        one shadow page per guest table on the way, per role (FNAME(fetch)).
+        path: a list to receive the pages on the way, root first."""
         sp = self.root
         if use:
             sp.flood = 0
+        if path is not None:
+            path.append(sp)
         L = self.levels
         acc = ACC_ALL
         base = self.role_base
@@ -549,6 +558,8 @@ class ShadowMmu:
             sp = child
             if use:
                 sp.flood = 0
+            if path is not None:
+                path.append(sp)
         return sp
 
     def _prefetch(self, sp, idx):

@@ -541,8 +541,11 @@ class VCpu:
                     or (acc == 1 and (not rights & 2 or gfn in wp
                                       or not sh.role_base & R_WP))):
                 return handle(va, acc, flags, 0, w)
-            sp = pcache.get(va >> 21)
-            if sp is None or sp.gfn != w[9 + w[6]] >> 12 or sp.gsnap is not None:
+            path = pcache.get(va >> 21)
+            if path is None:
+                return handle(va, acc, flags, 0, w)
+            sp = path[-1]
+            if sp.gfn != w[9 + w[6]] >> 12 or sp.gsnap is not None:
                 return handle(va, acc, flags, 0, w)
             hpa = p2m[gfn]
             if hpa == NO_FRAME:
@@ -553,7 +556,8 @@ class VCpu:
                 spte |= 0x42                                            # W D
             if rights & 1:
                 spte |= nx
-            sp.flood = 0
+            for p in path:              # a use of every page on the path
+                p.flood = 0
             i = sp.base + ((va >> 12) & 511)
             old = m[i]
             if old:
@@ -760,7 +764,11 @@ class VCpu:
 
     def run(self, trace, start=0):
         """Run trace[start:] (TRACE_DTYPE) on the real MMU in C; exits are handled
-        here and the run resumes, up to the first true fault (RunResult)."""
+        here and the run resumes, up to the first true fault (RunResult).
+
+        The vCPU keeps a reference to the last trace it checked, so that a
+        resume after each handled fault does not check it again (an access
+        code changed since is still refused, by the C loop)."""
         if trace is not self._checked_trace:
             # A guest kernel resumes the same trace after every fault it handles:
             # check it (and scan its access codes) once, not at every resume.
