@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import ptemu
-from bigimage import FULL, calibrated, minimal_walk, random_mapped, record_ratio
+from bigimage import FULL, calibrated, calibration, random_mapped, record_ratio
 
 N = 10_000_000
 RESULTS = {}
@@ -44,11 +44,7 @@ TARGETS = {"hit99": 50e6, "miss50": 20e6}
 
 
 def test_minimal_walk_calibration(benchmark, big_image):
-    vas = random_mapped(big_image, 1_000_000, np.random.default_rng(7))
-    unmapped = benchmark.pedantic(minimal_walk, args=(big_image, vas), rounds=5, iterations=1)
-    assert unmapped == 0
-    if record_ratio(benchmark, RESULTS, "minimal", "minimal") is not None:
-        RESULTS["minimal_per_walk"] = RESULTS["minimal"] / len(vas)
+    calibration(benchmark, big_image, RESULTS)
 
 
 def _run_once(image, trace):

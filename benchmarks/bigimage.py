@@ -137,6 +137,17 @@ def minimal_walk(image, vas):
                                        ffi.from_buffer("uint64_t[]", out))
 
 
+def calibration(benchmark, image, results):
+    """The body of each module's calibration benchmark: the minimal walk
+    over 1,000,000 random mapped addresses; results["minimal_per_walk"] is
+    its time per walk (when measured)."""
+    vas = random_mapped(image, 1_000_000, np.random.default_rng(7))
+    unmapped = benchmark.pedantic(minimal_walk, args=(image, vas), rounds=5, iterations=1)
+    assert unmapped == 0
+    if record_ratio(benchmark, results, "minimal", "minimal") is not None:
+        results["minimal_per_walk"] = results["minimal"] / len(vas)
+
+
 def calibrated(per_item_s, minimal_s_per_walk, target_per_s):
     """(measured cost in minimal walks, the target's cost in minimal walks,
     the rate this code would reach where a minimal walk costs 10 ns)."""
