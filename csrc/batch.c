@@ -87,18 +87,42 @@ uint64_t ptemu_translate_many(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *t
     return faults;
 }
 
+/* ptemu_run's accesses that its loop does not finish itself -- all but
+ * the usable hits in the first array probed: the whole translation, TLB
+ * lookup included.  Out of line, so that the loop keeps its registers. */
+static PTEMU_NOINLINE int run_slow(const ptemu_ctx *c, uint64_t va, uint32_t acc,
+                                   uint32_t flags, const ptemu_tlb_hit *h, uint64_t *pa,
+                                   ptemu_fault *fault)
+{
+    ptemu_walk_out o;
+    int r = h ? translate_looked_up(c, va, acc, flags, c->tlb, h, &o, fault)
+              : ptemu_ctx_translate(c, va, acc, flags, &o, fault);
+    if (r == PTEMU_OK && pa)
+        *pa = o.pa;
+    return r;
+}
+
 uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
                    const ptemu_trace_rec *trace, uint64_t n, uint64_t start,
                    uint64_t *pa, ptemu_fault *fault)
 {
     ptemu_ctx c;
-    ptemu_walk_out o;
     ptemu_ctx_init(&c, cpu, mem, tlb);
     ptemu_ctx_tables(&c);
-    /* With paging on, a TLB and no EPT, the loop takes a usable TLB hit
-     * itself; the rest -- misses, faults, rewalks -- continues in the one
-     * translation path from the entry the lookup found. */
+    /* With paging on, a TLB and no EPT, the loop takes the common hit --
+     * in the first array probed, usable as it is -- itself.  Everything
+     * else, a hit there that faults or must rewalk included, goes to the
+     * one translation path (run_slow), which then probes afresh. */
     const int own_hits = tlb && c.levels && !mem->ept;
+    ptemu_tlb_hot hot[2];   /* by access kind: 0 data, 1 fetch */
+    memset(hot, 0, sizeof hot);
+    if (own_hits) {
+        ptemu_tlb_hot_of(tlb, PTEMU_ACC_READ, &hot[0]);
+        ptemu_tlb_hot_of(tlb, PTEMU_ACC_FETCH, &hot[1]);
+    }
+    /* What the hit path reads of the context, in a copy that no call sees,
+     * so that the compiler may keep it in registers across the loop. */
+    const ptemu_ctx hc = c;
     for (uint64_t i = start; i < n; i++) {
         uint64_t va = trace[i].va;
         uint32_t acc = trace[i].access;
@@ -107,23 +131,29 @@ uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
             return i;
         }
         uint32_t flags = trace[i].user ? PTEMU_IN_USER : 0;
-        int r;
-        if (own_hits && ptemu_canonical(&c, va)) {
-            ptemu_tlbe *e = ptemu_tlb_lookup(tlb, va, acc, c.pcid);
-            if (e && !rights_check(&c, acc, flags, e->flags, e->pkey) &&
-                !hit_needs_walk(e, acc, NULL)) {
-                if (pa)
-                    pa[i] = hit_pa(e, va);
-                continue;
+        ptemu_tlb_hit h;
+        const ptemu_tlb_hit *looked_up = NULL;
+        if (own_hits && ptemu_canonical(&hc, va)) {
+            const ptemu_tlb_hot *g = &hot[acc == PTEMU_ACC_FETCH];
+            uint64_t data;
+            uint64_t *way = ptemu_tlb_hot_hit(tlb, g, va, acc, hc.pcid, &data);
+            if (way) {
+                if (!(rights_check(&hc, acc, flags, ptemu_td_flags(data), ptemu_td_pkey(data)) |
+                      (uint32_t)hit_needs_walk(data, acc, NULL))) {
+                    if (pa)
+                        pa[i] = ptemu_td_base(data) | (va & g->offset_mask);
+                    continue;
+                }
+                /* Counted already: a fault or a rewalk from this entry. */
+                h.way = way;
+                h.data = data;
+                h.ways = g->ways;
+                h.size = g->size;
+                looked_up = &h;
             }
-            r = translate_looked_up(&c, va, acc, flags, tlb, e, &o, fault);
-        } else {
-            r = ptemu_ctx_translate(&c, va, acc, flags, &o, fault);
         }
-        if (r != PTEMU_OK)
+        if (run_slow(&c, va, acc, flags, looked_up, pa ? &pa[i] : NULL, fault) != PTEMU_OK)
             return i;
-        if (pa)
-            pa[i] = o.pa;
     }
     return n;
 }
