@@ -87,16 +87,32 @@ uint64_t ptemu_translate_many(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *t
     return faults;
 }
 
+/* How ptemu_run hands an access to run_slow. */
+enum run_from {
+    RUN_WHOLE,          /* nothing done yet: the whole translation */
+    RUN_AFTER_HOT,      /* the hot probe missed: the rest of the lookup, then the walk */
+    RUN_FROM_HIT        /* a hot hit that faults or must rewalk */
+};
+
 /* ptemu_run's accesses that its loop does not finish itself -- all but
- * the usable hits in the first array probed: the whole translation, TLB
- * lookup included.  Out of line, so that the loop keeps its registers. */
+ * the usable hits in the first array probed.  Out of line, so that the
+ * loop keeps its registers. */
 static PTEMU_NOINLINE int run_slow(const ptemu_ctx *c, uint64_t va, uint32_t acc,
-                                   uint32_t flags, const ptemu_tlb_hit *h, uint64_t *pa,
-                                   ptemu_fault *fault)
+                                   uint32_t flags, enum run_from from, const ptemu_tlb_hit *hit,
+                                   uint64_t *pa, ptemu_fault *fault)
 {
     ptemu_walk_out o;
-    int r = h ? translate_looked_up(c, va, acc, flags, c->tlb, h, &o, fault)
-              : ptemu_ctx_translate(c, va, acc, flags, &o, fault);
+    ptemu_tlb_hit h;
+    int r;
+    if (from == RUN_WHOLE) {
+        r = ptemu_ctx_translate(c, va, acc, flags, &o, fault);
+    } else {
+        if (from == RUN_AFTER_HOT) {
+            ptemu_tlb_lookup_after_hot(c->tlb, va, acc, c->pcid, &h);
+            hit = &h;
+        }
+        r = translate_looked_up(c, va, acc, flags, c->tlb, hit, &o, fault);
+    }
     if (r == PTEMU_OK && pa)
         *pa = o.pa;
     return r;
@@ -111,8 +127,9 @@ uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
     ptemu_ctx_tables(&c);
     /* With paging on, a TLB and no EPT, the loop takes the common hit --
      * in the first array probed, usable as it is -- itself.  Everything
-     * else, a hit there that faults or must rewalk included, goes to the
-     * one translation path (run_slow), which then probes afresh. */
+     * else goes to the one translation path (run_slow), told how far the
+     * loop got: a miss there continues the lookup, a hit there that faults
+     * or must rewalk starts the translation from that entry. */
     const int own_hits = tlb && c.levels && !mem->ept;
     ptemu_tlb_hot hot[2];   /* by access kind: 0 data, 1 fetch */
     memset(hot, 0, sizeof hot);
@@ -132,7 +149,7 @@ uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
         }
         uint32_t flags = trace[i].user ? PTEMU_IN_USER : 0;
         ptemu_tlb_hit h;
-        const ptemu_tlb_hit *looked_up = NULL;
+        enum run_from from = RUN_WHOLE;
         if (own_hits && ptemu_canonical(&hc, va)) {
             const ptemu_tlb_hot *g = &hot[acc == PTEMU_ACC_FETCH];
             uint64_t data;
@@ -149,10 +166,12 @@ uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
                 h.data = data;
                 h.ways = g->ways;
                 h.size = g->size;
-                looked_up = &h;
+                from = RUN_FROM_HIT;
+            } else if (g->a) {
+                from = RUN_AFTER_HOT;
             }
         }
-        if (run_slow(&c, va, acc, flags, looked_up, pa ? &pa[i] : NULL, fault) != PTEMU_OK)
+        if (run_slow(&c, va, acc, flags, from, &h, pa ? &pa[i] : NULL, fault) != PTEMU_OK)
             return i;
     }
     return n;

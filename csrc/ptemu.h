@@ -131,6 +131,10 @@ void ptemu_tlb_hot_of(ptemu_tlb *t, uint32_t access, ptemu_tlb_hot *hot);
  * counted: ptemu_tlb_lookup() decides. */
 uint64_t *ptemu_tlb_hot_hit(ptemu_tlb *t, const ptemu_tlb_hot *hot, uint64_t va,
                             uint32_t access, uint32_t pcid, uint64_t *data);
+/* ptemu_tlb_lookup() after ptemu_tlb_hot_hit() found nothing (hot->a set):
+ * the same outcome, without probing the hot array's first size again. */
+int  ptemu_tlb_lookup_after_hot(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
+                                ptemu_tlb_hit *h);
 
 /* absent: the caller's lookup of va in this PCID has just missed in every
  * array, so no entry can match and the fill skips looking for one. */

@@ -68,12 +68,22 @@ static PTEMU_INLINE int find_way(const uint64_t *row, uint32_t ways, uint64_t ke
  * per way, since which way hits is unpredictable and a mispredicted loop
  * exit costs more than comparing every way.  (A probe that usually misses,
  * a second-level one or a fill's, predicts the loop's branches well.) */
-static PTEMU_INLINE int find_way_hit(const uint64_t *row, uint32_t ways, uint64_t key,
-                                     uint32_t pcid, uint64_t global_bit)
+static PTEMU_INLINE uint64_t key_mask(const uint64_t *row, uint32_t ways, uint64_t key)
 {
     uint64_t m = 0;
     for (uint32_t w = ways; w-- > 0;)   /* last way first: no variable shifts */
         m = (m << 1) | (row[w] == key);
+    return m;
+}
+
+static PTEMU_INLINE int find_way_hit(const uint64_t *row, uint32_t ways, uint64_t key,
+                                     uint32_t pcid, uint64_t global_bit)
+{
+    /* The usual first-level associativities as constants, so that the
+     * compiler unrolls the compares. */
+    uint64_t m = ways == 4 ? key_mask(row, 4, key)
+               : ways == 8 ? key_mask(row, 8, key)
+               : key_mask(row, ways, key);
     for (; m; m &= m - 1) {
         const uint32_t w = ptemu_ctz64(m);
         const uint64_t data = row[2 * ways + w];
@@ -141,15 +151,19 @@ int ptemu_tlb_init(ptemu_tlb *t)
     return 1;
 }
 
-/* Probe one array for va at every page size it holds; on a hit, stamp the
- * entry and describe it in *h. */
-static PTEMU_INLINE int probe(ptemu_tlb_array *a, uint64_t va, uint32_t pcid, ptemu_tlb_hit *h)
+/* Probe one array for va at the page sizes it holds (from the from-th of its
+ * list on); on a hit, stamp the entry and describe it in *h. */
+static PTEMU_INLINE int probe(ptemu_tlb_array *a, uint64_t va, uint32_t pcid, uint32_t from,
+                              ptemu_tlb_hit *h)
 {
+    const uint32_t live = a->live;
+    if (!live)          /* empty, as arrays for page sizes a workload never uses */
+        return 0;
     /* Everything read before the stamp store, which may alias any of it. */
     uint64_t *const slots = a->slots;
-    const uint32_t ways = a->ways, nsizes = a->nsizes, live = a->live;
+    const uint32_t ways = a->ways, nsizes = a->nsizes;
     const uint64_t set_mask = a->sets - 1;
-    for (uint32_t k = 0; k < nsizes; k++) {
+    for (uint32_t k = from; k < nsizes; k++) {
         uint32_t s = a->size_list[k];
         if (!(live & (1u << s)))
             continue;
@@ -212,17 +226,16 @@ static inline uint64_t data_of(uint32_t pcid, uint64_t base, uint32_t flags, uin
            ((uint64_t)(pkey & 15u) << PTEMU_TD_PKEY_SHIFT) | (flags & 0xffu);
 }
 
-PTEMU_INLINE int ptemu_tlb_lookup(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
-                                  ptemu_tlb_hit *h)
+/* ptemu_tlb_lookup() once the lookup is counted and the sizes of the first
+ * array before its first_size-th are known to miss. */
+static PTEMU_INLINE int lookup_from(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
+                                    uint32_t first_size, ptemu_tlb_hit *h)
 {
     h->way = NULL;
-    if (!t->ready && !ptemu_tlb_init(t))
-        return 0;
     const uint32_t k = access == PTEMU_ACC_FETCH, nprobe = t->nprobe[k];
-    t->lookups[access]++;
     for (uint32_t i = 0; i < nprobe; i++) {
         ptemu_tlb_array *a = &t->arr[t->probe[k][i]];
-        if (!probe(a, va, pcid, h)) {
+        if (!probe(a, va, pcid, i ? 0 : first_size, h)) {
             a->misses++;
             continue;
         }
@@ -246,6 +259,23 @@ PTEMU_INLINE int ptemu_tlb_lookup(ptemu_tlb *t, uint64_t va, uint32_t access, ui
     }
     t->misses[access]++;
     return 0;
+}
+
+PTEMU_INLINE int ptemu_tlb_lookup(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
+                                  ptemu_tlb_hit *h)
+{
+    h->way = NULL;
+    if (!t->ready && !ptemu_tlb_init(t))
+        return 0;
+    t->lookups[access]++;
+    return lookup_from(t, va, access, pcid, 0, h);
+}
+
+int ptemu_tlb_lookup_after_hot(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
+                               ptemu_tlb_hit *h)
+{
+    t->lookups[access]++;
+    return lookup_from(t, va, access, pcid, 1, h);
 }
 
 void ptemu_tlb_hot_of(ptemu_tlb *t, uint32_t access, ptemu_tlb_hot *hot)
