@@ -111,7 +111,7 @@ static PTEMU_NOINLINE int run_slow(const ptemu_ctx *c, uint64_t va, uint32_t acc
             ptemu_tlb_lookup_after_hot(c->tlb, va, acc, c->pcid, &h);
             hit = &h;
         }
-        r = translate_looked_up(c, va, acc, flags, c->tlb, hit, &o, fault);
+        r = translate_looked_up(c, va, acc, flags, c->tlb, hit, 0, &o, fault);
     }
     if (r == PTEMU_OK && pa)
         *pa = o.pa;

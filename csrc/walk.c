@@ -220,11 +220,13 @@ static PTEMU_INLINE uint64_t hit_pa(const ptemu_tlb_hit *h, uint64_t va)
  * A translation once the TLB was probed: hit is what ptemu_tlb_lookup()
  * found for this access (hit->way NULL: a miss, or no TLB), so that batch loops
  * can take the common hit themselves and hand everything else here without
- * probing (and counting) twice.  va is canonical, paging is on.
+ * probing (and counting) twice.  va is canonical, paging is on.  entries:
+ * 0 when the caller reads only o->pa, so the entries read need not be
+ * copied to o->entry_pa[] and o->entry[].
  */
 static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uint32_t access,
                                             uint32_t flags, ptemu_tlb *tlb,
-                                            const ptemu_tlb_hit *hit,
+                                            const ptemu_tlb_hit *hit, const int entries,
                                             ptemu_walk_out *o, ptemu_fault *f)
 {
     o->va = va;
@@ -329,7 +331,7 @@ static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uin
         table = e & addr_mask;
         level--;
     }
-    for (uint32_t i = 0; i < n; i++) {
+    for (uint32_t i = 0; entries && i < n; i++) {
         o->entry_pa[i] = epas[i];
         o->entry[i] = ents[i];
     }
@@ -366,17 +368,19 @@ static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uin
                 if (!ptemu_or8(c->mem, epas[i], (uint8_t)PTEMU_PTE_A))
                     return ept_exit_fault(f, ept, va);
                 ents[i] |= PTEMU_PTE_A;
-                o->entry[i] = ents[i];
+                if (entries)
+                    o->entry[i] = ents[i];
             }
         }
         if (access == PTEMU_ACC_WRITE && !(ents[n - 1] & PTEMU_PTE_D)) {
             if (!ptemu_or8(c->mem, epas[n - 1], (uint8_t)PTEMU_PTE_D))
                 return ept_exit_fault(f, ept, va);
             ents[n - 1] |= PTEMU_PTE_D;
-            o->entry[n - 1] = ents[n - 1];
+            if (entries)
+                o->entry[n - 1] = ents[n - 1];
             /* A recursive slot: the leaf's word may also have served as a
              * table entry above; report it as memory now holds it. */
-            for (uint32_t i = 0; i + 1 < n; i++)
+            for (uint32_t i = 0; entries && i + 1 < n; i++)
                 if (epas[i] == epas[n - 1])
                     o->entry[i] = ents[i] |= PTEMU_PTE_D;
         }
@@ -469,7 +473,7 @@ PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t a
     ptemu_tlb_hit h = { NULL, 0, 0, 0 };
     if (tlb)
         ptemu_tlb_lookup(tlb, va, access, c->pcid, &h);
-    return translate_looked_up(c, va, access, flags, tlb, &h, o, f);
+    return translate_looked_up(c, va, access, flags, tlb, &h, 1, o, f);
 }
 
 uint32_t ptemu_resolve_flags(const ptemu_cpu *cpu, uint32_t flags)
