@@ -87,6 +87,37 @@ uint64_t ptemu_translate_many(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *t
     return faults;
 }
 
+/*
+ * A TLB miss waits for its leaf paging-structure entry, mostly from DRAM.
+ * While misses are frequent, ptemu_run starts that load RUN_AHEAD accesses
+ * early: it reads the access's upper-level entries (bounds-checked, mostly
+ * cached) and prefetches the leaf entry's line.  Nothing is written and no
+ * TLB or PSC state is touched: only the speed can change.
+ */
+#define RUN_AHEAD 16
+#define RUN_WINDOW 64           /* accesses over which slow ones (misses) are counted */
+#define RUN_WINDOW_MISSES 4     /* prefetch in the next window when at least this many */
+
+/* Always inlined: as a call, GCC finds it free of side effects (a prefetch
+ * is none) and drops it. */
+static PTEMU_INLINE void prefetch_leaf(const ptemu_ctx *c, const uint8_t *base, uint64_t size,
+                                       uint64_t va)
+{
+    uint64_t table = c->top_table;
+    for (uint32_t level = c->levels; level > 1; level--) {
+        uint64_t epa = table + ((va >> ptemu_level_shift(level)) & 511) * 8, e;
+        if (size < 8 || epa > size - 8)
+            return;
+        memcpy(&e, base + epa, 8);
+        if ((e & (PTEMU_PTE_P | PTEMU_PTE_PS)) != PTEMU_PTE_P)
+            return;     /* not present, or a large page: no leaf table to go to */
+        table = e & c->addr_mask;
+    }
+    uint64_t epa = table + ((va >> 12) & 511) * 8;
+    if (size >= 8 && epa <= size - 8)
+        PTEMU_PREFETCH(base + epa);
+}
+
 /* How ptemu_run hands an access to run_slow. */
 enum run_from {
     RUN_WHOLE,          /* nothing done yet: the whole translation */
@@ -140,7 +171,15 @@ uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
     /* What the hit path reads of the context, in a copy that no call sees,
      * so that the compiler may keep it in registers across the loop. */
     const ptemu_ctx hc = c;
+    const int can_prefetch = own_hits && !mem->frames;
+    uint32_t window_misses = 0, prefetching = 0;
     for (uint64_t i = start; i < n; i++) {
+        if ((i & (RUN_WINDOW - 1)) == 0) {
+            prefetching = can_prefetch && window_misses >= RUN_WINDOW_MISSES;
+            window_misses = 0;
+        }
+        if (prefetching && n - i > RUN_AHEAD)
+            prefetch_leaf(&hc, mem->base, mem->size, trace[i + RUN_AHEAD].va);
         uint64_t va = trace[i].va;
         uint32_t acc = trace[i].access;
         if (acc > PTEMU_ACC_FETCH) {
@@ -171,6 +210,7 @@ uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
                 from = RUN_AFTER_HOT;
             }
         }
+        window_misses++;
         if (run_slow(&c, va, acc, flags, from, &h, pa ? &pa[i] : NULL, fault) != PTEMU_OK)
             return i;
     }

@@ -52,9 +52,11 @@ typedef struct ptemu_ctx {
 /* The rare side of a hot loop: kept out of line, so that the loop's common
  * path keeps its values in registers. */
 #define PTEMU_NOINLINE __attribute__((noinline))
+#define PTEMU_PREFETCH(p) __builtin_prefetch(p)
 #else
 #define PTEMU_INLINE inline
 #define PTEMU_NOINLINE
+#define PTEMU_PREFETCH(p) ((void)(p))
 #endif
 
 void ptemu_ctx_init(ptemu_ctx *c, const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb);
