@@ -194,7 +194,7 @@ uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
             uint64_t data;
             uint64_t *way = ptemu_tlb_hot_hit(tlb, g, va, acc, hc.pcid, &data);
             if (way) {
-                if (!(rights_check(&hc, acc, flags, ptemu_td_flags(data), ptemu_td_pkey(data)) |
+                if (!(rights_check_tab(&hc, acc, flags, ptemu_td_flags(data), ptemu_td_pkey(data)) |
                       (uint32_t)hit_needs_walk(data, acc, NULL))) {
                     if (pa)
                         pa[i] = ptemu_td_base(data) | (va & g->offset_mask);

@@ -124,6 +124,7 @@ typedef struct ptemu_tlb_hot {
     uint32_t  ways;
     uint32_t  shift;        /* of the tag: log2 of the page size */
     uint32_t  size;         /* PTEMU_SIZE_* */
+    uint32_t  live_bit;     /* 1 << size: the array's live bit for it */
 } ptemu_tlb_hot;
 
 void ptemu_tlb_hot_of(ptemu_tlb *t, uint32_t access, ptemu_tlb_hot *hot);

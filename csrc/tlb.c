@@ -291,6 +291,7 @@ void ptemu_tlb_hot_of(ptemu_tlb *t, uint32_t access, ptemu_tlb_hot *hot)
     hot->slots = a->slots;
     hot->set_mask = a->sets - 1;
     hot->size = a->size_list[0];
+    hot->live_bit = 1u << hot->size;
     hot->key_low = key_of(0, hot->size);
     hot->shift = ptemu_level_shift(hot->size + 1);
     hot->offset_mask = (1ULL << hot->shift) - 1;
@@ -302,7 +303,7 @@ PTEMU_INLINE uint64_t *ptemu_tlb_hot_hit(ptemu_tlb *t, const ptemu_tlb_hot *hot,
                                          uint32_t access, uint32_t pcid, uint64_t *data)
 {
     ptemu_tlb_array *const a = hot->a;
-    if (!a || !(a->live & (1u << hot->size)))
+    if (!a || !(a->live & hot->live_bit))
         return NULL;
     const uint32_t ways = hot->ways;
     const uint64_t tag = va >> hot->shift;

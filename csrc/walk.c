@@ -166,15 +166,30 @@ void ptemu_ctx_tables(ptemu_ctx *c)
  * plus PK when the key check fails -- which the SDM (4.7) reports whether
  * or not another check failed too.
  */
+static PTEMU_INLINE uint32_t keys_check(const ptemu_ctx *c, uint32_t access, uint32_t flags,
+                                        uint32_t rights, uint32_t pkey, uint32_t ec)
+{
+    if ((c->pke | c->pks) && key_refused(c, access, flags, rights, pkey))
+        ec = PTEMU_PF_P | PTEMU_PF_PK;
+    return ec;
+}
+
 static PTEMU_INLINE uint32_t rights_check(const ptemu_ctx *c, uint32_t access, uint32_t flags,
                                           uint32_t rights, uint32_t pkey)
 {
     uint32_t ec = c->rtab_ready
         ? c->rtab[access][flags & (PTEMU_IN_USER | PTEMU_IN_IMPLICIT)][rights & 7]
         : (rights_refused(c, access, flags, rights) ? PTEMU_PF_P : 0);
-    if ((c->pke | c->pks) && key_refused(c, access, flags, rights, pkey))
-        ec = PTEMU_PF_P | PTEMU_PF_PK;
-    return ec;
+    return keys_check(c, access, flags, rights, pkey, ec);
+}
+
+/* rights_check() where ptemu_ctx_tables() is known to have run (a batch
+ * loop's hit path): the table alone, no test for it. */
+static PTEMU_INLINE uint32_t rights_check_tab(const ptemu_ctx *c, uint32_t access,
+                                              uint32_t flags, uint32_t rights, uint32_t pkey)
+{
+    uint32_t ec = c->rtab[access][flags & (PTEMU_IN_USER | PTEMU_IN_IMPLICIT)][rights & 7];
+    return keys_check(c, access, flags, rights, pkey, ec);
 }
 
 static inline int page_fault(const ptemu_ctx *c, ptemu_fault *f, uint64_t va,
