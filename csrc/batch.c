@@ -157,19 +157,99 @@ uint64_t ptemu_translate_many(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *t
     return faults;
 }
 
+/*
+ * A TLB miss waits for its leaf paging-structure entry, mostly from DRAM.
+ * While misses are frequent, ptemu_run starts that load RUN_AHEAD accesses
+ * early: it reads the access's upper-level entries (bounds-checked, mostly
+ * cached) and prefetches the leaf entry's line.  Nothing is written and no
+ * TLB or PSC state is touched: only the speed can change.
+ */
+#define RUN_AHEAD 16
+#define RUN_WINDOW 64           /* accesses over which slow ones (misses) are counted */
+#define RUN_WINDOW_MISSES 4     /* prefetch in the next window when at least this many */
+
+/* Always inlined: as a call, GCC finds it free of side effects (a prefetch
+ * is none) and drops it. */
+static PTEMU_INLINE void prefetch_leaf(const ptemu_ctx *c, const uint8_t *base, uint64_t size,
+                                       uint64_t va)
+{
+    uint64_t table = c->top_table;
+    for (uint32_t level = c->levels; level > 1; level--) {
+        uint64_t epa = table + ((va >> ptemu_level_shift(level)) & 511) * 8, e;
+        if (size < 8 || epa > size - 8)
+            return;
+        memcpy(&e, base + epa, 8);
+        if ((e & (PTEMU_PTE_P | PTEMU_PTE_PS)) != PTEMU_PTE_P)
+            return;     /* not present, or a large page: no leaf table to go to */
+        table = e & c->addr_mask;
+    }
+    uint64_t epa = table + ((va >> 12) & 511) * 8;
+    if (size >= 8 && epa <= size - 8)
+        PTEMU_PREFETCH(base + epa);
+}
+
+/* How ptemu_run hands an access to run_slow. */
+enum run_from {
+    RUN_WHOLE,          /* nothing done yet: the whole translation */
+    RUN_AFTER_HOT,      /* the hot probe missed: the rest of the lookup, then the walk */
+    RUN_FROM_HIT        /* a hot hit that faults or must rewalk */
+};
+
+/* ptemu_run's accesses that its loop does not finish itself -- all but
+ * the usable hits in the first array probed.  Out of line, so that the
+ * loop keeps its registers. */
+static PTEMU_NOINLINE int run_slow(const ptemu_ctx *c, uint64_t va, uint32_t acc,
+                                   uint32_t flags, enum run_from from, const ptemu_tlb_hit *hit,
+                                   uint64_t *pa, ptemu_fault *fault)
+{
+    ptemu_walk_out o;
+    ptemu_tlb_hit h;
+    int r;
+    if (from == RUN_WHOLE) {
+        r = ptemu_ctx_translate(c, va, acc, flags, &o, fault);
+    } else {
+        if (from == RUN_AFTER_HOT) {
+            ptemu_tlb_lookup_after_hot(c->tlb, va, acc, c->pcid, &h);
+            hit = &h;
+        }
+        r = translate_looked_up(c, va, acc, flags, c->tlb, hit, 0, &o, fault);
+    }
+    if (r == PTEMU_OK && pa)
+        *pa = o.pa;
+    return r;
+}
+
 uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
                    const ptemu_trace_rec *trace, uint64_t n, uint64_t start,
                    uint64_t *pa, ptemu_fault *fault)
 {
     ptemu_ctx c;
-    ptemu_walk_out o;
     ptemu_ctx_init(&c, cpu, mem, tlb);
     ptemu_ctx_tables(&c);
-    /* With paging on, a TLB and no EPT, the loop takes a usable TLB hit
-     * itself; the rest -- misses, faults, rewalks -- continues in the one
-     * translation path from the entry the lookup found. */
+    /* With paging on, a TLB and no EPT, the loop takes the common hit --
+     * in the first array probed, usable as it is -- itself.  Everything
+     * else goes to the one translation path (run_slow), told how far the
+     * loop got: a miss there continues the lookup, a hit there that faults
+     * or must rewalk starts the translation from that entry. */
     const int own_hits = tlb && c.levels && !mem->ept;
+    ptemu_tlb_hot hot[2];   /* by access kind: 0 data, 1 fetch */
+    memset(hot, 0, sizeof hot);
+    if (own_hits) {
+        ptemu_tlb_hot_of(tlb, PTEMU_ACC_READ, &hot[0]);
+        ptemu_tlb_hot_of(tlb, PTEMU_ACC_FETCH, &hot[1]);
+    }
+    /* What the hit path reads of the context, in a copy that no call sees,
+     * so that the compiler may keep it in registers across the loop. */
+    const ptemu_ctx hc = c;
+    const int can_prefetch = own_hits && !mem->frames;
+    uint32_t window_misses = 0, prefetching = 0;
     for (uint64_t i = start; i < n; i++) {
+        if ((i & (RUN_WINDOW - 1)) == 0) {
+            prefetching = can_prefetch && window_misses >= RUN_WINDOW_MISSES;
+            window_misses = 0;
+        }
+        if (prefetching && n - i > RUN_AHEAD)
+            prefetch_leaf(&hc, mem->base, mem->size, trace[i + RUN_AHEAD].va);
         uint64_t va = trace[i].va;
         uint32_t acc = trace[i].access;
         if (acc > PTEMU_ACC_FETCH) {
@@ -177,23 +257,32 @@ uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
             return i;
         }
         uint32_t flags = trace[i].user ? PTEMU_IN_USER : 0;
-        int r;
-        if (own_hits && ptemu_canonical(&c, va)) {
-            ptemu_tlbe *e = ptemu_tlb_lookup(tlb, va, acc, c.pcid);
-            if (e && !rights_check(&c, acc, flags, e->flags, e->pkey) &&
-                !hit_needs_walk(e, acc, NULL)) {
-                if (pa)
-                    pa[i] = hit_pa(e, va);
-                continue;
+        ptemu_tlb_hit h;
+        enum run_from from = RUN_WHOLE;
+        if (own_hits && ptemu_canonical(&hc, va)) {
+            const ptemu_tlb_hot *g = &hot[acc == PTEMU_ACC_FETCH];
+            uint64_t data;
+            uint64_t *way = ptemu_tlb_hot_hit(tlb, g, va, acc, hc.pcid, &data);
+            if (way) {
+                if (!(rights_check_tab(&hc, acc, flags, ptemu_td_flags(data), ptemu_td_pkey(data)) |
+                      (uint32_t)hit_needs_walk(data, acc, NULL))) {
+                    if (pa)
+                        pa[i] = ptemu_td_base(data) | (va & g->offset_mask);
+                    continue;
+                }
+                /* Counted already: a fault or a rewalk from this entry. */
+                h.way = way;
+                h.data = data;
+                h.ways = g->ways;
+                h.size = g->size;
+                from = RUN_FROM_HIT;
+            } else if (g->a) {
+                from = RUN_AFTER_HOT;
             }
-            r = translate_looked_up(&c, va, acc, flags, tlb, e, &o, fault);
-        } else {
-            r = ptemu_ctx_translate(&c, va, acc, flags, &o, fault);
         }
-        if (r != PTEMU_OK)
+        window_misses++;
+        if (run_slow(&c, va, acc, flags, from, &h, pa ? &pa[i] : NULL, fault) != PTEMU_OK)
             return i;
-        if (pa)
-            pa[i] = o.pa;
     }
     return n;
 }

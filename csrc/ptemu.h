@@ -49,8 +49,14 @@ typedef struct ptemu_ctx {
 /* In the unity build (ptemu_all.c) the walk is inlined into each batch loop. */
 #if defined(__GNUC__)
 #define PTEMU_INLINE __attribute__((always_inline)) inline
+/* The rare side of a hot loop: kept out of line, so that the loop's common
+ * path keeps its values in registers. */
+#define PTEMU_NOINLINE __attribute__((noinline))
+#define PTEMU_PREFETCH(p) __builtin_prefetch(p)
 #else
 #define PTEMU_INLINE inline
+#define PTEMU_NOINLINE
+#define PTEMU_PREFETCH(p) ((void)(p))
 #endif
 
 void ptemu_ctx_init(ptemu_ctx *c, const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb);
@@ -69,13 +75,94 @@ static inline int ptemu_canonical(const ptemu_ctx *c, uint64_t va)
 }
 
 /* tlb.c */
-ptemu_tlbe *ptemu_tlb_lookup(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid);
+
+/* What ptemu_tlb_lookup() found: the key word of the entry that answers
+ * (its stamp is way[ways], its data word way[2 * ways], see tlb.c), and a
+ * copy of its data; way is NULL on a miss. */
+typedef struct ptemu_tlb_hit {
+    uint64_t *way;
+    uint64_t  data;         /* PTEMU_TD_* word */
+    uint32_t  ways;
+    uint32_t  size;         /* PTEMU_SIZE_* */
+} ptemu_tlb_hit;
+
+static inline uint32_t ptemu_td_flags(uint64_t data) { return (uint32_t)data & 0xffu; }
+static inline uint32_t ptemu_td_pkey(uint64_t data)
+{
+    return (uint32_t)(data >> PTEMU_TD_PKEY_SHIFT) & 15u;
+}
+static inline uint64_t ptemu_td_base(uint64_t data) { return data & PTEMU_TD_BASE_MASK; }
+static inline uint32_t ptemu_td_pcid(uint64_t data)
+{
+    return (uint32_t)(data >> PTEMU_TD_PCID_SHIFT);
+}
+
+/* An entry leaves an array: key 0 (invalid) and stamp 0, so that it is the
+ * oldest of its set for replacement without a second test. */
+static inline void ptemu_tlb_drop(uint64_t *way, uint32_t ways)
+{
+    way[0] = 0;
+    way[ways] = 0;
+}
+
+/* Probe the arrays for an access kind in order; a second-level hit is
+ * copied to the first level.  Counts the lookup, hits and misses. */
+int  ptemu_tlb_lookup(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
+                      ptemu_tlb_hit *h);
+
+/* The probe a batch loop makes inline: the first array probed for an access
+ * kind (a first-level one), at its first page size -- where nearly all
+ * hits come from.  Its geometry is fixed once ptemu_tlb_init() ran, so the
+ * loop derives this once (ptemu_tlb_hot_of) and keeps it in locals. */
+typedef struct ptemu_tlb_hot {
+    ptemu_tlb_array *a;     /* NULL: no such array; ptemu_tlb_hot_hit() never hits */
+    uint64_t *slots;
+    uint64_t  set_mask;
+    uint64_t  key_low;      /* the size and valid bits of a key */
+    uint64_t  offset_mask;  /* page size - 1 */
+    uint32_t  stride;       /* words per set: 3 * ways */
+    uint32_t  ways;
+    uint32_t  shift;        /* of the tag: log2 of the page size */
+    uint32_t  size;         /* PTEMU_SIZE_* */
+    uint32_t  live_bit;     /* 1 << size: the array's live bit for it */
+} ptemu_tlb_hot;
+
+void ptemu_tlb_hot_of(ptemu_tlb *t, uint32_t access, ptemu_tlb_hot *hot);
+/* When ptemu_tlb_lookup() would find va in hot's array at its size: does
+ * what that lookup does (counts, stamps) and returns the entry's key word,
+ * with its data word in *data.  Otherwise NULL, and nothing was changed or
+ * counted: ptemu_tlb_lookup() decides. */
+uint64_t *ptemu_tlb_hot_hit(ptemu_tlb *t, const ptemu_tlb_hot *hot, uint64_t va,
+                            uint32_t access, uint32_t pcid, uint64_t *data);
+/* ptemu_tlb_lookup() after ptemu_tlb_hot_hit() found nothing (hot->a set):
+ * the same outcome, without probing the hot array's first size again. */
+int  ptemu_tlb_lookup_after_hot(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
+                                ptemu_tlb_hit *h);
+
+/* absent: the caller's lookup of va in this PCID has just missed in every
+ * array, so no entry can match and the fill skips looking for one. */
 void ptemu_tlb_fill(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
-                    uint32_t size, uint64_t base, uint32_t flags, uint32_t pkey);
+                    uint32_t size, uint64_t base, uint32_t flags, uint32_t pkey, int absent);
 int  ptemu_psc_lookup(ptemu_tlb *t, uint64_t va, uint32_t pcid, uint32_t levels,
                       uint32_t *level, uint64_t *table, uint32_t *rights);
+/* absent: as for ptemu_tlb_fill, after ptemu_psc_lookup() missed at level. */
 void ptemu_psc_fill(ptemu_tlb *t, uint32_t level, uint64_t va, uint32_t pcid,
-                    uint64_t table, uint32_t rights);
+                    uint64_t table, uint32_t rights, int absent);
+
+/* The index of the lowest set bit of m (m != 0). */
+static inline uint32_t ptemu_ctz64(uint64_t m)
+{
+#if defined(__GNUC__)
+    return (uint32_t)__builtin_ctzll(m);
+#else
+    uint32_t n = 0;
+    while (!(m & 1)) {
+        m >>= 1;
+        n++;
+    }
+    return n;
+#endif
+}
 
 /* The shift of the address bits that index a table at `level` (1 = PT):
  * also log2 of the region one entry at that level maps. */

@@ -84,7 +84,7 @@
 /* ptemu_cpu.options */
 #define PTEMU_OPT_EAGER_A   0x1   /* QEMU order: set A in each entry as the walk passes it */
 
-/* Page-size indices (ptemu_tlbe.size for TLB entries) */
+/* Page-size indices (the size field of a TLB entry's key) */
 #define PTEMU_SIZE_4K       0
 #define PTEMU_SIZE_2M       1
 #define PTEMU_SIZE_1G       2
@@ -229,22 +229,22 @@ typedef struct ptemu_fault {
     uint32_t level;         /* level of the entry at fault (0: none / rights) */
 } ptemu_fault;
 
-/* One cached translation (TLB) or paging-structure entry (PSC). */
-typedef struct ptemu_tlbe {
-    uint64_t key;           /* (tag << 3) | (size << 1) | 1, tag = va >> shift of the
-                               entry's page size (TLB) or level (PSC); 0 = invalid */
-    uint64_t base;          /* TLB: page frame base; PSC: next table base */
-    uint64_t stamp;         /* LRU clock at last use */
-    uint16_t pcid;
-    uint8_t  size;          /* TLB: PTEMU_SIZE_*; PSC: level */
-    uint8_t  flags;         /* PTEMU_TE_* */
-    uint8_t  pkey;
-    uint8_t  pad[3];
-} ptemu_tlbe;
+/* A TLB or paging-structure-cache array keeps its entries as three words
+ * each -- key, stamp, data -- stored set by set in runs (layout in tlb.c),
+ * so that a probe reads only the keys of one set.
+ *
+ * key:   (tag << 3) | (size << 1) | 1, tag = va >> shift of the entry's page
+ *        size (TLB) or level (PSC); 0 = invalid
+ * stamp: the array's LRU clock at the entry's last use; 0 when invalid
+ * data:  the payload, packed:                                              */
+#define PTEMU_TD_FLAGS_MASK  0x00000000000000ff  /* bits 7:0   PTEMU_TE_* (PSC: rights) */
+#define PTEMU_TD_PKEY_SHIFT  8                   /* bits 11:8  protection key of the leaf */
+#define PTEMU_TD_BASE_MASK   0x000ffffffffff000  /* bits 51:12 page frame (PSC: next table) */
+#define PTEMU_TD_PCID_SHIFT  52                  /* bits 63:52 PCID */
 
 /* A set-associative array with LRU replacement. */
 typedef struct ptemu_tlb_array {
-    ptemu_tlbe *e;          /* sets*ways entries, owned by Python */
+    uint64_t *slots;        /* 3 * sets * ways words (key, stamp, data), owned by Python */
     uint32_t sets;          /* power of two; 0 = array absent */
     uint32_t ways;
     uint32_t sizes;         /* bitmask of 1 << PTEMU_SIZE_* held (TLB arrays) */
@@ -305,7 +305,7 @@ typedef struct ptemu_mmu {
 /* ---- Functions ------------------------------------------------------------ */
 
 /* The layout version of this header; _native checks it against the build. */
-#define PTEMU_ABI_VERSION 5
+#define PTEMU_ABI_VERSION 6
 int ptemu_abi_version(void);
 
 /* Scalar translation through an Mmu handle: fills m->out or m->fault and

@@ -18,15 +18,22 @@
  * entry matches on one 64-bit key (tag, size, valid bit).  Entries match the current
  * PCID, or any PCID when global (4.10.2.4); PSC entries are never global.
  *
- * Invariant: an array holds at most one valid entry per (tag, size, pcid);
- * fill() overwrites a match before it evicts anything.
+ * Layout of an array (ptemu_tlb_array.slots): set by set, each set three
+ * runs of `ways` words, so that a probe reads only the keys of its set --
+ * 1.5 cache lines for a 12-way STLB set, where whole entries took 6 -- and
+ * a hit then touches one stamp and one data word:
+ *
+ *   slots + set * 3 * ways:  key[0 .. ways-1]     see ptemu_cdef.h
+ *                            stamp[0 .. ways-1]   LRU clock at last use
+ *                            data[0 .. ways-1]    PCID | base | pkey | flags
+ *
+ * Invariants: an array holds at most one valid entry per (tag, size, pcid);
+ * fill() overwrites a match before it evicts anything.  An invalid entry has
+ * key 0 and stamp 0, a valid one a stamp >= 1 (the clock counts from 1), so
+ * the least recently used way of a set -- the first one, on a tie -- is the
+ * first invalid way if there is one: replacement reads the stamps alone.
  */
 #include "ptemu.h"
-
-static inline uint32_t kind_of(uint32_t access)
-{
-    return access == PTEMU_ACC_FETCH ? PTEMU_KIND_FETCH : PTEMU_KIND_DATA;
-}
 
 /* The match key of a page (TLB: size 0..2) or a table region (PSC: size =
  * level); bit 0 keeps every valid key non-zero.  The size field is bits 2:1
@@ -39,19 +46,70 @@ static inline uint64_t key_of(uint64_t tag, uint32_t size)
     return (tag << 3) | ((uint64_t)(size & 3u) << 1) | 1u;
 }
 
-static inline ptemu_tlbe *set_of(const ptemu_tlb_array *a, uint64_t tag)
+static inline uint32_t key_size(uint64_t key) { return (uint32_t)(key >> 1) & 3u; }
+
+/* The first way of a set (row: its key run) that holds key for this PCID
+ * -- or for any PCID when its data has global_bit set -- or -1. */
+static PTEMU_INLINE int find_way(const uint64_t *row, uint32_t ways, uint64_t key,
+                                 uint32_t pcid, uint64_t global_bit)
 {
-    return a->e + (size_t)(tag & (a->sets - 1)) * a->ways;
+    for (uint32_t w = 0; w < ways; w++) {
+        if (row[w] != key)
+            continue;
+        const uint64_t data = row[2 * ways + w];
+        if (ptemu_td_pcid(data) == pcid || (data & global_bit))
+            return (int)w;
+    }
+    return -1;
+}
+
+/* find_way() for a probe that usually hits (the first-level one; ways <=
+ * 64): the ways holding the key are found as a bit mask, without a branch
+ * per way, since which way hits is unpredictable and a mispredicted loop
+ * exit costs more than comparing every way.  (A probe that usually misses,
+ * a second-level one or a fill's, predicts the loop's branches well.) */
+static PTEMU_INLINE uint64_t key_mask(const uint64_t *row, uint32_t ways, uint64_t key)
+{
+    uint64_t m = 0;
+    for (uint32_t w = ways; w-- > 0;)   /* last way first: no variable shifts */
+        m = (m << 1) | (row[w] == key);
+    return m;
+}
+
+static PTEMU_INLINE int find_way_hit(const uint64_t *row, uint32_t ways, uint64_t key,
+                                     uint32_t pcid, uint64_t global_bit)
+{
+    /* The usual first-level associativities as constants, so that the
+     * compiler unrolls the compares. */
+    uint64_t m = ways == 4 ? key_mask(row, 4, key)
+               : ways == 8 ? key_mask(row, 8, key)
+               : key_mask(row, ways, key);
+    for (; m; m &= m - 1) {
+        const uint32_t w = ptemu_ctz64(m);
+        const uint64_t data = row[2 * ways + w];
+        if (ptemu_td_pcid(data) == pcid || (data & global_bit))
+            return (int)w;
+    }
+    return -1;
+}
+
+/* The key run of the set a tag indexes (stamps follow at + ways, data at
+ * + 2 * ways). */
+static inline uint64_t *row_of(const ptemu_tlb_array *a, uint64_t tag)
+{
+    return a->slots + (size_t)(tag & (a->sets - 1)) * 3u * a->ways;
 }
 
 /* The sizes an array's valid entries have (for ptemu_tlb_array.live). */
 static uint32_t live_sizes(const ptemu_tlb_array *a)
 {
     uint32_t live = 0;
-    size_t n = (size_t)a->sets * a->ways;
-    for (size_t i = 0; i < n; i++)
-        if (a->e[i].key)
-            live |= 1u << (a->e[i].size & 3u);
+    for (size_t set = 0; set < a->sets; set++) {
+        const uint64_t *row = a->slots + set * 3u * a->ways;
+        for (uint32_t w = 0; w < a->ways; w++)
+            if (row[w])
+                live |= 1u << key_size(row[w]);
+    }
     return live;
 }
 
@@ -93,107 +151,188 @@ int ptemu_tlb_init(ptemu_tlb *t)
     return 1;
 }
 
-/* Probe one array for va at every page size it holds. */
-static PTEMU_INLINE ptemu_tlbe *probe(ptemu_tlb_array *a, uint64_t va, uint32_t pcid)
+/* Probe one array for va at the page sizes it holds (from the from-th of its
+ * list on); on a hit, stamp the entry and describe it in *h. */
+static PTEMU_INLINE int probe(ptemu_tlb_array *a, uint64_t va, uint32_t pcid, uint32_t from,
+                              ptemu_tlb_hit *h)
 {
+    const uint32_t live = a->live;
+    if (!live)          /* empty, as arrays for page sizes a workload never uses */
+        return 0;
+    /* Everything read before the stamp store, which may alias any of it. */
+    uint64_t *const slots = a->slots;
     const uint32_t ways = a->ways, nsizes = a->nsizes;
     const uint64_t set_mask = a->sets - 1;
-    for (uint32_t k = 0; k < nsizes; k++) {
+    for (uint32_t k = from; k < nsizes; k++) {
         uint32_t s = a->size_list[k];
-        if (!(a->live & (1u << s)))
+        if (!(live & (1u << s)))
             continue;
         uint64_t tag = va >> ptemu_level_shift(s + 1);
         uint64_t key = key_of(tag, s);
-        ptemu_tlbe *row = a->e + (size_t)(tag & set_mask) * ways;
-        for (uint32_t w = 0; w < ways; w++) {
-            if (row[w].key == key && (row[w].pcid == pcid || (row[w].flags & PTEMU_TE_G))) {
-                row[w].stamp = ++a->clock;
-                return &row[w];
-            }
+        uint64_t *row = slots + (size_t)(tag & set_mask) * 3u * ways;
+        int w = find_way(row, ways, key, pcid, PTEMU_TE_G);
+        if (w >= 0) {
+            row[ways + w] = ++a->clock;
+            h->way = &row[w];
+            h->data = row[2 * ways + w];
+            h->ways = ways;
+            h->size = s;
+            return 1;
         }
     }
-    return NULL;
+    return 0;
 }
 
 /* Install an entry in its set: over a matching one (same key and PCID),
- * else the first invalid way, else the least recently used (stamps of
- * valid entries are >= 1, so an invalid way counts as oldest). */
-static PTEMU_INLINE ptemu_tlbe *array_fill(ptemu_tlb_array *a, uint64_t key, uint64_t base,
-                                           uint32_t pcid, uint32_t size, uint32_t flags,
-                                           uint32_t pkey)
+ * else in the least recently used way (an invalid one if any).  absent:
+ * the caller knows no entry matches, so only the stamps are read. */
+static PTEMU_INLINE uint64_t *array_fill(ptemu_tlb_array *a, uint64_t key, uint64_t data,
+                                         int absent)
 {
     const uint32_t ways = a->ways;
-    ptemu_tlbe *row = a->e + (size_t)((key >> 3) & (a->sets - 1)) * ways;
-    ptemu_tlbe *victim = row;
-    uint64_t oldest = ~0ULL;
-    for (uint32_t w = 0; w < ways; w++) {
-        uint64_t k = row[w].key;
-        if (k == key && row[w].pcid == pcid) {
-            victim = &row[w];
+    uint64_t *row = row_of(a, key >> 3);
+    uint32_t v = 0;
+    if (!absent) {
+        int w = find_way(row, ways, key, ptemu_td_pcid(data), 0);
+        if (w >= 0) {
+            v = (uint32_t)w;
             goto install;
         }
-        uint64_t age = k ? row[w].stamp : 0;
-        if (age < oldest) {
-            oldest = age;
-            victim = &row[w];
+    }
+    {
+        /* Selects, not branches: which way is oldest is unpredictable. */
+        const uint64_t *stamp = row + ways;
+        uint64_t oldest = stamp[0];
+        for (uint32_t w = 1; w < ways; w++) {
+            const int older = stamp[w] < oldest;
+            oldest = older ? stamp[w] : oldest;
+            v = older ? w : v;
         }
     }
-    if (victim->key)
+    if (row[v])
         a->evictions++;
 install:
-    a->live |= 1u << (size & 3u);
-    victim->key = key;
-    victim->base = base;
-    victim->stamp = ++a->clock;
-    victim->pcid = (uint16_t)pcid;
-    victim->size = (uint8_t)size;
-    victim->flags = (uint8_t)flags;
-    victim->pkey = (uint8_t)pkey;
+    a->live |= 1u << key_size(key);
+    row[v] = key;
+    row[ways + v] = ++a->clock;
+    row[2 * ways + v] = data;
     a->fills++;
-    return victim;
+    return &row[v];
 }
 
-PTEMU_INLINE ptemu_tlbe *ptemu_tlb_lookup(ptemu_tlb *t, uint64_t va, uint32_t access,
-                                          uint32_t pcid)
+static inline uint64_t data_of(uint32_t pcid, uint64_t base, uint32_t flags, uint32_t pkey)
 {
-    if (!t->ready && !ptemu_tlb_init(t))
-        return NULL;
+    return ((uint64_t)pcid << PTEMU_TD_PCID_SHIFT) | base |
+           ((uint64_t)(pkey & 15u) << PTEMU_TD_PKEY_SHIFT) | (flags & 0xffu);
+}
+
+/* ptemu_tlb_lookup() once the lookup is counted and the sizes of the first
+ * array before its first_size-th are known to miss. */
+static PTEMU_INLINE int lookup_from(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
+                                    uint32_t first_size, ptemu_tlb_hit *h)
+{
+    h->way = NULL;
     const uint32_t k = access == PTEMU_ACC_FETCH, nprobe = t->nprobe[k];
-    t->lookups[access]++;
     for (uint32_t i = 0; i < nprobe; i++) {
         ptemu_tlb_array *a = &t->arr[t->probe[k][i]];
-        ptemu_tlbe *e = probe(a, va, pcid);
-        if (!e) {
+        if (!probe(a, va, pcid, i ? 0 : first_size, h)) {
             a->misses++;
             continue;
         }
         a->hits++;
         if (a->tier == 1) {
             t->l1_hits[access]++;
-            return e;
+            return 1;
         }
         t->l2_hits[access]++;
-        /* Second-level hit: refill the first level, as the STLB does. */
-        uint32_t l1 = t->fill_at[k][0][e->size];
-        return l1 ? array_fill(&t->arr[l1 - 1], e->key, e->base, e->pcid, e->size, e->flags,
-                               e->pkey)
-                  : e;
+        /* Second-level hit: refill the first level, as the STLB does, and
+         * answer with that copy.  The first level was just probed for va
+         * and missed, so it holds no match for the current PCID; an entry
+         * of another PCID (a global one) may still meet one there. */
+        uint32_t l1 = t->fill_at[k][0][h->size];
+        if (l1) {
+            h->way = array_fill(&t->arr[l1 - 1], *h->way, h->data,
+                                ptemu_td_pcid(h->data) == pcid);
+            h->ways = t->arr[l1 - 1].ways;
+        }
+        return 1;
     }
     t->misses[access]++;
-    return NULL;
+    return 0;
+}
+
+PTEMU_INLINE int ptemu_tlb_lookup(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
+                                  ptemu_tlb_hit *h)
+{
+    h->way = NULL;
+    if (!t->ready && !ptemu_tlb_init(t))
+        return 0;
+    t->lookups[access]++;
+    return lookup_from(t, va, access, pcid, 0, h);
+}
+
+int ptemu_tlb_lookup_after_hot(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
+                               ptemu_tlb_hit *h)
+{
+    t->lookups[access]++;
+    return lookup_from(t, va, access, pcid, 1, h);
+}
+
+void ptemu_tlb_hot_of(ptemu_tlb *t, uint32_t access, ptemu_tlb_hot *hot)
+{
+    const uint32_t k = access == PTEMU_ACC_FETCH;
+    memset(hot, 0, sizeof *hot);
+    if ((!t->ready && !ptemu_tlb_init(t)) || !t->nprobe[k])
+        return;
+    ptemu_tlb_array *a = &t->arr[t->probe[k][0]];
+    if (a->tier != 1 || !a->nsizes || a->ways > 64)   /* see find_way_hit() */
+        return;
+    hot->a = a;
+    hot->slots = a->slots;
+    hot->set_mask = a->sets - 1;
+    hot->size = a->size_list[0];
+    hot->live_bit = 1u << hot->size;
+    hot->key_low = key_of(0, hot->size);
+    hot->shift = ptemu_level_shift(hot->size + 1);
+    hot->offset_mask = (1ULL << hot->shift) - 1;
+    hot->ways = a->ways;
+    hot->stride = 3u * a->ways;
+}
+
+PTEMU_INLINE uint64_t *ptemu_tlb_hot_hit(ptemu_tlb *t, const ptemu_tlb_hot *hot, uint64_t va,
+                                         uint32_t access, uint32_t pcid, uint64_t *data)
+{
+    ptemu_tlb_array *const a = hot->a;
+    if (!a || !(a->live & hot->live_bit))
+        return NULL;
+    const uint32_t ways = hot->ways;
+    const uint64_t tag = va >> hot->shift;
+    const uint64_t key = (tag << 3) | hot->key_low;
+    uint64_t *row = hot->slots + (size_t)(tag & hot->set_mask) * hot->stride;
+    int w = find_way_hit(row, ways, key, pcid, PTEMU_TE_G);
+    if (w < 0)
+        return NULL;
+    /* What ptemu_tlb_lookup() would do: its first probe finds this. */
+    row[ways + w] = ++a->clock;
+    t->lookups[access]++;
+    a->hits++;
+    t->l1_hits[access]++;
+    *data = row[2 * ways + w];
+    return &row[w];
 }
 
 void ptemu_tlb_fill(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
-                    uint32_t size, uint64_t base, uint32_t flags, uint32_t pkey)
+                    uint32_t size, uint64_t base, uint32_t flags, uint32_t pkey, int absent)
 {
     if (!t->ready && !ptemu_tlb_init(t))
         return;
     uint64_t key = key_of(va >> ptemu_level_shift(size + 1), size);
+    uint64_t data = data_of(pcid, base, flags, pkey);
     uint32_t k = access == PTEMU_ACC_FETCH;
     for (uint32_t tier = 0; tier < 2; tier++) {
         uint32_t i = t->fill_at[k][tier][size];
         if (i)
-            array_fill(&t->arr[i - 1], key, base, pcid, size, flags, pkey);
+            array_fill(&t->arr[i - 1], key, data, absent);
     }
 }
 
@@ -205,19 +344,19 @@ int ptemu_psc_lookup(ptemu_tlb *t, uint64_t va, uint32_t pcid, uint32_t levels,
         ptemu_tlb_array *a = &t->psc[l];
         if (!a->sets)
             continue;
+        const uint32_t ways = a->ways;
         uint64_t tag = va >> ptemu_level_shift(l);
         uint64_t key = key_of(tag, l);
-        ptemu_tlbe *row = set_of(a, tag);
-        for (uint32_t w = 0; w < a->ways; w++) {
-            ptemu_tlbe *e = &row[w];
-            if (e->key == key && e->pcid == pcid) {
-                e->stamp = ++a->clock;
-                a->hits++;
-                *level = l - 1;
-                *table = e->base;
-                *rights = e->flags;
-                return 1;
-            }
+        uint64_t *row = row_of(a, tag);
+        int w = find_way(row, ways, key, pcid, 0);     /* PSC entries are never global */
+        if (w >= 0) {
+            const uint64_t data = row[2 * ways + w];
+            row[ways + w] = ++a->clock;
+            a->hits++;
+            *level = l - 1;
+            *table = ptemu_td_base(data);
+            *rights = ptemu_td_flags(data);
+            return 1;
         }
         a->misses++;
     }
@@ -225,40 +364,42 @@ int ptemu_psc_lookup(ptemu_tlb *t, uint64_t va, uint32_t pcid, uint32_t levels,
 }
 
 void ptemu_psc_fill(ptemu_tlb *t, uint32_t level, uint64_t va, uint32_t pcid,
-                    uint64_t table, uint32_t rights)
+                    uint64_t table, uint32_t rights, int absent)
 {
     if (level < 2 || level > 5 || !t->psc[level].sets)
         return;
-    array_fill(&t->psc[level], key_of(va >> ptemu_level_shift(level), level), table, pcid,
-               level, rights, 0);
+    array_fill(&t->psc[level], key_of(va >> ptemu_level_shift(level), level),
+               data_of(pcid, table, rights, 0), absent);
 }
 
 /* Does a flush of `kind` remove this TLB entry?  (SDM 4.10.4.1) */
-static inline int tlb_entry_goes(const ptemu_tlbe *e, uint32_t kind, uint32_t pcid, uint64_t va)
+static inline int tlb_entry_goes(uint64_t key, uint64_t data, uint32_t kind, uint32_t pcid,
+                                 uint64_t va)
 {
-    int global = (e->flags & PTEMU_TE_G) != 0;
+    int global = (data & PTEMU_TE_G) != 0;
+    uint32_t epcid = ptemu_td_pcid(data);
     switch (kind) {
     case PTEMU_FLUSH_ALL:
         return 1;
     case PTEMU_FLUSH_NONGLOBAL:
         return !global;
     case PTEMU_FLUSH_PCID:
-        return e->pcid == pcid && !global;
+        return epcid == pcid && !global;
     case PTEMU_FLUSH_PCID_ALL:
-        return e->pcid == pcid;
+        return epcid == pcid;
     case PTEMU_FLUSH_INVLPG:
         /* The page containing va at the entry's own size: a large page
          * covering the address goes too; global entries in every PCID. */
-        return (e->key >> 3) == (va >> ptemu_level_shift(e->size + 1u)) &&
-               (e->pcid == pcid || global);
+        return (key >> 3) == (va >> ptemu_level_shift(key_size(key) + 1u)) &&
+               (epcid == pcid || global);
     case PTEMU_FLUSH_ADDR:
-        return (e->key >> 3) == (va >> ptemu_level_shift(e->size + 1u)) &&
-               e->pcid == pcid && !global;
+        return (key >> 3) == (va >> ptemu_level_shift(key_size(key) + 1u)) &&
+               epcid == pcid && !global;
     }
     return 1;   /* unknown kind: dropping more is always allowed */
 }
 
-static inline int psc_entry_goes(const ptemu_tlbe *e, uint32_t kind, uint32_t pcid)
+static inline int psc_entry_goes(uint64_t data, uint32_t kind, uint32_t pcid)
 {
     if (kind == PTEMU_FLUSH_ALL || kind == PTEMU_FLUSH_NONGLOBAL)
         return 1;
@@ -266,21 +407,25 @@ static inline int psc_entry_goes(const ptemu_tlbe *e, uint32_t kind, uint32_t pc
      * does INVLPG.  For INVPCID type 0 and a #PF the SDM requires only the
      * entries the address would use; dropping all of the PCID's is more,
      * which invalidation may always do. */
-    return e->pcid == pcid;
+    return ptemu_td_pcid(data) == pcid;
 }
 
 static void sweep(ptemu_tlb_array *a, int is_psc, uint32_t kind, uint32_t pcid, uint64_t va)
 {
-    size_t n = (size_t)a->sets * a->ways;
+    const uint32_t ways = a->ways;
     uint32_t live = 0;
-    for (size_t i = 0; i < n; i++) {
-        ptemu_tlbe *e = &a->e[i];
-        if (!e->key)
-            continue;
-        if (is_psc ? psc_entry_goes(e, kind, pcid) : tlb_entry_goes(e, kind, pcid, va))
-            e->key = 0;
-        else
-            live |= 1u << (e->size & 3u);
+    for (size_t set = 0; set < a->sets; set++) {
+        uint64_t *row = a->slots + set * 3u * ways;
+        for (uint32_t w = 0; w < ways; w++) {
+            uint64_t key = row[w], data = row[2 * ways + w];
+            if (!key)
+                continue;
+            if (is_psc ? psc_entry_goes(data, kind, pcid)
+                       : tlb_entry_goes(key, data, kind, pcid, va))
+                ptemu_tlb_drop(&row[w], ways);
+            else
+                live |= 1u << key_size(key);
+        }
     }
     a->live = live;
 }
@@ -298,13 +443,14 @@ void ptemu_tlb_flush(ptemu_tlb *t, uint32_t kind, uint32_t pcid, uint64_t va, ui
             continue;
         if (kind == PTEMU_FLUSH_INVLPG || kind == PTEMU_FLUSH_ADDR) {
             /* Only the sets va indexes can hold its page. */
+            const uint32_t ways = a->ways;
             for (uint32_t s = 0; s < 3; s++) {
                 if (!(a->sizes & (1u << s)))
                     continue;
-                ptemu_tlbe *row = set_of(a, va >> ptemu_level_shift(s + 1));
-                for (uint32_t w = 0; w < a->ways; w++)
-                    if (row[w].key && tlb_entry_goes(&row[w], kind, pcid, va))
-                        row[w].key = 0;
+                uint64_t *row = row_of(a, va >> ptemu_level_shift(s + 1));
+                for (uint32_t w = 0; w < ways; w++)
+                    if (row[w] && tlb_entry_goes(row[w], row[2 * ways + w], kind, pcid, va))
+                        ptemu_tlb_drop(&row[w], ways);
             }
         } else {
             sweep(a, 0, kind, pcid, va);
@@ -330,9 +476,11 @@ uint64_t ptemu_tlb_count_valid(const ptemu_tlb *t, int which)
                 continue;
             a = &t->psc[level];
         }
-        size_t n = (size_t)a->sets * a->ways;
-        for (size_t k = 0; k < n; k++)
-            count += a->e[k].key != 0;
+        for (size_t set = 0; set < a->sets; set++) {
+            const uint64_t *row = a->slots + set * 3u * a->ways;
+            for (uint32_t w = 0; w < a->ways; w++)
+                count += row[w] != 0;
+        }
     }
     return count;
 }

@@ -166,15 +166,30 @@ void ptemu_ctx_tables(ptemu_ctx *c)
  * plus PK when the key check fails -- which the SDM (4.7) reports whether
  * or not another check failed too.
  */
+static PTEMU_INLINE uint32_t keys_check(const ptemu_ctx *c, uint32_t access, uint32_t flags,
+                                        uint32_t rights, uint32_t pkey, uint32_t ec)
+{
+    if ((c->pke | c->pks) && key_refused(c, access, flags, rights, pkey))
+        ec = PTEMU_PF_P | PTEMU_PF_PK;
+    return ec;
+}
+
 static PTEMU_INLINE uint32_t rights_check(const ptemu_ctx *c, uint32_t access, uint32_t flags,
                                           uint32_t rights, uint32_t pkey)
 {
     uint32_t ec = c->rtab_ready
         ? c->rtab[access][flags & (PTEMU_IN_USER | PTEMU_IN_IMPLICIT)][rights & 7]
         : (rights_refused(c, access, flags, rights) ? PTEMU_PF_P : 0);
-    if ((c->pke | c->pks) && key_refused(c, access, flags, rights, pkey))
-        ec = PTEMU_PF_P | PTEMU_PF_PK;
-    return ec;
+    return keys_check(c, access, flags, rights, pkey, ec);
+}
+
+/* rights_check() where ptemu_ctx_tables() is known to have run (a batch
+ * loop's hit path): the table alone, no test for it. */
+static PTEMU_INLINE uint32_t rights_check_tab(const ptemu_ctx *c, uint32_t access,
+                                              uint32_t flags, uint32_t rights, uint32_t pkey)
+{
+    uint32_t ec = c->rtab[access][flags & (PTEMU_IN_USER | PTEMU_IN_IMPLICIT)][rights & 7];
+    return keys_check(c, access, flags, rights, pkey, ec);
 }
 
 static inline int page_fault(const ptemu_ctx *c, ptemu_fault *f, uint64_t va,
@@ -201,29 +216,32 @@ static int ept_exit_fault(ptemu_fault *f, const ptemu_ept *x, uint64_t va)
  * through an entry cached with D=0 must set D in memory; nested: the
  * combined mapping lacks the EPT right, so the exit, or a changed EPT, must
  * come from memory).  The rights check comes first. */
-static PTEMU_INLINE int hit_needs_walk(const ptemu_tlbe *e, uint32_t access, const ptemu_ept *ept)
+static PTEMU_INLINE int hit_needs_walk(uint64_t data, uint32_t access, const ptemu_ept *ept)
 {
-    if (access == PTEMU_ACC_WRITE && !(e->flags & PTEMU_TE_D))
-        return 1;
-    return ept && !(e->flags & (access == PTEMU_ACC_WRITE ? PTEMU_TE_EPT_W
-                                : access == PTEMU_ACC_FETCH ? PTEMU_TE_EPT_X
-                                : PTEMU_TE_EPT_R));
+    /* & and |, not && and ||: the access kind of a stream is unpredictable. */
+    int dirty_rewalk = (access == PTEMU_ACC_WRITE) & !(data & PTEMU_TE_D);
+    return dirty_rewalk | (ept && !(data & (access == PTEMU_ACC_WRITE ? PTEMU_TE_EPT_W
+                                            : access == PTEMU_ACC_FETCH ? PTEMU_TE_EPT_X
+                                            : PTEMU_TE_EPT_R)));
 }
 
 /* The address a TLB entry gives for va. */
-static PTEMU_INLINE uint64_t hit_pa(const ptemu_tlbe *e, uint64_t va)
+static PTEMU_INLINE uint64_t hit_pa(const ptemu_tlb_hit *h, uint64_t va)
 {
-    return e->base | (va & ((1ULL << ptemu_level_shift(e->size + 1u)) - 1));
+    return ptemu_td_base(h->data) | (va & ((1ULL << ptemu_level_shift(h->size + 1u)) - 1));
 }
 
 /*
  * A translation once the TLB was probed: hit is what ptemu_tlb_lookup()
- * returned for this access (NULL: a miss, or no TLB), so that batch loops
+ * found for this access (hit->way NULL: a miss, or no TLB), so that batch loops
  * can take the common hit themselves and hand everything else here without
- * probing (and counting) twice.  va is canonical, paging is on.
+ * probing (and counting) twice.  va is canonical, paging is on.  entries:
+ * 0 when the caller reads only o->pa, so the entries read need not be
+ * copied to o->entry_pa[] and o->entry[].
  */
 static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uint32_t access,
-                                            uint32_t flags, ptemu_tlb *tlb, ptemu_tlbe *hit,
+                                            uint32_t flags, ptemu_tlb *tlb,
+                                            const ptemu_tlb_hit *hit, const int entries,
                                             ptemu_walk_out *o, ptemu_fault *f)
 {
     o->va = va;
@@ -238,24 +256,28 @@ static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uin
         ept_refs0 = ept->refs;
     }
 
-    if (hit) {
-        uint32_t prot = rights_check(c, access, flags, hit->flags, hit->pkey);
+    if (hit->way) {
+        uint32_t prot = rights_check(c, access, flags, ptemu_td_flags(hit->data),
+                                     ptemu_td_pkey(hit->data));
         if (prot)
             return page_fault(c, f, va, prot | acc_ec, PTEMU_CAUSE_PROT, 0);
-        if (!hit_needs_walk(hit, access, ept)) {
+        if (!hit_needs_walk(hit->data, access, ept)) {
             o->pa = hit_pa(hit, va);
             o->page_size = 1ULL << ptemu_level_shift(hit->size + 1u);
             o->level = hit->size + 1u;
-            o->rights = hit->flags & (PTEMU_TE_W | PTEMU_TE_U | PTEMU_TE_NX);
+            o->rights = ptemu_td_flags(hit->data) & (PTEMU_TE_W | PTEMU_TE_U | PTEMU_TE_NX);
             o->leaf = 0;
             o->first_level = o->level;
             o->tlb_hit = 1;
             return PTEMU_OK;
         }
-        if (access == PTEMU_ACC_WRITE && !(hit->flags & PTEMU_TE_D))
+        if (access == PTEMU_ACC_WRITE && !(hit->data & PTEMU_TE_D))
             tlb->dirty_rewalks++;
-        hit->key = 0;
+        ptemu_tlb_drop(hit->way, hit->ways);
     }
+    /* A miss (not a rewalk): no TLB or PSC entry matches va in this PCID,
+     * so the fills below need not look for one. */
+    const int absent = !hit->way;
     if (tlb)
         tlb->walks++;
 
@@ -324,7 +346,7 @@ static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uin
         table = e & addr_mask;
         level--;
     }
-    for (uint32_t i = 0; i < n; i++) {
+    for (uint32_t i = 0; entries && i < n; i++) {
         o->entry_pa[i] = epas[i];
         o->entry[i] = ents[i];
     }
@@ -361,17 +383,19 @@ static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uin
                 if (!ptemu_or8(c->mem, epas[i], (uint8_t)PTEMU_PTE_A))
                     return ept_exit_fault(f, ept, va);
                 ents[i] |= PTEMU_PTE_A;
-                o->entry[i] = ents[i];
+                if (entries)
+                    o->entry[i] = ents[i];
             }
         }
         if (access == PTEMU_ACC_WRITE && !(ents[n - 1] & PTEMU_PTE_D)) {
             if (!ptemu_or8(c->mem, epas[n - 1], (uint8_t)PTEMU_PTE_D))
                 return ept_exit_fault(f, ept, va);
             ents[n - 1] |= PTEMU_PTE_D;
-            o->entry[n - 1] = ents[n - 1];
+            if (entries)
+                o->entry[n - 1] = ents[n - 1];
             /* A recursive slot: the leaf's word may also have served as a
              * table entry above; report it as memory now holds it. */
-            for (uint32_t i = 0; i + 1 < n; i++)
+            for (uint32_t i = 0; entries && i + 1 < n; i++)
                 if (epas[i] == epas[n - 1])
                     o->entry[i] = ents[i] |= PTEMU_PTE_D;
         }
@@ -409,15 +433,18 @@ static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uin
 
     if (tlb) {
         /* Cache what was used: one PSC entry per non-leaf entry read (all
-         * have A=1 now, SDM 4.10.3.1), then the translation itself. */
+         * have A=1 now, SDM 4.10.3.1), then the translation itself.  The
+         * PSC levels filled are all below the one ptemu_psc_lookup() hit
+         * (or all, on no hit): each was probed for va just now and missed. */
         for (uint32_t i = 0; i + 1 < n; i++)
-            ptemu_psc_fill(tlb, first_level - i, va, c->pcid, ents[i] & addr_mask, rights_at[i]);
+            ptemu_psc_fill(tlb, first_level - i, va, c->pcid, ents[i] & addr_mask, rights_at[i],
+                           1);
         uint32_t tflags = rights | ept_rights;
         if (o->leaf & PTEMU_PTE_D)
             tflags |= PTEMU_TE_D;
         if (c->pge && (o->leaf & PTEMU_PTE_G))
             tflags |= PTEMU_TE_G;
-        ptemu_tlb_fill(tlb, va, access, c->pcid, tlb_size, base, tflags, pkey);
+        ptemu_tlb_fill(tlb, va, access, c->pcid, tlb_size, base, tflags, pkey, absent);
     }
     return PTEMU_OK;
 }
@@ -458,8 +485,10 @@ PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t a
         return ptemu_set_fault(f, PTEMU_VEC_GP, 0, 0, PTEMU_CAUSE_NONCANON, 0);
 
     ptemu_tlb *tlb = (flags & PTEMU_IN_NO_AD) ? NULL : c->tlb;
-    ptemu_tlbe *e = tlb ? ptemu_tlb_lookup(tlb, va, access, c->pcid) : NULL;
-    return translate_looked_up(c, va, access, flags, tlb, e, o, f);
+    ptemu_tlb_hit h = { NULL, 0, 0, 0 };
+    if (tlb)
+        ptemu_tlb_lookup(tlb, va, access, c->pcid, &h);
+    return translate_looked_up(c, va, access, flags, tlb, &h, 1, o, f);
 }
 
 uint32_t ptemu_resolve_flags(const ptemu_cpu *cpu, uint32_t flags)

@@ -1,13 +1,19 @@
 """Tlb: geometry of the TLB arrays and paging-structure caches, and their statistics.
 
 The arrays live in C (csrc/tlb.c); this module only sizes them, owns their
-memory, and reads the counters.
+memory, and reads the counters.  `Tlb._cdata` is the ptemu_tlb the C calls
+take; `Tlb._c` shows the same struct with each array's entries decoded (C
+keeps them packed, see csrc/ptemu_cdef.h).
 """
 from dataclasses import dataclass, field
 
 from ptemu._native import ffi, lib, InvalidInput
 
 __all__ = ["Tlb", "TlbArray", "TlbStats"]
+
+_BASE_MASK = lib.PTEMU_TD_BASE_MASK
+_PCID_SHIFT = lib.PTEMU_TD_PCID_SHIFT
+_PKEY_SHIFT = lib.PTEMU_TD_PKEY_SHIFT
 
 _SIZE_BITS = {"4K": 1 << lib.PTEMU_SIZE_4K, "2M": 1 << lib.PTEMU_SIZE_2M,
               "1G": 1 << lib.PTEMU_SIZE_1G}
@@ -70,10 +76,10 @@ class Tlb:
             raise InvalidInput("a Tlb needs at least one array")
         if len(arrays) > lib.PTEMU_TLB_MAX_ARRAYS:
             raise InvalidInput("at most %d TLB arrays" % lib.PTEMU_TLB_MAX_ARRAYS)
-        self._c = ffi.new("ptemu_tlb *")
+        self._cdata = ffi.new("ptemu_tlb *")
         self._keep = []
         self.arrays = tuple(arrays)
-        self._c.narrays = len(arrays)
+        self._cdata.narrays = len(arrays)
         for i, a in enumerate(arrays):
             if a.tier not in (1, 2):
                 raise InvalidInput("%s: tier must be 1 or 2" % a.name)
@@ -86,16 +92,16 @@ class Tlb:
                 sizes |= _SIZE_BITS[s]
             if not sizes:
                 raise InvalidInput("%s: holds no page size" % a.name)
-            self._setup(self._c.arr[i], a.name, a.entries, a.ways)
-            self._c.arr[i].sizes = sizes
-            self._c.arr[i].kinds = _KIND_BITS[a.kind]
-            self._c.arr[i].tier = a.tier
+            self._setup(self._cdata.arr[i], a.name, a.entries, a.ways)
+            self._cdata.arr[i].sizes = sizes
+            self._cdata.arr[i].kinds = _KIND_BITS[a.kind]
+            self._cdata.arr[i].tier = a.tier
         self.psc_geometry = dict(psc or {})
         for level, (entries, ways) in self.psc_geometry.items():
             if level not in PSC_NAMES:
                 raise InvalidInput("paging-structure caches exist for levels 2..5, not %r" % level)
-            self._setup(self._c.psc[level], PSC_NAMES[level], entries, ways)
-        if not lib.ptemu_tlb_init(self._c):
+            self._setup(self._cdata.psc[level], PSC_NAMES[level], entries, ways)
+        if not lib.ptemu_tlb_init(self._cdata):
             raise InvalidInput("unusable TLB geometry")
         self.owner = None
 
@@ -108,9 +114,9 @@ class Tlb:
         sets = entries // ways
         if sets & (sets - 1):
             raise InvalidInput("%s: %d sets is not a power of two" % (name, sets))
-        buf = ffi.new("ptemu_tlbe[]", entries)
+        buf = ffi.new("uint64_t[]", 3 * entries)   # key, stamp, data per entry
         self._keep.append(buf)
-        carr.e = buf
+        carr.slots = buf
         carr.sets = sets
         carr.ways = ways
 
@@ -147,22 +153,29 @@ class Tlb:
     def valid_entries(self, array=None):
         """Valid entries in one TLB array (by name), or in all of them."""
         if array is None:
-            return int(lib.ptemu_tlb_count_valid(self._c, -1))
+            return int(lib.ptemu_tlb_count_valid(self._cdata, -1))
         for i, a in enumerate(self.arrays):
             if a.name == array:
-                return int(lib.ptemu_tlb_count_valid(self._c, i))
+                return int(lib.ptemu_tlb_count_valid(self._cdata, i))
         raise InvalidInput("no TLB array named %r" % array)
 
     def valid_psc_entries(self, level):
-        return int(lib.ptemu_tlb_count_valid(self._c, 100 + level))
+        return int(lib.ptemu_tlb_count_valid(self._cdata, 100 + level))
 
     def flush_all(self):
         """Drop everything (not an architectural event; counted as 'user')."""
-        lib.ptemu_tlb_flush(self._c, lib.PTEMU_FLUSH_ALL, 0, 0, lib.PTEMU_CAUSE_FL_USER)
+        lib.ptemu_tlb_flush(self._cdata, lib.PTEMU_FLUSH_ALL, 0, 0, lib.PTEMU_CAUSE_FL_USER)
+
+    @property
+    def _c(self):
+        """The ptemu_tlb with decoded entries: `.arr[i].e[j]` and
+        `.psc[level].e[j]` have key, stamp, base, pcid, size, flags, pkey;
+        every other field is the C struct's."""
+        return _TlbView(self._cdata)
 
     @property
     def stats(self):
-        c = self._c
+        c = self._cdata
         by_access = {}
         for i, name in enumerate(_ACCESS):
             by_access[name] = {"lookups": c.lookups[i], "l1_hits": c.l1_hits[i],
@@ -188,7 +201,7 @@ class Tlb:
             arrays=arrays, psc=psc)
 
     def reset_stats(self):
-        c = self._c
+        c = self._cdata
         for i in range(3):
             c.lookups[i] = c.l1_hits[i] = c.l2_hits[i] = c.misses[i] = 0
         c.walks = c.walk_refs = c.dirty_rewalks = c.fault_invalidations = 0
@@ -199,3 +212,54 @@ class Tlb:
 
     def __repr__(self):
         return "Tlb(%s)" % ", ".join("%s:%d/%dw" % (a.name, a.entries, a.ways) for a in self.arrays)
+
+
+class _Entry:
+    """One entry of an array, decoded from its key, stamp and data words."""
+    __slots__ = ("key", "stamp", "base", "pcid", "size", "flags", "pkey")
+
+    def __init__(self, key, stamp, data, level):
+        self.key = key                  # (tag << 3) | (size << 1) | 1; 0 = invalid
+        self.stamp = stamp
+        self.base = data & _BASE_MASK
+        self.pcid = data >> _PCID_SHIFT
+        # TLB: the page size index; PSC: the level (the key keeps only level & 3)
+        self.size = (key >> 1) & 3 if level is None else level
+        self.flags = data & 0xFF
+        self.pkey = (data >> _PKEY_SHIFT) & 15
+
+
+class _Entries:
+    """Entry j of an array (j < sets * ways), as csrc/tlb.c lays them out."""
+
+    def __init__(self, carr, level):
+        self._a, self._level = carr, level
+
+    def __getitem__(self, j):
+        a = self._a
+        ways = a.ways
+        if not 0 <= j < a.sets * ways:
+            raise IndexError(j)
+        row = (j // ways) * 3 * ways
+        w = j % ways
+        return _Entry(int(a.slots[row + w]), int(a.slots[row + ways + w]),
+                      int(a.slots[row + 2 * ways + w]), self._level)
+
+
+class _ArrayView:
+    def __init__(self, carr, level=None):
+        self._a = carr
+        self.e = _Entries(carr, level)
+
+    def __getattr__(self, name):
+        return getattr(self._a, name)
+
+
+class _TlbView:
+    def __init__(self, cdata):
+        self._t = cdata
+        self.arr = [_ArrayView(cdata.arr[i]) for i in range(lib.PTEMU_TLB_MAX_ARRAYS)]
+        self.psc = [_ArrayView(cdata.psc[level], level) for level in range(6)]
+
+    def __getattr__(self, name):
+        return getattr(self._t, name)
