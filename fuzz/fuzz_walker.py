@@ -291,7 +291,7 @@ class Ctx:
         parts = [self.mem.array.tobytes(), bytes(_ffi.buffer(self.cpu._c))]
         tlb = self.tlb
         if tlb is not None:
-            parts.append(bytes(_ffi.buffer(tlb._cdata)))
+            parts.append(bytes(_ffi.buffer(tlb._c)))
             parts.extend(bytes(_ffi.buffer(k)) for k in tlb._keep)
         return parts
 

@@ -275,7 +275,7 @@ class Harness:
         it is caught here at once, whether or not an access would use it.
         (Reads the ptemu_tlbe structs of csrc/ptemu_cdef.h: tag = key >> 3.)"""
         tlb, m = self.mmu.tlb, self.model
-        c = tlb._c
+        c = tlb.decoded
         for i, arr in enumerate(tlb.arrays):
             a = c.arr[i]
             for j in range(a.sets * a.ways):

@@ -322,7 +322,7 @@ class Mmu:
         self.cpu = cpu
         self.tlb = tlb
         self._mem_c = memory._c
-        self._tlb_c = tlb._cdata if tlb is not None else ffi.NULL
+        self._tlb_c = tlb._c if tlb is not None else ffi.NULL
         self._m = ffi.new("ptemu_mmu *")
         self._m.cpu = cpu._c
         self._m.mem = memory._c

@@ -1,9 +1,9 @@
 """Tlb: geometry of the TLB arrays and paging-structure caches, and their statistics.
 
 The arrays live in C (csrc/tlb.c); this module only sizes them, owns their
-memory, and reads the counters.  `Tlb._cdata` is the ptemu_tlb the C calls
-take; `Tlb._c` shows the same struct with each array's entries decoded (C
-keeps them packed, see csrc/ptemu_cdef.h).
+memory, and reads the counters.  `Tlb._c` is the ptemu_tlb the C calls
+take; `Tlb.decoded` shows the same struct with each array's entries decoded
+(C keeps them packed, see csrc/ptemu_cdef.h).
 """
 from dataclasses import dataclass, field
 
@@ -76,10 +76,10 @@ class Tlb:
             raise InvalidInput("a Tlb needs at least one array")
         if len(arrays) > lib.PTEMU_TLB_MAX_ARRAYS:
             raise InvalidInput("at most %d TLB arrays" % lib.PTEMU_TLB_MAX_ARRAYS)
-        self._cdata = ffi.new("ptemu_tlb *")
+        self._c = ffi.new("ptemu_tlb *")
         self._keep = []
         self.arrays = tuple(arrays)
-        self._cdata.narrays = len(arrays)
+        self._c.narrays = len(arrays)
         for i, a in enumerate(arrays):
             if a.tier not in (1, 2):
                 raise InvalidInput("%s: tier must be 1 or 2" % a.name)
@@ -92,16 +92,16 @@ class Tlb:
                 sizes |= _SIZE_BITS[s]
             if not sizes:
                 raise InvalidInput("%s: holds no page size" % a.name)
-            self._setup(self._cdata.arr[i], a.name, a.entries, a.ways)
-            self._cdata.arr[i].sizes = sizes
-            self._cdata.arr[i].kinds = _KIND_BITS[a.kind]
-            self._cdata.arr[i].tier = a.tier
+            self._setup(self._c.arr[i], a.name, a.entries, a.ways)
+            self._c.arr[i].sizes = sizes
+            self._c.arr[i].kinds = _KIND_BITS[a.kind]
+            self._c.arr[i].tier = a.tier
         self.psc_geometry = dict(psc or {})
         for level, (entries, ways) in self.psc_geometry.items():
             if level not in PSC_NAMES:
                 raise InvalidInput("paging-structure caches exist for levels 2..5, not %r" % level)
-            self._setup(self._cdata.psc[level], PSC_NAMES[level], entries, ways)
-        if not lib.ptemu_tlb_init(self._cdata):
+            self._setup(self._c.psc[level], PSC_NAMES[level], entries, ways)
+        if not lib.ptemu_tlb_init(self._c):
             raise InvalidInput("unusable TLB geometry")
         self.owner = None
 
@@ -153,29 +153,29 @@ class Tlb:
     def valid_entries(self, array=None):
         """Valid entries in one TLB array (by name), or in all of them."""
         if array is None:
-            return int(lib.ptemu_tlb_count_valid(self._cdata, -1))
+            return int(lib.ptemu_tlb_count_valid(self._c, -1))
         for i, a in enumerate(self.arrays):
             if a.name == array:
-                return int(lib.ptemu_tlb_count_valid(self._cdata, i))
+                return int(lib.ptemu_tlb_count_valid(self._c, i))
         raise InvalidInput("no TLB array named %r" % array)
 
     def valid_psc_entries(self, level):
-        return int(lib.ptemu_tlb_count_valid(self._cdata, 100 + level))
+        return int(lib.ptemu_tlb_count_valid(self._c, 100 + level))
 
     def flush_all(self):
         """Drop everything (not an architectural event; counted as 'user')."""
-        lib.ptemu_tlb_flush(self._cdata, lib.PTEMU_FLUSH_ALL, 0, 0, lib.PTEMU_CAUSE_FL_USER)
+        lib.ptemu_tlb_flush(self._c, lib.PTEMU_FLUSH_ALL, 0, 0, lib.PTEMU_CAUSE_FL_USER)
 
     @property
-    def _c(self):
-        """The ptemu_tlb with decoded entries: `.arr[i].e[j]` and
-        `.psc[level].e[j]` have key, stamp, base, pcid, size, flags, pkey;
+    def decoded(self):
+        """For inspection: the ptemu_tlb with decoded entries: `.arr[i].e[j]`
+        and `.psc[level].e[j]` have key, stamp, base, pcid, size, flags, pkey;
         every other field is the C struct's."""
-        return _TlbView(self._cdata)
+        return _TlbView(self._c)
 
     @property
     def stats(self):
-        c = self._cdata
+        c = self._c
         by_access = {}
         for i, name in enumerate(_ACCESS):
             by_access[name] = {"lookups": c.lookups[i], "l1_hits": c.l1_hits[i],
@@ -201,7 +201,7 @@ class Tlb:
             arrays=arrays, psc=psc)
 
     def reset_stats(self):
-        c = self._cdata
+        c = self._c
         for i in range(3):
             c.lookups[i] = c.l1_hits[i] = c.l2_hits[i] = c.misses[i] = 0
         c.walks = c.walk_refs = c.dirty_rewalks = c.fault_invalidations = 0

@@ -52,7 +52,7 @@ class NativeVcpu:
         self.tlb = tlb
         self._phys = machine.phys
         self._mem_c = machine.phys._c
-        self._tlb_c = tlb._cdata if tlb is not None else ffi.NULL
+        self._tlb_c = tlb._c if tlb is not None else ffi.NULL
         self._translate = self.mmu.translate
         self._val = ffi.new("uint64_t *")
         self._fault = ffi.new("ptemu_fault *")

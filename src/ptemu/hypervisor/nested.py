@@ -131,7 +131,7 @@ class NestedVM:
         st["exits"] = st["exit_ept_violation"] + st["exit_ept_misconfig"]
         st["ept_walks"] = self.ept.walks
         st["ept_walk_refs"] = self.ept.refs
-        t = self.vcpu.tlb._cdata
+        t = self.vcpu.tlb._c
         st["walks"] = int(t.walks)
         st["walk_refs"] = int(t.walk_refs)
         return st
@@ -254,7 +254,7 @@ class NestedVcpu:
             raise InvalidInput("start %d is past the end of the trace (%d)" % (i, n))
         tp = ffi.from_buffer("ptemu_trace_rec[]", trace)
         f = self._fault
-        mem_c, tlb_c = self.vm.gmem._c, self.tlb._cdata
+        mem_c, tlb_c = self.vm.gmem._c, self.tlb._c
         st = self._stats
         first = i
         last, tries = -1, 0

@@ -262,7 +262,7 @@ class VirtualMachine:
         st = self._stats
         st["exits"] = sum(st["exit_" + r] for r in EXIT_REASONS)
         st["guest_walks"] = sum(st[c] for c in _OUTCOME_COUNTERS)
-        t = self.vcpu.tlb._cdata
+        t = self.vcpu.tlb._c
         st["shadow_walks"] = int(t.walks)
         st["shadow_walk_refs"] = int(t.walk_refs)
         st["shadow_pages"] = len(self.shadow.hash)
@@ -414,7 +414,7 @@ class VCpu:
         self._rbuf = self.mmu._outbuf
         self._rcpu = self.real_cpu._c
         self._hmem = vm.hypervisor.host._c
-        self._rtlb = tlb._cdata
+        self._rtlb = tlb._c
         self._rfault = ffi.new("ptemu_fault *")
         self._gm = self.guest_mmu._m
         self._gbuf = self.guest_mmu._outbuf
