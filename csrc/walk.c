@@ -212,6 +212,15 @@ static int ept_exit_fault(ptemu_fault *f, const ptemu_ept *x, uint64_t va)
                            x->exit_level);
 }
 
+/* Every outcome reports what the walk read: nothing yet. */
+static PTEMU_INLINE void walk_out_begin(ptemu_walk_out *o, uint64_t va)
+{
+    o->va = va;
+    o->nentries = 0;
+    o->mem_refs = 0;
+    o->tlb_hit = 0;
+}
+
 /* A TLB hit that cannot serve this access by itself (SDM 4.8: a write
  * through an entry cached with D=0 must set D in memory; nested: the
  * combined mapping lacks the EPT right, so the exit, or a changed EPT, must
@@ -244,10 +253,7 @@ static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uin
                                             const ptemu_tlb_hit *hit, const int entries,
                                             ptemu_walk_out *o, ptemu_fault *f)
 {
-    o->va = va;
-    o->nentries = 0;
-    o->mem_refs = 0;
-    o->tlb_hit = 0;
+    walk_out_begin(o, va);
     uint32_t acc_ec = access_bits(c, access, flags);
     ptemu_ept *ept = c->mem->ept;
     uint64_t ept_refs0 = 0;
@@ -456,10 +462,7 @@ PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t a
         c->mem->ept->no_ad = (flags & PTEMU_IN_NO_AD) != 0;
 
     if (c->levels == 0) {
-        o->va = va;
-        o->nentries = 0;
-        o->mem_refs = 0;
-        o->tlb_hit = 0;
+        walk_out_begin(o, va);
         o->pa = va;
         if (c->mem->ept) {
             /* SDM 29.3.1: with CR0.PG = 0 the linear address is a
@@ -481,8 +484,10 @@ PTEMU_INLINE int ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t a
         return PTEMU_OK;
     }
 
-    if (!ptemu_canonical(c, va))
+    if (!ptemu_canonical(c, va)) {
+        walk_out_begin(o, va);      /* no entry was read */
         return ptemu_set_fault(f, PTEMU_VEC_GP, 0, 0, PTEMU_CAUSE_NONCANON, 0);
+    }
 
     ptemu_tlb *tlb = (flags & PTEMU_IN_NO_AD) ? NULL : c->tlb;
     ptemu_tlb_hit h = { NULL, 0, 0, 0 };

@@ -163,3 +163,20 @@ def test_width_follows_la57_live():
     cpu.cr4 = cpu.cr4 | ptemu.CR4_LA57        # plain state change, not MOV CR4
     with pytest.raises(ptemu.PageFault):
         mmu.translate(0x0000_8000_0000_0000)
+
+
+def test_gp_leaves_no_entries_of_an_earlier_walk_in_the_c_output():
+    """SDM 4.5.1: a #GP reads no paging structure; the C walk output (the
+    entries read) must say so, not keep the previous walk's four entries."""
+    from ptemu._native import ffi, lib
+    mem, b, mmu = setup()
+    map_page_of(b, 0x5000, 0x105000)
+    out = ffi.new("ptemu_walk_out *")
+    fault = ffi.new("ptemu_fault *")
+    walk = ffi.new("ptemu_walk_in *")
+    walk.va, walk.access, walk.flags = 0x5000, lib.PTEMU_ACC_READ, 0
+    assert lib.ptemu_translate(mmu.cpu._c, mem._c, ffi.NULL, walk, out, fault) == 0
+    assert out.nentries == 4 and out.mem_refs == 4
+    walk.va = 0x0000_8000_0000_0000
+    assert lib.ptemu_translate(mmu.cpu._c, mem._c, ffi.NULL, walk, out, fault) == 13
+    assert (out.va, out.nentries, out.mem_refs, out.tlb_hit) == (0x0000_8000_0000_0000, 0, 0, 0)
