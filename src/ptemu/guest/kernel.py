@@ -829,7 +829,7 @@ class Kernel:
         """Run trace[start:] (TRACE_DTYPE, user accesses) as pid; every true
         fault goes to the #PF handler and the access is retried.  Returns
         the number of faults handled; SegmentationFault stops the run."""
-        proc = self._proc(pid)
+        self._proc(pid)                 # an unknown pid is refused here
         trace = check_array(trace, TRACE_DTYPE, "trace")
         n = len(trace)
         self._enter_user(pid)

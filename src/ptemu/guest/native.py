@@ -27,6 +27,7 @@ from ptemu._native import (ffi, lib, InvalidInput, PageFault, GeneralProtection,
 from ptemu.memory import PhysicalMemory
 from ptemu.mmu import CpuState, Mmu, RunResult, TRACE_DTYPE
 from ptemu.tlb import Tlb
+from ptemu.hypervisor.exits import NoExitControl
 from ptemu.hypervisor.paravirt import mmu_update_items
 
 __all__ = ["NativeMachine", "NativeVcpu", "HYPERCALLS"]
@@ -35,7 +36,7 @@ __all__ = ["NativeMachine", "NativeVcpu", "HYPERCALLS"]
 HYPERCALLS = ("mmu_update", "new_baseptr", "invlpg", "flush_tlb")
 
 
-class NativeVcpu:
+class NativeVcpu(NoExitControl):
     """A CPU running the guest directly: guest accesses go to an Mmu over
     guest-physical memory whose CR3 is the guest's own CR3.
 
@@ -56,21 +57,6 @@ class NativeVcpu:
         self._translate = self.mmu.translate
         self._val = ffi.new("uint64_t *")
         self._fault = ffi.new("ptemu_fault *")
-
-    # -- control registers and invalidation (SDM 4.10.4.1) ---------------------
-    def write_cr3(self, value):
-        """MOV to CR3: the TLB rules of SDM 4.10.4.1 (flush non-global, PCID 0)."""
-        self.mmu.write_cr3(value)
-        self._stats["cr3_write"] += 1
-
-    def write_cr4(self, value):
-        self.mmu.write_cr4(value)
-        self._stats["cr4_write"] += 1
-
-    def invlpg(self, va):
-        """INVLPG va (SDM 4.10.4.1)."""
-        self.mmu.invlpg(va)
-        self._stats["invlpg"] += 1
 
     # -- guest accesses ---------------------------------------------------------
     def access(self, va, access="r"):

@@ -6,10 +6,11 @@ names KVM uses where one exists (arch/x86/kvm: pf_fixed, pf_guest,
 pf_emulate, mmu_pte_write, mmu_flooded, mmu_unsync, mmu_cache_miss,
 mmu_shadow_zapped, mmu_recycled, invlpg, ...).
 """
-from ptemu._native import PtemuError, InvalidInput
+from ptemu._native import PtemuError, InvalidInput, check_u64
 
 __all__ = ["EXIT_REASONS", "COUNTERS", "VmStats", "ExitRecord", "GuestMemoryError",
-           "HostMemoryExhausted", "HypercallRejected", "ShadowMmuError"]
+           "HostMemoryExhausted", "HypercallRejected", "ShadowMmuError", "NoExitControl",
+           "checked_gpa"]
 
 #: Why the guest left guest mode (the `exit_<reason>` counters).
 EXIT_REASONS = (
@@ -140,3 +141,31 @@ class HypercallRejected(InvalidInput):
 
 class ShadowMmuError(PtemuError):
     """An internal inconsistency of the shadow MMU (a bug, never a guest's doing)."""
+
+
+class NoExitControl:
+    """MOV to CR3/CR4 and INVLPG on a vCPU where they do not exit (bare metal,
+    nested paging): they act on the vCPU's own Mmu and TLB with the rules of
+    SDM 4.10.4.1, and are counted.  Needs self.mmu and self._stats."""
+
+    def write_cr3(self, value):
+        """MOV to CR3 (SDM 4.10.4.1: flush non-global entries of the PCID)."""
+        self.mmu.write_cr3(value)
+        self._stats["cr3_write"] += 1
+
+    def write_cr4(self, value):
+        self.mmu.write_cr4(value)
+        self._stats["cr4_write"] += 1
+
+    def invlpg(self, va):
+        """INVLPG va (SDM 4.10.4.1)."""
+        self.mmu.invlpg(va)
+        self._stats["invlpg"] += 1
+
+
+def checked_gpa(gpa, memory_bytes):
+    """gpa as an int inside a VM's guest-physical memory, else InvalidInput."""
+    gpa = check_u64(gpa, "guest-physical address")
+    if gpa >= memory_bytes:
+        raise InvalidInput("gpa %#x is outside the VM's memory (size %#x)" % (gpa, memory_bytes))
+    return gpa

@@ -25,7 +25,8 @@ from ptemu.ept import Ept
 from ptemu.memory import PhysicalMemory
 from ptemu.mmu import CpuState, Mmu, RunResult, TRACE_DTYPE
 from ptemu.tlb import Tlb
-from ptemu.hypervisor.exits import GuestMemoryError, ShadowMmuError
+from ptemu.hypervisor.exits import (GuestMemoryError, NoExitControl, ShadowMmuError,
+                                    checked_gpa)
 
 __all__ = ["NestedVM", "NestedVcpu", "NestedPhys", "create_nested_vm"]
 
@@ -88,10 +89,7 @@ class NestedVM:
 
     def gpa_to_hpa(self, gpa):
         """The host physical address backing gpa, or None while its frame is unbacked."""
-        gpa = check_u64(gpa, "guest-physical address")
-        if gpa >= self.memory_bytes:
-            raise InvalidInput("gpa %#x is outside the VM's memory (size %#x)"
-                               % (gpa, self.memory_bytes))
+        gpa = checked_gpa(gpa, self.memory_bytes)
         hpa = int(self.p2m[gpa // PAGE])
         return None if hpa == NO_FRAME else hpa + gpa % PAGE
 
@@ -185,7 +183,7 @@ class NestedPhys:
         self.write(gpa, check_u64(value, "value").to_bytes(8, "little"))
 
 
-class NestedVcpu:
+class NestedVcpu(NoExitControl):
     """The vCPU of a nested-paging VM: guest accesses run on an Mmu whose CR3 is
     the guest's own, over guest-physical memory behind the EPT.  MOV CR3 and
     INVLPG do not exit (they act on the vCPU's TLB as on bare metal)."""
@@ -198,18 +196,6 @@ class NestedVcpu:
         self._host = vm.hypervisor.host
         self._stats = vm._stats
         self._fault = ffi.new("ptemu_fault *")
-
-    def write_cr3(self, value):
-        self.mmu.write_cr3(value)
-        self._stats["cr3_write"] += 1
-
-    def write_cr4(self, value):
-        self.mmu.write_cr4(value)
-        self._stats["cr4_write"] += 1
-
-    def invlpg(self, va):
-        self.mmu.invlpg(va)
-        self._stats["invlpg"] += 1
 
     def _translate(self, va, access):
         """Translate, handling EPT exits until the access completes; a guest

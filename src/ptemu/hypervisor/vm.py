@@ -25,7 +25,7 @@ from ptemu._native import (ffi, lib, InvalidInput, GeneralProtection,
 from ptemu.memory import PhysicalMemory
 from ptemu.mmu import CpuState, Mmu, RunResult, TRACE_DTYPE
 from ptemu.tlb import Tlb
-from ptemu.hypervisor.exits import (EXIT_REASONS, VmStats, ExitRecord, GuestMemoryError,
+from ptemu.hypervisor.exits import (checked_gpa, EXIT_REASONS, VmStats, ExitRecord, GuestMemoryError,
                                     HostMemoryExhausted, ShadowMmuError)
 from ptemu.hypervisor.shadow import ShadowMmu, TE_W, LEAF_COPY, R_WP
 from ptemu.hypervisor.paravirt import hypercall as _hypercall
@@ -225,10 +225,7 @@ class VirtualMachine:
 
     def gpa_to_hpa(self, gpa):
         """The host physical address backing gpa, or None while its frame is unbacked."""
-        gpa = check_u64(gpa, "guest-physical address")
-        if gpa >= self.memory_bytes:
-            raise InvalidInput("gpa %#x is outside the VM's memory (size %#x)"
-                               % (gpa, self.memory_bytes))
+        gpa = checked_gpa(gpa, self.memory_bytes)
         hpa = self._p2m_list[gpa // PAGE]
         return None if hpa == NO_FRAME else hpa + (gpa % PAGE)
 
