@@ -43,13 +43,8 @@ def create_nested_vm(hypervisor, guest_memory_bytes, tlb=None, ept_levels=4, ept
                            % size)
     if tlb is not None and not isinstance(tlb, Tlb):
         raise InvalidInput("tlb must be a Tlb or None")
-    vm = NestedVM(hypervisor, hypervisor._next_id, size, tlb, ept_levels, bool(ept_ad))
-    hypervisor._next_id += 1
-    hypervisor.vms.append(vm)
-    if populate:
-        for gfn in range(size // PAGE):
-            vm.back(gfn)
-    return vm
+    return hypervisor._add_vm(NestedVM(hypervisor, hypervisor._next_id, size, tlb, ept_levels,
+                                       bool(ept_ad)), populate)
 
 
 class NestedVM:

@@ -143,12 +143,17 @@ class Hypervisor:
         if populate and size // PAGE > len(self._free):
             raise HostMemoryExhausted("populate: %d guest frames, %d free host frames"
                                       % (size // PAGE, len(self._free)))
-        vm = VirtualMachine(self, self._next_id, size, paging, bool(unsync), prev_roots,
-                            shadow_limit, bool(prefetch), tlb)
+        return self._add_vm(VirtualMachine(self, self._next_id, size, paging, bool(unsync),
+                                           prev_roots, shadow_limit, bool(prefetch), tlb),
+                            populate)
+
+    def _add_vm(self, vm, populate):
+        """Register a VM made with the id self._next_id (any paging kind); with
+        populate, back every guest frame now."""
         self._next_id += 1
         self.vms.append(vm)
         if populate:
-            for gfn in range(size // PAGE):
+            for gfn in range(vm.memory_bytes // PAGE):
                 vm.back(gfn)
         return vm
 
