@@ -188,6 +188,10 @@ int ptemu_ept_walk(ptemu_ept *x, uint64_t gpa, uint32_t access, uint32_t qual_ex
                    uint64_t *hpa, uint32_t *rights_out);
 uint8_t *ptemu_word_ept(const ptemu_mem *m, uint64_t gpa, uint32_t access);
 
+/* physmap.c: where the word at pa lives in sparse memory (m->nseg > 0), or 0
+ * when it is not wholly inside one segment. */
+uint8_t *ptemu_physmap_word(const ptemu_mem *m, uint64_t pa);
+
 /* Where an 8-byte word at physical address pa lives in memory, or 0 when
  * any byte of it is outside memory.  The one bounds check of the core:
  * overflow-safe for any pa and any size (a size below 8 admits nothing).
@@ -203,8 +207,11 @@ static inline uint8_t *ptemu_word_acc(const ptemu_mem *m, uint64_t pa, uint32_t 
             return 0;
         pa = m->frames[fn] + (pa & 0xfff);
     }
+    /* Sparse memory has size 0, so that it takes the refusing branch and
+     * costs plain memory nothing; a path that reads base and size directly
+     * sees no memory at all rather than the wrong bytes. */
     if (m->size < 8 || pa > m->size - 8)
-        return 0;
+        return m->nseg ? ptemu_physmap_word(m, pa) : 0;
     return m->base + pa;
 }
 

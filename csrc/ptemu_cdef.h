@@ -134,12 +134,15 @@
  * entry of PTEMU_NO_FRAME, is outside memory. */
 #define PTEMU_NO_FRAME 0xffffffffffffffff
 typedef struct ptemu_ept ptemu_ept;
+typedef struct ptemu_seg ptemu_seg;
 typedef struct ptemu_mem {
     uint8_t  *base;
     uint64_t  size;         /* bytes; every access is checked against it */
     const uint64_t *frames; /* NULL, or nframes host byte offsets (4K aligned) */
     uint64_t  nframes;
     ptemu_ept *ept;         /* non-NULL: guest-physical memory behind EPT (ept.c) */
+    const ptemu_seg *segs;  /* sparse memory (physmap.c): size is 0 and an address */
+    uint64_t  nseg;         /* is looked up in these nseg segments instead */
 } ptemu_mem;
 
 /* ---- EPT (SDM Vol. 3C ch. 29, "EPT") --------------------------------------- */
@@ -305,7 +308,7 @@ typedef struct ptemu_mmu {
 /* ---- Functions ------------------------------------------------------------ */
 
 /* The layout version of this header; _native checks it against the build. */
-#define PTEMU_ABI_VERSION 6
+#define PTEMU_ABI_VERSION 7
 int ptemu_abi_version(void);
 
 /* Scalar translation through an Mmu handle: fills m->out or m->fault and
@@ -352,3 +355,23 @@ uint64_t ptemu_tlb_count_valid(const ptemu_tlb *tlb, int arr);
 /* Bounds-checked physical accessors (also used by Python for tests). */
 int ptemu_mem_load64(const ptemu_mem *mem, uint64_t pa, uint64_t *value);
 int ptemu_mem_store64(ptemu_mem *mem, uint64_t pa, uint64_t value);
+
+/* ---- Sparse physical memory (physmap.c) ------------------------------------ */
+
+/* One range of a sparse physical address space -- an ELF core's PT_LOAD
+ * segment, a LiME range -- and where its bytes live: inside the one mapping
+ * of the image file (at any byte offset: nothing here needs alignment), or
+ * in zero-filled memory for the part of a segment the file does not hold.
+ * Segments are sorted by pa and do not overlap (Python checks both); an
+ * address in no segment is outside memory, as an address past the end of
+ * plain memory is (the defined bus fault, walk.c). */
+struct ptemu_seg {
+    uint64_t pa;            /* first physical address */
+    uint64_t size;          /* bytes, > 0 */
+    uint8_t *host;          /* byte pa of the segment is host[0] */
+};
+
+/* Each word pa[i] of sparse (or plain) memory, 0 where it is outside memory;
+ * returns how many were.  The listings read whole tables through it. */
+uint64_t ptemu_mem_gather64(const ptemu_mem *mem, const uint64_t *pa, uint64_t n,
+                            uint64_t *out);

@@ -296,10 +296,10 @@ static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uin
 
     /* Locals, so that stores into *o (or A-bit byte stores, which may alias
      * anything) cannot force reloads of the context.  Plain memory -- no
-     * frame table, no EPT -- is read directly with the same bounds check as
-     * ptemu_word(). */
+     * frame table, no EPT, no segment map -- is read directly with the same
+     * bounds check as ptemu_word(). */
     const ptemu_mem *mem = c->mem;
-    const int plain = !mem->frames && !mem->ept;
+    const int plain = !mem->frames && !mem->ept && !mem->nseg;
     const uint8_t *pbase = mem->base;
     const uint64_t psize = mem->size;
     const uint64_t addr_mask = c->addr_mask, nx_mask = c->nx_mask;

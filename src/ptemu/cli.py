@@ -2,24 +2,34 @@
 
     ptemu demo [--walks]               the textbook shadow-paging scenario (--walks:
                                        hand-built page walks, level by level)
-    ptemu translate IMAGE --cr3 X [--cr0 X] [--cr4 X] [--efer X] [--user]
-                          [--access r|w|x] [--maxphyaddr N] VA...
-    ptemu tlb IMAGE --cr3 X [...]      QEMU monitor `info tlb` of the image
-    ptemu mem IMAGE --cr3 X [...]      QEMU monitor `info mem` of the image
+    ptemu translate IMAGE [CPU] [--user] [--access r|w|x] [--json] VA...
+    ptemu tlb IMAGE [CPU] [--json]      QEMU monitor `info tlb` of the image
+    ptemu mem IMAGE [CPU] [--json]      QEMU monitor `info mem` of the image
+    ptemu gva2gpa IMAGE [CPU] VA        QEMU monitor `gva2gpa`
+    ptemu info IMAGE [--json]           format, ranges and holes, vCPUs
+
+    CPU:  [--cpu N] [--cr3 X] [--cr0 X] [--cr4 X] [--efer X] [--maxphyaddr N]
 
 IMAGE is a raw physical-memory image, a QEMU `dump-guest-memory` ELF core or
 a LiME file (ptemu.images.open_image), opened read-only: the walks write no
-A/D bit anywhere.  Numbers are hex (0x...) or decimal.  The default CPU is
-64-bit mode with CR0 = PG|PE|WP, CR4 = PAE, EFER = LME|LMA|NXE; CR4.LA57
-(0x1000) selects 5-level paging.
+A/D bit anywhere.  Numbers are hex (0x...) or decimal.
+
+The CPU state comes from the image when it carries one (an ELF core's QEMU
+notes: vCPU --cpu N, default 0; CpuState.from_image infers EFER as
+LME|LMA|NXE for a guest with CR0.PG and CR4.PAE); each flag given overrides
+its register.  An image without notes needs --cr3; the other registers then
+default to 64-bit mode: CR0 = PG|PE|WP, CR4 = PAE, EFER = LME|LMA|NXE.
+CR4.LA57 (0x1000) selects 5-level paging.
 
 Every error is one line on stderr, "ptemu: error: ...", and a non-zero exit
-status (2 for usage errors, 1 for the rest); no traceback.  A page fault or
-#GP in `translate` is a result, not an error: it is printed and the exit
+status: 2 for bad input (usage, a malformed image, a CPU state ptemu refuses,
+a vCPU the image does not have), 1 for the rest; no traceback.  A page fault
+or #GP in `translate` is a result, not an error: it is printed and the exit
 status stays 0.
 """
 import argparse
 import io
+import json
 import os
 import sys
 
@@ -27,10 +37,11 @@ from ptemu import bits
 from ptemu._native import PtemuError, InvalidInput, GeneralProtection, MmuFault, decode_error_code
 from ptemu.memory import PhysicalMemory
 from ptemu.mmu import CpuState, Mmu
-from ptemu.pagetable import PageTableBuilder, iter_info_tlb, iter_info_mem, info_tlb, info_mem
+from ptemu.pagetable import (PageTableBuilder, iter_info_tlb, iter_info_mem, info_tlb, info_mem,
+                             iter_info_tlb_columns, flag_letters)
 from ptemu import images
 
-__all__ = ["main", "run_demo", "print_walk"]
+__all__ = ["main", "run_demo", "print_walk", "walk_record", "qemu_gva2gpa"]
 
 DEFAULT_CR0 = bits.CR0_PG | bits.CR0_PE | bits.CR0_WP
 DEFAULT_CR4 = bits.CR4_PAE
@@ -74,18 +85,25 @@ def _build_parser():
                    help="instead: walk a small hand-built image, level by level")
     d.set_defaults(func=_cmd_demo)
 
-    def image_cmd(name, help_, func):
+    def image_cmd(name, help_, func, json_=True):
         c = sub.add_parser(name, help=help_)
         c.add_argument("image", metavar="IMAGE", help="raw, QEMU ELF dump or LiME image")
-        c.add_argument("--cr3", type=_number, required=True, help="CR3 (root table address)")
-        c.add_argument("--cr0", type=_number, default=DEFAULT_CR0,
-                       help="CR0 (default %#x: PG|PE|WP)" % DEFAULT_CR0)
-        c.add_argument("--cr4", type=_number, default=DEFAULT_CR4,
-                       help="CR4 (default %#x: PAE; add 0x1000 for LA57)" % DEFAULT_CR4)
-        c.add_argument("--efer", type=_number, default=DEFAULT_EFER,
-                       help="EFER (default %#x: LME|LMA|NXE)" % DEFAULT_EFER)
+        c.add_argument("--cpu", type=_number, default=None,
+                       help="the image's vCPU whose registers to use (default 0)")
+        c.add_argument("--cr3", type=_number, default=None,
+                       help="CR3 (root table address; needed when the image has no vCPU notes)")
+        c.add_argument("--cr0", type=_number, default=None,
+                       help="CR0 (default: the image's, else %#x: PG|PE|WP)" % DEFAULT_CR0)
+        c.add_argument("--cr4", type=_number, default=None,
+                       help="CR4 (default: the image's, else %#x: PAE; add 0x1000 for LA57)"
+                       % DEFAULT_CR4)
+        c.add_argument("--efer", type=_number, default=None,
+                       help="EFER (default: inferred from CR0.PG and CR4.PAE, else %#x: "
+                       "LME|LMA|NXE)" % DEFAULT_EFER)
         c.add_argument("--maxphyaddr", type=_number, default=52,
                        help="physical-address width, 32..52 (default 52)")
+        if json_:
+            c.add_argument("--json", action="store_true", help="JSON instead of text")
         c.set_defaults(func=func)
         return c
 
@@ -97,44 +115,75 @@ def _build_parser():
     t.add_argument("vas", metavar="VA", nargs="+", type=_number, help="virtual address")
     image_cmd("tlb", "the QEMU monitor's `info tlb` listing", _cmd_tlb)
     image_cmd("mem", "the QEMU monitor's `info mem` listing", _cmd_mem)
+    g = image_cmd("gva2gpa", "the QEMU monitor's `gva2gpa VA`", _cmd_gva2gpa, json_=False)
+    g.add_argument("va", metavar="VA", type=_number, help="guest virtual address")
+    i = sub.add_parser("info", help="an image's format, physical ranges and holes, and vCPUs")
+    i.add_argument("image", metavar="IMAGE", help="raw, QEMU ELF dump or LiME image")
+    i.add_argument("--json", action="store_true", help="JSON instead of text")
+    i.set_defaults(func=_cmd_info)
     return p
 
 
 # -- walks, printed ------------------------------------------------------------
 
-def print_walk(mmu, va, out, access="r", user=False):
-    """Print one side-effect-free walk of va: every entry read, then the PA
-    or the fault.  Returns the Translation or the fault."""
+def walk_record(mmu, va, access="r", user=False):
+    """One side-effect-free walk of va as a dict: the entries read (level,
+    entry address, value, top first) and the outcome -- "pa" with the page
+    size and rights, or the fault ("gp", or "pf" with error code, cause and
+    level).  print_walk prints it; --json writes it."""
     levels = mmu.cpu.levels
-    out.write("va %#018x: %s, %s, %s\n" % (
-        va, _ACCESS_NAMES[access], "user" if user else "supervisor",
-        "%d-level paging" % levels if levels else "paging off"))
+    rec = {"va": va, "access": access, "user": bool(user), "levels": levels, "entries": []}
     try:
         entries, result = mmu.walk_entries(va, access, user)
     except GeneralProtection:
+        rec["fault"] = {"vector": 13, "error_code": 0, "cause": "non-canonical"}
+        return rec
+    # Without a TLB the walk starts at the top level and reads down.
+    rec["entries"] = [{"level": level, "pa": epa, "value": value}
+                      for level, (epa, value) in zip(range(levels, 0, -1), entries)]
+    if isinstance(result, MmuFault):
+        rec["fault"] = {"vector": 14, "error_code": result.error_code, "cause": result.cause,
+                        "level": result.level}
+    else:
+        rec["pa"] = result.pa
+        if levels:
+            rec.update(page_size=result.page_size, writable=result.writable,
+                       user_page=result.user, executable=result.executable)
+    return rec
+
+
+def print_walk(mmu, va, out, access="r", user=False):
+    """Print one side-effect-free walk of va: every entry read, then the PA
+    or the fault.  Returns the walk_record."""
+    rec = walk_record(mmu, va, access, user)
+    levels = rec["levels"]
+    out.write("va %#018x: %s, %s, %s\n" % (
+        va, _ACCESS_NAMES[access], "user" if user else "supervisor",
+        "%d-level paging" % levels if levels else "paging off"))
+    fault = rec.get("fault")
+    if fault and fault["vector"] == 13:
         out.write("  => #GP(0): %#x is not canonical for %d-level paging (no walk)\n"
                   % (va, levels))
-        return GeneralProtection(va)
-    # Without a TLB the walk starts at the top level and reads down.
-    for level, (epa, value) in zip(range(levels, 0, -1), entries):
+        return rec
+    for e in rec["entries"]:
         out.write("  %-5s @ %#018x = %#018x  %s\n" % (
-            _LEVEL_NAMES[level], epa, value, bits.decode_entry(value)))
-    if isinstance(result, MmuFault):
+            _LEVEL_NAMES[e["level"]], e["pa"], e["value"], bits.decode_entry(e["value"])))
+    if fault:
         where = ""
-        if result.level:
-            where = " at the %s" % _LEVEL_NAMES.get(result.level, "level %d" % result.level)
+        if fault["level"]:
+            where = " at the %s" % _LEVEL_NAMES.get(fault["level"], "level %d" % fault["level"])
         out.write("  => #PF, error code %#x (%s): %s%s\n" % (
-            result.error_code, decode_error_code(result.error_code), result.cause, where))
-        return result
+            fault["error_code"], decode_error_code(fault["error_code"]), fault["cause"], where))
+        return rec
     if not levels:
-        out.write("  => pa %#018x  (paging off: physical = linear)\n" % result.pa)
-        return result
+        out.write("  => pa %#018x  (paging off: physical = linear)\n" % rec["pa"])
+        return rec
     out.write("  => pa %#018x  (%s page; %s, %s, %s)\n" % (
-        result.pa, _PAGE_NAMES.get(result.page_size, "%#x" % result.page_size),
-        "writable" if result.writable else "read-only",
-        "user" if result.user else "supervisor",
-        "executable" if result.executable else "no-execute"))
-    return result
+        rec["pa"], _PAGE_NAMES.get(rec["page_size"], "%#x" % rec["page_size"]),
+        "writable" if rec["writable"] else "read-only",
+        "user" if rec["user_page"] else "supervisor",
+        "executable" if rec["executable"] else "no-execute"))
+    return rec
 
 
 def run_demo(out):
@@ -183,31 +232,79 @@ def _cmd_demo(args, out):
     return 0
 
 
+def _cpu_state(args, mem):
+    """The CpuState for an image command: the image's vCPU (--cpu) when it
+    has notes, each register flag overriding; else the flags and defaults."""
+    regs = {k: getattr(args, k) for k in ("cr0", "cr3", "cr4") if getattr(args, k) is not None}
+    if mem.cpus:
+        return CpuState.from_image(mem, 0 if args.cpu is None else args.cpu, efer=args.efer,
+                                   maxphyaddr=args.maxphyaddr, **regs)
+    if args.cpu is not None:
+        raise InvalidInput("%s carries no vCPU state (no QEMU notes), so there is no vCPU %d; "
+                           "give --cr3 instead" % (args.image, args.cpu))
+    if args.cr3 is None:
+        raise InvalidInput("%s carries no vCPU state (no QEMU notes): give --cr3 (and --cr0, "
+                           "--cr4, --efer if not 64-bit defaults)" % args.image)
+    return CpuState(cr0=regs.get("cr0", DEFAULT_CR0), cr3=0, cr4=regs.get("cr4", DEFAULT_CR4),
+                    efer=DEFAULT_EFER if args.efer is None else args.efer,
+                    maxphyaddr=args.maxphyaddr)
+
+
 def _open_mmu(args, qemu_root=False):
-    # The state first: a bad flag combination is reported before the image
-    # is even opened.
-    cpu = CpuState(cr0=args.cr0, cr3=0, cr4=args.cr4, efer=args.efer,
-                   maxphyaddr=args.maxphyaddr)
     mem = images.open_image(args.image, writable=False)
+    cpu = _cpu_state(args, mem)
+    cr3 = cpu.cr3 if args.cr3 is None else args.cr3
     mmu = Mmu(mem, cpu)
     if cpu.paging:
         try:
-            mmu.write_cr3(args.cr3)     # refuses reserved CR3 bits (#GP) like MOV CR3
+            mmu.write_cr3(cr3)          # refuses reserved CR3 bits (#GP) like MOV CR3
         except GeneralProtection as exc:
-            raise InvalidInput("--cr3 %#x: %s" % (args.cr3, exc)) from None
+            raise InvalidInput("CR3 %#x: %s" % (cr3, exc)) from None
         m = 50 if qemu_root else args.maxphyaddr   # QEMU masks CR3 with bits 49:12
-        root = args.cr3 & ((1 << m) - 1) & ~0xFFF
-        if root + 4096 > mem.size:
+        root = cr3 & ((1 << m) - 1) & ~0xFFF
+        if not _inside(mem, root, 4096):
             raise InvalidInput(
-                "CR3 %#x points outside the image: its root table %#x..%#x is past the end "
-                "of %s (%#x bytes)" % (args.cr3, root, root + 0xfff, args.image, mem.size))
+                "CR3 %#x points outside the image: its root table %#x..%#x is not in the "
+                "memory of %s (%s)" % (cr3, root, root + 0xfff, args.image, _ranges_text(mem)))
     else:
-        cpu.cr3 = args.cr3
+        cpu.cr3 = cr3
     return mmu
+
+
+def _inside(mem, pa, n):
+    return any(start <= pa and pa + n <= end for start, end in mem.ranges())
+
+
+def _ranges_text(mem):
+    return ", ".join("%#x..%#x" % (a, b - 1) for a, b in mem.ranges())
+
+
+def _hex(v):
+    return "%#x" % v
+
+
+def _write_json(obj, out):
+    json.dump(obj, out, indent=1)
+    out.write("\n")
+
+
+def _cpu_json(cpu):
+    return {"cr0": _hex(cpu.cr0), "cr3": _hex(cpu.cr3), "cr4": _hex(cpu.cr4),
+            "efer": _hex(cpu.efer), "levels": cpu.levels}
 
 
 def _cmd_translate(args, out):
     mmu = _open_mmu(args)
+    if args.json:
+        recs = [walk_record(mmu, va, args.access, args.user) for va in args.vas]
+        for r in recs:
+            r["va"] = _hex(r["va"])
+            for e in r["entries"]:
+                e["pa"], e["value"] = _hex(e["pa"]), _hex(e["value"])
+            if "pa" in r:
+                r["pa"] = _hex(r["pa"])
+        _write_json({"image": args.image, "cpu": _cpu_json(mmu.cpu), "walks": recs}, out)
+        return 0
     for i, va in enumerate(args.vas):
         if i:
             out.write("\n")
@@ -221,13 +318,159 @@ def _write_lines(pieces, out):
         out.write(piece)
 
 
+def _json_list(head, items, out):
+    """{head..., "NAME": [items]} with the list streamed, one item a line, so
+    that a listing of millions of mappings never sits in memory whole."""
+    name, fields = head
+    text = json.dumps(fields, indent=1)
+    out.write(text[:-2] + ',\n "%s": [' % name)
+    sep = "\n  "
+    for item in items:
+        out.write(sep + json.dumps(item))
+        sep = ",\n  "
+    out.write("\n ]\n}\n")
+
+
 def _cmd_tlb(args, out):
-    _write_lines(iter_info_tlb(_open_mmu(args, qemu_root=True)), out)
+    mmu = _open_mmu(args, qemu_root=True)
+    if not args.json:
+        _write_lines(iter_info_tlb(mmu), out)
+        return 0
+
+    def mappings():
+        for va, pa, flags, level in iter_info_tlb_columns(mmu):
+            for v, p, f, lv in zip(va.tolist(), pa.tolist(), flag_letters(flags),
+                                   level.tolist()):
+                yield {"va": _hex(v), "pa": _hex(p), "page_size": 1 << (12 + 9 * (lv - 1)),
+                       "flags": f}
+    _json_list(("mappings", {"image": args.image, "cpu": _cpu_json(mmu.cpu),
+                             "paging": mmu.cpu.paging}), mappings(), out)
     return 0
 
 
 def _cmd_mem(args, out):
-    _write_lines(iter_info_mem(_open_mmu(args, qemu_root=True)), out)
+    mmu = _open_mmu(args, qemu_root=True)
+    if not args.json:
+        _write_lines(iter_info_mem(mmu), out)
+        return 0
+
+    def ranges():
+        if not mmu.cpu.paging:
+            return
+        for piece in iter_info_mem(mmu):
+            for line in piece.splitlines():
+                span, size, prot = line.split()
+                start, end = span.split("-")
+                yield {"start": "0x" + start, "end": "0x" + end, "size": "0x" + size,
+                       "prot": prot}
+    _json_list(("ranges", {"image": args.image, "cpu": _cpu_json(mmu.cpu),
+                           "paging": mmu.cpu.paging}), ranges(), out)
+    return 0
+
+
+# What target/i386/helper.c x86_cpu_get_phys_page_attrs_debug() does for the
+# monitor: a walk that follows only P and PS (no rights, no reserved bits, no
+# A/D), entries masked with PG_ADDRESS_MASK (bits 51:12), a non-present entry
+# or a non-canonical address "Unmapped"; a read outside RAM reads 0.
+_PG_ADDRESS_MASK = 0x000FFFFFFFFFF000
+
+
+def qemu_gva2gpa(mem, cpu, va):
+    """The guest-physical address QEMU's `gva2gpa` gives for va, or None."""
+    if not cpu.paging:
+        return va
+
+    def load(pa):
+        return int(mem.gather_u64([pa & ((1 << 64) - 1)])[0])
+    width = 57 if cpu.levels == 5 else 48
+    top = va >> (width - 1)
+    if top not in (0, (1 << (65 - width)) - 1):
+        return None
+    table = cpu.cr3 & ~0xFFF
+    size = 1 << 12
+    for level in range(cpu.levels, 0, -1):
+        shift = 12 + 9 * (level - 1)
+        e = load(table + ((va >> shift) & 0x1FF) * 8)
+        if not e & bits.PTE_P:
+            return None
+        if level in (2, 3) and e & bits.PTE_PS:
+            size = 1 << shift
+            break
+        table = e & _PG_ADDRESS_MASK
+    else:
+        e = table      # the PTE's frame
+    frame = e & _PG_ADDRESS_MASK & ~(size - 1)
+    return frame | (va & ~0xFFF & (size - 1)) | (va & 0xFFF)
+
+
+def _cmd_gva2gpa(args, out):
+    mmu = _open_mmu(args, qemu_root=True)
+    gpa = qemu_gva2gpa(mmu.memory, mmu.cpu, args.va)
+    # hmp_gva2gpa (monitor/hmp-cmds-target.c): "gpa: 0x%" HWADDR_PRIx or "Unmapped"
+    out.write("Unmapped\n" if gpa is None else "gpa: 0x%x\n" % gpa)
+    return 0
+
+
+_FORMAT_NAMES = {"raw": "raw physical memory", "elf": "ELF core (QEMU dump-guest-memory)",
+                 "lime": "LiME"}
+
+
+def _paging_mode(c):
+    if c.cr0 is None:
+        return "unknown (no control registers)"
+    if not c.cr0 & bits.CR0_PG:
+        return "paging off"
+    if not c.cr4 & bits.CR4_PAE:
+        return "32-bit paging (not modelled)"
+    return "5-level" if c.cr4 & bits.CR4_LA57 else "4-level"
+
+
+def _image_info(mem, path):
+    ranges = mem.ranges()
+    holes = [(a[1], b[0]) for a, b in zip(ranges, ranges[1:])]
+    return {
+        "image": path, "format": mem.format, "size": mem.size,
+        "present": sum(b - a for a, b in ranges),
+        "ranges": [{"start": _hex(a), "end": _hex(b - 1), "size": _hex(b - a)} for a, b in ranges],
+        "holes": [{"start": _hex(a), "end": _hex(b - 1), "size": _hex(b - a)} for a, b in holes],
+        "cpus": [dict(index=c.index, pid=c.pid, paging=_paging_mode(c),
+                      **{k: None if getattr(c, k) is None else _hex(getattr(c, k))
+                         for k in ("cr0", "cr2", "cr3", "cr4")},
+                      rip=_hex(c.regs["rip"]) if "rip" in c.regs else None,
+                      note_size=c.note_size) for c in mem.cpus],
+    }
+
+
+def _size_text(n):
+    for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift:
+            return "%.4g %s" % (n / (1 << shift), unit)
+    return "%d bytes" % n
+
+
+def _cmd_info(args, out):
+    mem = images.open_image(args.image, writable=False)
+    info = _image_info(mem, args.image)
+    if args.json:
+        _write_json(info, out)
+        return 0
+    out.write("%s: %s\n" % (args.image, _FORMAT_NAMES[info["format"]]))
+    out.write("physical memory: %s present in %d range%s, addresses up to %#x\n"
+              % (_size_text(info["present"]), len(info["ranges"]),
+                 "s" if len(info["ranges"]) != 1 else "", info["size"] - 1))
+    for kind in ("ranges", "holes"):
+        for r in info[kind]:
+            out.write("  %-5s %018s-%018s  %s\n" % (
+                kind[:-1] if kind == "holes" else "range", r["start"], r["end"],
+                _size_text(int(r["size"], 16))))
+    if not info["cpus"]:
+        out.write("vCPUs: none in the image (give --cr3 to translate, tlb, mem, gva2gpa)\n")
+    for c in info["cpus"]:
+        if c["cr3"] is None:
+            out.write("vCPU %d: no QEMU note (no control registers)\n" % c["index"])
+        else:
+            out.write("vCPU %d: CR3 %s, CR0 %s, CR4 %s, %s, RIP %s\n" % (
+                c["index"], c["cr3"], c["cr0"], c["cr4"], c["paging"], c["rip"]))
     return 0
 
 
@@ -249,10 +492,10 @@ def main(argv=None):
     out = sys.stdout
     try:
         return args.func(args, out)
-    except _Usage as exc:
+    except (_Usage, PtemuError) as exc:     # bad input: ImageError, InvalidInput
         _error(exc)
         return 2
-    except (PtemuError, OSError) as exc:
+    except OSError as exc:
         if isinstance(exc, BrokenPipeError):
             return _broken_pipe()
         _error(exc)

@@ -1,11 +1,24 @@
-"""PhysicalMemory: the byte array page walks read and A/D updates write."""
+"""PhysicalMemory: the byte array page walks read and A/D updates write.
+
+Four kinds, one class: plain (one array from physical address 0: zero-filled,
+wrapped, or a memory-mapped raw image), sparse (the ranges of an ELF core or
+LiME image, each wherever it lies in the one mapping of the file, with holes
+between them: csrc/physmap.c), a view (frames scattered in a host memory, the
+p2m of a VM) and nested (behind an EPT).
+"""
+import collections
 import os
 
 import numpy as np
 
 from ptemu._native import ffi, lib, InvalidInput, ImageError, check_u64
 
-__all__ = ["PhysicalMemory"]
+__all__ = ["PhysicalMemory", "Segment"]
+
+# One range of physical memory and the numpy array (shared, never a copy)
+# that holds its bytes; `backed` is False for the zero-filled part of an ELF
+# segment past its file bytes (p_memsz > p_filesz).
+Segment = collections.namedtuple("Segment", "pa size array backed")
 
 
 class PhysicalMemory:
@@ -13,7 +26,8 @@ class PhysicalMemory:
 
     `.array` is the shared numpy uint8 view the C core walks; `.read`/`.write`
     and the u64 accessors are bounds-checked and raise InvalidInput when a
-    range leaves memory.
+    range leaves memory.  `.segments` lists the ranges that exist (one for
+    plain memory, several for a sparse image).
     """
 
     NO_FRAME = lib.PTEMU_NO_FRAME
@@ -28,6 +42,9 @@ class PhysicalMemory:
         self.frames = None
         self.host = None
         self.ept = None
+        self._segments = None
+        self.cpus = []
+        self.format = "raw" if _path else None
         self._c = ffi.new("ptemu_mem *")
         self._keep = ffi.from_buffer("uint8_t[]", _array, require_writable=True)
         self._c.base = self._keep
@@ -52,12 +69,17 @@ class PhysicalMemory:
         backed = frames[frames != cls.NO_FRAME]
         if len(backed) and (int(backed.max()) + 4096 > host.size or (backed % 4096).any()):
             raise InvalidInput("frames must be 4 KiB aligned offsets inside host memory")
+        if host._segments is not None:
+            raise InvalidInput("a view needs a plain PhysicalMemory as host, not a sparse image")
         self = cls.__new__(cls)
         self._array = None
         self.path = None
         self.host = host
         self.frames = frames
         self.ept = None
+        self._segments = None
+        self.cpus = []
+        self.format = None
         self._c = ffi.new("ptemu_mem *")
         self._keep = (host._keep, ffi.from_buffer("uint64_t[]", frames))
         self._c.base = host._c.base
@@ -86,15 +108,36 @@ class PhysicalMemory:
 
     @classmethod
     def from_file(cls, path, writable=False):
-        """Memory-map a raw physical-memory image without reading it.
+        """Open a memory image -- raw, QEMU ELF core or LiME -- without reading it.
 
-        With writable=False (the default) the mapping is private
-        copy-on-write: A/D updates land in a private copy of the touched pages
-        and never reach the file.  writable=True writes them through.
-        The file's size must be a positive multiple of 4096 (a raw RAM image
-        is whole pages; anything else is taken for a truncated image).
+        The format is told by magic (ptemu.images.open_image, which this is);
+        opening costs the same for any size: the file is memory-mapped, and
+        an ELF or LiME image gets a segment map over that one mapping.  With
+        writable=False (the default) the mapping is private copy-on-write: A/D
+        updates land in private copies of the touched pages and never reach
+        the file.  writable=True writes them through.  `.cpus` holds the vCPU
+        register sets an ELF core's QEMU notes carry.
         """
+        # The one reference upward (memory -> images): the format readers
+        # live with the other image code, and this name is the API's.
+        from ptemu.images import open_image
+        return open_image(path, writable=writable)
+
+    @classmethod
+    def _from_raw_file(cls, path, writable=False):
+        """Memory-map a raw physical-memory image: byte i of the file is
+        physical address i.  The file's size must be a positive multiple of
+        4096 (a raw RAM image is whole pages; anything else is taken for a
+        truncated image)."""
         path = os.fspath(path)
+        st = cls._stat_image(path, writable)
+        if st.st_size % 4096:
+            raise ImageError("image %s is %d bytes, not a whole number of 4 KiB pages "
+                             "(truncated?)" % (path, st.st_size))
+        return cls(_array=cls._map_file(path, writable), _path=path)
+
+    @staticmethod
+    def _stat_image(path, writable):
         try:
             st = os.stat(path)
         except FileNotFoundError:
@@ -105,16 +148,83 @@ class PhysicalMemory:
             raise ImageError("image %s: not a regular file" % path)
         if st.st_size == 0:
             raise ImageError("image %s is empty" % path)
-        if st.st_size % 4096:
-            raise ImageError("image %s is %d bytes, not a whole number of 4 KiB pages "
-                             "(truncated?)" % (path, st.st_size))
         if not os.access(path, os.R_OK) or (writable and not os.access(path, os.W_OK)):
             raise ImageError("image %s: permission denied" % path)
+        return st
+
+    @staticmethod
+    def _map_file(path, writable):
+        # mode "c" is MAP_PRIVATE: the OS copies a page when it is first
+        # written, and only that page; "r+" is MAP_SHARED, writing through.
         try:
-            arr = np.memmap(path, dtype=np.uint8, mode="r+" if writable else "c")
-        except OSError as exc:
-            raise ImageError("image %s: %s" % (path, exc.strerror or exc)) from None
-        return cls(_array=arr, _path=path)
+            return np.memmap(path, dtype=np.uint8, mode="r+" if writable else "c")
+        except (OSError, ValueError) as exc:
+            raise ImageError("image %s: cannot map it: %s"
+                             % (path, getattr(exc, "strerror", None) or exc)) from None
+
+    @classmethod
+    def _from_segments(cls, path, ranges, writable=False, fmt="elf"):
+        """Sparse memory over one mapping of the file at `path`.
+
+        ranges: [(pa, file_offset, filesz, memsz)], sorted by pa, not
+        overlapping, every file byte inside the file (the image readers
+        check all of it, naming what is wrong).  Bytes pa..pa+filesz are the
+        file's from file_offset, at any alignment; pa+filesz..pa+memsz read
+        as zeros (an ELF segment longer than its file part) from zero-filled
+        memory that the OS backs only as it is written.  Addresses in no
+        range are outside memory: a walk that reaches one takes the defined
+        bus fault, read/write raise InvalidInput.
+        """
+        path = os.fspath(path)
+        cls._stat_image(path, writable)
+        end = 0
+        for pa, off, filesz, memsz in ranges:
+            if pa < end or filesz > memsz or not memsz or pa + memsz > 1 << 64:
+                raise InvalidInput("image %s: segment map ranges must be sorted, non-empty "
+                                   "and disjoint (at %#x)" % (path, pa))
+            end = pa + memsz
+        filemap = cls._map_file(path, writable)
+        tail = sum(memsz - filesz for _pa, _off, filesz, memsz in ranges)
+        zeros = np.zeros(tail, dtype=np.uint8) if tail else None   # calloc: pages on first write
+        parts, z = [], 0
+        for pa, off, filesz, memsz in ranges:
+            if filesz:
+                if len(filemap) < off + filesz:
+                    raise InvalidInput("image %s: range at %#x leaves the file" % (path, pa))
+                prev = parts[-1] if parts else None
+                if prev and prev[3] and prev[0] + prev[1] == pa and prev[4] + prev[1] == off:
+                    # Back to back in memory and in the file: one segment.
+                    parts[-1] = (prev[0], prev[1] + filesz, filemap, True, prev[4])
+                else:
+                    parts.append((pa, filesz, filemap, True, off))
+            if memsz > filesz:
+                parts.append((pa + filesz, memsz - filesz, zeros, False, z))
+                z += memsz - filesz
+        self = cls.__new__(cls)
+        self._array = None
+        self.path = path
+        self.host = None
+        self.frames = None
+        self.ept = None
+        self.cpus = []
+        self.format = fmt
+        self._filemap = filemap
+        self._segments = [Segment(pa, n, arr[o:o + n], backed) for pa, n, arr, backed, o in parts]
+        self._c = ffi.new("ptemu_mem *")
+        segs = ffi.new("ptemu_seg[]", len(parts))
+        bufs = [ffi.from_buffer("uint8_t[]", seg.array, require_writable=True)
+                for seg in self._segments]
+        for i, (seg, buf) in enumerate(zip(self._segments, bufs)):
+            segs[i].pa = seg.pa
+            segs[i].size = seg.size
+            segs[i].host = buf
+        self._keep = (ffi.from_buffer("uint8_t[]", filemap, require_writable=True), segs, bufs)
+        self._c.base = self._keep[0]
+        self._c.size = 0            # see csrc/physmap.c: sparse memory is never plain
+        self._c.segs = segs
+        self._c.nseg = len(parts)
+        self._end = end
+        return self
 
     @classmethod
     def nested(cls, ept, size):
@@ -129,6 +239,9 @@ class PhysicalMemory:
         self.host = ept.host
         self.frames = None
         self.ept = ept
+        self._segments = None
+        self.cpus = []
+        self.format = None
         self._nested_size = size
         self._c = ffi.new("ptemu_mem *")
         self._keep = (ept.host._keep, ept._c)
@@ -138,8 +251,39 @@ class PhysicalMemory:
         return self
 
     @property
+    def sparse(self):
+        """True for a sparse image (ranges with holes, csrc/physmap.c)."""
+        return self._segments is not None
+
+    @property
+    def segments(self):
+        """The ranges of physical memory that exist, ascending, as
+        Segment(pa, size, array, backed) -- `array` the shared uint8 view of
+        the range's bytes.  Plain memory is one segment from 0; None for a
+        view or nested memory (their frames are not ranges of one array)."""
+        if self._segments is not None:
+            return list(self._segments)
+        if self._array is not None:
+            return [Segment(0, len(self._array), self._array, True)]
+        return None
+
+    def ranges(self):
+        """[(start, end)] (end exclusive) of the memory that exists, adjacent
+        segments merged; the gaps between them are the holes."""
+        out = []
+        for seg in self.segments or [Segment(0, self.size, None, True)]:
+            if out and out[-1][1] == seg.pa:
+                out[-1] = (out[-1][0], seg.pa + seg.size)
+            else:
+                out.append((seg.pa, seg.pa + seg.size))
+        return out
+
+    @property
     def size(self):
-        """Bytes of this physical address space."""
+        """Bytes of this physical address space: for a sparse image, one past
+        its highest byte (holes included)."""
+        if self._segments is not None:
+            return self._end
         if self.frames is not None:
             return len(self.frames) * 4096
         if self._c.ept != ffi.NULL:
@@ -148,8 +292,31 @@ class PhysicalMemory:
 
     @property
     def array(self):
-        """The shared uint8 numpy array (None for a view: it is not contiguous)."""
+        """The shared uint8 numpy array (None for a view: it is not contiguous).
+
+        A sparse image has no such array -- its ranges lie apart in the file,
+        with holes between them -- so this refuses with InvalidInput; each
+        range's own array is in `.segments`."""
+        if self._segments is not None:
+            raise InvalidInput("image %s is sparse (%d ranges with holes between them): it has "
+                               "no single array; use .read/.write or each range's array in "
+                               ".segments" % (self.path, len(self.ranges())))
         return self._array
+
+    def _segment_at(self, pa):
+        """(index, segment) of the segment holding byte pa, or (index of the
+        next one, None)."""
+        segs = self._segments
+        lo, hi = 0, len(segs)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if segs[mid].pa + segs[mid].size <= pa:
+                lo = mid + 1
+            else:
+                hi = mid
+        if lo < len(segs) and segs[lo].pa <= pa:
+            return lo, segs[lo]
+        return lo, None
 
     def _host_offset(self, pa):
         """Offset in the backing array of physical address pa, or None."""
@@ -168,6 +335,11 @@ class PhysicalMemory:
         when it is not wholly inside memory."""
         if pa % 4096:
             raise InvalidInput("a table address must be 4 KiB aligned, not %#x" % pa)
+        if self._segments is not None:
+            _i, seg = self._segment_at(pa)
+            if seg is None or pa + 4096 > seg.pa + seg.size:
+                return None
+            return seg.array[pa - seg.pa:pa - seg.pa + 4096].view(np.uint64)
         off = self._host_offset(pa)
         buf = self._array if self.host is None else self.host._array
         if off is None or off + 4096 > len(buf):
@@ -180,6 +352,9 @@ class PhysicalMemory:
     def __repr__(self):
         if self.frames is not None:
             return "PhysicalMemory.view(%d frames)" % len(self.frames)
+        if self._segments is not None:
+            return "PhysicalMemory(%#x, %r, %s, %d ranges)" % (
+                self.size, self.path, self.format, len(self.ranges()))
         return "PhysicalMemory(%#x%s)" % (self.size, ", %r" % self.path if self.path else "")
 
     def _range(self, pa, n):
@@ -192,6 +367,20 @@ class PhysicalMemory:
 
     def _chunks(self, pa, n):
         """(backing array, offset, start in request, length) per frame."""
+        if self._segments is not None:
+            i, seg = self._segment_at(pa)
+            done = 0
+            while done < n:
+                cur = pa + done
+                if seg is None or seg.pa > cur:
+                    raise InvalidInput("physical address %#x is in a hole of image %s "
+                                       "(no range holds it)" % (cur, self.path))
+                step = min(n - done, seg.pa + seg.size - cur)
+                yield seg.array, cur - seg.pa, done, step
+                done += step
+                i += 1
+                seg = self._segments[i] if i < len(self._segments) else None
+            return
         if self.frames is None and self.ept is None:
             yield self._array, pa, 0, n
             return
@@ -228,6 +417,9 @@ class PhysicalMemory:
         if self.ept is not None:  # a side-effect-free EPT lookup, not an EPT walk
             return self.host.read_u64(self._nested_offset(pa, 8))
         if not lib.ptemu_mem_load64(self._c, pa, value):
+            if self._segments is not None and pa + 8 <= self.size:
+                # Not one segment's: a hole, or a word across a boundary.
+                return int.from_bytes(self.read(pa, 8), "little")
             raise InvalidInput("u64 at %#x is outside memory (size %#x)" % (pa, self.size))
         return int(value[0])
 
@@ -237,9 +429,23 @@ class PhysicalMemory:
         if self.ept is not None:
             return self.host.write_u64(self._nested_offset(pa, 8), value)
         if not lib.ptemu_mem_store64(self._c, pa, value):
+            if self._segments is not None and pa + 8 <= self.size:
+                return self.write(pa, value.to_bytes(8, "little"))
             raise InvalidInput("u64 at %#x is outside memory (size %#x)" % (pa, self.size))
+
+    def gather_u64(self, pas):
+        """The words at physical addresses `pas` (uint64 array) through the C
+        core's bounds check, 0 where a word is outside memory (the listings
+        read tables of sparse memory through this)."""
+        pas = np.ascontiguousarray(pas, dtype=np.uint64)
+        out = np.empty(len(pas), dtype=np.uint64)
+        lib.ptemu_mem_gather64(self._c, ffi.from_buffer("uint64_t[]", pas), len(pas),
+                               ffi.from_buffer("uint64_t[]", out))
+        return out
 
     def flush(self):
         """Write a writable memory-mapped image back to its file."""
-        if self._array is not None and isinstance(self._array, np.memmap):
+        if self._segments is not None:
+            self._filemap.flush()
+        elif self._array is not None and isinstance(self._array, np.memmap):
             self._array.flush()

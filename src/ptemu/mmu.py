@@ -53,6 +53,42 @@ class CpuState:
         return cls(cr0=kw.pop("cr0", bits.CR0_PG | bits.CR0_PE | bits.CR0_WP), cr3=cr3, cr4=cr4,
                    efer=kw.pop("efer", bits.EFER_LME | bits.EFER_LMA | bits.EFER_NXE), **kw)
 
+    @classmethod
+    def from_image(cls, image, cpu=0, efer=None, **overrides):
+        """The paging state of vCPU `cpu` of a memory image (ptemu.images).
+
+        CR0, CR3 and CR4 come from the vCPU's QEMUCPUState note.  EFER is not
+        in QEMU's notes, so unless `efer` is given it is inferred: LME and LMA
+        when CR0.PG and CR4.PAE are set (a 64-bit guest: 32-bit PAE paging is
+        not modelled anyway), and NXE on -- every x86-64 OS sets it, and with
+        NXE=0 bit 63 of an entry would be reserved instead of XD (SDM 4.5.4).
+        Any other field (cr0, cr3, cr4, maxphyaddr, cpl, ...) may be
+        overridden by keyword.  Raises InvalidInput when the image carries no
+        such vCPU or no control registers for it.
+        """
+        cpus = getattr(image, "cpus", None) or []
+        where = getattr(image, "path", None) or "image"
+        if not cpus:
+            raise InvalidInput("%s carries no vCPU state (no QEMU notes): give CR3 (and CR0, "
+                               "CR4, EFER) yourself" % where)
+        if isinstance(cpu, bool) or not isinstance(cpu, (int, np.integer)) \
+                or not 0 <= cpu < len(cpus):
+            raise InvalidInput("%s has %d vCPU%s (0..%d); there is no vCPU %r"
+                               % (where, len(cpus), "s" if len(cpus) != 1 else "",
+                                  len(cpus) - 1, cpu))
+        regs = cpus[cpu]
+        if regs.cr3 is None:
+            raise InvalidInput("%s: vCPU %d has no QEMU note, so no control registers: give "
+                               "CR3 (and CR0, CR4, EFER) yourself" % (where, cpu))
+        cr0 = overrides.pop("cr0", regs.cr0)
+        cr4 = overrides.pop("cr4", regs.cr4)
+        if efer is None:
+            efer = bits.EFER_NXE
+            if cr0 & bits.CR0_PG and cr4 & bits.CR4_PAE:
+                efer |= bits.EFER_LME | bits.EFER_LMA
+        return cls(cr0=cr0, cr3=overrides.pop("cr3", regs.cr3), cr4=cr4, efer=efer,
+                   **overrides)
+
     def _assign(self, **changes):
         st = {"cr0": None, "cr3": None, "cr4": None, "efer": None, "cpl": None, "ac": None,
               "pkru": None, "pkrs": None, "maxphyaddr": None, "eager_accessed": None}

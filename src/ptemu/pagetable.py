@@ -212,12 +212,20 @@ def _canonical_array(v, width):
 
 
 def _words(memory):
+    if memory.sparse:
+        return memory      # no single array: tables are read through the C core
     arr = memory.array
     return arr[:len(arr) - len(arr) % 8].view(_np.uint64)
 
 
+_IDX8 = _IDX * _np.uint64(8)
+
+
 def _read_tables(mem64, tables):
     """The 512 entries of each table (rows); words outside memory read 0."""
+    if not isinstance(mem64, _np.ndarray):   # sparse memory (csrc/physmap.c)
+        pas = (tables[:, None] + _IDX8[None, :]).ravel()
+        return mem64.gather_u64(pas).reshape(len(tables), 512)
     words = (tables >> _np.uint64(3))[:, None] + _IDX[None, :]
     inside = words < _np.uint64(len(mem64))
     if inside.all():
@@ -288,11 +296,13 @@ def _qemu_leaves(mmu):
 # The listings are fixed-width lines, so they are formatted by numpy a chunk
 # at a time (a Python %-format per line would dominate on big images).
 
-def iter_info_tlb(mmu):
-    """QEMU's `info tlb` text for mmu's tables, in pieces of whole lines."""
+def iter_info_tlb_columns(mmu):
+    """The columns of QEMU's `info tlb` in numpy chunks: (va, pa, flags,
+    level) -- va sign-extended, pa masked as QEMU prints it, flags the nine
+    X G P D A C T U W bits as 0..511 (`_FLAG_LETTERS` row), level 1..3.
+    Nothing when paging is off."""
     cpu = mmu.cpu
     if not cpu.paging:
-        yield "PG disabled\n"
         return
     width = 57 if cpu.levels == 5 else 48
     masks = _np.array(_QEMU_PA_MASK, dtype=_np.uint64)
@@ -301,15 +311,29 @@ def iter_info_tlb(mmu):
         # tlb_info_la48 prints a PTE as `pte & ~PG_PSE_MASK`: bit 7 of a
         # PTE is PAT, and the P column must not show it.
         flags = _flag_index(_np.where(level == 1, e & not_ps, e))
+        yield _canonical_array(va, width), e & masks[level], flags, level
+
+
+def iter_info_tlb(mmu):
+    """QEMU's `info tlb` text for mmu's tables, in pieces of whole lines."""
+    if not mmu.cpu.paging:
+        yield "PG disabled\n"
+        return
+    for va, pa, flags, _level in iter_info_tlb_columns(mmu):
         # "%016x: %016x %c%c%c%c%c%c%c%c%c\n"
         line = _np.empty((len(va), 45), dtype=_np.uint8)
-        line[:, 0:16] = _hex16(_canonical_array(va, width))
+        line[:, 0:16] = _hex16(va)
         line[:, 16:18] = (ord(":"), ord(" "))
-        line[:, 18:34] = _hex16(e & masks[level])
+        line[:, 18:34] = _hex16(pa)
         line[:, 34] = ord(" ")
         line[:, 35:44] = _FLAG_LETTERS[flags]
         line[:, 44] = ord("\n")
         yield line.tobytes().decode("ascii")
+
+
+def flag_letters(flags):
+    """The nine-letter flag column of `info tlb` for each flag index (0..511)."""
+    return [row.tobytes().decode("ascii") for row in _FLAG_LETTERS[flags]]
 
 
 def _mem_lines(start, end, prot, width):
@@ -389,4 +413,4 @@ def info_mem(mmu):
     return "".join(iter_info_mem(mmu))
 
 
-__all__ += ["iter_info_tlb", "iter_info_mem"]
+__all__ += ["iter_info_tlb", "iter_info_mem", "iter_info_tlb_columns", "flag_letters"]
