@@ -13,9 +13,14 @@ import subprocess
 import sys
 import time
 
+import hashlib
+import json
+
 import pytest
 
 from ptemu import cli
+
+import elfcore
 
 P, W, U, A, PS, G, NX = 0x1, 0x2, 0x4, 0x20, 0x80, 0x100, 1 << 63
 
@@ -209,7 +214,9 @@ def test_error_bad_flag_combinations(capsys, image):
 def test_error_usage(capsys, image):
     assert_one_line_error(*run(capsys))
     assert_one_line_error(*run(capsys, "frobnicate"), "frobnicate")
-    assert_one_line_error(*run(capsys, "tlb", image), "--cr3")
+    rc, out, err = run(capsys, "tlb", image)      # a raw image has no vCPU notes
+    assert_one_line_error(rc, out, err, "--cr3", "no vCPU state")
+    assert rc == 2
     assert_one_line_error(*run(capsys, "translate", image, "--cr3", "0x1000", "--access", "q",
                                "0"), "q")
 
@@ -221,6 +228,151 @@ def test_error_truncated_elf(capsys, tmp_path):
     path = tmp_path / "core.elf"
     path.write_bytes(hdr + ph + bytes(0x2000))
     assert_one_line_error(*run(capsys, "tlb", str(path), "--cr3", "0x1000"), "truncated")
+
+
+# ---- QEMU dumps: CPU state from the notes, holes, info, gva2gpa, --json ----------------
+
+GiB = 1 << 30
+CPU0 = dict(cr0=0x80050033, cr3=0x1000, cr4=0x6E0, rip=0xFFFFFFFF81000000)
+CPU1 = dict(cr0=0x80050033, cr3=0x3000, cr4=0x6E0)
+
+
+@pytest.fixture
+def dump(tmp_path):
+    """ENTRIES as a QEMU dump: RAM 0..64 KiB at the unaligned file offset
+    0x1498, a hole up to 4 GiB, 4 KiB of RAM there; two vCPUs (CR3 0x1000
+    and 0x3000)."""
+    low = bytearray(0x10000)
+    for pa, value in ENTRIES:
+        struct.pack_into("<Q", low, pa, value)
+    return elfcore.write_elf(tmp_path / "core.elf",
+                             [(0, 0x1498, 0x10000, 0x10000), (4 * GiB, 0x11498, 0x1000, 0x1000)],
+                             notes=elfcore.qemu_notes([CPU0, CPU1]), pokes=[(0x1498, bytes(low))])
+
+
+def test_commands_take_the_cpu_state_from_the_dump(capsys, dump, image):
+    # The same listing as the raw image with --cr3 0x1000 (test_tlb_and_mem).
+    rc, out, err = run(capsys, "tlb", dump)
+    assert (rc, err) == (0, "")
+    assert out == run(capsys, "tlb", image, "--cr3", "0x1000")[1]
+    assert out == ("0000000000005000: 0000000000009000 ----A--U-\n"
+                   "0000000000200000: 0000000000200000 -GP-----W\n")
+    assert run(capsys, "mem", dump)[1] == run(capsys, "mem", image, "--cr3", "0x1000")[1]
+    # vCPU 1: CR3 0x3000 = the PD above, read as a PML4: entry 0 -> 0x4000
+    # (the PT, as a PDPT: entry 0 is 0, so nothing); entry 1 has PS=1, which
+    # QEMU ignores in a PML4E -> a "PDPT" at 0x200000, in the hole: reads 0.
+    assert run(capsys, "tlb", dump, "--cpu", "1")[:2] == (0, "")
+    # An explicit flag overrides the note.
+    assert run(capsys, "tlb", dump, "--cpu", "1", "--cr3", "0x1000")[1] == out
+    rc, out, _ = run(capsys, "translate", dump, "0x5123")
+    assert out.splitlines()[-1] == "  => pa 0x0000000000009123  (4 KiB page; read-only, user, executable)"
+
+
+def test_info(capsys, dump):
+    rc, out, err = run(capsys, "info", dump)
+    assert (rc, err) == (0, "")
+    assert out.splitlines() == [
+        "%s: ELF core (QEMU dump-guest-memory), 68 KiB in 2 ranges, physical addresses up to "
+        "0x100000fff" % dump,
+        "  range 0x0000000000000000-0x000000000000ffff  64 KiB",
+        "  hole  0x0000000000010000-0x00000000ffffffff  4 GiB",
+        "  range 0x0000000100000000-0x0000000100000fff  4 KiB",
+        "vCPU 0: CR3 0x1000, CR0 0x80050033, CR4 0x6e0, 4-level, RIP 0xffffffff81000000",
+        "vCPU 1: CR3 0x3000, CR0 0x80050033, CR4 0x6e0, 4-level, RIP 0x0",
+    ]
+    rc, out, _ = run(capsys, "info", dump, "--json")
+    info = json.loads(out)
+    assert info["format"] == "elf" and info["size"] == 4 * GiB + 0x1000
+    assert info["present"] == 0x11000
+    assert info["holes"] == [{"start": "0x10000", "end": "0xffffffff", "size": "0xffff0000"}]
+    assert [c["cr3"] for c in info["cpus"]] == ["0x1000", "0x3000"]
+    assert [c["pid"] for c in info["cpus"]] == [1, 2]
+
+
+def test_info_raw_and_lime(capsys, image, tmp_path):
+    rc, out, _ = run(capsys, "info", image)
+    assert out.splitlines()[0] == "%s: raw physical memory, 64 KiB in 1 range, physical " \
+        "addresses up to 0xffff" % image
+    assert out.splitlines()[-1].startswith("vCPUs: none in the image")
+    lime = tmp_path / "m.lime"
+    elfcore.write_lime(lime, [(0x1000, 0x1000), (0x100000, 0x2000)])
+    info = json.loads(run(capsys, "info", str(lime), "--json")[1])
+    assert info["format"] == "lime" and [r["start"] for r in info["ranges"]] == ["0x1000",
+                                                                                 "0x100000"]
+
+
+def test_gva2gpa_prints_what_qemu_prints(capsys, dump, tmp_path):
+    # hmp_gva2gpa: "gpa: 0x%" HWADDR_PRIx "\n" of the debug walk's frame plus
+    # the page offset, or "Unmapped".
+    assert run(capsys, "gva2gpa", dump, "0x5123") == (0, "gpa: 0x9123\n", "")
+    assert run(capsys, "gva2gpa", dump, "0x212345")[1] == "gpa: 0x212345\n"   # 2 MiB page
+    assert run(capsys, "gva2gpa", dump, "0x6000")[1] == "Unmapped\n"          # PTE P=0
+    assert run(capsys, "gva2gpa", dump, "0x800000000000")[1] == "Unmapped\n"  # not canonical
+    # The debug walk ignores reserved bits and rights (target/i386/helper.c
+    # x86_cpu_get_phys_page_attrs_debug): a PTE with bit 45 set, reserved
+    # with MAXPHYADDR 40 (SDM 4.5.4) so a real walk faults, still maps.
+    img = write_image(tmp_path / "r.img", ENTRIES[:3] + [(0x4000 + 8 * 7, 1 << 45 | 0x7000 | P)])
+    assert run(capsys, "gva2gpa", img, "--cr3", "0x1000", "--maxphyaddr", "40",
+               "0x7abc")[1] == "gpa: 0x200000007abc\n"
+    out = run(capsys, "translate", img, "--cr3", "0x1000", "--maxphyaddr", "40", "0x7abc")[1]
+    assert "reserved-bit" in out
+    # Paging off: the address itself; a zero address prints as 0x0.
+    assert run(capsys, "gva2gpa", img, "--cr3", "0", "--cr0", "1", "--efer", "0",
+               "0")[1] == "gpa: 0x0\n"
+
+
+def test_json_outputs(capsys, dump):
+    walks = json.loads(run(capsys, "translate", dump, "--json", "--access", "w", "--user",
+                           "0x5123", "0x800000000000")[1])
+    assert walks["cpu"] == {"cr0": "0x80050033", "cr3": "0x1000", "cr4": "0x6e0",
+                            "efer": "0xd00", "levels": 4}
+    w0, w1 = walks["walks"]
+    assert [e["pa"] for e in w0["entries"]] == ["0x1000", "0x2000", "0x3000", "0x4028"]
+    # SDM 4.6/4.7: a user write to a read-only page: P|W|U
+    assert w0["fault"] == {"vector": 14, "error_code": 7, "cause": "protection", "level": 0}
+    assert w1["fault"]["vector"] == 13 and w1["entries"] == []
+    tlb = json.loads(run(capsys, "tlb", dump, "--json")[1])
+    assert tlb["mappings"] == [
+        {"va": "0x5000", "pa": "0x9000", "page_size": 4096, "flags": "----A--U-"},
+        {"va": "0x200000", "pa": "0x200000", "page_size": 2 << 20, "flags": "-GP-----W"}]
+    mem = json.loads(run(capsys, "mem", dump, "--json")[1])
+    assert mem["ranges"] == [
+        {"start": "0x5000", "end": "0x6000", "size": "0x1000", "prot": "ur-"},
+        {"start": "0x200000", "end": "0x400000", "size": "0x200000", "prot": "-rw"}]
+    off = json.loads(run(capsys, "tlb", dump, "--json", "--cr0", "1", "--efer", "0")[1])
+    assert off["paging"] is False and off["mappings"] == []
+
+
+def _digest(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+
+
+def test_bad_dumps_exit_2_with_one_line(capsys, dump, tmp_path):
+    before = _digest(dump)
+    rc, out, err = run(capsys, "tlb", dump, "--cpu", "2")
+    assert_one_line_error(rc, out, err, dump, "2 vCPUs", "no vCPU 2")
+    assert rc == 2
+    cases = {
+        "size.elf": dict(notes=elfcore.note(b"QEMU", 0, elfcore.qemu_cpustate(cr3=0x1000,
+                                                                            declared=440))),
+        "eof.elf": dict(file_size=0x1800),
+        "overlap.elf": dict(extra=[(0x800, 0x1000, 0x100, 0x100)]),
+    }
+    for name, kw in cases.items():
+        path = elfcore.write_elf(tmp_path / name, [(0, 0x1000, 0x1000, 0x1000)] + kw.pop(
+            "extra", []), **kw)
+        h = _digest(path)
+        for cmd in (["info", path], ["tlb", path, "--cr3", "0x1000"], ["gva2gpa", path, "0"]):
+            rc, out, err = run(capsys, *cmd)
+            assert_one_line_error(rc, out, err, path)
+            assert rc == 2, (name, err)
+        assert _digest(path) == h
+    lime = tmp_path / "bad.lime"
+    lime.write_bytes(elfcore.lime_header(0x2000, 0x1fff - 0x1000) + bytes(0x1000))
+    rc, out, err = run(capsys, "info", str(lime))
+    assert_one_line_error(rc, out, err, str(lime), "before it starts")
+    assert rc == 2
+    assert _digest(dump) == before
 
 
 # ---- big sparse images ---------------------------------------------------------------

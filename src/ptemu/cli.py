@@ -361,8 +361,8 @@ def _cmd_mem(args, out):
             for line in piece.splitlines():
                 span, size, prot = line.split()
                 start, end = span.split("-")
-                yield {"start": "0x" + start, "end": "0x" + end, "size": "0x" + size,
-                       "prot": prot}
+                yield {"start": _hex(int(start, 16)), "end": _hex(int(end, 16)),
+                       "size": _hex(int(size, 16)), "prot": prot}
     _json_list(("ranges", {"image": args.image, "cpu": _cpu_json(mmu.cpu),
                            "paging": mmu.cpu.paging}), ranges(), out)
     return 0
@@ -454,15 +454,14 @@ def _cmd_info(args, out):
     if args.json:
         _write_json(info, out)
         return 0
-    out.write("%s: %s\n" % (args.image, _FORMAT_NAMES[info["format"]]))
-    out.write("physical memory: %s present in %d range%s, addresses up to %#x\n"
-              % (_size_text(info["present"]), len(info["ranges"]),
-                 "s" if len(info["ranges"]) != 1 else "", info["size"] - 1))
-    for kind in ("ranges", "holes"):
-        for r in info[kind]:
-            out.write("  %-5s %018s-%018s  %s\n" % (
-                kind[:-1] if kind == "holes" else "range", r["start"], r["end"],
-                _size_text(int(r["size"], 16))))
+    out.write("%s: %s, %s in %d range%s, physical addresses up to %#x\n"
+              % (args.image, _FORMAT_NAMES[info["format"]], _size_text(info["present"]),
+                 len(info["ranges"]), "s" if len(info["ranges"]) != 1 else "", info["size"] - 1))
+    spans = sorted([("range", r) for r in info["ranges"]] + [("hole", r) for r in info["holes"]],
+                   key=lambda kr: int(kr[1]["start"], 16))
+    for kind, r in spans:
+        out.write("  %-5s %#018x-%#018x  %s\n" % (kind, int(r["start"], 16), int(r["end"], 16),
+                                                 _size_text(int(r["size"], 16))))
     if not info["cpus"]:
         out.write("vCPUs: none in the image (give --cr3 to translate, tlb, mem, gva2gpa)\n")
     for c in info["cpus"]:
