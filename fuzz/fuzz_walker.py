@@ -9,7 +9,10 @@ refuse), an optional TLB of some geometry, and then a short program of
 operations: translate, walk_entries, translate_many (valid and malformed
 arrays), run (traces, start, pa outputs -- read-only too), MOV CR0/CR3/CR4,
 INVLPG, INVPCID, stores into the tables, register assignments, TLB flushes,
-mappings().
+mappings(); and sparse layouts (op_sparse): the same memory cut into
+segments with holes between them, at arbitrary (unaligned) offsets of one
+buffer standing for an image file, with zero-filled tails -- the segment map
+of csrc/physmap.c.
 
 Oracles, checked on every input:
   * no crash and no sanitizer report (run it under tools/sanitize.sh);
@@ -22,7 +25,13 @@ Oracles, checked on every input:
     memory, translate_many agrees with translate element by element;
   * agreement with the pure-Python reference walker tests/refwalk.py on a
     TLB-less walk (pa, page size, level, #GP/#PF and error code, and the
-    memory after the A/D updates), when the state is one refwalk models.
+    memory after the A/D updates), when the state is one refwalk models;
+  * sparse memory agrees with plain memory whose holes are zeroed: equal
+    walks (results and A/D writes) while every entry read lies wholly in one
+    segment, and the bus fault (#PF P|RSVD, cause "outside-memory", at that
+    level) where the plain walk read one that does not; translate_many and
+    run agree with the scalar walk; with word-aligned boundaries the listings
+    (mappings, info tlb, info mem) are equal.
 
 Run:  python fuzz/fuzz_walker.py -max_total_time=60 [CORPUS_DIR]
       tools/sanitize.sh --run python fuzz/fuzz_walker.py ...   (under ASan/UBSan)
@@ -626,6 +635,114 @@ def op_reference(inp, ctx):
                       % (va, acc))
 
 
+def _sparse_layout(inp, size):
+    """Segments [(pa, file offset, filesz, memsz)] over 0..size with holes,
+    and the length of the 'file' they lie in: boundaries mostly 8-aligned
+    (sometimes not), offsets anywhere, sometimes a tail past the file part."""
+    cuts = sorted({(inp.u16() * 8 if inp.u8() & 7 else inp.u16()) % size
+                   for _ in range(1 + inp.below(7))} | {0, size})
+    segs, off = [], inp.below(64)
+    for k, (a, b) in enumerate(zip(cuts, cuts[1:])):
+        if b <= a or (k and inp.u8() & 3 == 0):      # this piece is a hole
+            continue
+        n = b - a
+        fs = n - (inp.below(n + 1) if inp.u8() & 7 == 0 else 0)
+        segs.append((a, off, fs, n))
+        off += fs + inp.below(24)
+    return segs, off
+
+
+def _inside_one(segs, pa):
+    return any(a <= pa and pa + 8 <= a + m for a, _o, _f, m in segs)
+
+
+def op_sparse(inp, ctx):
+    """The memory as a sparse image; see the module docstring's oracle."""
+    plain = ctx.mem
+    size = plain.size
+    segs, flen = _sparse_layout(inp, size)
+    if not segs:
+        return
+    ref = ptemu.PhysicalMemory(size)                    # holes zeroed
+    file = np.zeros(max(flen, 1), dtype=np.uint8)
+    for a, off, fs, m in segs:
+        ref.array[a:a + m] = plain.array[a:a + m]
+        ref.array[a + fs:a + m] = 0                     # a zero tail reads zeros
+        file[off:off + fs] = plain.array[a:a + fs]
+    sp = ptemu.PhysicalMemory._from_segments("<fuzz>", segs, _file=file)
+    for a, _off, _fs, m in segs:
+        if sp.read(a, m) != ref.read(a, m):
+            raise Finding("sparse read of %#x..%#x differs from the bytes it holds" % (a, a + m))
+    cpu = ctx.cpu
+    vas = [_va(inp, ctx) for _ in range(1 + inp.below(6))]
+    acc = ACCESSES[inp.below(3)]
+    update_ad = bool(inp.u8() & 1)
+    m_ref, m_sp = ptemu.Mmu(ref, cpu), ptemu.Mmu(sp, cpu)
+    got = []
+    for va in vas:
+        try:
+            entries, _res = m_ref.walk_entries(va, acc)
+        except ptemu.GeneralProtection:
+            entries = []
+        outcome = []
+        for m in (m_ref, m_sp):
+            try:
+                t = m.translate(va, acc, update_ad=update_ad)
+                outcome.append(("ok", t.pa, t.page_size, t.level))
+            except ptemu.PageFault as exc:
+                outcome.append(("pf", exc.error_code, exc.cause, exc.level))
+            except ptemu.GeneralProtection:
+                outcome.append(("gp",))
+        got.append(outcome[1])
+        levels = cpu.levels
+        hole = [i for i, (epa, _v) in enumerate(entries) if not _inside_one(segs, epa)]
+        if hole:
+            level = levels - hole[0]
+            o = outcome[1]
+            if not (o[0] == "pf" and o[2] == "outside-memory" and o[3] == level
+                    and o[1] & (bits.PF_P | bits.PF_RSVD) == bits.PF_P | bits.PF_RSVD):
+                raise Finding("va %#x %s: the level-%d entry at %#x is in a hole, sparse walk "
+                              "gave %r" % (va, acc, level, entries[hole[0]][0], o))
+        elif outcome[0] != outcome[1]:
+            raise Finding("va %#x %s: plain %r, sparse %r (segments %r)"
+                          % (va, acc, outcome[0], outcome[1], segs))
+        for a, _off, _fs, m in segs:
+            if sp.read(a, m) != ref.read(a, m):
+                raise Finding("va %#x %s: memory after the walk differs in %#x..%#x"
+                              % (va, acc, a, a + m))
+    # The batch paths over the same memory, now that A/D are where they end up.
+    arr = np.array(vas, dtype=np.uint64)
+    res = m_sp.translate_many(arr, acc, update_ad=False)
+    for k, va in enumerate(vas):
+        try:
+            pa = m_sp.translate(va, acc, update_ad=False).pa
+            want = (0, pa)
+        except ptemu.MmuFault as exc:
+            want = (exc.vector, 0)
+        if (int(res.vector[k]), int(res.pa[k])) != want:
+            raise Finding("translate_many of sparse memory at %#x: %r, scalar %r"
+                          % (va, (int(res.vector[k]), int(res.pa[k])), want))
+    trace = np.zeros(len(vas), dtype=TRACE)
+    trace["va"] = arr
+    trace["access"] = ACCESSES.index(acc)
+    runs = [ptemu.Mmu(m, cpu, ptemu.Tlb.default() if ctx.tlb else None).run(trace)
+            for m in (ref, sp)]
+    if not 0 <= runs[1].index <= len(vas):
+        raise Finding("run over sparse memory returned index %d" % runs[1].index)
+    if runs[0].index < runs[1].index or (runs[0].index == runs[1].index and any(
+            sp.read(a, m) != ref.read(a, m) for a, _o, _f, m in segs)):
+        raise Finding("run over sparse memory went further (%d) than plain (%d), or wrote "
+                      "other A/D bits" % (runs[1].index, runs[0].index))
+    if cpu.paging and all(a % 8 == 0 and m % 8 == 0 for a, _o, _f, m in segs):
+        from ptemu.pagetable import info_tlb, info_mem
+        if (info_tlb(m_sp), info_mem(m_sp)) != (info_tlb(m_ref), info_mem(m_ref)):
+            raise Finding("listings of sparse memory differ from plain (segments %r)" % segs)
+        # mappings() skips a table not wholly in memory (PhysicalMemory.table)
+        if all(a % PAGE == 0 and m % PAGE == 0 for a, _o, _f, m in segs) and \
+                list(m_sp.mappings()) != list(m_ref.mappings()):
+            raise Finding("mappings() of sparse memory differ from plain (segments %r)" % segs)
+
+
 def _instrument_ops():
     g = globals()
     for name in [n for n in g if n.startswith("op_") or n.startswith("_") and n[1:2].islower()
@@ -638,7 +755,7 @@ _instrument_ops()
 
 OPS = (op_translate, op_translate, op_translate, op_translate_many, op_run, op_cr3, op_cr4,
        op_cr0, op_invlpg, op_invpcid, op_store, op_assign, op_tlb, op_walk_entries,
-       op_mappings, op_reference, op_reference, op_translate_many)
+       op_mappings, op_reference, op_reference, op_translate_many, op_sparse)
 
 
 @instrumented

@@ -163,7 +163,7 @@ class PhysicalMemory:
                              % (path, getattr(exc, "strerror", None) or exc)) from None
 
     @classmethod
-    def _from_segments(cls, path, ranges, writable=False, fmt="elf"):
+    def _from_segments(cls, path, ranges, writable=False, fmt="elf", _file=None):
         """Sparse memory over one mapping of the file at `path`.
 
         ranges: [(pa, file_offset, filesz, memsz)], sorted by pa, not
@@ -171,26 +171,39 @@ class PhysicalMemory:
         check all of it, naming what is wrong).  Bytes pa..pa+filesz are the
         file's from file_offset, at any alignment; pa+filesz..pa+memsz read
         as zeros (an ELF segment longer than its file part) from zero-filled
-        memory that the OS backs only as it is written.  Addresses in no
+        memory that the OS backs only as it is written (it also holds the
+        last < 8 file bytes when filesz ends inside a word, so with
+        writable=True a write there stays in memory).  Addresses in no
         range are outside memory: a walk that reaches one takes the defined
-        bus fault, read/write raise InvalidInput.
+        bus fault, read/write raise InvalidInput.  (_file: a writable uint8
+        array standing for the file's mapping -- the fuzz harness's layouts.)
         """
         path = os.fspath(path)
-        cls._stat_image(path, writable)
+        if _file is None:
+            cls._stat_image(path, writable)
         end = 0
         for pa, off, filesz, memsz in ranges:
             if pa < end or filesz > memsz or not memsz or pa + memsz > 1 << 64:
                 raise InvalidInput("image %s: segment map ranges must be sorted, non-empty "
                                    "and disjoint (at %#x)" % (path, pa))
             end = pa + memsz
-        filemap = cls._map_file(path, writable)
-        tail = sum(memsz - filesz for _pa, _off, filesz, memsz in ranges)
+        filemap = cls._map_file(path, writable) if _file is None else _file
+        tail = sum(memsz - filesz + 7 for _pa, _off, filesz, memsz in ranges if memsz > filesz)
         zeros = np.zeros(tail, dtype=np.uint8) if tail else None   # calloc: pages on first write
         parts, z = [], 0
         for pa, off, filesz, memsz in ranges:
+            if filesz and len(filemap) < off + filesz:
+                raise InvalidInput("image %s: range at %#x leaves the file" % (path, pa))
+            if memsz > filesz:
+                # The zero tail starts at the word boundary at or below the
+                # file part's end, holding the (< 8) file bytes before it, so
+                # that no word of one segment straddles two parts (the C core
+                # finds a word wholly in one part or not at all).
+                split = max(pa, (pa + filesz) & ~7)
+                head = pa + filesz - split
+                zeros[z:z + head] = filemap[off + split - pa:off + filesz]
+                filesz = split - pa
             if filesz:
-                if len(filemap) < off + filesz:
-                    raise InvalidInput("image %s: range at %#x leaves the file" % (path, pa))
                 prev = parts[-1] if parts else None
                 if prev and prev[3] and prev[0] + prev[1] == pa and prev[4] + prev[1] == off:
                     # Back to back in memory and in the file: one segment.
@@ -210,6 +223,9 @@ class PhysicalMemory:
         self.format = fmt
         self._filemap = filemap
         self._segments = [Segment(pa, n, arr[o:o + n], backed) for pa, n, arr, backed, o in parts]
+        # The C core trusts host..host+size: each array must hold its segment.
+        if any(len(seg.array) != seg.size for seg in self._segments):
+            raise InvalidInput("image %s: a range does not fit its backing" % path)
         self._c = ffi.new("ptemu_mem *")
         segs = ffi.new("ptemu_seg[]", len(parts))
         bufs = [ffi.from_buffer("uint8_t[]", seg.array, require_writable=True)
@@ -446,6 +462,7 @@ class PhysicalMemory:
     def flush(self):
         """Write a writable memory-mapped image back to its file."""
         if self._segments is not None:
-            self._filemap.flush()
+            if isinstance(self._filemap, np.memmap):
+                self._filemap.flush()
         elif self._array is not None and isinstance(self._array, np.memmap):
             self._array.flush()
