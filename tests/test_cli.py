@@ -428,3 +428,53 @@ def test_console_script(image):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and r.stdout == ""
     assert r.stderr.startswith("ptemu: error: ") and r.stderr.count("\n") == 1
+
+
+# ---- the README shows real runs ------------------------------------------------------------
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _readme_block(start):
+    text = open(os.path.join(ROOT, "README.md")).read()
+    at = text.index("```\n" + start)
+    return text[at + 4:text.index("\n```\n", at + 4)]
+
+
+def test_readme_demo_excerpt_is_a_real_run(capsys):
+    excerpt = _readme_block("ptemu demo: memory")
+    rc, out, _ = run(capsys, "demo")
+    lines, pos = out.splitlines(), 0
+    for line in excerpt.splitlines():
+        if line != "...":
+            pos = lines.index(line, pos) + 1          # ValueError: not in the run, in order
+    heads = [ln for ln in excerpt.splitlines() if ln.startswith("== ")]
+    assert len(heads) == len(set(heads)), heads
+    assert "prints all %d lines" % len(lines) in open(os.path.join(ROOT, "README.md")).read()
+
+
+def test_readme_command_line_examples_are_real_runs(capsys, tmp_path, monkeypatch):
+    block = _readme_block("$ python examples/make_dump.py core.elf")
+    monkeypatch.chdir(tmp_path)
+    subprocess.run([sys.executable, os.path.join(ROOT, "examples", "make_dump.py"), "core.elf"],
+                   check=True, timeout=120)
+    cmds = []
+    for line in block.splitlines():
+        if line.startswith("$ "):
+            cmds.append([line[2:], []])
+        else:
+            cmds[-1][1].append(line)
+    for cmd, want in cmds[1:]:
+        head = None
+        if " | head -" in cmd:
+            cmd, n = cmd.split(" | head -")
+            head = int(n)
+        status = cmd.endswith("; echo $?")
+        argv = cmd.replace("; echo $?", "").split()[1:]
+        rc, out, err = run(capsys, *argv)
+        got = (out + err).splitlines()
+        if head:
+            got = got[:head]
+        if status:
+            got.append(str(rc))
+        assert got == want, cmd
