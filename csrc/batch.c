@@ -10,7 +10,7 @@
 #define PTEMU_GROUP 8
 
 /*
- * The common case of a batch without TLB on plain memory, with no side
+ * The common case of a batch without TLB on plain (or sparse) memory, with no side
  * effect: the walk succeeds and every A bit (and D for a write) is already
  * set, so nothing is written.  ok[l] = 1 with pa[l] for each such address;
  * ok[l] = 0 sends it to the full walk -- any fault, any A/D to set -- which
@@ -58,10 +58,16 @@ static PTEMU_INLINE void fast_walk_group(const ptemu_ctx *c, const uint8_t *base
             if (!walking[l])
                 continue;
             uint64_t epa = table[l] + ((va[l] >> shift) & 511) * 8, e;
+            const uint8_t *p = base + epa;
             walking[l] = 0;
-            if (size < 8 || epa > size - 8)
-                continue;
-            memcpy(&e, base + epa, 8);
+            /* Sparse memory (size 0) looks the word up in its segment map
+             * on this refusing side only (physmap.c). */
+            if (size < 8 || epa > size - 8) {
+                p = c->mem->nseg ? ptemu_physmap_word(c->mem, epa) : 0;
+                if (!p)
+                    continue;
+            }
+            memcpy(&e, p, 8);
             if (!(e & PTEMU_PTE_P) || (e & ((e & PTEMU_PTE_PS) ? rsvd_large : rsvd_table)))
                 continue;
             all[l] &= e;
