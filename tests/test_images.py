@@ -116,7 +116,10 @@ P, W, U, PS, NX = 1, 2, 4, 0x80, 1 << 63
 
 
 def digest(path):
-    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+    """The file's first MiB (where every test writes), its size and mtime."""
+    st_ = os.stat(path)
+    with open(path, "rb") as f:
+        return hashlib.sha256(f.read(1 << 20)).hexdigest(), st_.st_size, st_.st_mtime_ns
 
 
 def test_elf_hole_unaligned_offset_and_zero_tail(tmp_path):
@@ -360,6 +363,23 @@ def test_truncated_elf_segment(tmp_path):
     notes = write_elf(tmp_path / "n.elf", [(0, 0x1000, 0x1000, 0x1000)],
                       notes=qemu_notes([{}]), note_offset=0x2000, file_size=0x2010)
     _bad(notes, "truncated", "PT_NOTE")
+
+
+def test_oversized_notes_and_program_header_count(tmp_path):
+    # A (sparse) file with a 1 GiB PT_NOTE: refused before anything is read.
+    path = write_elf(tmp_path / "n.elf", [(0, 0x1000, 0x1000, 0x1000)], notes=b"x" * 12,
+                     note_offset=0x2000, file_size=0x2000 + GiB)
+    data = bytearray(open(path, "rb").read(0x1000))
+    ph = elfcore.PHDR.unpack_from(data, 64)
+    elfcore.PHDR.pack_into(data, 64, *ph[:5], GiB, *ph[6:])
+    with open(path, "r+b") as f:
+        f.write(bytes(data))
+    _bad(path, "PT_NOTE segment 0 is 0x40000000 bytes")
+    # e_phnum of 60000 entries: past the end of the file, refused unread.
+    data[56:58] = struct.pack("<H", 60000)
+    small = tmp_path / "p.elf"
+    small.write_bytes(bytes(data) + bytes(0x1000))
+    _bad(small, "truncated", "program header table (60000 entries")
 
 
 def test_truncated_elf_headers(tmp_path):

@@ -69,6 +69,9 @@ _PT_LOAD = 1
 _PT_NOTE = 4
 _NT_PRSTATUS = 1
 _PN_XNUM = 0xFFFF
+# Notes are read whole; QEMU writes ~0.8 KiB per vCPU.  A bound keeps a
+# hostile header from making open_image read gigabytes.
+_MAX_NOTES = 64 << 20
 
 # QEMU's target/i386/arch_dump.c, QEMUCPUState version 1: version, size, then
 # rax rbx rcx rdx rsi rdi rsp rbp r8..r15 rip rflags, ten QEMUCPUSegment
@@ -224,6 +227,10 @@ def read_elf(f, file_size, path="<elf>"):
     if e_phnum and e_phentsize < _PHDR.size:
         raise ImageError("image %s: e_phentsize %d is smaller than an Elf64_Phdr (%d)"
                          % (path, e_phentsize, _PHDR.size))
+    if e_phoff + e_phnum * e_phentsize > file_size:      # before reading any of it
+        raise ImageError("image %s is truncated: the program header table (%d entries at "
+                         "offset %#x) needs file bytes up to %#x but the file is %#x bytes"
+                         % (path, e_phnum, e_phoff, e_phoff + e_phnum * e_phentsize, file_size))
     table = _read_exact(f, e_phoff, e_phnum * e_phentsize, path, "program header table")
     ranges, notes = [], []
     for i in range(e_phnum):
@@ -234,6 +241,10 @@ def read_elf(f, file_size, path="<elf>"):
                 raise ImageError("image %s is truncated: PT_NOTE segment %d needs file bytes "
                                  "%#x..%#x but the file is %#x bytes"
                                  % (path, i, off, off + filesz, file_size))
+            if filesz > _MAX_NOTES:
+                raise ImageError("image %s: PT_NOTE segment %d is %#x bytes, more than the %#x "
+                                 "any dump's notes need (not a memory dump?)"
+                                 % (path, i, filesz, _MAX_NOTES))
             notes.append((off, filesz))
         if p_type != _PT_LOAD or memsz == 0:
             continue
