@@ -316,6 +316,11 @@ def test_gva2gpa_prints_what_qemu_prints(capsys, dump, tmp_path):
                "0x7abc")[1] == "gpa: 0x200000007abc\n"
     out = run(capsys, "translate", img, "--cr3", "0x1000", "--maxphyaddr", "40", "0x7abc")[1]
     assert "reserved-bit" in out
+    # 5-level: the tables read one level higher make PDPT entry 1 a 1 GiB
+    # page at VA 1 << 30 (see test_la57_selected_by_cr4): frame 0x200183 &
+    # bits 51:30 = 0, plus the offset inside the 1 GiB page.
+    assert run(capsys, "gva2gpa", img, "--cr3", "0x1000", "--cr4", "0x1020",
+               "0x40000123")[1] == "gpa: 0x123\n"
     # Paging off: the address itself; a zero address prints as 0x0.
     assert run(capsys, "gva2gpa", img, "--cr3", "0", "--cr0", "1", "--efer", "0",
                "0")[1] == "gpa: 0x0\n"

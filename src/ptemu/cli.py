@@ -387,18 +387,16 @@ def qemu_gva2gpa(mem, cpu, va):
     if top not in (0, (1 << (65 - width)) - 1):
         return None
     table = cpu.cr3 & ~0xFFF
-    size = 1 << 12
     for level in range(cpu.levels, 0, -1):
         shift = 12 + 9 * (level - 1)
         e = load(table + ((va >> shift) & 0x1FF) * 8)
         if not e & bits.PTE_P:
             return None
-        if level in (2, 3) and e & bits.PTE_PS:
-            size = 1 << shift
+        # PS counts in a PDPTE and a PDE only (QEMU does not look at it above).
+        if level == 1 or (level <= 3 and e & bits.PTE_PS):
             break
         table = e & _PG_ADDRESS_MASK
-    else:
-        e = table      # the PTE's frame
+    size = 1 << shift
     frame = e & _PG_ADDRESS_MASK & ~(size - 1)
     return frame | (va & ~0xFFF & (size - 1)) | (va & 0xFFF)
 
