@@ -301,7 +301,7 @@ def test_info_raw_and_lime(capsys, image, tmp_path):
                                                                                  "0x100000"]
 
 
-def test_gva2gpa_prints_what_qemu_prints(capsys, dump, tmp_path):
+def test_gva2gpa_prints_what_qemu_prints(capsys, dump, image, tmp_path):
     # hmp_gva2gpa: "gpa: 0x%" HWADDR_PRIx "\n" of the debug walk's frame plus
     # the page offset, or "Unmapped".
     assert run(capsys, "gva2gpa", dump, "0x5123") == (0, "gpa: 0x9123\n", "")
@@ -319,7 +319,7 @@ def test_gva2gpa_prints_what_qemu_prints(capsys, dump, tmp_path):
     # 5-level: the tables read one level higher make PDPT entry 1 a 1 GiB
     # page at VA 1 << 30 (see test_la57_selected_by_cr4): frame 0x200183 &
     # bits 51:30 = 0, plus the offset inside the 1 GiB page.
-    assert run(capsys, "gva2gpa", img, "--cr3", "0x1000", "--cr4", "0x1020",
+    assert run(capsys, "gva2gpa", image, "--cr3", "0x1000", "--cr4", "0x1020",
                "0x40000123")[1] == "gpa: 0x123\n"
     # Paging off: the address itself; a zero address prints as 0x0.
     assert run(capsys, "gva2gpa", img, "--cr3", "0", "--cr0", "1", "--efer", "0",
