@@ -107,18 +107,26 @@ def test_minimal_walk_calibration(benchmark, big_image):
 def test_open_and_info_tlb(benchmark, dumps, case, kind):
     d = dumps[case]
     open_and_list(d[kind], d["cr3"])                  # page cache warm for both kinds
-    lines = benchmark.pedantic(open_and_list, args=(d[kind], d["cr3"]), rounds=5,
-                               iterations=1)
+    lines = benchmark.pedantic(open_and_list, args=(d[kind], d["cr3"]),
+                               rounds=25 if case == "few" else 7, iterations=1)
     assert lines == d["lines"]
     benchmark.extra_info["mappings"] = lines
-    ratio = record_ratio(benchmark, RESULTS, "%s-%s" % (case, kind), "%s-raw" % case)
-    if "minimal_per_walk" in RESULTS and ("%s-%s" % (case, kind)) in RESULTS:
+    record_ratio(benchmark, RESULTS, "%s-%s" % (case, kind), "%s-raw" % case)
+    stats = getattr(getattr(benchmark, "stats", None), "stats", None)
+    if stats is None:
+        return
+    # Medians: on a shared 2-core machine a millisecond case has outliers of
+    # several times its length, which the mean would compare instead.
+    RESULTS["median-%s-%s" % (case, kind)] = stats.median
+    if "minimal_per_walk" in RESULTS:
         benchmark.extra_info["minimal_walks_per_line"] = round(
-            RESULTS["%s-%s" % (case, kind)] / lines / RESULTS["minimal_per_walk"], 1)
-    if kind == "elf" and ratio is not None:
-        print("\n%s mappings: ELF %.4f s, raw %.4f s, ratio %.2f (target <= 2)"
-              % (case, RESULTS["%s-elf" % case], RESULTS["%s-raw" % case], ratio))
-        assert ratio <= 2.0, ratio
+            stats.median / lines / RESULTS["minimal_per_walk"], 1)
+    if kind == "elf" and "median-%s-raw" % case in RESULTS:
+        elf, raw = RESULTS["median-%s-elf" % case], RESULTS["median-%s-raw" % case]
+        benchmark.extra_info["median_ratio_vs_raw"] = round(elf / raw, 3)
+        print("\n%s mappings: ELF %.4f s, raw %.4f s (medians), ratio %.2f (target <= 2)"
+              % (case, elf, raw, elf / raw))
+        assert elf / raw <= 2.0, elf / raw
 
 
 @pytest.mark.parametrize("kind", ["raw", "elf"])
