@@ -417,6 +417,18 @@ def test_elf_image_walks(tmp_path):
     assert mmu.translate(0x5123).pa == 0x7123
 
 
+def test_sparse_memory_is_no_host_of_a_view_or_an_ept(tmp_path):
+    # Frame tables and EPTs address host memory as one array from 0.
+    path = write_elf(tmp_path / "core.elf", [(0, 0x1498, 0x1000, 0x1000),
+                                             (0x10000, 0x2498, 0x1000, 0x1000)])
+    mem = open_image(path)
+    with pytest.raises(ptemu.InvalidInput, match="plain PhysicalMemory"):
+        ptemu.PhysicalMemory.view(mem, np.zeros(1, dtype=np.uint64))
+    from ptemu.ept import Ept
+    with pytest.raises(ptemu.InvalidInput, match="plain PhysicalMemory"):
+        Ept(mem)
+
+
 def test_from_file_opens_every_format(tmp_path):
     path = write_elf(tmp_path / "core.elf", [(0, 0x1498, 0x1000, 0x1000)],
                      notes=qemu_notes([dict(cr3=0x1000)]))

@@ -32,7 +32,7 @@ class Ept:
 
     def __init__(self, host, table_start=None, table_end=None, levels=4, ad=False,
                  maxphyaddr=52, alloc=None):
-        if not isinstance(host, PhysicalMemory) or host.host is not None:
+        if not isinstance(host, PhysicalMemory) or host.host is not None or host.sparse:
             raise InvalidInput("an Ept needs a plain PhysicalMemory as host")
         if levels not in (4, 5):
             raise InvalidInput("EPT page-walk length must be 4 or 5")
