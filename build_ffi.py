@@ -23,7 +23,8 @@ CSRC = HERE / "csrc"
 # One translation unit (csrc/ptemu_all.c includes walk.c, tlb.c, batch.c, physmap.c) so
 # the compiler inlines the walk and the TLB probes into the batch loops.
 SOURCES = ["ptemu_all.c"]
-DEPENDS = ["ptemu_all.c", "walk.c", "tlb.c", "ept.c", "batch.c", "physmap.c", "ptemu.h", "ptemu_cdef.h", "bits.h"]
+# Every C file is a dependency: ptemu_all.c includes them all.
+DEPENDS = sorted(p.name for p in CSRC.glob("*.[ch]"))
 
 
 def _compile_args():
