@@ -196,6 +196,30 @@ def test_out_of_range_kind_is_refused_with_its_index(tmp_path):
         read_trace(tmp_path / "t.txt")
 
 
+@settings(max_examples=80)
+@given(st.data())
+def test_hostile_files_give_a_clear_error_or_a_valid_trace(tmp_path_factory, data):
+    """Random truncations and byte changes of a valid file (header, block
+    headers, payloads): reading either succeeds with TRACE_DTYPE records of
+    valid kinds or raises InvalidInput; nothing else escapes."""
+    d = tmp_path_factory.mktemp("hostile")
+    _, good, offs = _three_chunks(d, codec=data.draw(st.sampled_from(["zstd", "zlib", "none"])))
+    bad = bytearray(good[:data.draw(st.integers(0, len(good)))])
+    for _ in range(data.draw(st.integers(0, 4))):
+        if bad:
+            i = data.draw(st.integers(0, len(bad) - 1))
+            bad[i] = data.draw(st.integers(0, 255))
+    p = d / "h.ptrace"
+    p.write_bytes(bytes(bad))
+    try:
+        t = read_trace(p)
+        s = trace_summary(p)
+    except InvalidInput:
+        return
+    assert t.dtype == TRACE_DTYPE and (t["access"] <= 2).all()
+    assert s.records >= 0
+
+
 def test_a_writer_that_dies_leaves_a_valid_file(tmp_path):
     p = tmp_path / "d.ptrace"
     with pytest.raises(RuntimeError):

@@ -373,6 +373,10 @@ class _TraceFile:
                 raise CorruptTrace(path, "unreadable meta JSON (%s)" % exc) from None
         self.by_kind = (reads, writes, fetches)
         self.complete = bool(self.flags & _FLAG_COMPLETE)
+        if self.complete and (reads + writes + fetches != self.records
+                              or self.supervisor > self.records):
+            raise CorruptTrace(path, "counts do not add up: %d reads + %d writes + %d fetches "
+                               "!= %d records" % (reads, writes, fetches, self.records))
         if self.complete and self.tail < self.header_len:
             raise CorruptTrace(path, "tail offset %d inside the header" % self.tail)
         self._codecs = {}
@@ -447,6 +451,9 @@ class _TraceFile:
         the file was never closed (no tail)."""
         if not self.complete:
             return None
+        if self.tail + _BLK.size > self.size:
+            raise CorruptTrace(self.path, "truncated: the file (%d bytes) ends before its PAGE "
+                               "block" % self.size, self.chunks, self.tail)
         with open(self.path, "rb") as fh:
             fh.seek(self.tail)
             tag, n, raw, _ = self._read_block(fh, self.chunks, self.tail)
