@@ -145,7 +145,7 @@ def _replay_once(path, mem):
 def test_replay_native(benchmark, recorded, name):
     r = recorded[name]["record"]
     w0 = TraceWorkload(r.path)
-    mem = max(64 << 20, ((w0.memory_bytes_needed >> 21) + 1) << 21)
+    mem = max(64 << 20, ((w0.guest_memory_bytes >> 21) + 1) << 21)
     state = {}
 
     def setup():
@@ -210,7 +210,7 @@ def test_replay_long_trace_memory(benchmark, recorded, tmp_path):
                 if n >= LONG:
                     break
     del base
-    mem = max(256 << 20, ((TraceWorkload(path).memory_bytes_needed >> 21) + 1) << 21)
+    mem = max(256 << 20, ((TraceWorkload(path).guest_memory_bytes >> 21) + 1) << 21)
 
     def run():
         out = subprocess.run([sys.executable, "-c", _CHILD, str(path), str(mem)], check=True,

@@ -1026,8 +1026,11 @@ def record(command, out, max_accesses=None, codec="zstd", level=3,
             while True:
                 data = pipe.read(1 << 20)
                 if not data:
-                    break
-                data = rest + data
+                    if not rest:
+                        break
+                    data, rest = rest + b"\n", b""      # a last line with no newline
+                else:
+                    data = rest + data
                 cut = data.rfind(b"\n") + 1
                 rest = data[cut:]
                 if not cut:
@@ -1170,9 +1173,10 @@ class TraceWorkload:
         self.layouts = [layout_from_pages(s.pages, s.page_flags) for s in self.summaries]
         user_pages = sum(int(np.count_nonzero(s.pages < _U64(USER_TOP >> 12)))
                          for s in self.summaries)
-        #: Guest memory the replay needs at most: every touched user page,
-        #: a page table per 2 MiB touched and the kernel's own frames.
-        self.memory_bytes_needed = PAGE * (2 * user_pages + 4096)
+        #: Guest memory the replay needs at most (twice every touched user
+        #: page, for its frame and tables, and 16 MiB for the kernel's own
+        #: frames); ptemu study sizes the machine by it.
+        self.guest_memory_bytes = PAGE * (2 * user_pages + 4096)
         self.pids = None
 
     @property
