@@ -1007,6 +1007,13 @@ def record(command, out, max_accesses=None, codec="zstd", level=3,
         progress = sys.stderr.isatty()
     show = _progress(progress)
     rfd, wfd = os.pipe()
+    try:
+        # A larger pipe lets valgrind run ahead while a block is parsed
+        # (Linux: up to /proc/sys/fs/pipe-max-size, 1 MiB by default).
+        import fcntl
+        fcntl.fcntl(wfd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
+    except (ImportError, OSError):
+        pass
     argv = [exe, "--tool=lackey", "--trace-mem=yes", "--log-fd=%d" % wfd] + command
     t0 = time.perf_counter()
     log = []
