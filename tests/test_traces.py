@@ -31,6 +31,18 @@ from ptemu.guest import NativeMachine, Kernel, USER_TOP
 from ptemu.cli import main
 
 HAVE_VALGRIND = shutil.which("valgrind") is not None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _children_without_sanitizers():
+    """Under tools/sanitize.sh the ASan/UBSan runtimes are in LD_PRELOAD for
+    this interpreter; valgrind and the programs it records are not built for
+    them (and ASan cannot run under valgrind), so their environment goes
+    without it.  This process keeps the runtimes it has already loaded."""
+    saved = {k: os.environ.pop(k) for k in ("LD_PRELOAD",)
+             if os.environ.get("PTEMU_SANITIZED") and k in os.environ}
+    yield
+    os.environ.update(saved)
 needs_valgrind = pytest.mark.skipif(not HAVE_VALGRIND, reason="valgrind is not installed "
                                     "(.ci/run installs it: apt-get install -y valgrind)")
 PAGE = 4096
