@@ -9,6 +9,9 @@
     ptemu info IMAGE [--json]           format, ranges and holes, vCPUs
 
     CPU:  [--cpu N] [--cr3 X] [--cr0 X] [--cr4 X] [--efer X] [--maxphyaddr N]
+    ptemu trace record -o OUT [--max N] -- CMD [ARGS...]
+                                       record CMD's memory accesses (Valgrind lackey)
+    ptemu trace info FILE              a trace file's counts, pages, footprint, command
 
 IMAGE is a raw physical-memory image, a QEMU `dump-guest-memory` ELF core or
 a LiME file (ptemu.images.open_image), opened read-only: the walks write no
@@ -121,6 +124,7 @@ def _build_parser():
     i.add_argument("image", metavar="IMAGE", help="raw, QEMU ELF dump or LiME image")
     i.add_argument("--json", action="store_true", help="JSON instead of text")
     i.set_defaults(func=_cmd_info)
+    _add_trace_commands(sub)
     return p
 
 
@@ -468,6 +472,125 @@ def _cmd_info(args, out):
         else:
             out.write("vCPU %d: CR3 %s, CR0 %s, CR4 %s, %s, RIP %s\n" % (
                 c["index"], c["cr3"], c["cr0"], c["cr4"], c["paging"], c["rip"]))
+    return 0
+
+
+# -- trace record / trace info (ptemu.traces) -------------------------------------
+
+def _add_trace_commands(sub):
+    t = sub.add_parser("trace", help="record a real program's memory accesses (Valgrind "
+                                      "lackey) or describe a trace file")
+    tsub = t.add_subparsers(dest="trace_command", metavar="SUBCOMMAND")
+    tsub.required = True
+    r = tsub.add_parser("record", help="run CMD under valgrind --tool=lackey and write its "
+                                        "accesses to a trace file",
+                        usage="ptemu trace record -o OUT [--max N] -- CMD [ARGS...]")
+    r.add_argument("-o", "--output", required=True, metavar="OUT", help="the trace file")
+    r.add_argument("--max", type=_positive, default=None, metavar="N",
+                   help="stop (and kill CMD) after N accesses")
+    r.add_argument("--codec", choices=("zstd", "zlib"), default="zstd",
+                   help="chunk compression (default zstd)")
+    r.add_argument("cmd", nargs=argparse.REMAINDER, metavar="CMD",
+                   help="the command and its arguments, after --")
+    r.set_defaults(func=_cmd_trace_record)
+    i = tsub.add_parser("info", help="accesses by kind, distinct pages, footprint, the "
+                                      "command recorded, bytes per access")
+    i.add_argument("file", metavar="FILE", help="a trace file (any format ptemu reads)")
+    i.add_argument("--json", action="store_true", help="one JSON object instead")
+    i.set_defaults(func=_cmd_trace_info)
+
+
+def _positive(text):
+    value = _number(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1, not %r" % text)
+    return value
+
+
+def _cmd_trace_record(args, out):
+    from ptemu import traces
+    cmd = list(args.cmd)
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    if not cmd:
+        raise _Usage("trace record: no command given (ptemu trace record -o OUT -- CMD ...)")
+    try:
+        res = traces.record(cmd, args.output, max_accesses=args.max, codec=args.codec)
+    except traces.ValgrindMissing as exc:
+        raise _Usage(str(exc)) from None
+    except InvalidInput as exc:
+        raise _Usage(str(exc)) from None
+    what = "%s accesses of `%s` to %s (%s bytes%s)" % (
+        format(res.records, ","), " ".join(cmd), res.path, format(res.file_bytes, ","),
+        ", %.2f bytes per access" % (res.file_bytes / res.records) if res.records else "")
+    if res.stopped == "max":
+        fate = "stopped after --max %d accesses: CMD was killed" % args.max
+    elif res.signal is not None:
+        fate = "CMD was killed by %s; the trace is valid and holds what it ran" % res.signal
+    elif res.exit_status:
+        fate = ("CMD failed with exit status %d; the trace is valid and holds what it ran"
+                % res.exit_status)
+    else:
+        fate = "CMD exited with status 0"
+    sys.stderr.write("ptemu: recorded %s; %s\n" % (what, fate))
+    if not res.records and not res.ok:
+        tail = [ln for ln in res.valgrind_log if ln.strip("=0123456789 ")][-2:]
+        if tail:
+            sys.stderr.write("ptemu: valgrind said: %s\n" % " / ".join(tail))
+        return 1                # CMD never ran: an empty trace is all there is
+    return 0
+
+
+def _cmd_trace_info(args, out):
+    import json
+    from ptemu import traces
+    try:
+        s = traces.trace_summary(args.file)
+    except InvalidInput as exc:
+        raise _Usage(str(exc)) from None
+    fl = s.page_flags
+    info = {"file": s.path, "format": s.format, "codec": s.codec, "chunks": s.chunks,
+            "complete": s.complete, "command": s.command, "accesses": int(s.records),
+            "reads": int(s.reads), "writes": int(s.writes), "fetches": int(s.fetches),
+            "supervisor": int(s.supervisor), "distinct_pages": int(len(s.pages)),
+            "code_pages": int(((fl & 4) != 0).sum()),
+            "written_pages": int(((fl & 2) != 0).sum()),
+            "footprint_bytes": int(s.footprint_bytes), "file_bytes": int(s.file_bytes),
+            "bytes_per_access": (round(s.file_bytes / s.records, 4) if s.records else None),
+            "npy_bytes_per_access": 16, "end": s.end}
+    if args.json:
+        out.write(json.dumps(info, sort_keys=True) + "\n")
+        return 0
+    n = max(s.records, 1)
+    end = s.end or {}
+    fate = ""
+    if end.get("stopped") == "max":
+        fate = "stopped by --max"
+    elif end.get("signal"):
+        fate = "killed by %s" % end["signal"]
+    elif end.get("exit_status") is not None:
+        fate = "exit status %d" % end["exit_status"]
+    lines = [
+        ("file", "%s (%s%s%s)" % (s.path, s.format, ", %s" % s.codec if s.codec else "",
+                                  ", %d chunks" % s.chunks if s.chunks is not None else "")),
+        ("command", (" ".join(s.command) if s.command else "-") + (" [%s]" % fate
+                                                                   if fate else "")),
+        ("accesses", "%s: %s reads (%.1f%%), %s writes (%.1f%%), %s fetches (%.1f%%)%s" % (
+            format(s.records, ","), format(s.reads, ","), 100.0 * s.reads / n,
+            format(s.writes, ","), 100.0 * s.writes / n, format(s.fetches, ","),
+            100.0 * s.fetches / n,
+            ", %s supervisor" % format(s.supervisor, ",") if s.supervisor else "")),
+        ("pages", "%s distinct (%s code, %s written)" % (
+            format(info["distinct_pages"], ","), format(info["code_pages"], ","),
+            format(info["written_pages"], ","))),
+        ("footprint", "%s bytes (%.1f MiB)" % (format(info["footprint_bytes"], ","),
+                                              info["footprint_bytes"] / 2.0 ** 20)),
+        ("size", "%s bytes: %s bytes per access (a .npy of TRACE_DTYPE: 16)" % (
+            format(s.file_bytes, ","),
+            "%.3f" % (s.file_bytes / s.records) if s.records else "-")),
+    ]
+    for k, v in lines:
+        out.write("%-10s %s\n" % (k, v))
     return 0
 
 

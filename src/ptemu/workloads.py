@@ -19,21 +19,21 @@ generator:
 
 Both report guest accesses, faults and the kernel's and machine's counters.
 
-Trace files: `read_trace(path)` reads a .npz/.npy array or a text trace
-(one access per line: ``r|w|x ADDRESS [u|s]``, or Valgrind lackey lines
-``I addr,size`` / `` L addr,size`` / `` S addr,size`` / `` M addr,size``)
-into a TRACE_DTYPE array; `write_trace` writes a .npz.
+Recorded programs and trace files (ptemu.traces, re-exported here):
+`TraceWorkload` replays real programs' traces through the guest kernel;
+`read_trace(path)` / `iter_trace(path, chunk=...)` read every supported
+format (ptemu's compressed trace files, .npy, .npz, text and lackey logs),
+whole or streamed; `write_trace` writes one.
 """
-import os
 import time
 
 import numpy as np
 
-from ptemu._native import InvalidInput, check_u64
+from ptemu._native import InvalidInput
 from ptemu.mmu import TRACE_DTYPE
 
 __all__ = ["synth_trace", "ContextSwitchWorkload", "ForkWorkload", "read_trace",
-           "write_trace", "WorkloadResult"]
+           "iter_trace", "write_trace", "TraceWorkload", "WorkloadResult"]
 
 PAGE = 4096
 ACC_READ, ACC_WRITE, ACC_FETCH = 0, 1, 2
@@ -255,137 +255,15 @@ class ForkWorkload:
 
 
 # ---------------------------------------------------------------------------
-# Trace files
+# Trace files and recorded programs live in ptemu.traces (one reader for every
+# format); they are ptemu.workloads names too.  Resolved on first use, because
+# ptemu.traces builds on this module's WorkloadResult.
 # ---------------------------------------------------------------------------
-_OPS = {"r": [ACC_READ], "w": [ACC_WRITE], "x": [ACC_FETCH],
-        "0": [ACC_READ], "1": [ACC_WRITE], "2": [ACC_FETCH],
-        # Valgrind lackey: instruction fetch, load, store, modify (load + store)
-        "i": [ACC_FETCH], "l": [ACC_READ], "s": [ACC_WRITE], "m": [ACC_READ, ACC_WRITE]}
-_MODES = {"u": True, "user": True, "s": False, "k": False, "kernel": False,
-          "supervisor": False}
+_FROM_TRACES = ("read_trace", "iter_trace", "write_trace", "TraceWorkload")
 
 
-def _parse_addr(tok, where):
-    tok = tok.split(",", 1)[0]
-    try:
-        return check_u64(int(tok, 16), "address")
-    except ValueError:
-        raise InvalidInput("%s: %r is not a hexadecimal address" % (where, tok)) from None
-    except InvalidInput as exc:
-        raise InvalidInput("%s: %s" % (where, exc)) from None
-
-
-def _read_text(path, user):
-    vas, accs, users = [], [], []
-    with open(path, "r", encoding="ascii", errors="replace") as fh:
-        for lineno, line in enumerate(fh, 1):
-            text = line.split("#", 1)[0].strip()
-            if not text or text.startswith("==") or text.startswith("--"):
-                continue                              # blank, comment, valgrind banner
-            where = "%s:%d" % (path, lineno)
-            toks = text.split()
-            if len(toks) == 1:
-                ops, addr, mode = [ACC_READ], toks[0], None
-            elif len(toks) in (2, 3):
-                ops = _OPS.get(toks[0].lower())
-                if ops is None:
-                    raise InvalidInput("%s: unknown access %r (r/w/x, 0/1/2 or lackey "
-                                       "I/L/S/M)" % (where, toks[0]))
-                addr = toks[1]
-                mode = toks[2].lower() if len(toks) == 3 else None
-            else:
-                raise InvalidInput("%s: expected 'ACCESS ADDRESS [u|s]', got %r" % (where, text))
-            if mode is not None and mode not in _MODES:
-                raise InvalidInput("%s: unknown mode %r (u or s)" % (where, mode))
-            va = _parse_addr(addr, where)
-            for op in ops:
-                vas.append(va)
-                accs.append(op)
-                users.append(user if mode is None else _MODES[mode])
-    out = np.zeros(len(vas), dtype=TRACE_DTYPE)
-    out["va"] = np.array(vas, dtype=np.uint64)
-    out["access"] = np.array(accs, dtype=np.uint8)
-    out["user"] = np.array(users, dtype=bool)
-    return out
-
-
-def _from_arrays(get, keys, user, path):
-    if "trace" in keys:
-        arr = get("trace")
-        if arr.dtype.names and set(("va", "access", "user")) <= set(arr.dtype.names):
-            out = np.zeros(len(arr), dtype=TRACE_DTYPE)
-            for f in ("va", "access", "user"):
-                out[f] = arr[f]
-            return _checked(out, path)
-        if arr.dtype.kind in "ui":
-            keys, get = ["va"], (lambda k, a=arr: a)
-        else:
-            raise InvalidInput("%s: 'trace' must be a TRACE_DTYPE array or integer addresses"
-                               % path)
-    if "va" not in keys:
-        raise InvalidInput("%s: no 'trace' or 'va' array" % path)
-    va = np.asarray(get("va"))
-    if va.ndim != 1 or va.dtype.kind not in "ui":
-        raise InvalidInput("%s: 'va' must be a 1-D integer array" % path)
-    if va.dtype.kind == "i" and len(va) and int(va.min()) < 0:
-        raise InvalidInput("%s: negative addresses in 'va'" % path)
-    out = np.zeros(len(va), dtype=TRACE_DTYPE)
-    out["va"] = va.astype(np.uint64)
-    if "access" in keys:
-        acc = np.asarray(get("access"))
-        if len(acc) != len(va):
-            raise InvalidInput("%s: 'access' and 'va' differ in length" % path)
-        if acc.dtype.kind == "S":
-            codes = np.full(len(acc), 255, dtype=np.uint8)
-            for ch, code in ((b"r", 0), (b"w", 1), (b"x", 2)):
-                codes[np.char.lower(acc) == ch] = code
-            acc = codes
-        if acc.dtype.kind not in "ui":
-            raise InvalidInput("%s: 'access' must be integer codes or b'r'/b'w'/b'x'" % path)
-        if len(acc) and (int(acc.min()) < 0 or int(acc.max()) > 2):
-            raise InvalidInput("%s: access codes must be 0 (read), 1 (write) or 2 (fetch)"
-                               % path)
-        out["access"] = acc.astype(np.uint8)
-    out["user"] = np.asarray(get("user"), dtype=bool) if "user" in keys else user
-    return _checked(out, path)
-
-
-def _checked(out, path):
-    if len(out) and int(out["access"].max()) > 2:
-        raise InvalidInput("%s: access codes must be 0 (read), 1 (write) or 2 (fetch)" % path)
-    return out
-
-
-def read_trace(path, user=True):
-    """An address trace file as a TRACE_DTYPE array.
-
-    .npz: an array 'trace' (TRACE_DTYPE-like, or plain addresses) or arrays
-    'va' (+ optional 'access': 0/1/2 or b'r'/b'w'/b'x', 'user').  .npy: the
-    same as 'trace'.  Anything else is text (see the module docstring).
-    `user` is the mode of records that do not say.
-    """
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InvalidInput("trace %s: no such file" % path)
-    if path.endswith(".npz"):
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                return _from_arrays(lambda k: z[k], list(z.keys()), user, path)
-        except (ValueError, OSError) as exc:
-            if isinstance(exc, InvalidInput):
-                raise
-            raise InvalidInput("trace %s: not a readable .npz (%s)" % (path, exc)) from None
-    if path.endswith(".npy"):
-        try:
-            arr = np.load(path, allow_pickle=False)
-        except (ValueError, OSError) as exc:
-            raise InvalidInput("trace %s: not a readable .npy (%s)" % (path, exc)) from None
-        return _from_arrays(lambda k: arr, ["trace"], user, path)
-    return _read_text(path, user)
-
-
-def write_trace(path, trace):
-    """Write a TRACE_DTYPE array as .npz (array 'trace')."""
-    if not isinstance(trace, np.ndarray) or trace.dtype != TRACE_DTYPE:
-        raise InvalidInput("write_trace needs a TRACE_DTYPE array")
-    np.savez(os.fspath(path), trace=trace)
+def __getattr__(name):
+    if name in _FROM_TRACES:
+        from ptemu import traces
+        return getattr(traces, name)
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
