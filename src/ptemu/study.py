@@ -442,16 +442,17 @@ def load_config(source=None, **overrides):
                                      "pair" % (w,)) from None
                 wparams[w] = dict(wparams.get(w, {}), **params)
                 names[i] = w
-        wparams = {k: v for k, v in wparams.items() if k in names}
     else:
         names = study.get("workloads")
         if names is None:
             names = list(wparams) or list(DEFAULT_WORKLOADS)
         names = _as_list(names, "study.workloads")
-    for n in wparams:
-        if n not in names:
-            raise StudyError("study config: [workload.%s] names a workload the study does not "
-                             "run" % n)
+    from ptemu.workloads import parse_workload_name
+    for n in wparams:          # a table for a workload not run now: a name it could run
+        try:
+            parse_workload_name(n)
+        except InvalidInput as exc:
+            raise StudyError("study config: [workload.%s]: %s" % (n, exc)) from None
     workloads = [(n, wparams.get(n, {})) for n in names]
     modes = overrides.pop("modes", None) or _as_list(study.get("modes", list(MODES)),
                                                       "study.modes")
