@@ -771,6 +771,10 @@ def write_atomic(path, data):
     d = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=d)
     try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as fh:
             if callable(data):
                 data(fh)
@@ -839,22 +843,16 @@ class StudyResult:
         return text
 
     def _variants(self):
-        """The knob/seed label of each row, where the study has more than one."""
-        keys = ("seed", "guest_levels", "ept_levels", "tlb", "params")
-        varying = [k for k in keys
-                   if len({json.dumps(r[k], sort_keys=True) for r in self.rows
-                           if r[k] is not None}) > 1]
-        labels = []
-        for r in self.rows:
-            parts = []
-            for k in varying:
-                if k == "ept_levels" and r[k] is None:
-                    continue
-                v = r[k]
-                parts.append("%s=%s" % ({"guest_levels": "gl", "ept_levels": "ept"}.get(k, k),
-                                        json.dumps(v, sort_keys=True) if k == "params" else v))
-            labels.append(" ".join(parts))
-        return labels
+        """The knob/seed label of each row: the knobs that take more than one
+        value among the rows of its workload ("" where none does)."""
+        keys = (("seed", "seed"), ("guest_levels", "gl"), ("ept_levels", "ept"), ("tlb", "tlb"))
+        varying = {}
+        for w in {r["workload"] for r in self.rows}:
+            rows = [r for r in self.rows if r["workload"] == w]
+            varying[w] = [(k, short) for k, short in keys
+                          if len({r[k] for r in rows if r[k] is not None}) > 1]
+        return [" ".join("%s=%s" % (short, r[k]) for k, short in varying[r["workload"]]
+                         if r[k] is not None) for r in self.rows]
 
     def table(self):
         """The rows as a fixed-width text table (what the command prints)."""
@@ -936,7 +934,7 @@ def _groups(result):
     labels = result._variants()
     order = OrderedDict()
     for r, v in zip(result.rows, labels):
-        v = " ".join(p for p in v.split() if not p.startswith("seed="))
+        v = "\n".join(p for p in v.split() if not p.startswith("seed="))
         bar = r["mode"] + ("\n" + v if v else "")
         order.setdefault(r["workload"], OrderedDict()).setdefault(bar, []).append(r)
     return [(w, list(bars.items())) for w, bars in order.items()]
@@ -953,7 +951,10 @@ def _figure(result):
     groups = _groups(result)
     reasons = result._reasons()
     nseeds = len({r["seed"] for r in result.rows})
-    fig = Figure(figsize=(16, 1.2 + 3.3 * max(1, len(groups))))
+    nbars = max([len(bars) for _, bars in groups] or [1])
+    lines = max([b.count("\n") for _, bars in groups for b, _ in bars] or [0])
+    fig = Figure(figsize=(min(40, max(16, 2.0 * nbars + 6)),
+                          1.2 + (3.3 + 0.25 * lines) * max(1, len(groups))))
     FigureCanvasAgg(fig)
     axes = fig.subplots(max(1, len(groups)), 3, squeeze=False,
                         gridspec_kw={"width_ratios": [1.5, 1, 1.1]})
@@ -984,8 +985,8 @@ def _figure(result):
             ax_r.text(x, v, "%.1f" % v, ha="center", va="bottom", fontsize=8)
         ax_r.axhline(24, color="#a50f15", lw=0.8, ls="--", label="24: a cold 4x4 2-D walk")
         ax_r.axhline(4, color="#636363", lw=0.8, ls=":", label="4: a cold 4-level walk")
-        ax_r.legend(fontsize=7, loc="upper left", frameon=False)
-        ax_r.set_ylim(0, max(30, max(rpw) * 1.15 if rpw else 30))
+        ax_r.legend(fontsize=7, loc="upper left", frameon=False, ncol=2)
+        ax_r.set_ylim(0, max(33, max(rpw) * 1.2 if rpw else 33))
         ax_r.set_ylabel("memory refs / walk")
         ax_r.set_title("refs per TLB-miss walk", fontsize=10, loc="left")
         # 3. exits per 1,000 accesses, stacked by reason
@@ -1001,11 +1002,11 @@ def _figure(result):
         etop = max(bottom) if bottom and max(bottom) > 0 else 1.0
         for x, v in zip(xs, bottom):
             ax_e.text(x, v + etop * 0.02, "%.1f" % v, ha="center", va="bottom", fontsize=8)
-        ax_e.set_ylim(0, etop * 1.25)
+        ax_e.set_ylim(0, etop * 1.45)
         ax_e.set_ylabel("exits / 1,000 accesses")
         ax_e.set_title("VM exits by reason", fontsize=10, loc="left")
         if any(bottom):
-            ax_e.legend(fontsize=7, loc="upper left", frameon=False)
+            ax_e.legend(fontsize=7, loc="upper left", frameon=False, ncol=4)
         for ax in (ax_c, ax_r, ax_e):
             ax.set_xticks(xs)
             ax.set_xticklabels(names, fontsize=8)
