@@ -162,24 +162,32 @@ class ContextSwitchWorkload:
 
     def run(self, kernel):
         """Run all slices; a WorkloadResult."""
-        if self.pids is None:
-            self.setup(kernel)
-        t0 = time.perf_counter()
-        done = faults = 0
-        pos = 0
-        L = self.slice_len
-        per = len(self.traces[0])
-        while done < self.total and pos < per:
-            for pid, tr in zip(self.pids, self.traces):
-                k = min(L, self.total - done, per - pos)
-                if k <= 0:
-                    break
-                faults += kernel.run(pid, tr[pos:pos + k])
-                done += k
-            pos += L
-        return WorkloadResult(accesses=done, faults=faults, seconds=time.perf_counter() - t0,
-                              kernel=_snapshot(kernel.stats),
-                              machine=_snapshot(kernel.machine.stats))
+        return _run_slices(self, kernel)
+
+
+def _run_slices(w, kernel):
+    """Run w.traces (one per process of w.pids, spawned by w.setup) in
+    round-robin slices of w.slice_len accesses until w.total have run."""
+    if w.pids is None:
+        w.setup(kernel)
+    t0 = time.perf_counter()
+    done = faults = pos = 0
+    L = w.slice_len
+    per = len(w.traces[0])
+    while done < w.total and pos < per:
+        for pid, tr in zip(w.pids, w.traces):
+            k = min(L, w.total - done, per - pos)
+            if k <= 0:
+                break
+            faults += kernel.run(pid, tr[pos:pos + k])
+            done += k
+        pos += L
+    return _result(kernel, t0, done, faults)
+
+
+def _result(kernel, t0, done, faults):
+    return WorkloadResult(accesses=done, faults=faults, seconds=time.perf_counter() - t0,
+                          kernel=_snapshot(kernel.stats), machine=_snapshot(kernel.machine.stats))
 
 
 class ForkWorkload:
@@ -267,11 +275,6 @@ class ForkWorkload:
         return WorkloadResult(accesses=done, faults=faults, seconds=time.perf_counter() - t0,
                               kernel=_snapshot(kernel.stats),
                               machine=_snapshot(kernel.machine.stats))
-
-
-def _result(kernel, t0, done, faults):
-    return WorkloadResult(accesses=done, faults=faults, seconds=time.perf_counter() - t0,
-                          kernel=_snapshot(kernel.stats), machine=_snapshot(kernel.machine.stats))
 
 
 def _positive(**values):
@@ -375,20 +378,7 @@ class TlbMissWorkload:
         self.pids = [kernel.spawn(self.layout) for _ in range(self.nproc)]
 
     def run(self, kernel):
-        if self.pids is None:
-            self.setup(kernel)
-        t0 = time.perf_counter()
-        done = faults = pos = 0
-        per = len(self.traces[0])
-        while done < self.total and pos < per:
-            for pid, tr in zip(self.pids, self.traces):
-                k = min(self.slice_len, self.total - done, per - pos)
-                if k <= 0:
-                    break
-                faults += kernel.run(pid, tr[pos:pos + k])
-                done += k
-            pos += self.slice_len
-        return _result(kernel, t0, done, faults)
+        return _run_slices(self, kernel)
 
 
 # ---------------------------------------------------------------------------
