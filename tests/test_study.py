@@ -322,6 +322,11 @@ def test_progress_only_when_asked(capsys):
 # ---------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------
+def _has(module):
+    import importlib.util
+    return importlib.util.find_spec(module) is not None
+
+
 def run_cli(*args):
     out, err = io.StringIO(), io.StringIO()
     old = sys.stdout, sys.stderr
@@ -337,15 +342,17 @@ def test_cli_study_writes_everything(tmp_path):
     cfg = tmp_path / "s.toml"
     cfg.write_text('[study]\nworkloads = ["mmap-churn"]\naccesses = 2000\n'
                    '[workload.mmap-churn]\nworking_set = 4\nround_accesses = 250\n')
+    plot = ["--plot", str(tmp_path / "r.png")] if _has("matplotlib") else []
     rc, out, err = run_cli("study", str(cfg), "--modes", "native,nested", "--jobs", "1",
                            "--json", str(tmp_path / "r.json"), "--csv", str(tmp_path / "r.csv"),
-                           "--plot", str(tmp_path / "r.png"))
+                           *plot)
     assert rc == 0 and err == ""        # stderr is no terminal here: no progress
     assert out.splitlines()[0].startswith("workload") and len(out.splitlines()) == 3
     rows = json.loads((tmp_path / "r.json").read_text())["rows"]
     assert [r["mode"] for r in rows] == ["native", "nested"]
     assert rows[0]["params"] == {"working_set": 4, "round_accesses": 250}
-    assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    if plot:
+        assert (tmp_path / "r.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # the command line overrides the file
     rc, out, _ = run_cli("study", str(cfg), "--modes", "shadow", "--accesses", "1000",
                          "--seed", "3", "--quiet", "--jobs", "1")
@@ -402,3 +409,79 @@ def test_cli_no_traceback_in_a_subprocess(tmp_path):
                        capture_output=True, text=True)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.count("\n") == 1 and "malformed TOML" in p.stderr
+
+
+@pytest.mark.parametrize("module, option, extra", [("matplotlib", "--plot", "plot"),
+                                                   ("distributed", "--scheduler", "dask")])
+def test_cli_missing_extra_is_one_line(monkeypatch, tmp_path, module, option, extra):
+    monkeypatch.setitem(sys.modules, module, None)       # import fails as if not installed
+    value = str(tmp_path / "x.png") if option == "--plot" else "tcp://127.0.0.1:1"
+    rc, out, err = run_cli("study", "--workload", "fork", "--accesses", "10", "--quiet",
+                           option, value)
+    assert rc == 1 and out == "" and err.count("\n") == 1
+    assert 'pip install "ptemu[%s]"' % extra in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_guest_levels_5_refused_while_the_kernel_is_4_level():
+    if study._kernel_takes_levels():
+        pytest.skip("the guest kernel takes levels now")
+    cfg = small_config(workloads=["fork"])
+    cfg["knobs"] = {"guest_levels": [5]}
+    with pytest.raises(StudyError, match="4-level paging only"):
+        load_config(cfg)
+
+
+def test_progress_on_a_terminal_and_not_with_quiet(tmp_path):
+    """tqdm on stderr when stderr is a terminal (a pty here); --quiet turns
+    it off; stdout carries the table either way."""
+    pytest.importorskip("tqdm")
+    import fcntl
+    import pty
+    import struct
+    import termios
+    for quiet in (False, True):
+        master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+        try:
+            p = subprocess.run([sys.executable, "-m", "ptemu.cli", "study", "--workload", "fork",
+                                "--modes", "native,nested", "--accesses", "2000", "--jobs", "1"]
+                               + (["--quiet"] if quiet else []),
+                               stdout=subprocess.PIPE, stderr=slave, timeout=120)
+        finally:
+            os.close(slave)
+        err = b""
+        while True:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:
+                break
+            if not chunk:
+                break
+            err += chunk
+        os.close(master)
+        assert p.returncode == 0 and p.stdout.decode().startswith("workload")
+        if quiet:
+            assert err == b""
+        else:
+            assert b"study" in err and b"2/2" in err
+
+
+def test_trace_workload_runs_when_there(tmp_path):
+    """trace:PATH through the study, once ptemu.workloads.TraceWorkload exists
+    (the traces issue): every mode replays the same records and the guest
+    sees the same faults."""
+    import ptemu.workloads as wl
+    if not hasattr(wl, "TraceWorkload"):
+        pytest.skip("ptemu.workloads.TraceWorkload is not merged yet")
+    rng = np.random.default_rng(5)
+    t = np.zeros(3000, dtype=wl.TRACE_DTYPE)
+    t["va"] = 0x10000000 + rng.integers(0, 64, 3000).astype(np.uint64) * 4096
+    t["access"] = rng.integers(0, 2, 3000)
+    t["user"] = True
+    wl.write_trace(tmp_path / "t.npz", t)
+    res = run_study({"study": {"workloads": ["trace:%s" % (tmp_path / "t.npz")],
+                               "accesses": 3000, "modes": ["native", "shadow", "nested"]}},
+                    jobs=1, progress=False)
+    assert [r["accesses"] for r in res.rows] == [3000] * 3
+    assert len({r["guest_page_faults"] for r in res.rows}) == 1
