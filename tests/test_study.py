@@ -368,6 +368,8 @@ def test_cli_study_writes_everything(tmp_path):
     (["--jobs", "0"], "--jobs must be at least 1"),
     (["--scheduler", "localhost:1"], "not of the form tcp://HOST:PORT"),
     (["/nonexistent/study.toml"], "no such file"),
+    (["--json", "/nonexistent/dir/r.json"], "no directory"),
+    (["--csv", "/"], "is a directory"),
 ])
 def test_cli_bad_input(args, msg):
     rc, out, err = run_cli("study", "--quiet", *args)
@@ -485,3 +487,25 @@ def test_trace_workload_runs_when_there(tmp_path):
                     jobs=1, progress=False)
     assert [r["accesses"] for r in res.rows] == [3000] * 3
     assert len({r["guest_page_faults"] for r in res.rows}) == 1
+
+
+def test_example_cost_model_is_the_default():
+    here = os.path.join(os.path.dirname(__file__), "..", "examples", "study-costs.toml")
+    assert CostModel.load(here).to_dict() == study.DEFAULT_COSTS
+    knobs = os.path.join(os.path.dirname(__file__), "..", "examples", "study-knobs.toml")
+    cfg = load_config(knobs)
+    assert cfg.ept_levels == [4, 5] and cfg.tlbs == ["default", "nopsc"]
+
+
+def _die(cell, progress=False):
+    os._exit(3)
+
+
+def test_a_dead_worker_is_one_error(monkeypatch):
+    import multiprocessing
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("needs forked workers to inherit the patched run_cell")
+    monkeypatch.setattr(study, "run_cell", _die)
+    with pytest.raises(study.StudyRunError, match="worker process died"):
+        run_study(small_config(workloads=["fork"], modes=["native", "nested"]), jobs=2,
+                  progress=False)

@@ -284,6 +284,15 @@ def _cmd_study(args, out):
             study.require("matplotlib", "plot", "--plot")
         if args.scheduler:
             study.require("distributed", "dask", "--scheduler")
+        for opt, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+            # Refused before the study runs, not after.
+            d = os.path.dirname(os.path.abspath(path)) if path else None
+            if d and not os.path.isdir(d):
+                raise study.StudyError("%s %s: no directory %s" % (opt, path, d))
+            if d and not os.access(d, os.W_OK):
+                raise study.StudyError("%s %s: directory %s is not writable" % (opt, path, d))
+            if path and os.path.isdir(path):
+                raise study.StudyError("%s %s: is a directory" % (opt, path))
         modes = None
         if args.modes is not None:
             modes = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -85,6 +85,11 @@ class StudyError(InvalidInput):
     command prints it as one line and exits with status 2."""
 
 
+class StudyRunError(PtemuError):
+    """A worker process or a Dask worker died or failed outside ptemu (the
+    command prints it as one line, exit status 1)."""
+
+
 class MissingExtra(PtemuError):
     """An optional dependency is not installed; the message names the pip
     install that brings it."""
@@ -696,12 +701,15 @@ def _run_serial(cells, bar, show):
 def _run_local(cells, jobs, bar):
     from concurrent.futures import ProcessPoolExecutor, as_completed
     out = [None] * len(cells)
+    from concurrent.futures.process import BrokenProcessPool
     with ProcessPoolExecutor(max_workers=min(jobs, len(cells))) as pool:
         futs = {pool.submit(run_cell, cell): i for i, cell in enumerate(cells)}
         try:
             for fut in as_completed(futs):
                 out[futs[fut]] = fut.result()
                 bar.update(1)
+        except BrokenProcessPool as exc:
+            raise StudyRunError("a study worker process died (%s)" % (exc,)) from None
         except BaseException:
             for f in futs:
                 f.cancel()
@@ -722,7 +730,13 @@ def _run_dask(cells, address, bar):
         index = {f.key: i for i, f in enumerate(futs)}
         out = [None] * len(cells)
         for fut in distributed.as_completed(futs):
-            out[index[fut.key]] = fut.result()
+            try:
+                out[index[fut.key]] = fut.result()
+            except (PtemuError, KeyboardInterrupt):
+                raise
+            except Exception as exc:     # a worker lost, a cell that cannot travel, ...
+                raise StudyRunError("a Dask worker failed on a cell: %s: %s"
+                                    % (type(exc).__name__, exc)) from None
             bar.update(1)
         return out
     finally:
