@@ -12,6 +12,11 @@
     ptemu trace record -o OUT [--max N] -- CMD [ARGS...]
                                        record CMD's memory accesses (Valgrind lackey)
     ptemu trace info FILE              a trace file's counts, pages, footprint, command
+    ptemu study [CONFIG.toml] [--workload W ...] [--modes native,shadow,...]
+                [--accesses N] [--seed S] [--cost-model F] [--json F] [--csv F]
+                [--plot F.png] [--jobs N] [--scheduler tcp://HOST:PORT] [--quiet]
+                                       the same workloads under every paging mode,
+                                       side by side (docs/study.md)
 
 IMAGE is a raw physical-memory image, a QEMU `dump-guest-memory` ELF core or
 a LiME file (ptemu.images.open_image), opened read-only: the walks write no
@@ -125,6 +130,7 @@ def _build_parser():
     i.add_argument("--json", action="store_true", help="JSON instead of text")
     i.set_defaults(func=_cmd_info)
     _add_trace_commands(sub)
+    _add_study_parser(sub)
     return p
 
 
@@ -594,6 +600,82 @@ def _cmd_trace_info(args, out):
     return 0
 
 
+# -- ptemu study ------------------------------------------------------------------
+
+def _study_count(text):
+    try:
+        value = int(text, 0)
+    except ValueError:
+        raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("%r: a count must not be negative" % text)
+    return value
+
+
+def _add_study_parser(sub):
+    s = sub.add_parser("study", help="the same workloads under native, shadow, unsync, "
+                                     "paravirtual and nested paging, side by side")
+    s.add_argument("config", metavar="CONFIG.toml", nargs="?",
+                   help="the grid: workloads x modes x knobs x seeds (docs/study.md)")
+    s.add_argument("--workload", action="append", metavar="W",
+                   help="context-switch, fork, mmap-churn, tlb-miss or trace:PATH "
+                        "(repeat for more; default: the config's, else the four built-in)")
+    s.add_argument("--modes", metavar="M,M,...",
+                   help="comma-separated, of native,shadow,unsync,paravirt,nested "
+                        "(default: all)")
+    s.add_argument("--accesses", type=_study_count, metavar="N",
+                   help="guest accesses per cell (default: the config's, else 100000)")
+    s.add_argument("--seed", type=_study_count, metavar="S", help="one seed for every cell")
+    s.add_argument("--cost-model", metavar="F.toml", help="cost-model overrides (TOML)")
+    s.add_argument("--json", metavar="F", help="write the whole result as JSON")
+    s.add_argument("--csv", metavar="F", help="write the rows as CSV")
+    s.add_argument("--plot", metavar="F.png", help='write the figure (pip install "ptemu[plot]")')
+    s.add_argument("--jobs", type=_study_count, metavar="N",
+                   help="local worker processes (default: all cores)")
+    s.add_argument("--scheduler", metavar="tcp://HOST:PORT",
+                   help='run the cells on a Dask cluster (pip install "ptemu[dask]")')
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=_cmd_study)
+
+
+def _cmd_study(args, out):
+    from ptemu import study
+    try:
+        if args.jobs is not None and args.jobs < 1:
+            raise study.StudyError("--jobs must be at least 1")
+        if args.plot:
+            study.require("matplotlib", "plot", "--plot")
+        if args.scheduler:
+            study.require("distributed", "dask", "--scheduler")
+        for opt, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
+            # Refused before the study runs, not after.
+            d = os.path.dirname(os.path.abspath(path)) if path else None
+            if d and not os.path.isdir(d):
+                raise study.StudyError("%s %s: no directory %s" % (opt, path, d))
+            if d and not os.access(d, os.W_OK):
+                raise study.StudyError("%s %s: directory %s is not writable" % (opt, path, d))
+            if path and os.path.isdir(path):
+                raise study.StudyError("%s %s: is a directory" % (opt, path))
+        modes = None
+        if args.modes is not None:
+            modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+            if not modes:
+                raise study.StudyError("--modes names no mode")
+        result = study.run_study(args.config, workloads=args.workload, modes=modes,
+                                 accesses=args.accesses, seed=args.seed,
+                                 cost_model=args.cost_model, jobs=args.jobs,
+                                 scheduler=args.scheduler,
+                                 progress=False if args.quiet else None)
+    except InvalidInput as exc:
+        raise _Usage(str(exc)) from None
+    out.write(result.table())
+    for path, write in ((args.json, result.to_json), (args.csv, result.to_csv),
+                        (args.plot, result.plot)):
+        if path:
+            write(path)
+    return 0
+
+
 def _error(message):
     message = " ".join(str(message).split())   # one line, whatever the message
     sys.stderr.write("ptemu: error: %s\n" % message)
@@ -612,9 +694,11 @@ def main(argv=None):
     out = sys.stdout
     try:
         return args.func(args, out)
-    except (_Usage, PtemuError) as exc:     # bad input: ImageError, InvalidInput
+    except (_Usage, PtemuError) as exc:
+        # Bad input (ImageError, InvalidInput) is status 2; an error that is
+        # not the input's fault (a missing extra, a dead worker) says its own.
         _error(exc)
-        return 2
+        return getattr(exc, "exit_status", 2)
     except OSError as exc:
         if isinstance(exc, BrokenPipeError):
             return _broken_pipe()

@@ -17,7 +17,19 @@ generator:
   sometimes unmaps part of it or execs into a fresh image, exits and is
   reaped; the parent then writes its heap again (COW reuse faults).
 
-Both report guest accesses, faults and the kernel's and machine's counters.
+* `MmapChurnWorkload`: processes that mmap a small region, touch it
+  (demand faults), run on it and munmap it again, round after round at the
+  same address: page-table updates and INVLPGs (munmap invalidates every
+  present page of the region) in every round.
+* `TlbMissWorkload`: a working set larger than the TLB's reach, touched at
+  random with no locality; after the first touch of each page there are no
+  page-table updates at all, so the cost is the walks.
+
+All report guest accesses, faults and the kernel's and machine's counters.
+`WORKLOADS` names them for the study (``context-switch``, ``fork``,
+``mmap-churn``, ``tlb-miss``; ``trace:PATH`` is a recorded trace) and
+`make_workload(name, accesses=, seed=, processes=, working_set=, ...)`
+builds one by name with checked parameters.
 
 Recorded programs and trace files (ptemu.traces, re-exported here):
 `TraceWorkload` replays real programs' traces through the guest kernel;
@@ -25,6 +37,8 @@ Recorded programs and trace files (ptemu.traces, re-exported here):
 format (ptemu's compressed trace files, .npy, .npz, text and lackey logs),
 whole or streamed; `write_trace` writes one.
 """
+import inspect
+import numbers
 import time
 
 import numpy as np
@@ -32,8 +46,10 @@ import numpy as np
 from ptemu._native import InvalidInput
 from ptemu.mmu import TRACE_DTYPE
 
-__all__ = ["synth_trace", "ContextSwitchWorkload", "ForkWorkload", "read_trace",
-           "iter_trace", "write_trace", "TraceWorkload", "WorkloadResult"]
+__all__ = ["synth_trace", "ContextSwitchWorkload", "ForkWorkload", "MmapChurnWorkload",
+           "TlbMissWorkload", "read_trace", "iter_trace", "write_trace", "TraceWorkload",
+           "WorkloadResult", "WORKLOADS", "make_workload", "check_workload",
+           "parse_workload_name", "guest_memory_hint"]
 
 PAGE = 4096
 ACC_READ, ACC_WRITE, ACC_FETCH = 0, 1, 2
@@ -147,24 +163,32 @@ class ContextSwitchWorkload:
 
     def run(self, kernel):
         """Run all slices; a WorkloadResult."""
-        if self.pids is None:
-            self.setup(kernel)
-        t0 = time.perf_counter()
-        done = faults = 0
-        pos = 0
-        L = self.slice_len
-        per = len(self.traces[0])
-        while done < self.total and pos < per:
-            for pid, tr in zip(self.pids, self.traces):
-                k = min(L, self.total - done, per - pos)
-                if k <= 0:
-                    break
-                faults += kernel.run(pid, tr[pos:pos + k])
-                done += k
-            pos += L
-        return WorkloadResult(accesses=done, faults=faults, seconds=time.perf_counter() - t0,
-                              kernel=_snapshot(kernel.stats),
-                              machine=_snapshot(kernel.machine.stats))
+        return _run_slices(self, kernel)
+
+
+def _run_slices(w, kernel):
+    """Run w.traces (one per process of w.pids, spawned by w.setup) in
+    round-robin slices of w.slice_len accesses until w.total have run."""
+    if w.pids is None:
+        w.setup(kernel)
+    t0 = time.perf_counter()
+    done = faults = pos = 0
+    L = w.slice_len
+    per = len(w.traces[0])
+    while done < w.total and pos < per:
+        for pid, tr in zip(w.pids, w.traces):
+            k = min(L, w.total - done, per - pos)
+            if k <= 0:
+                break
+            faults += kernel.run(pid, tr[pos:pos + k])
+            done += k
+        pos += L
+    return _result(kernel, t0, done, faults)
+
+
+def _result(kernel, t0, done, faults):
+    return WorkloadResult(accesses=done, faults=faults, seconds=time.perf_counter() - t0,
+                          kernel=_snapshot(kernel.stats), machine=_snapshot(kernel.machine.stats))
 
 
 class ForkWorkload:
@@ -252,6 +276,239 @@ class ForkWorkload:
         return WorkloadResult(accesses=done, faults=faults, seconds=time.perf_counter() - t0,
                               kernel=_snapshot(kernel.stats),
                               machine=_snapshot(kernel.machine.stats))
+
+
+def _positive(**values):
+    for name, v in values.items():
+        if not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1:
+            raise InvalidInput("%s must be a positive integer, not %r" % (name, v))
+
+
+class MmapChurnWorkload:
+    """nproc processes take turns; in each round one of them mmaps
+    region_pages pages at the same address (MMAP_AT), runs round_accesses
+    accesses on them (and on its stack and text), and munmaps them: the
+    first touch of each page is a demand fault (a page-table write), and
+    munmap clears every entry and INVLPGs each present page (Linux flushes
+    page by page up to 33 pages, the kernel's flush_ceiling).  `total`
+    accesses in all.
+    """
+
+    TEXT = 0x400000
+    MMAP_AT = 0x7f0000000000
+    STACK_TOP = 0x7ffffff00000
+
+    def __init__(self, total=1_000_000, nproc=2, region_pages=16, round_accesses=2_000,
+                 write_frac=0.4, seed=0):
+        _positive(total=total, nproc=nproc, region_pages=region_pages,
+                  round_accesses=round_accesses)
+        self.total, self.nproc, self.region_pages = int(total), nproc, region_pages
+        stack_pages = text_pages = 8
+        self.layout = ((self.TEXT, text_pages * PAGE, "rx"),
+                       (self.STACK_TOP - stack_pages * PAGE, stack_pages * PAGE, "rw"))
+        code = _pages(self.TEXT, text_pages)
+        region = _pages(self.MMAP_AT, region_pages)
+        data = np.concatenate([region, _pages(self.STACK_TOP - stack_pages * PAGE, stack_pages)])
+        rng = np.random.default_rng(seed)
+        self.rounds = []
+        done = 0
+        while done < self.total:
+            k = min(round_accesses, self.total - done)
+            self.rounds.append(synth_trace(rng, k, code, data, region, fetch_frac=0.2,
+                                           write_frac=write_frac, hot_prob=0.8))
+            done += k
+        self.guest_memory_bytes = (nproc * (16 + region_pages) * PAGE) + (32 << 20)
+        self.pids = None
+
+    def setup(self, kernel):
+        self.pids = [kernel.spawn(self.layout) for _ in range(self.nproc)]
+
+    def run(self, kernel):
+        if self.pids is None:
+            self.setup(kernel)
+        t0 = time.perf_counter()
+        done = faults = 0
+        length = self.region_pages * PAGE
+        for i, tr in enumerate(self.rounds):
+            pid = self.pids[i % self.nproc]
+            addr = kernel.mmap(pid, length, "rw", addr=self.MMAP_AT)
+            faults += kernel.run(pid, tr)
+            kernel.munmap(pid, addr, length)
+            done += len(tr)
+        return _result(kernel, t0, done, faults)
+
+
+class TlbMissWorkload:
+    """nproc processes, each with a heap of working_set pages touched at
+    random (every access on a uniformly chosen page: no spatial or temporal
+    locality), in round-robin slices of slice_len accesses, `total` accesses
+    in all.  Each process first writes every heap page once (its only
+    demand faults); after that the page tables do not change.
+    """
+
+    TEXT = 0x400000
+    HEAP = 0x10000000
+    STACK_TOP = 0x7ffffff00000
+
+    def __init__(self, total=1_000_000, nproc=1, working_set=8192, slice_len=50_000,
+                 write_frac=0.3, seed=0):
+        _positive(total=total, nproc=nproc, working_set=working_set, slice_len=slice_len)
+        self.total, self.nproc, self.slice_len = int(total), nproc, slice_len
+        text_pages, stack_pages = 4, 4
+        self.layout = ((self.TEXT, text_pages * PAGE, "rx"),
+                       (self.HEAP, working_set * PAGE, "rw"),
+                       (self.STACK_TOP - stack_pages * PAGE, stack_pages * PAGE, "rw"))
+        code = _pages(self.TEXT, text_pages)
+        heap = _pages(self.HEAP, working_set)
+        root = np.random.default_rng(seed)
+        per = -(-self.total // nproc)
+        self.traces = []
+        for _ in range(nproc):
+            rng = np.random.default_rng(root.integers(1 << 63))
+            first = np.zeros(min(working_set, per), dtype=TRACE_DTYPE)
+            first["va"] = heap[:len(first)]
+            first["access"] = ACC_WRITE
+            first["user"] = True
+            rest = synth_trace(rng, per - len(first), code, heap, fetch_frac=0.02,
+                               write_frac=write_frac, mean_run=1, hot_prob=0.0)
+            self.traces.append(np.concatenate([first, rest]))
+        self.guest_memory_bytes = nproc * (working_set + 64) * PAGE + (32 << 20)
+        self.pids = None
+
+    def setup(self, kernel):
+        self.pids = [kernel.spawn(self.layout) for _ in range(self.nproc)]
+
+    def run(self, kernel):
+        return _run_slices(self, kernel)
+
+
+# ---------------------------------------------------------------------------
+# The registry: workloads by name, for `ptemu study`
+# ---------------------------------------------------------------------------
+#: name -> (class, {study parameter: constructor argument}).  The study
+#: parameters every workload understands where it has the notion: accesses,
+#: processes, working_set (pages), seed; any other constructor argument may
+#: be given by its own name.
+WORKLOADS = {
+    "context-switch": (ContextSwitchWorkload, {"accesses": "total", "processes": "nproc",
+                                               "working_set": "heap_pages", "seed": "seed"}),
+    "fork": (ForkWorkload, {"accesses": "total", "working_set": "heap_pages", "seed": "seed"}),
+    "mmap-churn": (MmapChurnWorkload, {"accesses": "total", "processes": "nproc",
+                                       "working_set": "region_pages", "seed": "seed"}),
+    "tlb-miss": (TlbMissWorkload, {"accesses": "total", "processes": "nproc",
+                                   "working_set": "working_set", "seed": "seed"}),
+}
+TRACE_PREFIX = "trace:"
+
+
+def parse_workload_name(name):
+    """("builtin", name) or ("trace", path) for a study workload name; InvalidInput
+    for anything else."""
+    if not isinstance(name, str) or not name:
+        raise InvalidInput("a workload name must be a non-empty string, not %r" % (name,))
+    if name.startswith(TRACE_PREFIX):
+        path = name[len(TRACE_PREFIX):]
+        if not path:
+            raise InvalidInput("workload %r: trace: needs a path (trace:PATH)" % name)
+        return "trace", path
+    if name not in WORKLOADS:
+        raise InvalidInput("unknown workload %r (known: %s, trace:PATH)"
+                           % (name, ", ".join(WORKLOADS)))
+    return "builtin", name
+
+
+def _trace_class():
+    cls = globals().get("TraceWorkload")
+    if cls is None:
+        try:                                   # the traces module, once it exists
+            from ptemu.traces import TraceWorkload as cls    # noqa: F811
+        except ImportError:
+            cls = None
+    if cls is None:
+        raise InvalidInput("trace workloads need ptemu.workloads.TraceWorkload, which this "
+                           "ptemu does not have yet (the traces issue)")
+    return cls
+
+
+def _signature(cls):
+    params = inspect.signature(cls.__init__).parameters
+    return {k: p.default for k, p in params.items()
+            if k != "self" and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def _kwargs(name, params):
+    """(class, constructor kwargs, positional args) for workload `name` with
+    study parameters `params`, every name and value checked."""
+    kind, what = parse_workload_name(name)
+    if kind == "trace":
+        cls = _trace_class()
+        accepted = _signature(cls)
+        generic = {"accesses": next((a for a in ("total", "accesses", "max_accesses", "limit")
+                                     if a in accepted), None),
+                   "seed": "seed" if "seed" in accepted else None,
+                   "processes": "nproc" if "nproc" in accepted else None}
+        args = (what,)
+    else:
+        cls, generic = WORKLOADS[what]
+        accepted = _signature(cls)
+        args = ()
+    kwargs = {}
+    for key, value in params.items():
+        if value is None:
+            continue
+        target = generic.get(key, key if key in accepted and key not in generic.values()
+                             else None)
+        if target is None:
+            if key in generic:
+                continue            # a study parameter this workload has no notion of
+            known = sorted(set(k for k, v in generic.items() if v) |
+                           (set(accepted) - set(generic.values())))
+            raise InvalidInput("workload %s: unknown parameter %r (known: %s)"
+                               % (name, key, ", ".join(known)))
+        default = accepted.get(target)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            if not (isinstance(default, bool) and isinstance(value, bool)):
+                raise InvalidInput("workload %s: parameter %s must be a number, not %r"
+                                   % (name, key, value))
+        elif value < 0:
+            raise InvalidInput("workload %s: parameter %s must not be negative (%r)"
+                               % (name, key, value))
+        elif isinstance(default, numbers.Integral) and not isinstance(default, bool) \
+                and value != int(value):
+            raise InvalidInput("workload %s: parameter %s must be an integer, not %r"
+                               % (name, key, value))
+        elif isinstance(default, numbers.Integral) and not isinstance(default, bool):
+            value = int(value)
+        kwargs[target] = value
+    return cls, args, kwargs
+
+
+def check_workload(name, **params):
+    """Check a workload name and its parameters without building it (no trace
+    is generated); InvalidInput names the first problem."""
+    _kwargs(name, params)
+
+
+def make_workload(name, **params):
+    """The workload `name` (a WORKLOADS key or trace:PATH) built with study
+    parameters (accesses, processes, working_set, seed) and any constructor
+    argument by its own name; every name and value is checked first."""
+    cls, args, kwargs = _kwargs(name, params)
+    return cls(*args, **kwargs)
+
+
+def guest_memory_hint(workload, floor=64 << 20):
+    """Guest-physical bytes a machine should have for `workload`: its own
+    `guest_memory_bytes` when it says, else what its layout needs (every
+    process's whole layout, twice over for copy-on-write), at least `floor`;
+    rounded up to 2 MiB."""
+    need = getattr(workload, "guest_memory_bytes", None)
+    if need is None:
+        layout = getattr(workload, "layout", ())
+        per = sum(length for _, length, _ in layout) if layout else 0
+        need = 2 * per * getattr(workload, "nproc", 1) + (32 << 20)
+    need = max(int(need), floor)
+    return -(-need // (2 << 20)) * (2 << 20)
 
 
 # ---------------------------------------------------------------------------
