@@ -352,3 +352,100 @@ uint64_t ptemu_tlb_count_valid(const ptemu_tlb *tlb, int arr);
 /* Bounds-checked physical accessors (also used by Python for tests). */
 int ptemu_mem_load64(const ptemu_mem *mem, uint64_t pa, uint64_t *value);
 int ptemu_mem_store64(ptemu_mem *mem, uint64_t pa, uint64_t value);
+
+/* ---- Unicorn link (csrc/ucfill.c) ------------------------------------------ */
+/* ptemu answers the TLB fills of a Unicorn 2.1 x86-64 engine in virtual-TLB
+ * mode (UC_TLB_VIRTUAL + UC_HOOK_TLB_FILL).  ptemu builds without Unicorn:
+ * the few layouts the callbacks touch are declared here, each naming the
+ * Unicorn header it mirrors, and the uc_* functions they call are found at
+ * run time in the loaded libunicorn (ctypes) and passed in as pointers. */
+
+/* struct uc_tlb_entry (include/unicorn/unicorn.h): perms is a uc_prot enum. */
+typedef struct ptemu_uc_tlb_entry {
+    uint64_t paddr;
+    int      perms;
+} ptemu_uc_tlb_entry;
+
+/* uc_x86_msr (include/unicorn/x86.h), for reading EFER with uc_reg_read_batch. */
+typedef struct ptemu_uc_msr {
+    uint32_t rid;
+    uint64_t value;
+} ptemu_uc_msr;
+
+/* uc_mem_type (unicorn.h) of a fill, and uc_prot bits of its answer. */
+#define PTEMU_UC_MEM_READ   16
+#define PTEMU_UC_MEM_WRITE  17
+#define PTEMU_UC_MEM_FETCH  18
+#define PTEMU_UC_PROT_READ  1
+#define PTEMU_UC_PROT_WRITE 2
+#define PTEMU_UC_PROT_EXEC  4
+
+/* Where a refused page is sent while the faulting instruction is re-run to
+ * learn CR2's offset: 2^52, above any MAXPHYADDR, so no entry can map there. */
+#define PTEMU_UC_TRAP_PA    0x0010000000000000
+
+/* The registers read at each fill, in ptemu_uc_link.regs order. */
+#define PTEMU_UC_R_CR0      0
+#define PTEMU_UC_R_CR3      1
+#define PTEMU_UC_R_CR4      2
+#define PTEMU_UC_R_CS       3
+#define PTEMU_UC_R_RFLAGS   4
+#define PTEMU_UC_R_RIP      5
+#define PTEMU_UC_R_EFER     6     /* UC_X86_REG_MSR with rid 0xc0000080 */
+#define PTEMU_UC_NREGS      7
+#define PTEMU_MSR_EFER      0xc0000080
+
+/* ptemu_uc_link.state */
+#define PTEMU_UC_RUN        0     /* fills are answered */
+#define PTEMU_UC_FAULTED    1     /* a fill was refused: fault, fault_page, fault_access */
+#define PTEMU_UC_PROBE      2     /* re-running the faulting instruction (see ucfill.c) */
+#define PTEMU_UC_PROBED     3     /* the probe saw the access: probe_pa holds it */
+
+/* ptemu_uc_link.events: what the fills found changed in the engine's CPU state */
+#define PTEMU_UC_EV_CR0     0
+#define PTEMU_UC_EV_CR3     1
+#define PTEMU_UC_EV_CR4     2
+#define PTEMU_UC_EV_EFER    3
+#define PTEMU_UC_NEVENTS    4
+
+typedef struct ptemu_uc_link {
+    void *uc;                 /* uc_engine * */
+    void *reg_read_batch;     /* uc_reg_read_batch(uc, int const *regs, void **vals, int n) */
+    void *ctl;                /* uc_ctl(uc, int control, ...) */
+    int   ctl_tlb_flush;      /* UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0) */
+    int   regs[7];            /* Unicorn register ids, PTEMU_UC_R_* order */
+    ptemu_cpu *cpu;           /* the Mmu's CpuState, kept equal to the engine's */
+    ptemu_mem *mem;
+    ptemu_tlb *tlb;           /* NULL: no TLB */
+    void *ctx;                /* ptemu_uc_ctx_size() bytes owned by Python */
+    uint32_t ctx_valid;       /* ctx derived from *cpu; 0 after any change */
+    uint32_t state;           /* PTEMU_UC_* */
+    uint64_t seen[4];         /* CR0, CR3 (as the engine holds it), CR4, EFER at the last fill */
+    uint64_t seen_rip;        /* RIP at the last fill */
+    /* The refused access (state FAULTED): its page, kind and the fault. */
+    uint64_t fault_page;
+    uint32_t fault_access;    /* PTEMU_ACC_* */
+    uint32_t fault_exact;     /* 1: fault.cr2 is final (fetch, #GP); 0: offset still unknown */
+    ptemu_fault fault;
+    uint64_t probe_pa;        /* PTEMU_UC_PROBED: the trap address the access used */
+    /* Counters. */
+    uint64_t fills;
+    uint64_t fills_by_access[3];
+    uint64_t faults;
+    uint64_t uc_flushes;      /* flushes of Unicorn's TLB asked for by ptemu */
+    uint64_t events[4];       /* PTEMU_UC_EV_*: state changes applied to ptemu's TLB */
+} ptemu_uc_link;
+
+/* The size of the walk context a link keeps (link->ctx). */
+uint64_t ptemu_uc_ctx_size(void);
+/* uc_cb_tlbevent_t: the UC_HOOK_TLB_FILL callback; user_data is the link. */
+_Bool ptemu_uc_tlb_fill(void *uc, uint64_t vaddr, int type, ptemu_uc_tlb_entry *result,
+                        void *user_data);
+/* uc_cb_eventmem_t over the trap page: records the probed access. */
+_Bool ptemu_uc_trap(void *uc, int type, uint64_t address, int size, int64_t value,
+                    void *user_data);
+/* Read the engine's CPU state into link->cpu, applying to ptemu's TLB the
+ * SDM 4.10.4.1 effect of every change since the last call. */
+int ptemu_uc_sync(ptemu_uc_link *link);
+/* Flush all of Unicorn's TLB (uc_ctl UC_CTL_TLB_FLUSH), counted in uc_flushes. */
+void ptemu_uc_flush(ptemu_uc_link *link);

@@ -1,0 +1,297 @@
+"""ptemu as the MMU of a Unicorn x86-64 engine (docs/unicorn.md).
+
+`attach(uc, mmu)` puts the engine in virtual-TLB mode and answers each of
+its TLB fills with ptemu's translation of that access, in C
+(csrc/ucfill.c, registered with uc_hook_add as a C function pointer):
+page walks, ptemu's TLB and paging-structure caches, A/D bits, #PF error
+codes.  The PhysicalMemory buffer is the engine's physical memory, mapped
+with mem_map_ptr at physical 0: one memory, no copy.  Python is entered
+only when ptemu refuses an access: emulation stops on the faulting
+instruction, `link.fault` holds the PageFault or GeneralProtection, and
+`link.resume()` continues once the caller fixed things.
+
+Needs Unicorn 2.1 (`pip install "ptemu[unicorn]"`).
+"""
+import ctypes
+import weakref
+
+from ptemu import bits
+from ptemu._native import ffi, lib, InvalidInput, GeneralProtection, fault_from_c
+from ptemu.memory import PhysicalMemory
+from ptemu.mmu import Mmu
+
+__all__ = ["attach", "UnicornLink", "MISSING"]
+
+MISSING = 'ptemu.unicorn needs Unicorn 2.1 or later: pip install "ptemu[unicorn]"'
+
+try:
+    import unicorn as _unicorn
+    from unicorn import x86_const as _x86
+    from unicorn import unicorn_const as _ucc
+    from unicorn.unicorn_py3.unicorn import uclib as _uclib
+except ImportError:  # pragma: no cover - exercised only without the extra
+    _unicorn = None
+
+# The engines attached, so that a second attach is refused and the link (whose
+# C struct the engine's hooks point at) lives as long as the engine.
+_LINKS = weakref.WeakKeyDictionary()
+
+_REG_ORDER = ("CR0", "CR3", "CR4", "CS", "RFLAGS", "RIP", "MSR")
+
+
+def _require():
+    if _unicorn is None:
+        raise ImportError(MISSING)
+    major, minor = (int(x) for x in _unicorn.__version__.split(".")[:2])
+    if (major, minor) < (2, 1):
+        raise ImportError("%s (found Unicorn %s)" % (MISSING, _unicorn.__version__))
+
+
+def _fn_address(name):
+    return ctypes.cast(getattr(_uclib, name), ctypes.c_void_p).value
+
+
+def _c_address(cfunc):
+    return int(ffi.cast("uintptr_t", cfunc))
+
+
+# uc_hook_add with a C callback: the callback and user data are raw pointers,
+# begin/end bound the hook (uc_hook_add's own prototype in the binding).
+def _hook_add(uc, kind, cfunc, user_data, begin, end):
+    h = ctypes.c_size_t()
+    err = _uclib.uc_hook_add(uc._uch, ctypes.byref(h), kind, ctypes.c_void_p(_c_address(cfunc)),
+                             ctypes.c_void_p(user_data), ctypes.c_uint64(begin),
+                             ctypes.c_uint64(end))
+    if err:
+        raise _unicorn.UcError(err)
+    return h.value
+
+
+def attach(uc, mmu):
+    """Answer the TLB fills of the x86-64 engine `uc` with `mmu` -> UnicornLink.
+
+    mmu.memory is mapped into the engine at physical address 0 (no copy);
+    the engine's CR0, CR3, CR4, EFER, CPL (CS bits 1:0) and RFLAGS.AC are
+    read at every fill and become mmu.cpu.  Refused (ptemu.InvalidInput):
+    an engine that is not x86-64, memory already mapped where physical
+    memory goes, a memory too large for the engine, a second attach.
+    """
+    _require()
+    return UnicornLink(uc, mmu)
+
+
+class UnicornLink:
+    """The link between one Unicorn engine and one Mmu (see attach)."""
+
+    def __init__(self, uc, mmu):
+        if not isinstance(uc, _unicorn.Uc):
+            raise InvalidInput("attach needs a unicorn.Uc engine, not %s" % type(uc).__name__)
+        if not isinstance(mmu, Mmu):
+            raise InvalidInput("attach needs a ptemu.Mmu, not %s" % type(mmu).__name__)
+        if uc in _LINKS:
+            raise InvalidInput("this engine is already attached to a ptemu Mmu")
+        if uc.ctl_get_arch() != _ucc.UC_ARCH_X86 or uc.ctl_get_mode() != _ucc.UC_MODE_64:
+            raise InvalidInput("ptemu is the MMU of an x86-64 engine (UC_ARCH_X86, UC_MODE_64); "
+                               "this one is arch %d mode %d" % (uc.ctl_get_arch(),
+                                                               uc.ctl_get_mode()))
+        mem = mmu.memory
+        if mem.frames is not None or mem.ept is not None:
+            raise InvalidInput("the engine's physical memory must be a plain PhysicalMemory "
+                               "(not a frame view or guest memory behind an EPT)")
+        size = mem.size
+        if size % 4096:
+            raise InvalidInput("physical memory of %#x bytes is not a whole number of 4 KiB "
+                               "pages (Unicorn maps pages)" % size)
+        limit = min(1 << mmu.cpu.maxphyaddr, lib.PTEMU_UC_TRAP_PA)
+        if size > limit:
+            raise InvalidInput("physical memory of %#x bytes is too large for the engine: "
+                               "physical addresses end at %#x" % (size, limit))
+        trap = lib.PTEMU_UC_TRAP_PA
+        for begin, end, _perms in uc.mem_regions():      # end is inclusive
+            if begin < size:
+                raise InvalidInput(
+                    "the engine already has memory at physical %#x-%#x, where ptemu's "
+                    "physical memory (0-%#x) must go" % (begin, end, size - 1))
+            if begin <= trap + 0xfff and end >= trap:
+                raise InvalidInput("the engine has memory at physical %#x-%#x, over ptemu's "
+                                   "trap page %#x" % (begin, end, trap))
+        self.uc = uc
+        self.mmu = mmu
+        self._until = None
+        self._count = 0
+        self._timeout = 0
+        self._fault = None
+
+        c = ffi.new("ptemu_uc_link *")
+        self._ctx = ffi.new("uint8_t[]", lib.ptemu_uc_ctx_size())
+        c.uc = ffi.cast("void *", uc._uch.value)
+        c.reg_read_batch = ffi.cast("void *", _fn_address("uc_reg_read_batch"))
+        c.ctl = ffi.cast("void *", _fn_address("uc_ctl"))
+        c.ctl_tlb_flush = (_ucc.UC_CTL_IO_WRITE << 30) | _ucc.UC_CTL_TLB_FLUSH
+        for i, name in enumerate(_REG_ORDER):
+            c.regs[i] = getattr(_x86, "UC_X86_REG_" + name)
+        c.cpu = mmu.cpu._c
+        c.mem = mem._c
+        c.tlb = mmu._tlb_c
+        c.ctx = self._ctx
+        self._c = c
+        self._adopt_engine_state()
+
+        # One memory: the PhysicalMemory buffer itself, at physical 0.
+        try:
+            uc.mem_map_ptr(0, size, _ucc.UC_PROT_ALL, int(ffi.cast("uintptr_t", mem._c.base)))
+        except _unicorn.UcError as exc:
+            raise InvalidInput("the engine refused ptemu's physical memory of %#x bytes at "
+                               "physical 0 (%s)" % (size, exc)) from None
+        uc.ctl_set_tlb_mode(_ucc.UC_TLB_VIRTUAL)
+        user = int(ffi.cast("uintptr_t", c))
+        self._hooks = [
+            _hook_add(uc, _ucc.UC_HOOK_TLB_FILL, lib.ptemu_uc_tlb_fill, user, 1, 0),
+            _hook_add(uc, _ucc.UC_HOOK_MEM_UNMAPPED, lib.ptemu_uc_trap, user,
+                      lib.PTEMU_UC_TRAP_PA, lib.PTEMU_UC_TRAP_PA + 0xfff),
+        ]
+        lib.ptemu_uc_flush(c)
+        _LINKS[uc] = self
+
+    # -- CPU state -------------------------------------------------------------
+    def _regs(self):
+        r = self.uc.reg_read
+        return (r(_x86.UC_X86_REG_CR0), r(_x86.UC_X86_REG_CR3), r(_x86.UC_X86_REG_CR4),
+                r(_x86.UC_X86_REG_MSR, lib.PTEMU_MSR_EFER))
+
+    def _adopt_engine_state(self):
+        """The engine's state as the starting point: no TLB event."""
+        cr0, cr3, cr4, efer = self._regs()
+        c, cpu = self._c, self.mmu.cpu._c
+        cpu.cr0, cpu.cr4, cpu.efer = cr0 & 0xffffffff, cr4 & 0xffffffff, efer
+        cpu.cr3 = cr3 & ~bits.CR3_NOFLUSH if cr4 & bits.CR4_PCIDE else cr3
+        c.seen[0], c.seen[1], c.seen[2], c.seen[3] = cr0 & 0xffffffff, cr3, cr4 & 0xffffffff, efer
+        c.ctx_valid = 0
+
+    def sync(self):
+        """Read the engine's CPU state now (as each fill does), applying the TLB
+        effect of any control-register change the code made."""
+        if lib.ptemu_uc_sync(self._c):
+            raise InvalidInput("the engine's registers could not be read")
+
+    def write_cr3(self, value):
+        """MOV to CR3 from outside: the engine's CR3 and ptemu's TLB (SDM 4.10.4.1)."""
+        self.sync()
+        self.mmu.write_cr3(value)
+        self.uc.reg_write(_x86.UC_X86_REG_CR3, self.mmu.cpu.cr3)
+        self._c.seen[1] = self.mmu.cpu.cr3
+        self._c.ctx_valid = 0
+        self._uc_flush()
+
+    def write_cr4(self, value):
+        """MOV to CR4 from outside, with its TLB effect."""
+        self.sync()
+        self.mmu.write_cr4(value)
+        self.uc.reg_write(_x86.UC_X86_REG_CR4, self.mmu.cpu.cr4)
+        self._c.seen[2] = self.mmu.cpu.cr4
+        self._c.ctx_valid = 0
+        self._uc_flush()
+
+    def invlpg(self, va):
+        """INVLPG from outside: ptemu's rule (the page in the current PCID, its
+        global entries, the PCID's paging-structure caches); Unicorn has no
+        per-page flush in its API, so its whole TLB is flushed."""
+        self.sync()
+        self.mmu.invlpg(va)
+        self._uc_flush()
+
+    def flush(self):
+        """Drop everything cached: ptemu's TLB (globals too) and Unicorn's."""
+        if self.mmu.tlb is not None:
+            lib.ptemu_tlb_flush(self.mmu._tlb_c, lib.PTEMU_FLUSH_ALL, 0, 0,
+                                lib.PTEMU_CAUSE_FL_USER)
+        self._uc_flush()
+
+    def _uc_flush(self):
+        lib.ptemu_uc_flush(self._c)
+
+    # -- running and faults -------------------------------------------------------
+    @property
+    def fault(self):
+        """The PageFault / GeneralProtection that stopped emulation, or None."""
+        return self._fault
+
+    def emu_start(self, begin, until, timeout=0, count=0):
+        """uc.emu_start through the link: returns the fault that stopped
+        emulation (also `link.fault`), or None when it ran to `until`."""
+        self._until, self._timeout, self._count = until, timeout, count
+        return self._run(begin)
+
+    def resume(self):
+        """Continue from the faulting instruction (RIP) after the caller fixed
+        things, towards the `until` of the last emu_start."""
+        if self._until is None:
+            raise InvalidInput("resume() continues an emu_start(); none was made")
+        self._fault = None
+        self._c.state = lib.PTEMU_UC_RUN
+        return self._run(self.uc.reg_read(_x86.UC_X86_REG_RIP))
+
+    def _run(self, begin):
+        self._fault = None
+        self._c.state = lib.PTEMU_UC_RUN
+        try:
+            self.uc.emu_start(begin, self._until, self._timeout, self._count)
+        except _unicorn.UcError:
+            if self._c.state != lib.PTEMU_UC_FAULTED:
+                raise
+            self._fault = self._make_fault()
+            return self._fault
+        if self._c.state == lib.PTEMU_UC_FAULTED:   # refused by a probe-less path
+            self._fault = self._make_fault()
+        return self._fault
+
+    def _make_fault(self):
+        c = self._c
+        if not c.fault_exact:
+            self._probe_offset()
+        f = ffi.addressof(c, "fault")
+        if f.vector == lib.PTEMU_VEC_GP:
+            exc = fault_from_c(f)
+            return exc if exc is not None else GeneralProtection(int(c.fault_page))
+        exc = fault_from_c(f, self.mmu.memory.size)
+        # The #PF delivery would load CR2 (SDM 4.7): the engine's CR2 says it too.
+        self.uc.reg_write(_x86.UC_X86_REG_CR2, exc.cr2)
+        return exc
+
+    def _probe_offset(self):
+        """Unicorn reports only the page of a refused data access: re-run the
+        faulting instruction once, with that page sent to the trap page, to see
+        the address itself (csrc/ucfill.c).  The probe writes nothing."""
+        uc, c = self.uc, self._c
+        rip = uc.reg_read(_x86.UC_X86_REG_RIP)
+        saved = uc.context_save()
+        c.state = lib.PTEMU_UC_PROBE
+        lib.ptemu_uc_flush(c)
+        try:
+            uc.emu_start(rip, 0 if rip else 1, 0, 1)
+        except _unicorn.UcError:
+            pass
+        probed = c.state == lib.PTEMU_UC_PROBED
+        uc.context_restore(saved)
+        lib.ptemu_uc_flush(c)
+        c.state = lib.PTEMU_UC_FAULTED
+        if probed:
+            c.fault.cr2 = c.fault_page | (c.probe_pa & 0xfff)
+        c.fault_exact = 1
+
+    # -- statistics --------------------------------------------------------------------
+    @property
+    def stats(self):
+        """fills (by access), faults, flushes of Unicorn's TLB, control-register
+        events seen, and the ptemu TLB's stats (None without a TLB)."""
+        c = self._c
+        return {
+            "fills": int(c.fills),
+            "fills_by_access": {"r": int(c.fills_by_access[0]), "w": int(c.fills_by_access[1]),
+                                "x": int(c.fills_by_access[2])},
+            "faults": int(c.faults),
+            "flushes": int(c.uc_flushes),
+            "events": {"cr0": int(c.events[0]), "cr3": int(c.events[1]),
+                       "cr4": int(c.events[2]), "efer": int(c.events[3])},
+            "tlb": self.mmu.tlb.stats if self.mmu.tlb is not None else None,
+        }
