@@ -401,12 +401,36 @@ typedef struct ptemu_uc_msr {
 #define PTEMU_UC_PROBE      2     /* re-running the faulting instruction (see ucfill.c) */
 #define PTEMU_UC_PROBED     3     /* the probe saw the access: probe_pa holds it */
 
-/* ptemu_uc_link.events: what the fills found changed in the engine's CPU state */
-#define PTEMU_UC_EV_CR0     0
-#define PTEMU_UC_EV_CR3     1
-#define PTEMU_UC_EV_CR4     2
-#define PTEMU_UC_EV_EFER    3
-#define PTEMU_UC_NEVENTS    4
+/* ptemu_uc_link.events: what the link found the code doing to the TLB */
+#define PTEMU_UC_EV_CR0     0     /* CR0 changed */
+#define PTEMU_UC_EV_CR3     1     /* CR3 changed */
+#define PTEMU_UC_EV_CR4     2     /* CR4 changed */
+#define PTEMU_UC_EV_EFER    3     /* EFER changed */
+#define PTEMU_UC_EV_CR3_SAME 4    /* MOV CR3 of the value CR3 already held (block tail) */
+#define PTEMU_UC_EV_INVLPG  5     /* INVLPG (block tail) */
+#define PTEMU_UC_NEVENTS    6
+
+/* The last instruction of a translation block, when it acts on the TLB
+ * without necessarily changing a register: MOV CR3 and INVLPG both end a
+ * block in QEMU's translator (gen_eob), so they are always the tail. */
+#define PTEMU_UC_TAIL_NONE   0
+#define PTEMU_UC_TAIL_CR3    1
+#define PTEMU_UC_TAIL_INVLPG 2
+#define PTEMU_UC_TAIL_FLUSH  3    /* INVLPG whose operand is not decoded: flush all */
+#define PTEMU_UC_NO_REG      16   /* ptemu_uc_tail.base/index: none */
+#define PTEMU_UC_RIP_REL     17   /* ptemu_uc_tail.base: RIP-relative */
+#define PTEMU_UC_NTAILS      256
+
+typedef struct ptemu_uc_tail {
+    uint64_t pc, cr3;         /* the block, and the CR3 it was decoded under */
+    uint32_t size;            /* bytes; 0: empty slot */
+    uint8_t  kind;            /* PTEMU_UC_TAIL_* */
+    uint8_t  base, index;     /* INVLPG operand: GPR numbers 0..15, or PTEMU_UC_NO_REG, RIP_REL */
+    uint8_t  scale;           /* log2 */
+    int32_t  disp;
+    uint8_t  rex_base, rex_index;   /* the same with a REX byte read from before the 0F */
+    uint8_t  pad[2];
+} ptemu_uc_tail;
 
 typedef struct ptemu_uc_link {
     void *uc;                 /* uc_engine * */
@@ -433,7 +457,12 @@ typedef struct ptemu_uc_link {
     uint64_t fills_by_access[3];
     uint64_t faults;
     uint64_t uc_flushes;      /* flushes of Unicorn's TLB asked for by ptemu */
-    uint64_t events[4];       /* PTEMU_UC_EV_*: state changes applied to ptemu's TLB */
+    uint64_t events[6];       /* PTEMU_UC_EV_* */
+    /* The block watch (UC_HOOK_BLOCK, ptemu_uc_block). */
+    int      gprs[16];        /* Unicorn ids of RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8..R15 */
+    ptemu_uc_tail pending;    /* the tail of the block running now (kind NONE: none) */
+    ptemu_uc_tail tails[256]; /* decoded tails, by block address */
+    uint64_t blocks_decoded;
 } ptemu_uc_link;
 
 /* The size of the walk context a link keeps (link->ctx). */
@@ -447,5 +476,8 @@ _Bool ptemu_uc_trap(void *uc, int type, uint64_t address, int size, int64_t valu
 /* Read the engine's CPU state into link->cpu, applying to ptemu's TLB the
  * SDM 4.10.4.1 effect of every change since the last call. */
 int ptemu_uc_sync(ptemu_uc_link *link);
+/* UC_HOOK_BLOCK (uc_cb_hookcode_t): a block's tail that acts on the TLB takes
+ * effect once the block ran (ucfill.c). */
+void ptemu_uc_block(void *uc, uint64_t address, uint32_t size, void *user_data);
 /* Flush all of Unicorn's TLB (uc_ctl UC_CTL_TLB_FLUSH), counted in uc_flushes. */
 void ptemu_uc_flush(ptemu_uc_link *link);

@@ -61,16 +61,74 @@ static uint32_t pcid_of(uint64_t cr3, uint64_t cr4)
     return (cr4 & PTEMU_CR4_PCIDE) ? (uint32_t)(cr3 & PTEMU_CR3_PCID_MASK) : 0;
 }
 
+static int read_regs(ptemu_uc_link *l, const int *ids, void **vals, int n)
+{
+    return ((uc_reg_read_batch_fn)l->reg_read_batch)(l->uc, ids, vals, n);
+}
+
+static int canonical(uint64_t va, uint64_t cr4)
+{
+    uint32_t bits = (cr4 & PTEMU_CR4_LA57) ? 57 : 48;
+    int64_t s = (int64_t)(va << (64 - bits)) >> (64 - bits);
+    return (uint64_t)s == va;
+}
+
+/* INVLPG of the block that just ran: its operand from the registers now
+ * (INVLPG changes none), with and without the REX byte that may precede
+ * it (a byte before the 0F may belong to the previous instruction: both
+ * readings are invalidated, which is never less than the SDM asks).  SDM
+ * 4.10.4.1: the page in the current PCID, its global entries, and the
+ * PCID's paging-structure caches; a non-canonical operand is a no-op.
+ * Unicorn's TLB is flushed whole: QEMU's own INVLPG drops one 4 KiB page,
+ * and a larger page is held there as 4 KiB pieces. */
+static void apply_invlpg(ptemu_uc_link *l, const ptemu_uc_tail *t, uint64_t end)
+{
+    ptemu_cpu *cpu = l->cpu;
+    uint64_t vals[4] = {0, 0, 0, 0};
+    int ids[4];
+    void *ptrs[4];
+    uint8_t regs[4] = {t->base, t->index, t->rex_base, t->rex_index};
+    int n = 0;
+    for (int i = 0; i < 4; i++) {
+        ptrs[i] = &vals[i];
+        ids[i] = regs[i] < 16 ? l->gprs[regs[i]] : l->gprs[0];
+        n = i + 1;
+    }
+    if (t->kind == PTEMU_UC_TAIL_INVLPG && !read_regs(l, ids, ptrs, n)) {
+        for (int form = 0; form < 2; form++) {
+            uint8_t b = form ? t->rex_base : t->base, x = form ? t->rex_index : t->index;
+            if (form && b == t->base && x == t->index)
+                break;
+            uint64_t ea = (uint64_t)(int64_t)t->disp;
+            if (b == PTEMU_UC_RIP_REL)
+                ea += end;
+            else if (b < 16)
+                ea += vals[form ? 2 : 0];
+            if (x < 16)
+                ea += vals[form ? 3 : 1] << t->scale;
+            if (canonical(ea, cpu->cr4) && l->tlb)
+                ptemu_tlb_flush(l->tlb, PTEMU_FLUSH_INVLPG, pcid_of(cpu->cr3, cpu->cr4), ea,
+                                PTEMU_CAUSE_FL_INVLPG);
+        }
+    } else {
+        link_tlb_flush(l, PTEMU_FLUSH_ALL, 0, PTEMU_CAUSE_FL_INVLPG);
+    }
+    l->events[PTEMU_UC_EV_INVLPG]++;
+    ptemu_uc_flush(l);
+}
+
 /*
  * The engine's CPU state into l->cpu.  A control register that differs
  * from the last fill was written by the code (MOV CR0/CR3/CR4, WRMSR
  * EFER): its TLB effect (SDM 4.10.4.1, the rules of Mmu.write_cr3 and
  * write_cr4) is applied to ptemu's TLB, and Unicorn's TLB is flushed too
  * whenever ptemu's is (QEMU flushes its own on CR3 writes and on some CR4
- * bits, not on PCIDE 1->0; flushing more is always allowed).
+ * bits, not on PCIDE 1->0; flushing more is always allowed).  A pending
+ * block tail (MOV CR3, INVLPG) takes effect once RIP has left its block,
+ * or at once with `done` (the next block started).
  * Returns 0, or -1 when the registers cannot be read.
  */
-int ptemu_uc_sync(ptemu_uc_link *l)
+static int sync_state(ptemu_uc_link *l, int done)
 {
     uint64_t v[6];
     ptemu_uc_msr efer;
@@ -82,17 +140,24 @@ int ptemu_uc_sync(ptemu_uc_link *l)
     efer.rid = PTEMU_MSR_EFER;
     efer.value = 0;
     vals[PTEMU_UC_R_EFER] = &efer;
-    if (((uc_reg_read_batch_fn)l->reg_read_batch)(l->uc, l->regs, vals, PTEMU_UC_NREGS))
+    if (read_regs(l, l->regs, vals, PTEMU_UC_NREGS))
         return -1;
 
     ptemu_cpu *cpu = l->cpu;
     uint64_t cr0 = v[PTEMU_UC_R_CR0] & 0xffffffffu;
     uint64_t cr3 = v[PTEMU_UC_R_CR3];
     uint64_t cr4 = v[PTEMU_UC_R_CR4] & 0xffffffffu;
+    uint64_t rip = v[PTEMU_UC_R_RIP];
     /* SDM 5.5: the CPL is bits 1:0 of CS. */
     uint32_t cpl = (uint32_t)(v[PTEMU_UC_R_CS] & 3);
     uint32_t ac = (uint32_t)(v[PTEMU_UC_R_RFLAGS] >> 18) & 1;
     int uc_flush_needed = 0;
+    ptemu_uc_tail tail = l->pending;
+    uint64_t tail_end = tail.pc + tail.size;
+    if (tail.kind && (done || rip < tail.pc || rip >= tail_end))
+        l->pending.kind = PTEMU_UC_TAIL_NONE;
+    else
+        tail.kind = PTEMU_UC_TAIL_NONE;
 
     if (cr0 != l->seen[0]) {
         l->events[PTEMU_UC_EV_CR0]++;
@@ -118,12 +183,12 @@ int ptemu_uc_sync(ptemu_uc_link *l)
         l->seen[2] = cr4;
         l->ctx_valid = 0;
     }
-    if (cr3 != l->seen[1]) {
+    if (cr3 != l->seen[1] || tail.kind == PTEMU_UC_TAIL_CR3) {
         /* MOV CR3: with PCIDE=1 bit 63 asks for no flush and is not stored
          * (QEMU stores it: the engine's value keeps it, ptemu's does not). */
         int noflush = (cr4 & PTEMU_CR4_PCIDE) && (cr3 & PTEMU_CR3_NOFLUSH);
         uint64_t value = (cr4 & PTEMU_CR4_PCIDE) ? cr3 & ~(uint64_t)PTEMU_CR3_NOFLUSH : cr3;
-        l->events[PTEMU_UC_EV_CR3]++;
+        l->events[cr3 != l->seen[1] ? PTEMU_UC_EV_CR3 : PTEMU_UC_EV_CR3_SAME]++;
         cpu->cr3 = value;
         if (!noflush) {
             link_tlb_flush(l, PTEMU_FLUSH_PCID, pcid_of(value, cr4), PTEMU_CAUSE_FL_CR3);
@@ -143,11 +208,18 @@ int ptemu_uc_sync(ptemu_uc_link *l)
         cpu->ac = ac;
         l->ctx_valid = 0;
     }
-    if (uc_flush_needed)
+    if (tail.kind == PTEMU_UC_TAIL_INVLPG || tail.kind == PTEMU_UC_TAIL_FLUSH)
+        apply_invlpg(l, &tail, tail_end);
+    else if (uc_flush_needed)
         ptemu_uc_flush(l);
     /* RIP is kept for a refused fetch (see ptemu_uc_tlb_fill). */
-    l->seen_rip = v[PTEMU_UC_R_RIP];
+    l->seen_rip = rip;
     return 0;
+}
+
+int ptemu_uc_sync(ptemu_uc_link *l)
+{
+    return sync_state(l, 0);
 }
 
 /* The context for the current state, derived again only after a change. */
@@ -245,6 +317,8 @@ _Bool ptemu_uc_tlb_fill(void *uc, uint64_t vaddr, int type, ptemu_uc_tlb_entry *
     }
     l->fault = f;
     l->state = PTEMU_UC_FAULTED;
+    /* The block stopped before its tail ran. */
+    l->pending.kind = PTEMU_UC_TAIL_NONE;
     return 0;
 }
 
@@ -261,4 +335,113 @@ _Bool ptemu_uc_trap(void *uc, int type, uint64_t address, int size, int64_t valu
         l->state = PTEMU_UC_PROBED;
     }
     return 0;   /* not handled: the engine stops */
+}
+
+/* One byte of virtual memory for the tail decoder: translated as a fetch
+ * without A/D writes or TLB use, read through the bounds-checked word
+ * helper (memory is a multiple of 8 bytes).  -1 when it cannot be read. */
+static int code_byte(ptemu_uc_link *l, const ptemu_ctx *c, uint64_t va)
+{
+    ptemu_walk_out o;
+    ptemu_fault f;
+    uint32_t flags = (l->cpu->cpl == 3 ? PTEMU_IN_USER : 0) | PTEMU_IN_NO_AD;
+    if (ptemu_ctx_translate(c, va, PTEMU_ACC_FETCH, flags, &o, &f))
+        return -1;
+    const uint8_t *p = ptemu_word(l->mem, o.pa & ~(uint64_t)7);
+    return p ? p[o.pa & 7] : -1;
+}
+
+/*
+ * What the last instruction of the block [pc, pc+size) does to the TLB.
+ * Only two encodings matter (SDM Vol. 2): MOV CR3, r64 = [REX] 0F 22 /r
+ * with reg = 3 (the r/m form is always a register), and INVLPG m =
+ * 0F 01 /7 with a memory operand.  The block's last bytes are matched
+ * against them; a match in bytes that are really the end of another
+ * instruction only costs a flush that was not needed.
+ */
+static void decode_tail(ptemu_uc_link *l, uint64_t pc, uint32_t size, ptemu_uc_tail *t)
+{
+    uint8_t b[16];
+    uint32_t n = size < 16 ? size : 16;
+    ptemu_ctx *c = ctx_of(l);
+    memset(t, 0, sizeof *t);
+    t->pc = pc;
+    t->size = size;
+    t->cr3 = l->seen[1];
+    l->blocks_decoded++;
+    for (uint32_t i = 0; i < n; i++) {
+        int v = code_byte(l, c, pc + size - n + i);
+        if (v < 0)
+            return;
+        b[i] = (uint8_t)v;
+    }
+    if (n >= 3 && b[n - 3] == 0x0f && b[n - 2] == 0x22 && ((b[n - 1] >> 3) & 7) == 3
+        && !(n >= 4 && (b[n - 4] & 0xf4) == 0x44)) {     /* REX.R would make it CR11 */
+        t->kind = PTEMU_UC_TAIL_CR3;
+        return;
+    }
+    for (uint32_t len = 3; len <= 8 && len <= n; len++) {
+        uint32_t p = n - len;
+        if (b[p] != 0x0f || b[p + 1] != 0x01)
+            continue;
+        uint8_t modrm = b[p + 2], mod = modrm >> 6, rm = modrm & 7;
+        if (mod == 3 || ((modrm >> 3) & 7) != 7)
+            continue;
+        uint32_t want = 3, has_sib = rm == 4, dsize = 0;
+        uint8_t sib = has_sib && p + 3 < n ? b[p + 3] : 0;
+        want += has_sib;
+        if (mod == 1)
+            dsize = 1;
+        else if (mod == 2 || (mod == 0 && (rm == 5 || (has_sib && (sib & 7) == 5))))
+            dsize = 4;
+        if (want + dsize != len)
+            continue;
+        int32_t disp = 0;
+        if (dsize == 1)
+            disp = (int8_t)b[p + want];
+        else if (dsize == 4)
+            disp = (int32_t)((uint32_t)b[p + want] | (uint32_t)b[p + want + 1] << 8
+                             | (uint32_t)b[p + want + 2] << 16 | (uint32_t)b[p + want + 3] << 24);
+        uint8_t rex = p >= 1 && (b[p - 1] & 0xf0) == 0x40 ? b[p - 1] : 0;
+        /* A segment or address-size prefix changes the address: flush all. */
+        uint32_t q = rex ? p - 1 : p;
+        if (q >= 1 && (b[q - 1] == 0x64 || b[q - 1] == 0x65 || b[q - 1] == 0x67)) {
+            t->kind = PTEMU_UC_TAIL_FLUSH;
+            return;
+        }
+        uint8_t base, index = PTEMU_UC_NO_REG, scale = 0;
+        if (has_sib) {
+            base = (mod == 0 && (sib & 7) == 5) ? PTEMU_UC_NO_REG : (sib & 7);
+            index = ((sib >> 3) & 7) == 4 ? PTEMU_UC_NO_REG : ((sib >> 3) & 7);
+            scale = sib >> 6;
+        } else {
+            base = (mod == 0 && rm == 5) ? PTEMU_UC_RIP_REL : rm;
+        }
+        t->kind = PTEMU_UC_TAIL_INVLPG;
+        t->base = base;
+        t->index = index;
+        t->scale = scale;
+        t->disp = disp;
+        /* REX.B extends the base, REX.X the index (not "none": index 4 with
+         * REX.X is R12). */
+        t->rex_base = (base < 8 && (rex & 1)) ? (uint8_t)(base + 8) : base;
+        t->rex_index = has_sib && (rex & 2) ? (uint8_t)(((sib >> 3) & 7) + 8) : index;
+        return;
+    }
+}
+
+void ptemu_uc_block(void *uc, uint64_t address, uint32_t size, void *user_data)
+{
+    ptemu_uc_link *l = (ptemu_uc_link *)user_data;
+    (void)uc;
+    if (l->state != PTEMU_UC_RUN)
+        return;
+    /* A new block started: the tail of the last one has run. */
+    if (l->pending.kind && sync_state(l, 1))
+        return;
+    ptemu_uc_tail *t = &l->tails[(address ^ (address >> 9)) & (PTEMU_UC_NTAILS - 1)];
+    if (t->size != size || t->pc != address || t->cr3 != l->seen[1])
+        decode_tail(l, address, size, t);
+    if (t->kind)
+        l->pending = *t;
 }

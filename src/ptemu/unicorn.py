@@ -20,7 +20,7 @@ from ptemu._native import ffi, lib, InvalidInput, GeneralProtection, fault_from_
 from ptemu.memory import PhysicalMemory
 from ptemu.mmu import Mmu
 
-__all__ = ["attach", "UnicornLink", "MISSING"]
+__all__ = ["attach", "load_cpu_state", "UnicornLink", "MISSING"]
 
 MISSING = 'ptemu.unicorn needs Unicorn 2.1 or later: pip install "ptemu[unicorn]"'
 
@@ -37,6 +37,9 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 _LINKS = weakref.WeakKeyDictionary()
 
 _REG_ORDER = ("CR0", "CR3", "CR4", "CS", "RFLAGS", "RIP", "MSR")
+_EVENTS = ("cr0", "cr3", "cr4", "efer", "cr3_same", "invlpg")
+_GPRS = ("RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI",
+         "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15")
 
 
 def _require():
@@ -67,7 +70,7 @@ def _hook_add(uc, kind, cfunc, user_data, begin, end):
     return h.value
 
 
-def attach(uc, mmu):
+def attach(uc, mmu, watch_blocks=True):
     """Answer the TLB fills of the x86-64 engine `uc` with `mmu` -> UnicornLink.
 
     mmu.memory is mapped into the engine at physical address 0 (no copy);
@@ -75,15 +78,29 @@ def attach(uc, mmu):
     read at every fill and become mmu.cpu.  Refused (ptemu.InvalidInput):
     an engine that is not x86-64, memory already mapped where physical
     memory goes, a memory too large for the engine, a second attach.
+
+    watch_blocks: a C block hook that sees the code's INVLPG and its MOV CR3
+    of an unchanged value (docs/unicorn.md); without it only changes of
+    control-register values reach ptemu's TLB.
     """
     _require()
-    return UnicornLink(uc, mmu)
+    return UnicornLink(uc, mmu, watch_blocks)
+
+
+def load_cpu_state(uc, cpu):
+    """Give the engine the paging state of `cpu` (a CpuState): CR3, CR4, EFER,
+    then CR0, the order in which long mode is entered (EFER.LMA follows)."""
+    _require()
+    uc.reg_write(_x86.UC_X86_REG_CR3, cpu.cr3)
+    uc.reg_write(_x86.UC_X86_REG_CR4, cpu.cr4)
+    uc.reg_write(_x86.UC_X86_REG_MSR, (lib.PTEMU_MSR_EFER, cpu.efer))
+    uc.reg_write(_x86.UC_X86_REG_CR0, cpu.cr0)
 
 
 class UnicornLink:
     """The link between one Unicorn engine and one Mmu (see attach)."""
 
-    def __init__(self, uc, mmu):
+    def __init__(self, uc, mmu, watch_blocks=True):
         if not isinstance(uc, _unicorn.Uc):
             raise InvalidInput("attach needs a unicorn.Uc engine, not %s" % type(uc).__name__)
         if not isinstance(mmu, Mmu):
@@ -130,6 +147,8 @@ class UnicornLink:
         c.ctl_tlb_flush = (_ucc.UC_CTL_IO_WRITE << 30) | _ucc.UC_CTL_TLB_FLUSH
         for i, name in enumerate(_REG_ORDER):
             c.regs[i] = getattr(_x86, "UC_X86_REG_" + name)
+        for i, name in enumerate(_GPRS):
+            c.gprs[i] = getattr(_x86, "UC_X86_REG_" + name)
         c.cpu = mmu.cpu._c
         c.mem = mem._c
         c.tlb = mmu._tlb_c
@@ -150,6 +169,8 @@ class UnicornLink:
             _hook_add(uc, _ucc.UC_HOOK_MEM_UNMAPPED, lib.ptemu_uc_trap, user,
                       lib.PTEMU_UC_TRAP_PA, lib.PTEMU_UC_TRAP_PA + 0xfff),
         ]
+        if watch_blocks:
+            self._hooks.append(_hook_add(uc, _ucc.UC_HOOK_BLOCK, lib.ptemu_uc_block, user, 1, 0))
         lib.ptemu_uc_flush(c)
         _LINKS[uc] = self
 
@@ -239,10 +260,10 @@ class UnicornLink:
         except _unicorn.UcError:
             if self._c.state != lib.PTEMU_UC_FAULTED:
                 raise
+        if self._c.state == lib.PTEMU_UC_FAULTED:
             self._fault = self._make_fault()
-            return self._fault
-        if self._c.state == lib.PTEMU_UC_FAULTED:   # refused by a probe-less path
-            self._fault = self._make_fault()
+        else:
+            self.sync()     # a MOV CR3 / INVLPG that ended the run takes effect now
         return self._fault
 
     def _make_fault(self):
@@ -291,7 +312,7 @@ class UnicornLink:
                                 "x": int(c.fills_by_access[2])},
             "faults": int(c.faults),
             "flushes": int(c.uc_flushes),
-            "events": {"cr0": int(c.events[0]), "cr3": int(c.events[1]),
-                       "cr4": int(c.events[2]), "efer": int(c.events[3])},
+            "events": {name: int(c.events[i]) for i, name in enumerate(_EVENTS)},
+            "blocks_decoded": int(c.blocks_decoded),
             "tlb": self.mmu.tlb.stats if self.mmu.tlb is not None else None,
         }
