@@ -390,8 +390,8 @@ typedef struct ptemu_uc_msr {
 #define PTEMU_UC_R_CR4      2
 #define PTEMU_UC_R_CS       3
 #define PTEMU_UC_R_RFLAGS   4
-#define PTEMU_UC_R_RIP      5
-#define PTEMU_UC_R_EFER     6     /* UC_X86_REG_MSR with rid 0xc0000080 */
+#define PTEMU_UC_R_EFER     5     /* UC_X86_REG_MSR with rid 0xc0000080 */
+#define PTEMU_UC_R_RIP      6
 #define PTEMU_UC_NREGS      7
 #define PTEMU_MSR_EFER      0xc0000080
 
@@ -445,7 +445,6 @@ typedef struct ptemu_uc_link {
     uint32_t ctx_valid;       /* ctx derived from *cpu; 0 after any change */
     uint32_t state;           /* PTEMU_UC_* */
     uint64_t seen[4];         /* CR0, CR3 (as the engine holds it), CR4, EFER at the last fill */
-    uint64_t seen_rip;        /* RIP at the last fill */
     /* The refused access (state FAULTED): its page, kind and the fault. */
     uint64_t fault_page;
     uint32_t fault_access;    /* PTEMU_ACC_* */

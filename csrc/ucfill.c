@@ -130,19 +130,21 @@ static void apply_invlpg(ptemu_uc_link *l, const ptemu_uc_tail *t, uint64_t end)
  */
 static int sync_state(ptemu_uc_link *l, int done)
 {
-    uint64_t v[6];
+    uint64_t v[PTEMU_UC_NREGS];
     ptemu_uc_msr efer;
     void *vals[PTEMU_UC_NREGS];
-    for (int i = 0; i < 6; i++) {
+    for (int i = 0; i < PTEMU_UC_NREGS; i++) {
         v[i] = 0;
         vals[i] = &v[i];
     }
     efer.rid = PTEMU_MSR_EFER;
     efer.value = 0;
     vals[PTEMU_UC_R_EFER] = &efer;
-    if (read_regs(l, l->regs, vals, PTEMU_UC_NREGS))
+    /* RIP (the last slot) only when a block tail waits for it to leave its
+     * block: a register read costs about as much as a quarter of a walk. */
+    int n = l->pending.kind ? PTEMU_UC_NREGS : PTEMU_UC_R_RIP;
+    if (read_regs(l, l->regs, vals, n))
         return -1;
-
     ptemu_cpu *cpu = l->cpu;
     uint64_t cr0 = v[PTEMU_UC_R_CR0] & 0xffffffffu;
     uint64_t cr3 = v[PTEMU_UC_R_CR3];
@@ -212,8 +214,6 @@ static int sync_state(ptemu_uc_link *l, int done)
         apply_invlpg(l, &tail, tail_end);
     else if (uc_flush_needed)
         ptemu_uc_flush(l);
-    /* RIP is kept for a refused fetch (see ptemu_uc_tlb_fill). */
-    l->seen_rip = rip;
     return 0;
 }
 
@@ -309,7 +309,9 @@ _Bool ptemu_uc_tlb_fill(void *uc, uint64_t vaddr, int type, ptemu_uc_tlb_entry *
         if (access == PTEMU_ACC_FETCH) {
             /* The first byte fetched from the refused page: RIP itself, or
              * the page's start for an instruction that began before it. */
-            uint64_t rip = l->seen_rip;
+            uint64_t rip = 0;
+            void *val = &rip;
+            read_regs(l, &l->regs[PTEMU_UC_R_RIP], &val, 1);
             f.cr2 = (rip & ~(uint64_t)0xfff) == vaddr ? rip : vaddr;
         } else {
             l->fault_exact = 0;

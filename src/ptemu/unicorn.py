@@ -36,7 +36,7 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 # C struct the engine's hooks point at) lives as long as the engine.
 _LINKS = weakref.WeakKeyDictionary()
 
-_REG_ORDER = ("CR0", "CR3", "CR4", "CS", "RFLAGS", "RIP", "MSR")
+_REG_ORDER = ("CR0", "CR3", "CR4", "CS", "RFLAGS", "MSR", "RIP")   # PTEMU_UC_R_*
 _EVENTS = ("cr0", "cr3", "cr4", "efer", "cr3_same", "invlpg")
 _GPRS = ("RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI",
          "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15")
