@@ -549,3 +549,14 @@ def test_other_engine_errors_still_propagate():
     begin, until = kernel(image, b"\x0f\x0b")                      # UD2
     with pytest.raises(UcError):
         Run(image, "ptemu", begin, until)
+
+
+def test_example_runs(capsys):
+    import pathlib
+    import runpy
+    path = pathlib.Path(__file__).resolve().parent.parent / "examples" / "unicorn_demo.py"
+    runpy.run_path(str(path), run_name="__main__")
+    out = capsys.readouterr().out
+    assert "rax = 10 (4+3+2+1)" in out
+    assert "#PF at 0x700010, error code 0x3 (P W)" in out and "holds 0xc0ffee" in out
+    assert "CPL 3: #PF at 0x800000, error code 0x5 (P U)" in out
