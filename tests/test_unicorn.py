@@ -374,15 +374,15 @@ def test_reserved_bit_only_in_a_present_entry():
         assert pt.fault == (14, va) and pt.error_code == ec
 
 
-def remap_program(image, flags, flush):
-    """Read DATA, store a new PTE for it (through the table alias), `flush`, read again."""
+def remap_program(image, flags, flush, va=DATA):
+    """Read va, store a new PTE for it (through the table alias), `flush`, read again."""
+    image.pt.map(va, DATA_PA, flags=flags)
     image.alias_tables()
-    pte = image.pt.entry_pa(DATA, 1)
+    pte = image.pt.entry_pa(va, 1)
     frame = image.pt.tables.index(pte & ~0xFFF)
-    image.pt.map(DATA, DATA_PA, flags=flags)
     image.mem.write_u64(DATA_PA, 0xAAAA)
     image.mem.write_u64(DATA_PA + 0x7000, 0xBBBB)
-    body = (mov_imm(RDI, DATA) + b"\x48\x8b\x17"                   # mov rdx, [rdi]: cached
+    body = (mov_imm(RDI, va) + b"\x48\x8b\x17"                     # mov rdx, [rdi]: cached
             + mov_imm(RSI, PT_ALIAS + frame * 0x1000 + (pte & 0xFFF))
             + mov_imm(RAX, DATA_PA + 0x7000 | flags | A | D) + b"\x48\x89\x06"  # mov [rsi], rax
             + flush + MOV_RBX_M_RDI)
@@ -560,3 +560,60 @@ def test_example_runs(capsys):
     assert "rax = 10 (4+3+2+1)" in out
     assert "#PF at 0x700010, error code 0x3 (P W)" in out and "holds 0xc0ffee" in out
     assert "CPL 3: #PF at 0x800000, error code 0x5 (P U)" in out
+
+
+R8 = 8
+
+
+@pytest.mark.parametrize("form", ["rdi", "r8+disp8", "rip+disp32", "rax+rcx*8+disp32",
+                                  "rex-lookalike"])
+def test_invlpg_operand_forms(form):
+    # The block watch decodes INVLPG's ModRM/SIB/displacement (SDM Vol. 2 2.1.5)
+    # and takes the operand from the registers once the block ran.
+    image = Image()
+    if form == "rdi":
+        flush = INVLPG_M_RDI
+    elif form == "r8+disp8":                                   # 41 0f 01 78 10: [r8+0x10]
+        flush = mov_imm(R8, DATA - 0x10) + b"\x41\x0f\x01\x78\x10"
+    elif form == "rip+disp32":                                 # 0f 01 3d d32: [rip+d32]
+        # rip after the instruction is until (the end of the body): known below.
+        flush = None
+    elif form == "rax+rcx*8+disp32":                           # 0f 01 bc c8 d32
+        flush = (mov_imm(RAX, DATA - 0x100 - 8 * 3) + mov_imm(RCX, 3)
+                 + b"\x0f\x01\xbc\xc8" + imm32(0x100))
+    else:                                                      # mov r9, 0x41; invlpg [rdi]
+        flush = b"\x49\xc7\xc1\x41\x00\x00\x00" + INVLPG_M_RDI  # a 0x41 byte before 0f 01
+    va = DATA
+    if flush is None:                                          # a page within 2 GiB of RIP
+        va = KCODE + 0x100000
+        _, until = remap_program(Image(), P | W | NX | G, b"\x0f\x01\x3d" + imm32(0), va)
+        flush = b"\x0f\x01\x3d" + imm32(va - (until - len(MOV_RBX_M_RDI)))
+    begin, until = remap_program(image, P | W | NX | G, flush, va)
+    cpu, pt = both(image, begin, until, cpu_kw={"cr4": ptemu.CR4_PGE})
+    assert pt.reg(X.UC_X86_REG_RBX) == 0xBBBB
+    assert pt.link.stats["events"]["invlpg"] == 1
+
+
+def test_resume_needs_a_run():
+    link = attach(Uc(UC_ARCH_X86, UC_MODE_64), _mmu())
+    with pytest.raises(ptemu.InvalidInput, match="resume"):
+        link.resume()
+
+
+def test_write_cr4_from_outside_flushes_on_pge_change():
+    # SDM 4.10.4.1: a MOV to CR4 that changes PGE invalidates everything, globals too.
+    image = Image()
+    image.pt.map(DATA, DATA_PA, flags=P | W | NX | G)
+    image.mem.write_u64(DATA_PA, 0x11)
+    image.mem.write_u64(DATA_PA + 0x7000, 0x22)
+    begin, until = kernel(image, mov_imm(RDI, DATA) + MOV_RBX_M_RDI)
+    pt = Run(image, "ptemu", begin, until, cpu_kw={"cr4": ptemu.CR4_PGE})
+    pt.mem.write_u64(image.pt.entry_pa(DATA, 1), DATA_PA + 0x7000 | P | W | NX | G)
+    pt.link.write_cr3(image.pt.cr3)                        # globals survive this...
+    pt.link.emu_start(begin, until)
+    assert pt.reg(X.UC_X86_REG_RBX) == 0x11
+    pt.link.write_cr4(pt.mmu.cpu.cr4 & ~ptemu.CR4_PGE)     # ...not this
+    assert pt.reg(X.UC_X86_REG_CR4) & ptemu.CR4_PGE == 0
+    pt.link.emu_start(begin, until)
+    assert pt.reg(X.UC_X86_REG_RBX) == 0x22
+    assert pt.link.stats["tlb"].flushes_by_cause["cr4"] == 1

@@ -195,23 +195,24 @@ class UnicornLink:
         if lib.ptemu_uc_sync(self._c):
             raise InvalidInput("the engine's registers could not be read")
 
-    def write_cr3(self, value):
-        """MOV to CR3 from outside: the engine's CR3 and ptemu's TLB (SDM 4.10.4.1)."""
+    def _write_cr(self, name, seen_index, instruction, value):
+        """MOV to CRn from outside: ptemu's rule (`instruction`, an Mmu method),
+        then the engine's register, which the next fill then finds unchanged."""
         self.sync()
-        self.mmu.write_cr3(value)
-        self.uc.reg_write(_x86.UC_X86_REG_CR3, self.mmu.cpu.cr3)
-        self._c.seen[1] = self.mmu.cpu.cr3
+        instruction(value)
+        stored = getattr(self.mmu.cpu, name)
+        self.uc.reg_write(getattr(_x86, "UC_X86_REG_" + name.upper()), stored)
+        self._c.seen[seen_index] = stored
         self._c.ctx_valid = 0
         self._uc_flush()
 
+    def write_cr3(self, value):
+        """MOV to CR3 from outside: the engine's CR3 and ptemu's TLB (SDM 4.10.4.1)."""
+        self._write_cr("cr3", 1, self.mmu.write_cr3, value)
+
     def write_cr4(self, value):
-        """MOV to CR4 from outside, with its TLB effect."""
-        self.sync()
-        self.mmu.write_cr4(value)
-        self.uc.reg_write(_x86.UC_X86_REG_CR4, self.mmu.cpu.cr4)
-        self._c.seen[2] = self.mmu.cpu.cr4
-        self._c.ctx_valid = 0
-        self._uc_flush()
+        """MOV to CR4 from outside, with its TLB effect (SDM 4.10.4.1)."""
+        self._write_cr("cr4", 2, self.mmu.write_cr4, value)
 
     def invlpg(self, va):
         """INVLPG from outside: ptemu's rule (the page in the current PCID, its
