@@ -617,3 +617,18 @@ def test_write_cr4_from_outside_flushes_on_pge_change():
     pt.link.emu_start(begin, until)
     assert pt.reg(X.UC_X86_REG_RBX) == 0x22
     assert pt.link.stats["tlb"].flushes_by_cause["cr4"] == 1
+
+
+def test_plain_emu_start_then_link_fault_and_resume():
+    # A harness may call uc.emu_start itself: a refusal is Unicorn's UcError,
+    # and link.fault then says which fault it was.
+    image = Image()
+    image.pt.map(DATA, DATA_PA, flags=P | NX)
+    begin, until = kernel(image, mov_imm(RDI, DATA + 0x18) + MOV_M_RDI_RCX)
+    pt = Run(image, "ptemu", until, until + 1)                # attached; ran the last NOP
+    with pytest.raises(UcError):
+        pt.uc.emu_start(begin, until)
+    assert pt.link.fault.cr2 == DATA + 0x18 and pt.link.fault.error_code == 3
+    pt.mem.write_u64(image.pt.entry_pa(DATA, 1), DATA_PA | P | W | NX)
+    assert pt.link.resume(until=until) is None
+    assert pt.reg(X.UC_X86_REG_RIP) == until

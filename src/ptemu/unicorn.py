@@ -235,7 +235,10 @@ class UnicornLink:
     # -- running and faults -------------------------------------------------------
     @property
     def fault(self):
-        """The PageFault / GeneralProtection that stopped emulation, or None."""
+        """The PageFault / GeneralProtection that stopped emulation, or None.
+        (Also after a plain uc.emu_start, which then raised UcError.)"""
+        if self._fault is None and self._c.state == lib.PTEMU_UC_FAULTED:
+            self._fault = self._make_fault()
         return self._fault
 
     def emu_start(self, begin, until, timeout=0, count=0):
@@ -244,13 +247,14 @@ class UnicornLink:
         self._until, self._timeout, self._count = until, timeout, count
         return self._run(begin)
 
-    def resume(self):
+    def resume(self, until=None):
         """Continue from the faulting instruction (RIP) after the caller fixed
-        things, towards the `until` of the last emu_start."""
+        things, towards `until` (default: that of the last link.emu_start)."""
+        if until is not None:
+            self._until = until
         if self._until is None:
-            raise InvalidInput("resume() continues an emu_start(); none was made")
-        self._fault = None
-        self._c.state = lib.PTEMU_UC_RUN
+            raise InvalidInput("resume() continues an emu_start(); none was made "
+                               "and no until= given")
         return self._run(self.uc.reg_read(_x86.UC_X86_REG_RIP))
 
     def _run(self, begin):
