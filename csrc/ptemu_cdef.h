@@ -448,7 +448,8 @@ typedef struct ptemu_uc_link {
     /* The refused access (state FAULTED): its page, kind and the fault. */
     uint64_t fault_page;
     uint32_t fault_access;    /* PTEMU_ACC_* */
-    uint32_t fault_exact;     /* 1: fault.cr2 is final (fetch, #GP); 0: offset still unknown */
+    uint32_t fault_exact;     /* 1: fault_va is the address; 0: only its page is known yet */
+    uint64_t fault_va;        /* the refused address (CR2 of a #PF) */
     ptemu_fault fault;
     uint64_t probe_pa;        /* PTEMU_UC_PROBED: the trap address the access used */
     /* Counters. */

@@ -303,19 +303,21 @@ _Bool ptemu_uc_tlb_fill(void *uc, uint64_t vaddr, int type, ptemu_uc_tlb_entry *
     }
     l->faults++;
     l->fault_page = vaddr;
+    l->fault_va = vaddr;
     l->fault_access = access;
     l->fault_exact = 1;
-    if (r == PTEMU_VEC_PF) {
-        if (access == PTEMU_ACC_FETCH) {
-            /* The first byte fetched from the refused page: RIP itself, or
-             * the page's start for an instruction that began before it. */
-            uint64_t rip = 0;
-            void *val = &rip;
-            read_regs(l, &l->regs[PTEMU_UC_R_RIP], &val, 1);
-            f.cr2 = (rip & ~(uint64_t)0xfff) == vaddr ? rip : vaddr;
-        } else {
-            l->fault_exact = 0;
-        }
+    if (access == PTEMU_ACC_FETCH) {
+        /* The first byte fetched from the refused page: RIP itself, or the
+         * page's start for an instruction that began before it. */
+        uint64_t rip = 0;
+        void *val = &rip;
+        read_regs(l, &l->regs[PTEMU_UC_R_RIP], &val, 1);
+        if ((rip & ~(uint64_t)0xfff) == vaddr)
+            l->fault_va = rip;
+        if (r == PTEMU_VEC_PF)
+            f.cr2 = l->fault_va;
+    } else {
+        l->fault_exact = 0;     /* the probe finds the address (see above) */
     }
     l->fault = f;
     l->state = PTEMU_UC_FAULTED;

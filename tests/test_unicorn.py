@@ -125,18 +125,21 @@ class Run:
     def _go(self, begin):
         if self.link is not None:
             f = self.link.emu_start(begin, self.until)
-            return None if f is None else (f.vector, f.cr2)
+            return self._fault_of(f)
         self.intr.clear()
         self.uc.emu_start(begin, self.until)
         return (self.intr[-1], self.reg(X.UC_X86_REG_CR2)) if self.intr else None
 
     def resume(self):
         if self.link is not None:
-            f = self.link.resume()
-            self.fault = None if f is None else (f.vector, f.cr2)
+            self.fault = self._fault_of(self.link.resume())
         else:
             self.fault = self._go(self.reg(X.UC_X86_REG_RIP))
         return self.fault
+
+    def _fault_of(self, f):
+        # #GP loads no CR2 (SDM 6.15): the register as it is, on both MMUs.
+        return None if f is None else (f.vector, getattr(f, "cr2", self.reg(X.UC_X86_REG_CR2)))
 
     def reg(self, r):
         return self.uc.reg_read(r)
@@ -632,3 +635,26 @@ def test_plain_emu_start_then_link_fault_and_resume():
     pt.mem.write_u64(image.pt.entry_pa(DATA, 1), DATA_PA | P | W | NX)
     assert pt.link.resume(until=until) is None
     assert pt.reg(X.UC_X86_REG_RIP) == until
+
+
+def test_engine_and_link_are_freed_together():
+    import gc
+    import weakref
+    image = Image()
+    begin, until = kernel(image, loop_over_pages())
+    pt = Run(image, "ptemu", begin, until)
+    ref = weakref.ref(pt.uc)
+    del pt
+    gc.collect()
+    assert ref() is None
+
+
+def test_non_canonical_data_address_is_gp():
+    # SDM 3.3.7.1: a non-canonical linear address is #GP(0), no walk, CR2 unchanged;
+    # ptemu reports the address itself (found by the probe).
+    image = Image()
+    begin, until = kernel(image, mov_imm(RDI, 0x0000800000000ABC) + MOV_RBX_M_RDI)
+    cpu, pt = both(image, begin, until)
+    assert pt.fault == (13, 0)
+    assert isinstance(pt.link.fault, ptemu.GeneralProtection)
+    assert pt.link.fault.va == 0x0000800000000ABC

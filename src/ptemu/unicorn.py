@@ -13,7 +13,6 @@ instruction, `link.fault` holds the PageFault or GeneralProtection, and
 Needs Unicorn 2.1 (`pip install "ptemu[unicorn]"`).
 """
 import ctypes
-import weakref
 
 from ptemu import bits
 from ptemu._native import ffi, lib, InvalidInput, GeneralProtection, fault_from_c
@@ -32,9 +31,10 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the extra
     _unicorn = None
 
-# The engines attached, so that a second attach is refused and the link (whose
-# C struct the engine's hooks point at) lives as long as the engine.
-_LINKS = weakref.WeakKeyDictionary()
+# The attribute of an attached engine that holds its link: a second attach is
+# refused, and the link (whose C struct the engine's hooks point at) lives as
+# long as the engine -- and goes with it, with no registry to keep either.
+_LINK_ATTR = "_ptemu_link"
 
 _REG_ORDER = ("CR0", "CR3", "CR4", "CS", "RFLAGS", "MSR", "RIP")   # PTEMU_UC_R_*
 _EVENTS = ("cr0", "cr3", "cr4", "efer", "cr3_same", "invlpg")
@@ -105,7 +105,7 @@ class UnicornLink:
             raise InvalidInput("attach needs a unicorn.Uc engine, not %s" % type(uc).__name__)
         if not isinstance(mmu, Mmu):
             raise InvalidInput("attach needs a ptemu.Mmu, not %s" % type(mmu).__name__)
-        if uc in _LINKS:
+        if getattr(uc, _LINK_ATTR, None) is not None:
             raise InvalidInput("this engine is already attached to a ptemu Mmu")
         if uc.ctl_get_arch() != _ucc.UC_ARCH_X86 or uc.ctl_get_mode() != _ucc.UC_MODE_64:
             raise InvalidInput("ptemu is the MMU of an x86-64 engine (UC_ARCH_X86, UC_MODE_64); "
@@ -172,7 +172,7 @@ class UnicornLink:
         if watch_blocks:
             self._hooks.append(_hook_add(uc, _ucc.UC_HOOK_BLOCK, lib.ptemu_uc_block, user, 1, 0))
         lib.ptemu_uc_flush(c)
-        _LINKS[uc] = self
+        setattr(uc, _LINK_ATTR, self)
 
     # -- CPU state -------------------------------------------------------------
     def _regs(self):
@@ -274,17 +274,17 @@ class UnicornLink:
     def _make_fault(self):
         c = self._c
         if not c.fault_exact:
-            self._probe_offset()
+            self._probe_address()
         f = ffi.addressof(c, "fault")
         if f.vector == lib.PTEMU_VEC_GP:
-            exc = fault_from_c(f)
-            return exc if exc is not None else GeneralProtection(int(c.fault_page))
+            return fault_from_c(f) or GeneralProtection(int(c.fault_va))
+        f.cr2 = c.fault_va
         exc = fault_from_c(f, self.mmu.memory.size)
         # The #PF delivery would load CR2 (SDM 4.7): the engine's CR2 says it too.
         self.uc.reg_write(_x86.UC_X86_REG_CR2, exc.cr2)
         return exc
 
-    def _probe_offset(self):
+    def _probe_address(self):
         """Unicorn reports only the page of a refused data access: re-run the
         faulting instruction once, with that page sent to the trap page, to see
         the address itself (csrc/ucfill.c).  The probe writes nothing."""
@@ -302,7 +302,7 @@ class UnicornLink:
         lib.ptemu_uc_flush(c)
         c.state = lib.PTEMU_UC_FAULTED
         if probed:
-            c.fault.cr2 = c.fault_page | (c.probe_pa & 0xfff)
+            c.fault_va = c.fault_page | (c.probe_pa & 0xfff)
         c.fault_exact = 1
 
     # -- statistics --------------------------------------------------------------------
