@@ -61,11 +61,14 @@ static uint32_t pcid_of(uint64_t cr3, uint64_t cr4)
     return (cr4 & PTEMU_CR4_PCIDE) ? (uint32_t)(cr3 & PTEMU_CR3_PCID_MASK) : 0;
 }
 
+/* One uc_reg_read_batch call: Unicorn's API is the only way into its CPU
+ * state (its CPUX86State layout is private and changes between versions). */
 static int read_regs(ptemu_uc_link *l, const int *ids, void **vals, int n)
 {
     return ((uc_reg_read_batch_fn)l->reg_read_batch)(l->uc, ids, vals, n);
 }
 
+/* SDM 3.3.7.1 (as ptemu_canonical, from CR4 rather than a walk context). */
 static int canonical(uint64_t va, uint64_t cr4)
 {
     uint32_t bits = (cr4 & PTEMU_CR4_LA57) ? 57 : 48;
@@ -88,13 +91,11 @@ static void apply_invlpg(ptemu_uc_link *l, const ptemu_uc_tail *t, uint64_t end)
     int ids[4];
     void *ptrs[4];
     uint8_t regs[4] = {t->base, t->index, t->rex_base, t->rex_index};
-    int n = 0;
     for (int i = 0; i < 4; i++) {
         ptrs[i] = &vals[i];
-        ids[i] = regs[i] < 16 ? l->gprs[regs[i]] : l->gprs[0];
-        n = i + 1;
+        ids[i] = regs[i] < 16 ? l->gprs[regs[i]] : l->gprs[0];   /* (a value not used) */
     }
-    if (t->kind == PTEMU_UC_TAIL_INVLPG && !read_regs(l, ids, ptrs, n)) {
+    if (t->kind == PTEMU_UC_TAIL_INVLPG && !read_regs(l, ids, ptrs, 4)) {
         for (int form = 0; form < 2; form++) {
             uint8_t b = form ? t->rex_base : t->base, x = form ? t->rex_index : t->index;
             if (form && b == t->base && x == t->index)

@@ -16,7 +16,6 @@ import ctypes
 
 from ptemu import bits
 from ptemu._native import ffi, lib, InvalidInput, GeneralProtection, fault_from_c
-from ptemu.memory import PhysicalMemory
 from ptemu.mmu import Mmu
 
 __all__ = ["attach", "load_cpu_state", "UnicornLink", "MISSING"]
@@ -154,7 +153,6 @@ class UnicornLink:
         c.tlb = mmu._tlb_c
         c.ctx = self._ctx
         self._c = c
-        self._adopt_engine_state()
 
         # One memory: the PhysicalMemory buffer itself, at physical 0.
         try:
@@ -162,8 +160,10 @@ class UnicornLink:
         except _unicorn.UcError as exc:
             raise InvalidInput("the engine refused ptemu's physical memory of %#x bytes at "
                                "physical 0 (%s)" % (size, exc)) from None
+        self._adopt_engine_state()
         uc.ctl_set_tlb_mode(_ucc.UC_TLB_VIRTUAL)
         user = int(ffi.cast("uintptr_t", c))
+        # begin > end: the hook covers every address (uc_hook_add's convention).
         self._hooks = [
             _hook_add(uc, _ucc.UC_HOOK_TLB_FILL, lib.ptemu_uc_tlb_fill, user, 1, 0),
             _hook_add(uc, _ucc.UC_HOOK_MEM_UNMAPPED, lib.ptemu_uc_trap, user,
