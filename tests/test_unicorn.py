@@ -658,3 +658,19 @@ def test_non_canonical_data_address_is_gp():
     assert pt.fault == (13, 0)
     assert isinstance(pt.link.fault, ptemu.GeneralProtection)
     assert pt.link.fault.va == 0x0000800000000ABC
+
+
+MOV_CR4_RAX = b"\x0f\x22\xe0"
+
+
+def test_mov_cr4_clearing_pge_flushes_globals():
+    # SDM 4.10.4.1: a MOV to CR4 that changes PGE invalidates all TLB entries,
+    # global ones included -- on ptemu's TLB, seen as a CR4 change at the next fill.
+    image = Image()
+    cr4 = ptemu.CpuState.long_mode(cr4=ptemu.CR4_PGE).cr4
+    flush = mov_imm(RAX, cr4 & ~ptemu.CR4_PGE) + MOV_CR4_RAX
+    begin, until = remap_program(image, P | W | NX | G, flush)
+    cpu, pt = both(image, begin, until, cpu_kw={"cr4": ptemu.CR4_PGE})
+    assert pt.reg(X.UC_X86_REG_RBX) == 0xBBBB
+    assert pt.link.stats["events"]["cr4"] == 1
+    assert pt.mmu.tlb.stats.flushes_by_cause["cr4"] == 1 and not pt.mmu.cpu.cr4 & ptemu.CR4_PGE

@@ -26,7 +26,10 @@ try:
     import unicorn as _unicorn
     from unicorn import x86_const as _x86
     from unicorn import unicorn_const as _ucc
-    from unicorn.unicorn_py3.unicorn import uclib as _uclib
+    try:
+        from unicorn.unicorn_py3.unicorn import uclib as _uclib    # the 2.1 binding
+    except ImportError:  # pragma: no cover - other layouts of the binding
+        from unicorn.unicorn import _uc as _uclib
 except ImportError:  # pragma: no cover - exercised only without the extra
     _unicorn = None
 
