@@ -34,6 +34,16 @@
  */
 #include "ptemu.h"
 
+/* cdef() takes no expressions in array sizes: the literal sizes in
+ * ptemu_cdef.h must be these constants. */
+#define PTEMU_UC_COUNT(a) (sizeof(a) / sizeof((a)[0]))
+_Static_assert(PTEMU_UC_COUNT(((ptemu_uc_link *)0)->regs) == PTEMU_UC_NREGS, "regs");
+_Static_assert(PTEMU_UC_COUNT(((ptemu_uc_link *)0)->events) == PTEMU_UC_NEVENTS, "events");
+_Static_assert(PTEMU_UC_COUNT(((ptemu_uc_link *)0)->tails) == PTEMU_UC_NTAILS, "tails");
+_Static_assert(PTEMU_UC_COUNT(((ptemu_uc_link *)0)->gprs) == 16, "gprs");
+/* Unicorn's uc_tlb_entry and uc_x86_msr, as the x86-64 ABI lays them out. */
+_Static_assert(sizeof(ptemu_uc_tlb_entry) == 16 && sizeof(ptemu_uc_msr) == 16, "uc layouts");
+
 typedef int (*uc_reg_read_batch_fn)(void *uc, const int *regs, void **vals, int count);
 typedef int (*uc_ctl_fn)(void *uc, int control, ...);
 

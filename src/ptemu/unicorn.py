@@ -38,8 +38,15 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 # long as the engine -- and goes with it, with no registry to keep either.
 _LINK_ATTR = "_ptemu_link"
 
-_REG_ORDER = ("CR0", "CR3", "CR4", "CS", "RFLAGS", "MSR", "RIP")   # PTEMU_UC_R_*
-_EVENTS = ("cr0", "cr3", "cr4", "efer", "cr3_same", "invlpg")
+# The registers a fill reads, by their slot in ptemu_uc_link.regs.
+_REGS = {lib.PTEMU_UC_R_CR0: "CR0", lib.PTEMU_UC_R_CR3: "CR3", lib.PTEMU_UC_R_CR4: "CR4",
+         lib.PTEMU_UC_R_CS: "CS", lib.PTEMU_UC_R_RFLAGS: "RFLAGS",
+         lib.PTEMU_UC_R_EFER: "MSR", lib.PTEMU_UC_R_RIP: "RIP"}
+assert sorted(_REGS) == list(range(lib.PTEMU_UC_NREGS))
+_EVENTS = {lib.PTEMU_UC_EV_CR0: "cr0", lib.PTEMU_UC_EV_CR3: "cr3", lib.PTEMU_UC_EV_CR4: "cr4",
+           lib.PTEMU_UC_EV_EFER: "efer", lib.PTEMU_UC_EV_CR3_SAME: "cr3_same",
+           lib.PTEMU_UC_EV_INVLPG: "invlpg"}
+assert sorted(_EVENTS) == list(range(lib.PTEMU_UC_NEVENTS))
 _GPRS = ("RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI",
          "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15")
 
@@ -147,7 +154,7 @@ class UnicornLink:
         c.reg_read_batch = ffi.cast("void *", _fn_address("uc_reg_read_batch"))
         c.ctl = ffi.cast("void *", _fn_address("uc_ctl"))
         c.ctl_tlb_flush = (_ucc.UC_CTL_IO_WRITE << 30) | _ucc.UC_CTL_TLB_FLUSH
-        for i, name in enumerate(_REG_ORDER):
+        for i, name in _REGS.items():
             c.regs[i] = getattr(_x86, "UC_X86_REG_" + name)
         for i, name in enumerate(_GPRS):
             c.gprs[i] = getattr(_x86, "UC_X86_REG_" + name)
@@ -320,7 +327,7 @@ class UnicornLink:
                                 "x": int(c.fills_by_access[2])},
             "faults": int(c.faults),
             "flushes": int(c.uc_flushes),
-            "events": {name: int(c.events[i]) for i, name in enumerate(_EVENTS)},
+            "events": {name: int(c.events[i]) for i, name in _EVENTS.items()},
             "blocks_decoded": int(c.blocks_decoded),
             "tlb": self.mmu.tlb.stats if self.mmu.tlb is not None else None,
         }
