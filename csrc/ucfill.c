@@ -386,8 +386,12 @@ static void decode_tail(ptemu_uc_link *l, uint64_t pc, uint32_t size, ptemu_uc_t
     l->blocks_decoded++;
     for (uint32_t i = 0; i < n; i++) {
         int v = code_byte(l, c, pc + size - n + i);
-        if (v < 0)
+        if (v < 0) {
+            /* The block's bytes cannot be read now (its tables changed since
+             * Unicorn fetched it): whatever its tail is, flush after it. */
+            t->kind = PTEMU_UC_TAIL_FLUSH;
             return;
+        }
         b[i] = (uint8_t)v;
     }
     if (n >= 3 && b[n - 3] == 0x0f && b[n - 2] == 0x22 && ((b[n - 1] >> 3) & 7) == 3
