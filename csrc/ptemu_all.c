@@ -11,3 +11,4 @@
 #include "walk.c"
 #include "batch.c"
 #include "physmap.c"
+#include "ucfill.c"

@@ -375,3 +375,131 @@ struct ptemu_seg {
  * returns how many were.  The listings read whole tables through it. */
 uint64_t ptemu_mem_gather64(const ptemu_mem *mem, const uint64_t *pa, uint64_t n,
                             uint64_t *out);
+/* ---- Unicorn link (csrc/ucfill.c) ------------------------------------------ */
+/* ptemu answers the TLB fills of a Unicorn 2.1 x86-64 engine in virtual-TLB
+ * mode (UC_TLB_VIRTUAL + UC_HOOK_TLB_FILL).  ptemu builds without Unicorn:
+ * the few layouts the callbacks touch are declared here, each naming the
+ * Unicorn header it mirrors, and the uc_* functions they call are found at
+ * run time in the loaded libunicorn (ctypes) and passed in as pointers. */
+
+/* struct uc_tlb_entry (include/unicorn/unicorn.h): perms is a uc_prot enum. */
+typedef struct ptemu_uc_tlb_entry {
+    uint64_t paddr;
+    int      perms;
+} ptemu_uc_tlb_entry;
+
+/* uc_x86_msr (include/unicorn/x86.h), for reading EFER with uc_reg_read_batch. */
+typedef struct ptemu_uc_msr {
+    uint32_t rid;
+    uint64_t value;
+} ptemu_uc_msr;
+
+/* uc_mem_type (unicorn.h) of a fill, and uc_prot bits of its answer. */
+#define PTEMU_UC_MEM_READ   16
+#define PTEMU_UC_MEM_WRITE  17
+#define PTEMU_UC_MEM_FETCH  18
+#define PTEMU_UC_PROT_READ  1
+#define PTEMU_UC_PROT_WRITE 2
+#define PTEMU_UC_PROT_EXEC  4
+
+/* Where a refused page is sent while the faulting instruction is re-run to
+ * learn CR2's offset: 2^52, above any MAXPHYADDR, so no entry can map there. */
+#define PTEMU_UC_TRAP_PA    0x0010000000000000
+
+/* The registers read at each fill, in ptemu_uc_link.regs order. */
+#define PTEMU_UC_R_CR0      0
+#define PTEMU_UC_R_CR3      1
+#define PTEMU_UC_R_CR4      2
+#define PTEMU_UC_R_CS       3
+#define PTEMU_UC_R_RFLAGS   4
+#define PTEMU_UC_R_EFER     5     /* UC_X86_REG_MSR with rid 0xc0000080 */
+#define PTEMU_UC_R_RIP      6
+#define PTEMU_UC_NREGS      7
+#define PTEMU_MSR_EFER      0xc0000080
+
+/* ptemu_uc_link.state */
+#define PTEMU_UC_RUN        0     /* fills are answered */
+#define PTEMU_UC_FAULTED    1     /* a fill was refused: fault, fault_page, fault_access */
+#define PTEMU_UC_PROBE      2     /* re-running the faulting instruction (see ucfill.c) */
+#define PTEMU_UC_PROBED     3     /* the probe saw the access: probe_pa holds it */
+
+/* ptemu_uc_link.events: what the link found the code doing to the TLB */
+#define PTEMU_UC_EV_CR0     0     /* CR0 changed */
+#define PTEMU_UC_EV_CR3     1     /* CR3 changed */
+#define PTEMU_UC_EV_CR4     2     /* CR4 changed */
+#define PTEMU_UC_EV_EFER    3     /* EFER changed */
+#define PTEMU_UC_EV_CR3_SAME 4    /* MOV CR3 of the value CR3 already held (block tail) */
+#define PTEMU_UC_EV_INVLPG  5     /* INVLPG (block tail) */
+#define PTEMU_UC_NEVENTS    6
+
+/* The last instruction of a translation block, when it acts on the TLB
+ * without necessarily changing a register: MOV CR3 and INVLPG both end a
+ * block in QEMU's translator (gen_eob), so they are always the tail. */
+#define PTEMU_UC_TAIL_NONE   0
+#define PTEMU_UC_TAIL_CR3    1
+#define PTEMU_UC_TAIL_INVLPG 2
+#define PTEMU_UC_TAIL_FLUSH  3    /* INVLPG whose operand is not decoded: flush all */
+#define PTEMU_UC_NO_REG      16   /* ptemu_uc_tail.base/index: none */
+#define PTEMU_UC_RIP_REL     17   /* ptemu_uc_tail.base: RIP-relative */
+#define PTEMU_UC_NTAILS      256
+
+typedef struct ptemu_uc_tail {
+    uint64_t pc, cr3;         /* the block, and the CR3 it was decoded under */
+    uint32_t size;            /* bytes; 0: empty slot */
+    uint8_t  kind;            /* PTEMU_UC_TAIL_* */
+    uint8_t  base, index;     /* INVLPG operand: GPR numbers 0..15, or PTEMU_UC_NO_REG, RIP_REL */
+    uint8_t  scale;           /* log2 */
+    int32_t  disp;
+    uint8_t  rex_base, rex_index;   /* the same with a REX byte read from before the 0F */
+    uint8_t  pad[2];
+} ptemu_uc_tail;
+
+typedef struct ptemu_uc_link {
+    void *uc;                 /* uc_engine * */
+    void *reg_read_batch;     /* uc_reg_read_batch(uc, int const *regs, void **vals, int n) */
+    void *ctl;                /* uc_ctl(uc, int control, ...) */
+    int   ctl_tlb_flush;      /* UC_CTL_WRITE(UC_CTL_TLB_FLUSH, 0) */
+    int   regs[7];            /* Unicorn register ids, PTEMU_UC_R_* order */
+    ptemu_cpu *cpu;           /* the Mmu's CpuState, kept equal to the engine's */
+    ptemu_mem *mem;
+    ptemu_tlb *tlb;           /* NULL: no TLB */
+    void *ctx;                /* ptemu_uc_ctx_size() bytes owned by Python */
+    uint32_t ctx_valid;       /* ctx derived from *cpu; 0 after any change */
+    uint32_t state;           /* PTEMU_UC_* */
+    uint64_t seen[4];         /* CR0, CR3 (as the engine holds it), CR4, EFER at the last fill */
+    /* The refused access (state FAULTED): its page, kind and the fault. */
+    uint64_t fault_page;
+    uint32_t fault_access;    /* PTEMU_ACC_* */
+    uint32_t fault_exact;     /* 1: fault_va is the address; 0: only its page is known yet */
+    uint64_t fault_va;        /* the refused address (CR2 of a #PF) */
+    ptemu_fault fault;
+    uint64_t probe_pa;        /* PTEMU_UC_PROBED: the trap address the access used */
+    /* Counters. */
+    uint64_t fills;
+    uint64_t fills_by_access[3];
+    uint64_t faults;
+    uint64_t uc_flushes;      /* flushes of Unicorn's TLB asked for by ptemu */
+    uint64_t events[6];       /* PTEMU_UC_EV_* */
+    /* The block watch (UC_HOOK_BLOCK, ptemu_uc_block). */
+    int      gprs[16];        /* Unicorn ids of RAX, RCX, RDX, RBX, RSP, RBP, RSI, RDI, R8..R15 */
+    ptemu_uc_tail pending;    /* the tail of the block running now (kind NONE: none) */
+    ptemu_uc_tail tails[256]; /* decoded tails, by block address */
+    uint64_t blocks_decoded;
+} ptemu_uc_link;
+
+/* The size of the walk context a link keeps (link->ctx). */
+uint64_t ptemu_uc_ctx_size(void);
+/* uc_cb_tlbevent_t: the UC_HOOK_TLB_FILL callback; user_data is the link. */
+_Bool ptemu_uc_tlb_fill(void *uc, uint64_t vaddr, int type, ptemu_uc_tlb_entry *result,
+                        void *user_data);
+/* uc_cb_eventmem_t over the trap page: records the probed access. */
+_Bool ptemu_uc_trap(void *uc, int type, uint64_t address, int size, int64_t value,
+                    void *user_data);
+/* Read the engine's CPU state into link->cpu, applying to ptemu's TLB the
+ * SDM 4.10.4.1 effect of every change since the last call. */
+int ptemu_uc_sync(ptemu_uc_link *link);
+/* UC_HOOK_BLOCK (uc_cb_hookcode_t): a block's tail that acts on the TLB takes
+ * effect once the block ran (ucfill.c). */
+void ptemu_uc_block(void *uc, uint64_t address, uint32_t size, void *user_data);
+/* Flush all of Unicorn's TLB (uc_ctl UC_CTL_TLB_FLUSH), counted in uc_flushes. */
+void ptemu_uc_flush(ptemu_uc_link *link);

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # fuzz/run.sh -- run the fuzz harnesses for a bounded time (CI) or for long.
 #
-#   fuzz/run.sh [--asan] walker|hostile|all [SECONDS] [-- EXTRA FUZZER FLAGS...]
+#   fuzz/run.sh [--asan] walker|hostile|unicorn|all [SECONDS] [-- EXTRA FUZZER FLAGS...]
 #
 #   walker    fuzz/fuzz_walker.py         (walker, batch API, access streams)
 #   hostile   fuzz/fuzz_hostile_guest.py  (a hostile guest vs the shadow MMU)
+#   unicorn   fuzz/fuzz_unicorn.py        (ptemu as a Unicorn engine's MMU, real code)
 #   SECONDS   time box per harness (default 60); 0 = until stopped / -runs=N
 #   --asan    under the ASan+UBSan build (tools/sanitize.sh; venv .venv-asan,
 #             or $PTEMU_ASAN_VENV), atheris installed there, its coverage
@@ -38,8 +39,9 @@ EXTRA=("$@")
 case $WHICH in
     walker) HARNESSES=(walker) ;;
     hostile) HARNESSES=(hostile) ;;
-    all) HARNESSES=(walker hostile) ;;
-    *) echo "usage: fuzz/run.sh [--asan] walker|hostile|all [SECONDS] [-- FLAGS...]" >&2; exit 2 ;;
+    unicorn) HARNESSES=(unicorn) ;;
+    all) HARNESSES=(walker hostile unicorn) ;;
+    *) echo "usage: fuzz/run.sh [--asan] walker|hostile|unicorn|all [SECONDS] [-- FLAGS...]" >&2; exit 2 ;;
 esac
 
 FINDINGS=${PTEMU_FUZZ_FINDINGS:-${TMPDIR:-/tmp}/ptemu-fuzz-findings}
@@ -75,6 +77,7 @@ for h in "${HARNESSES[@]}"; do
     case $h in
         walker) script=$ROOT/fuzz/fuzz_walker.py ;;
         hostile) script=$ROOT/fuzz/fuzz_hostile_guest.py ;;
+        unicorn) script=$ROOT/fuzz/fuzz_unicorn.py ;;
     esac
     corpus=${PTEMU_FUZZ_CORPUS:+$PTEMU_FUZZ_CORPUS/$h}
     corpus=${corpus:-$WORK/corpus-$h}
