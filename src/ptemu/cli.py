@@ -71,15 +71,26 @@ class _Parser(argparse.ArgumentParser):
         raise _Usage(message)
 
 
-def _number(text):
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            "bad number %r (write hex as 0x... or decimal)" % text) from None
-    if value < 0 or value >> 64:
-        raise argparse.ArgumentTypeError("number %r does not fit in 64 bits" % text)
-    return value
+def _integer(minimum=0, bits=64):
+    """An argparse type: a decimal or 0x... integer in [minimum, 2**bits).
+    The one number parser of the command line (addresses, registers, counts)."""
+    def parse(text):
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                "bad number %r (write hex as 0x... or decimal)" % text) from None
+        if value < 0 <= minimum:
+            raise argparse.ArgumentTypeError("%r must not be negative" % text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError("must be at least %d, not %r" % (minimum, text))
+        if value >> bits:
+            raise argparse.ArgumentTypeError("number %r does not fit in %d bits" % (text, bits))
+        return value
+    return parse
+
+
+_number = _integer()
 
 
 def _build_parser():
@@ -492,7 +503,7 @@ def _add_trace_commands(sub):
                                         "accesses to a trace file",
                         usage="ptemu trace record -o OUT [--max N] -- CMD [ARGS...]")
     r.add_argument("-o", "--output", required=True, metavar="OUT", help="the trace file")
-    r.add_argument("--max", type=_positive, default=None, metavar="N",
+    r.add_argument("--max", type=_integer(minimum=1), default=None, metavar="N",
                    help="stop (and kill CMD) after N accesses")
     r.add_argument("--codec", choices=("zstd", "zlib"), default="zstd",
                    help="chunk compression (default zstd)")
@@ -504,13 +515,6 @@ def _add_trace_commands(sub):
     i.add_argument("file", metavar="FILE", help="a trace file (any format ptemu reads)")
     i.add_argument("--json", action="store_true", help="one JSON object instead")
     i.set_defaults(func=_cmd_trace_info)
-
-
-def _positive(text):
-    value = _number(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1, not %r" % text)
-    return value
 
 
 def _cmd_trace_record(args, out):
@@ -602,16 +606,6 @@ def _cmd_trace_info(args, out):
 
 # -- ptemu study ------------------------------------------------------------------
 
-def _study_count(text):
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("%r: a count must not be negative" % text)
-    return value
-
-
 def _add_study_parser(sub):
     s = sub.add_parser("study", help="the same workloads under native, shadow, unsync, "
                                      "paravirtual and nested paging, side by side")
@@ -623,14 +617,14 @@ def _add_study_parser(sub):
     s.add_argument("--modes", metavar="M,M,...",
                    help="comma-separated, of native,shadow,unsync,paravirt,nested "
                         "(default: all)")
-    s.add_argument("--accesses", type=_study_count, metavar="N",
+    s.add_argument("--accesses", type=_number, metavar="N",
                    help="guest accesses per cell (default: the config's, else 100000)")
-    s.add_argument("--seed", type=_study_count, metavar="S", help="one seed for every cell")
+    s.add_argument("--seed", type=_number, metavar="S", help="one seed for every cell")
     s.add_argument("--cost-model", metavar="F.toml", help="cost-model overrides (TOML)")
     s.add_argument("--json", metavar="F", help="write the whole result as JSON")
     s.add_argument("--csv", metavar="F", help="write the rows as CSV")
     s.add_argument("--plot", metavar="F.png", help='write the figure (pip install "ptemu[plot]")')
-    s.add_argument("--jobs", type=_study_count, metavar="N",
+    s.add_argument("--jobs", type=_number, metavar="N",
                    help="local worker processes (default: all cores)")
     s.add_argument("--scheduler", metavar="tcp://HOST:PORT",
                    help='run the cells on a Dask cluster (pip install "ptemu[dask]")')
