@@ -445,6 +445,57 @@ def test_cli_without_valgrind_and_bad_files(tmp_path, capsys, monkeypatch):
     assert main(["trace", "info", str(tmp_path / "missing")]) == 2
 
 
+def test_cli_refuses_an_unwritable_output_before_cmd_runs(tmp_path, capsys):
+    """`-o` into a missing directory is bad input (one line, status 2),
+    found before valgrind starts (so no `ran` file appears), not an OSError
+    after it; a directory given as a trace names itself as one."""
+    ran = tmp_path / "ran"
+    out = tmp_path / "no" / "such" / "dir" / "t.ptrace"
+    assert main(["trace", "record", "-o", str(out), "--", "/bin/sh", "-c",
+                 "touch %s" % ran]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no directory" in err and str(out) in err
+    assert not ran.exists() and not out.parent.exists()
+    assert main(["trace", "record", "-o", str(tmp_path), "--", "/bin/true"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["trace", "info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a directory" in err and "no such file" not in err
+
+
+@needs_valgrind
+def test_record_progress_is_tqdm_on_a_terminal_only(tmp_path):
+    """Recording shows the same tqdm progress as a study (ptemu._files), on
+    stderr when it is a terminal (a pty with a size here) and not when it is
+    a pipe; the one-line summary comes either way."""
+    import fcntl
+    import pty
+    import termios
+    argv = [sys.executable, "-m", "ptemu.cli", "trace", "record", "-o",
+            str(tmp_path / "t.ptrace"), "--max", "60000", "--", "/bin/true"]
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    try:
+        p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=slave, timeout=120)
+    finally:
+        os.close(slave)
+    err = b""
+    while True:
+        try:
+            piece = os.read(master, 65536)
+        except OSError:
+            break
+        if not piece:
+            break
+        err += piece
+    os.close(master)
+    assert p.returncode == 0
+    assert b"recording:" in err and b"acc/s" in err and b"ptemu: recorded 60,000" in err
+    p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+    assert p.returncode == 0 and p.stderr.decode().startswith("ptemu: recorded 60,000")
+    assert p.stderr.count(b"\n") == 1
+
+
 # ---------------------------------------------------------------------------
 # Replay through the guest kernel
 # ---------------------------------------------------------------------------

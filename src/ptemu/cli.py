@@ -42,6 +42,7 @@ import os
 import sys
 
 from ptemu import bits
+from ptemu._files import check_output
 from ptemu._native import PtemuError, InvalidInput, GeneralProtection, MmuFault, decode_error_code
 from ptemu.memory import PhysicalMemory
 from ptemu.mmu import CpuState, Mmu
@@ -524,6 +525,7 @@ def _cmd_trace_record(args, out):
         cmd = cmd[1:]
     if not cmd:
         raise _Usage("trace record: no command given (ptemu trace record -o OUT -- CMD ...)")
+    check_output(args.output, "trace record -o", _Usage)    # before CMD runs, not after
     try:
         res = traces.record(cmd, args.output, max_accesses=args.max, codec=args.codec)
     except traces.ValgrindMissing as exc:
@@ -552,7 +554,6 @@ def _cmd_trace_record(args, out):
 
 
 def _cmd_trace_info(args, out):
-    import json
     from ptemu import traces
     try:
         s = traces.trace_summary(args.file)
@@ -569,7 +570,7 @@ def _cmd_trace_info(args, out):
             "bytes_per_access": (round(s.file_bytes / s.records, 4) if s.records else None),
             "npy_bytes_per_access": 16, "end": s.end}
     if args.json:
-        out.write(json.dumps(info, sort_keys=True) + "\n")
+        _write_json(info, out)
         return 0
     n = max(s.records, 1)
     end = s.end or {}
@@ -642,14 +643,8 @@ def _cmd_study(args, out):
         if args.scheduler:
             study.require("distributed", "dask", "--scheduler")
         for opt, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
-            # Refused before the study runs, not after.
-            d = os.path.dirname(os.path.abspath(path)) if path else None
-            if d and not os.path.isdir(d):
-                raise study.StudyError("%s %s: no directory %s" % (opt, path, d))
-            if d and not os.access(d, os.W_OK):
-                raise study.StudyError("%s %s: directory %s is not writable" % (opt, path, d))
-            if path and os.path.isdir(path):
-                raise study.StudyError("%s %s: is a directory" % (opt, path))
+            if path:                    # refused before the study runs, not after
+                check_output(path, opt, study.StudyError)
         modes = None
         if args.modes is not None:
             modes = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -27,11 +27,10 @@ import itertools
 import json
 import math
 import os
-import sys
-import tempfile
 import time
 from collections import OrderedDict
 
+from ptemu._files import open_input, progress_bar, show_progress, write_atomic
 from ptemu._native import InvalidInput, PtemuError
 
 __all__ = ["MODES", "COMPONENTS", "ROW_FIELDS", "EXIT_HANDLING_REASONS", "DEFAULT_COSTS",
@@ -129,12 +128,8 @@ def _read_toml(path, what):
     path = os.fspath(path)
     toml = _toml()
     try:
-        with open(path, "rb") as fh:
+        with open_input(path, what, StudyError) as fh:
             return toml.load(fh)
-    except FileNotFoundError:
-        raise StudyError("%s %s: no such file" % (what, path)) from None
-    except IsADirectoryError:
-        raise StudyError("%s %s: is a directory" % (what, path)) from None
     except toml.TOMLDecodeError as exc:
         raise StudyError("%s %s: malformed TOML: %s" % (what, path, exc)) from None
     except UnicodeDecodeError as exc:
@@ -594,8 +589,8 @@ def run_cell(cell, progress=False):
     m0, k0, t_0 = _numbers(machine.stats), _numbers(kernel.stats), tlb.stats
     bar = None
     if progress and cell["accesses"] >= _LONG_CELL:
-        bar = _bar(total=cell["accesses"], desc="%s/%s" % (cell["workload"], mode),
-                   unit="acc", leave=False, unit_scale=True)
+        bar = progress_bar(total=cell["accesses"], desc="%s/%s" % (cell["workload"], mode),
+                           unit="acc", leave=False, unit_scale=True)
         _counted_kernel_run(kernel, bar)
     try:
         res = w.run(kernel)
@@ -669,28 +664,8 @@ def make_rows(counts, cost):
 # ---------------------------------------------------------------------------
 # Executors: in this process, local processes, or a Dask cluster
 # ---------------------------------------------------------------------------
-def _bar(**kw):
-    try:
-        from tqdm import tqdm
-    except ImportError:          # no progress without tqdm; the study still runs
-        return None
-    return tqdm(file=sys.stderr, dynamic_ncols=True, **kw)
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def set_postfix_str(self, s):
-        pass
-
-    def close(self):
-        pass
-
-
 def _grid_bar(n, show):
-    bar = _bar(total=n, desc="study", unit="cell") if show else None
-    return bar or _NoBar()
+    return progress_bar(show, total=n, desc="study", unit="cell")
 
 
 def _run_serial(cells, bar, show):
@@ -756,7 +731,7 @@ def default_jobs():
 
 def execute(cells, jobs=None, scheduler=None, progress=None):
     """Counts of every cell, in cell order, whatever ran them."""
-    show = _show_progress(progress)
+    show = show_progress(progress)
     bar = _grid_bar(len(cells), show)
     try:
         if scheduler:
@@ -769,44 +744,9 @@ def execute(cells, jobs=None, scheduler=None, progress=None):
         bar.close()
 
 
-def _show_progress(progress):
-    if progress is not None:
-        return bool(progress)
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 # ---------------------------------------------------------------------------
 # The result: rows, JSON, CSV, table, plot
 # ---------------------------------------------------------------------------
-def write_atomic(path, data):
-    """Write data (str or bytes, or a callable writing to a binary file object)
-    to path through a temporary file in the same directory, renamed over path
-    at the end: an interrupted write leaves no file that looks complete."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=d)
-    try:
-        # mkstemp makes the file 0600; give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as fh:
-            if callable(data):
-                data(fh)
-            else:
-                fh.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _flat(row, reasons):
     out = OrderedDict()
     for k in ROW_FIELDS:

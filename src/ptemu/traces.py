@@ -45,13 +45,13 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import time
 import zipfile
 import zlib
 
 import numpy as np
 
+from ptemu._files import open_input, progress_bar, show_progress
 from ptemu._native import InvalidInput, PtemuError, check_u64
 from ptemu.mmu import TRACE_DTYPE
 
@@ -828,10 +828,8 @@ def _rechunk(pieces, chunk):
 
 
 def _check_path(path):
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InvalidInput("trace %s: no such file" % path)
-    return path
+    open_input(path, "trace", InvalidInput).close()
+    return os.fspath(path)
 
 
 def _iter_pieces(path, chunk, user):
@@ -971,21 +969,6 @@ INSTALL_HINT = ("valgrind is not installed: install it with `apt-get install val
                 "(Debian/Ubuntu; `dnf install valgrind` on Fedora)")
 
 
-def _progress(enabled):
-    """A callable(records) writing a one-line counter on stderr, or a no-op."""
-    if not enabled:
-        return lambda n: None
-    last = [0.0]
-
-    def show(n, _done=False):
-        now = time.monotonic()
-        if now - last[0] >= 0.5:
-            last[0] = now
-            sys.stderr.write("\rptemu: %s accesses recorded" % format(n, ","))
-            sys.stderr.flush()
-    return show
-
-
 def record(command, out, max_accesses=None, codec="zstd", level=3,
            chunk_records=CHUNK_RECORDS, stdout=None, stderr=None, progress=None,
            valgrind="valgrind"):
@@ -1003,9 +986,8 @@ def record(command, out, max_accesses=None, codec="zstd", level=3,
     exe = shutil.which(valgrind)
     if exe is None:
         raise ValgrindMissing(INSTALL_HINT)
-    if progress is None:
-        progress = sys.stderr.isatty()
-    show = _progress(progress)
+    bar = progress_bar(show_progress(progress), total=max_accesses, desc="recording",
+                       unit="acc", unit_scale=True, leave=False)
     rfd, wfd = os.pipe()
     try:
         # A larger pipe lets valgrind run ahead while a block is parsed
@@ -1053,9 +1035,10 @@ def record(command, out, max_accesses=None, codec="zstd", level=3,
                     proc.kill()
                     break
                 writer.append(tr, sz)
-                show(writer.records + writer._npending)
+                bar.update(len(tr))
         rc = proc.wait()
     except BaseException as exc:
+        bar.close()
         try:
             proc.kill()
             proc.wait()
@@ -1064,8 +1047,7 @@ def record(command, out, max_accesses=None, codec="zstd", level=3,
         writer.close(error="%s: %s" % (type(exc).__name__, exc), stopped="error")
         raise
     seconds = time.perf_counter() - t0
-    if progress:
-        sys.stderr.write("\r")
+    bar.close()
     records = writer.records + writer._npending
     status = rc if rc >= 0 else None
     sig = None
