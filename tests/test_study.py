@@ -509,3 +509,31 @@ def test_a_dead_worker_is_one_error(monkeypatch):
     with pytest.raises(study.StudyRunError, match="worker process died"):
         run_study(small_config(workloads=["fork"], modes=["native", "nested"]), jobs=2,
                   progress=False)
+
+
+# ---------------------------------------------------------------------------
+# The docs show what the command prints
+# ---------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _table_block(path):
+    text = open(os.path.join(ROOT, path)).read()
+    at = text.index("```\nworkload ")
+    return text[at + 4:text.index("\n```\n", at + 4)].splitlines()
+
+
+def test_docs_study_table_is_the_command_s_table_of_the_saved_result(serial):
+    """docs/study.md's real study and README's excerpt of it are what
+    `ptemu study` prints for docs/study-results.json (every column, in the
+    command's format), so a change of the table cannot leave the docs behind."""
+    saved = json.load(open(os.path.join(ROOT, "docs", "study-results.json")))
+    assert saved["config"]["accesses"] == 1_000_000 and saved["config"]["seeds"] == [0]
+    printed = study.StudyResult(saved["rows"], saved["config"], saved["cost_model"]).table()
+    printed = printed.splitlines()
+    assert _table_block("docs/study.md") == printed
+    excerpt, pos = _table_block("README.md"), 0
+    assert excerpt[0] == printed[0] and len(excerpt) > 2
+    for line in excerpt[1:]:
+        pos = printed.index(line, pos) + 1          # ValueError: not printed, or not in order
+    assert serial.table().split("\n")[0].split() == printed[0].split()   # a live run: same columns
