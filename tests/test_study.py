@@ -78,10 +78,9 @@ def test_trace_names_parse():
     assert parse_workload_name("tlb-miss") == ("builtin", "tlb-miss")
     with pytest.raises(InvalidInput, match="needs a path"):
         parse_workload_name("trace:")
-    import ptemu.workloads as wl
-    if not hasattr(wl, "TraceWorkload"):
-        with pytest.raises(InvalidInput, match="TraceWorkload"):
-            check_workload("trace:/tmp/x.txt")
+    check_workload("trace:/nonexistent/x.ptrace", accesses=10, seed=3)   # names only
+    with pytest.raises(InvalidInput, match="unknown parameter 'working_set'"):
+        check_workload("trace:/nonexistent/x.ptrace", working_set=3)
 
 
 def test_new_workloads_deterministic_and_shaped():
@@ -469,13 +468,10 @@ def test_progress_on_a_terminal_and_not_with_quiet(tmp_path):
             assert b"study" in err and b"2/2" in err
 
 
-def test_trace_workload_runs_when_there(tmp_path):
-    """trace:PATH through the study, once ptemu.workloads.TraceWorkload exists
-    (the traces issue): every mode replays the same records and the guest
-    sees the same faults."""
+def test_trace_workload_runs_in_every_mode(tmp_path):
+    """trace:PATH through the study: every mode replays the same records and
+    the guest sees the same faults."""
     import ptemu.workloads as wl
-    if not hasattr(wl, "TraceWorkload"):
-        pytest.skip("ptemu.workloads.TraceWorkload is not merged yet")
     rng = np.random.default_rng(5)
     t = np.zeros(3000, dtype=wl.TRACE_DTYPE)
     t["va"] = 0x10000000 + rng.integers(0, 64, 3000).astype(np.uint64) * 4096

@@ -434,6 +434,7 @@ def load_config(source=None, **overrides):
     if not isinstance(wparams, dict):
         raise StudyError("study config: [workload.NAME] tables hold workload parameters")
     names = overrides.pop("workloads", None)
+    from_command_line = names is not None
     if names is not None:
         names = _as_list(names, "workloads")
         wparams = dict(wparams)
@@ -458,6 +459,9 @@ def load_config(source=None, **overrides):
         except InvalidInput as exc:
             raise StudyError("study config: [workload.%s]: %s" % (n, exc)) from None
     workloads = [(n, wparams.get(n, {})) for n in names]
+    if base and not from_command_line:
+        # A trace named in the file is found next to the file, as its cost model is.
+        workloads = [(_trace_beside(n, base), p) for n, p in workloads]
     modes = overrides.pop("modes", None) or _as_list(study.get("modes", list(MODES)),
                                                       "study.modes")
     accesses = overrides.pop("accesses", None)
@@ -495,6 +499,16 @@ def load_config(source=None, **overrides):
                        tlbs=_as_list(knobs.get("tlb", ["default"]), "knobs.tlb"),
                        tlb_specs=specs, cost_model=cost, jobs=jobs,
                        guest_memory_mib=study.get("guest_memory_mib"))
+
+
+def _trace_beside(name, base):
+    """trace:PATH with a relative PATH taken from the directory `base`."""
+    from ptemu.workloads import TRACE_PREFIX
+    if name.startswith(TRACE_PREFIX):
+        path = name[len(TRACE_PREFIX):]
+        if path and not os.path.isabs(path):
+            return TRACE_PREFIX + os.path.join(base, path)
+    return name
 
 
 def grid(config):
