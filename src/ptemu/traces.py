@@ -54,6 +54,7 @@ import numpy as np
 from ptemu._files import open_input, progress_bar, show_progress
 from ptemu._native import InvalidInput, PtemuError, check_u64
 from ptemu.mmu import TRACE_DTYPE
+from ptemu.workloads import Record
 
 __all__ = ["MAGIC", "VERSION", "TraceWriter", "TraceSummary", "CorruptTrace", "ValgrindMissing",
            "iter_trace", "read_trace", "write_trace", "trace_summary", "record",
@@ -892,17 +893,11 @@ def write_trace(path, trace, command=None, size=None, codec="zstd"):
 # ---------------------------------------------------------------------------
 # Summaries: counts, pages, the command
 # ---------------------------------------------------------------------------
-class TraceSummary(dict):
+class TraceSummary(Record):
     """path, format, records, reads, writes, fetches, supervisor, pages
     (sorted page numbers), page_flags (1 read, 2 write, 4 fetch, 8
     supervisor), command, end (how the recording ended), file_bytes,
     chunks, complete."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
     @property
     def bytes_per_access(self):
@@ -948,17 +943,11 @@ def trace_summary(path, user=True):
 # ---------------------------------------------------------------------------
 # Recording with Valgrind lackey
 # ---------------------------------------------------------------------------
-class RecordResult(dict):
+class RecordResult(Record):
     """path, command, records, exit_status (CMD's, None if killed),
     signal (the signal that ended it, or None), stopped ("max" when --max
     cut it short, else None), seconds, file_bytes, valgrind_log (its
     "==pid==" lines)."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
     @property
     def ok(self):

@@ -105,16 +105,22 @@ def _pages(base, npages):
     return np.uint64(base) + np.arange(npages, dtype=np.uint64) * np.uint64(PAGE)
 
 
-class WorkloadResult(dict):
-    """accesses (guest user accesses run), faults (true faults handled by
-    the guest kernel), seconds, kernel (its counters), machine (the
-    machine's counters, e.g. exits by reason on a VM)."""
+class Record(dict):
+    """A plain dict whose keys read as attributes too: what a workload, a
+    replay, a trace summary or a recording reports (it pickles and goes to
+    JSON as the dict it is)."""
 
     def __getattr__(self, name):
         try:
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+class WorkloadResult(Record):
+    """accesses (guest user accesses run), faults (true faults handled by
+    the guest kernel), seconds, kernel (its counters), machine (the
+    machine's counters, e.g. exits by reason on a VM)."""
 
 
 def _snapshot(stats):
