@@ -185,6 +185,34 @@ def test_corrupt_payload_and_bad_magic(tmp_path):
         read_trace(p)
 
 
+def test_trace_info_finds_a_corrupt_chunk_without_decompressing(tmp_path, capsys, monkeypatch):
+    """`trace info` answers from the header and PAGE/END blocks, but a file
+    whose chunk payload was damaged (a complete, otherwise valid file) is
+    refused, naming the chunk and its offset, as a replay would refuse it;
+    checking takes the checksums only (no chunk is decompressed)."""
+    p, data, offs = _three_chunks(tmp_path)
+    assert main(["trace", "info", str(p)]) == 0
+    capsys.readouterr()
+    bad = bytearray(data)
+    bad[offs[2] + 32 + 1] ^= 0x40
+    p.write_bytes(bytes(bad))
+    calls = []
+    real = traces._Codec.decompress
+    monkeypatch.setattr(traces._Codec, "decompress",
+                        lambda self, *a: calls.append(a) or real(self, *a))
+    assert main(["trace", "info", str(p)]) == 2
+    assert len(calls) == 2                 # the PAGE and END blocks, no chunk
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "chunk 2 at byte offset %d: checksum mismatch" % offs[2] in err
+    bad = bytearray(data)                  # chunk 1 says it starts at record 11, not 10
+    struct.pack_into("<Q", bad, offs[1] + 24, 11)
+    p.write_bytes(bytes(bad))
+    with pytest.raises(CorruptTrace, match="chunk 1 at byte offset %d: expected chunk 1"
+                       % offs[1]):
+        traces.trace_summary(p)
+
+
 def test_out_of_range_kind_is_refused_with_its_index(tmp_path):
     p, data, offs = _three_chunks(tmp_path, codec="none")
     bad = bytearray(data)

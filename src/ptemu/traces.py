@@ -392,6 +392,21 @@ class _TraceFile:
 
     def _read_block(self, fh, chunk, off):
         """(tag, n, payload, first) of the block at off, verified."""
+        tag, n, raw_len, stored, cid, first = self._read_stored(fh, chunk, off)
+        try:
+            raw = self._codec(cid, chunk, off).decompress(stored, raw_len)
+        except CorruptTrace:
+            raise
+        except Exception as exc:
+            raise CorruptTrace(self.path, "cannot decompress (%s)" % exc, chunk, off) from None
+        if len(raw) != raw_len:
+            raise CorruptTrace(self.path, "decompressed to %d bytes, not %d"
+                               % (len(raw), raw_len), chunk, off)
+        return tag, n, raw, first
+
+    def _read_stored(self, fh, chunk, off):
+        """(tag, n, raw_len, stored payload, codec, first) of the block at off,
+        its header and checksum verified, not decompressed."""
         head = fh.read(_BLK.size)
         if len(head) < _BLK.size:
             raise CorruptTrace(self.path, "truncated: the file ends %d bytes into the block "
@@ -412,16 +427,28 @@ class _TraceFile:
                                % (len(stored), stored_len), chunk, off)
         if zlib.crc32(stored) != crc:
             raise CorruptTrace(self.path, "checksum mismatch (corrupt payload)", chunk, off)
-        try:
-            raw = self._codec(cid, chunk, off).decompress(stored, raw_len)
-        except CorruptTrace:
-            raise
-        except Exception as exc:
-            raise CorruptTrace(self.path, "cannot decompress (%s)" % exc, chunk, off) from None
-        if len(raw) != raw_len:
-            raise CorruptTrace(self.path, "decompressed to %d bytes, not %d"
-                               % (len(raw), raw_len), chunk, off)
-        return tag, n, raw, first
+        return tag, n, raw_len, stored, cid, first
+
+    def verify_chunks(self):
+        """Check every CHNK block's header, order and checksum without
+        decompressing one (what `trace info` does before it answers from the
+        header): a corrupt or truncated chunk is CorruptTrace naming it."""
+        with open(self.path, "rb") as fh:
+            fh.seek(self.header_len)
+            seen = 0
+            for i in range(self.chunks):
+                off = fh.tell()
+                tag, n, _, _, _, first = self._read_stored(fh, i, off)
+                if tag != _TAG_CHUNK or first != seen:
+                    raise CorruptTrace(self.path, "expected chunk %d (record %d), found a %r "
+                                       "block starting at record %d" % (i, seen, tag, first),
+                                       i, off)
+                seen += n
+            if seen != self.records or fh.tell() != self.tail:
+                raise CorruptTrace(self.path, "the header promises %d records in %d chunks "
+                                   "ending at byte %d; the chunks hold %d, ending at %d"
+                                   % (self.records, self.chunks, self.tail, seen, fh.tell()),
+                                   self.chunks, fh.tell())
 
     def chunks_iter(self):
         """(trace, size) of every CHNK block, in order."""
@@ -910,7 +937,8 @@ class TraceSummary(Record):
 
 def trace_summary(path, user=True):
     """A TraceSummary of the file.  A complete file of this format answers
-    from its header and PAGE/END blocks; any other file is read through."""
+    from its header and PAGE/END blocks, every chunk's checksum checked but
+    none decompressed; any other file is read through."""
     path = _check_path(path)
     fmt = _format_of(path)
     out = TraceSummary(path=path, format=fmt, file_bytes=os.path.getsize(path), command=None,
@@ -921,6 +949,7 @@ def trace_summary(path, user=True):
                    chunks=tf.chunks, complete=tf.complete)
         tail = tf.tail_blocks()
         if tail is not None:
+            tf.verify_chunks()
             pages, flags, end = tail
             out.update(records=tf.records, reads=tf.by_kind[0], writes=tf.by_kind[1],
                        fetches=tf.by_kind[2], supervisor=tf.supervisor, pages=pages,
