@@ -437,30 +437,11 @@ def test_progress_on_a_terminal_and_not_with_quiet(tmp_path):
     """tqdm on stderr when stderr is a terminal (a pty here); --quiet turns
     it off; stdout carries the table either way."""
     pytest.importorskip("tqdm")
-    import fcntl
-    import pty
-    import struct
-    import termios
+    from ptyrun import run_on_a_pty
     for quiet in (False, True):
-        master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-        try:
-            p = subprocess.run([sys.executable, "-m", "ptemu.cli", "study", "--workload", "fork",
-                                "--modes", "native,nested", "--accesses", "2000", "--jobs", "1"]
-                               + (["--quiet"] if quiet else []),
-                               stdout=subprocess.PIPE, stderr=slave, timeout=120)
-        finally:
-            os.close(slave)
-        err = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            err += chunk
-        os.close(master)
+        p, err = run_on_a_pty([sys.executable, "-m", "ptemu.cli", "study", "--workload", "fork",
+                               "--modes", "native,nested", "--accesses", "2000", "--jobs", "1"]
+                              + (["--quiet"] if quiet else []))
         assert p.returncode == 0 and p.stdout.decode().startswith("workload")
         if quiet:
             assert err == b""

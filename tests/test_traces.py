@@ -496,27 +496,10 @@ def test_record_progress_is_tqdm_on_a_terminal_only(tmp_path):
     """Recording shows the same tqdm progress as a study (ptemu._files), on
     stderr when it is a terminal (a pty with a size here) and not when it is
     a pipe; the one-line summary comes either way."""
-    import fcntl
-    import pty
-    import termios
+    from ptyrun import run_on_a_pty
     argv = [sys.executable, "-m", "ptemu.cli", "trace", "record", "-o",
             str(tmp_path / "t.ptrace"), "--max", "60000", "--", "/bin/true"]
-    master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-    try:
-        p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=slave, timeout=120)
-    finally:
-        os.close(slave)
-    err = b""
-    while True:
-        try:
-            piece = os.read(master, 65536)
-        except OSError:
-            break
-        if not piece:
-            break
-        err += piece
-    os.close(master)
+    p, err = run_on_a_pty(argv, stdout=subprocess.DEVNULL)
     assert p.returncode == 0
     assert b"recording:" in err and b"acc/s" in err and b"ptemu: recorded 60,000" in err
     p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
