@@ -492,6 +492,25 @@ def test_cli_refuses_an_unwritable_output_before_cmd_runs(tmp_path, capsys):
 
 
 @needs_valgrind
+def test_record_of_a_cmd_that_never_ran_writes_nothing(tmp_path, capsys):
+    """valgrind cannot start CMD: one line saying so, status 1, and an
+    existing OUT left as it was (it used to be replaced by an empty trace);
+    a recording that ran lands under OUT with no temporary file left."""
+    out = tmp_path / "t.ptrace"
+    out.write_bytes(b"an older recording")
+    assert main(["trace", "record", "-o", str(out), "--", str(tmp_path / "no-such-cmd")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    ours = [ln for ln in err if ln.startswith("ptemu")]
+    assert len(ours) == 1 and "could not run" in ours[0] and "nothing written" in ours[0]
+    assert out.read_bytes() == b"an older recording"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.ptrace"]
+    res = traces.record(["/bin/sh", "-c", "exit 3"], out, progress=False)
+    assert res.path == str(out) and res.exit_status == 3 and res.records > 0
+    assert trace_summary(out).records == res.records
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.ptrace"]
+
+
+@needs_valgrind
 def test_record_progress_is_tqdm_on_a_terminal_only(tmp_path):
     """Recording shows the same tqdm progress as a study (ptemu._files), on
     stderr when it is a terminal (a pty with a size here) and not when it is

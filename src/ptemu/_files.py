@@ -49,18 +49,27 @@ def check_output(path, what, error):
     return path
 
 
+def temp_beside(path):
+    """(fd, name) of a new empty file in path's directory, with the mode a
+    plain open() would give path: where a write goes before it is renamed
+    over path (os.replace), so path is never seen half written."""
+    path = os.fspath(path)
+    d = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=d)
+    # mkstemp makes the file 0600; give it the mode a plain open() would.
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)
+    return fd, tmp
+
+
 def write_atomic(path, data):
     """Write data (str or bytes, or a callable writing to a binary file object)
     to path through a temporary file in the same directory, renamed over path
     at the end: an interrupted write leaves no file that looks complete."""
     path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=d)
+    fd, tmp = temp_beside(path)
     try:
-        # mkstemp makes the file 0600; give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as fh:
             if callable(data):
                 data(fh)

@@ -532,6 +532,14 @@ def _cmd_trace_record(args, out):
         raise _Usage(str(exc)) from None
     except InvalidInput as exc:
         raise _Usage(str(exc)) from None
+    if res.path is None:
+        # CMD never ran: valgrind could not start it.  Nothing was written.
+        tail = [ln for ln in res.valgrind_log if ln.strip("=0123456789 ")][-2:]
+        sys.stderr.write("ptemu: error: valgrind could not run `%s` (exit status %s)%s; "
+                         "nothing written to %s\n"
+                         % (" ".join(cmd), res.exit_status if res.signal is None else res.signal,
+                            ": " + " / ".join(tail) if tail else "", args.output))
+        return 1
     what = "%s accesses of `%s` to %s (%s bytes%s)" % (
         format(res.records, ","), " ".join(cmd), res.path, format(res.file_bytes, ","),
         ", %.2f bytes per access" % (res.file_bytes / res.records) if res.records else "")
@@ -545,11 +553,6 @@ def _cmd_trace_record(args, out):
     else:
         fate = "CMD exited with status 0"
     sys.stderr.write("ptemu: recorded %s; %s\n" % (what, fate))
-    if not res.records and not res.ok:
-        tail = [ln for ln in res.valgrind_log if ln.strip("=0123456789 ")][-2:]
-        if tail:
-            sys.stderr.write("ptemu: valgrind said: %s\n" % " / ".join(tail))
-        return 1                # CMD never ran: an empty trace is all there is
     return 0
 
 

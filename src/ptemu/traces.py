@@ -51,7 +51,7 @@ import zlib
 
 import numpy as np
 
-from ptemu._files import open_input, progress_bar, show_progress
+from ptemu._files import open_input, progress_bar, show_progress, temp_beside
 from ptemu._native import InvalidInput, PtemuError, check_u64
 from ptemu.mmu import TRACE_DTYPE
 from ptemu.workloads import Record
@@ -995,6 +995,12 @@ def record(command, out, max_accesses=None, codec="zstd", level=3,
     converted as it arrives.  max_accesses stops the recording (and the
     command) after that many accesses.  Returns a RecordResult; CMD's
     failure is a result (the trace stays valid), not an exception.
+
+    The trace is written beside `out` and renamed over it when the
+    recording ends (also when it is interrupted: the END block says how),
+    unless CMD never ran (valgrind could not start it: no access and a
+    failing status): then nothing is written, an existing `out` stays as
+    it was, and the result's path is None.
     """
     command = [os.fspath(c) for c in command]
     if not command:
@@ -1018,9 +1024,22 @@ def record(command, out, max_accesses=None, codec="zstd", level=3,
     t0 = time.perf_counter()
     log = []
     stopped = None
-    writer = TraceWriter(out, command=command, codec=codec, level=level,
-                         chunk_records=chunk_records,
-                         meta={"recorder": "valgrind --tool=lackey --trace-mem=yes"})
+    fd, tmp = temp_beside(out)
+    os.close(fd)
+    try:
+        writer = TraceWriter(tmp, command=command, codec=codec, level=level,
+                             chunk_records=chunk_records,
+                             meta={"recorder": "valgrind --tool=lackey --trace-mem=yes"})
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+    def land(records, ran):
+        if records or ran:
+            os.replace(tmp, out)
+            return True
+        os.unlink(tmp)
+        return False
     try:
         try:
             proc = subprocess.Popen(argv, pass_fds=(wfd,), stdin=subprocess.DEVNULL,
@@ -1063,6 +1082,7 @@ def record(command, out, max_accesses=None, codec="zstd", level=3,
         except Exception:
             pass
         writer.close(error="%s: %s" % (type(exc).__name__, exc), stopped="error")
+        land(writer.records, False)
         raise
     seconds = time.perf_counter() - t0
     bar.close()
@@ -1076,9 +1096,11 @@ def record(command, out, max_accesses=None, codec="zstd", level=3,
     end = {"exit_status": status, "signal": sig, "stopped": stopped, "seconds": seconds,
            "valgrind_log": log[-40:]}
     size = writer.close(**end)
-    return RecordResult(path=os.fspath(out), command=command, records=records,
-                        exit_status=status, signal=sig, stopped=stopped, seconds=seconds,
-                        file_bytes=size, valgrind_log=log)
+    if not land(records, status == 0 or stopped == "max"):
+        size = 0
+    return RecordResult(path=os.fspath(out) if size else None, command=command,
+                        records=records, exit_status=status, signal=sig, stopped=stopped,
+                        seconds=seconds, file_bytes=size, valgrind_log=log)
 
 
 # ---------------------------------------------------------------------------
