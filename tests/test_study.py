@@ -297,6 +297,23 @@ def test_plot_png(serial, tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".part")]
 
 
+def test_plot_panels_sit_under_the_legend_at_any_height(serial):
+    """The figure's header (component legend, title) is a fixed strip: the
+    panels' titles start within an inch of the top for one workload as for
+    four (a one-workload figure had 1.2 in of blank between them)."""
+    pytest.importorskip("matplotlib")
+    one = study.StudyResult([r for r in serial.rows if r["workload"] == "fork"],
+                            serial.config, serial.cost_model)
+    for res in (one, serial):
+        fig = study._figure(res)
+        renderer = fig.canvas.get_renderer()
+        height = fig.get_figheight()
+        titles_top = max(ax.get_tightbbox(renderer).y1 for ax in fig.axes) / fig.dpi
+        header = min(t.get_window_extent(renderer).y0 for t in
+                     [fig._suptitle] + list(fig.legends)) / fig.dpi
+        assert 0 < header - titles_top and height - titles_top < 1.0, (height, titles_top)
+
+
 def test_write_atomic_leaves_no_partial_file(tmp_path):
     p = tmp_path / "out.json"
     write_atomic(p, "old")
