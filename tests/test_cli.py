@@ -197,6 +197,31 @@ def test_error_bad_numbers(capsys, image):
     assert_one_line_error(*run(capsys, "tlb", image, "--cr3", str(1 << 64)), "64 bits")
 
 
+@pytest.mark.parametrize("argv", [
+    ["translate", "IMG", "--cpu", "-1", "0x1000"],
+    ["gva2gpa", "IMG", "--cr3", "0x1000", "-1"],
+    ["tlb", "IMG", "--cr3", "-4096"],
+    ["trace", "record", "-o", "OUT", "--max", "-3", "--", "/bin/true"],
+    ["study", "--seed", "-1"],
+    ["study", "--jobs", "-2"],
+])
+def test_error_negative_numbers_say_so(capsys, image, tmp_path, argv):
+    # One number parser for every command: a negative number is named as
+    # negative, not as one that "does not fit in 64 bits".
+    argv = [image if a == "IMG" else str(tmp_path / "t.ptrace") if a == "OUT" else a
+            for a in argv]
+    assert_one_line_error(*run(capsys, *argv), "must not be negative")
+    assert not (tmp_path / "t.ptrace").exists()
+
+
+def test_error_counts_below_their_minimum(capsys, tmp_path):
+    out = tmp_path / "t.ptrace"
+    assert_one_line_error(*run(capsys, "trace", "record", "-o", str(out), "--max", "0", "--",
+                               "/bin/true"), "--max", "at least 1")
+    assert_one_line_error(*run(capsys, "study", "--accesses", "1e6"), "--accesses", "1e6")
+    assert not out.exists()
+
+
 def test_error_bad_flag_combinations(capsys, image):
     # CR0.PG without CR4.PAE would be legacy 32-bit paging (not modelled)
     assert_one_line_error(*run(capsys, "tlb", image, "--cr3", "0x1000", "--cr4", "0"),

@@ -78,10 +78,9 @@ def test_trace_names_parse():
     assert parse_workload_name("tlb-miss") == ("builtin", "tlb-miss")
     with pytest.raises(InvalidInput, match="needs a path"):
         parse_workload_name("trace:")
-    import ptemu.workloads as wl
-    if not hasattr(wl, "TraceWorkload"):
-        with pytest.raises(InvalidInput, match="TraceWorkload"):
-            check_workload("trace:/tmp/x.txt")
+    check_workload("trace:/nonexistent/x.ptrace", accesses=10, seed=3)   # names only
+    with pytest.raises(InvalidInput, match="unknown parameter 'working_set'"):
+        check_workload("trace:/nonexistent/x.ptrace", working_set=3)
 
 
 def test_new_workloads_deterministic_and_shaped():
@@ -298,6 +297,23 @@ def test_plot_png(serial, tmp_path):
     assert not [n for n in os.listdir(tmp_path) if n.endswith(".part")]
 
 
+def test_plot_panels_sit_under_the_legend_at_any_height(serial):
+    """The figure's header (component legend, title) is a fixed strip: the
+    panels' titles start within an inch of the top for one workload as for
+    four (a one-workload figure had 1.2 in of blank between them)."""
+    pytest.importorskip("matplotlib")
+    one = study.StudyResult([r for r in serial.rows if r["workload"] == "fork"],
+                            serial.config, serial.cost_model)
+    for res in (one, serial):
+        fig = study._figure(res)
+        renderer = fig.canvas.get_renderer()
+        height = fig.get_figheight()
+        titles_top = max(ax.get_tightbbox(renderer).y1 for ax in fig.axes) / fig.dpi
+        header = min(t.get_window_extent(renderer).y0 for t in
+                     [fig._suptitle] + list(fig.legends)) / fig.dpi
+        assert 0 < header - titles_top and height - titles_top < 1.0, (height, titles_top)
+
+
 def test_write_atomic_leaves_no_partial_file(tmp_path):
     p = tmp_path / "out.json"
     write_atomic(p, "old")
@@ -438,30 +454,11 @@ def test_progress_on_a_terminal_and_not_with_quiet(tmp_path):
     """tqdm on stderr when stderr is a terminal (a pty here); --quiet turns
     it off; stdout carries the table either way."""
     pytest.importorskip("tqdm")
-    import fcntl
-    import pty
-    import struct
-    import termios
+    from ptyrun import run_on_a_pty
     for quiet in (False, True):
-        master, slave = pty.openpty()
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
-        try:
-            p = subprocess.run([sys.executable, "-m", "ptemu.cli", "study", "--workload", "fork",
-                                "--modes", "native,nested", "--accesses", "2000", "--jobs", "1"]
-                               + (["--quiet"] if quiet else []),
-                               stdout=subprocess.PIPE, stderr=slave, timeout=120)
-        finally:
-            os.close(slave)
-        err = b""
-        while True:
-            try:
-                chunk = os.read(master, 65536)
-            except OSError:
-                break
-            if not chunk:
-                break
-            err += chunk
-        os.close(master)
+        p, err = run_on_a_pty([sys.executable, "-m", "ptemu.cli", "study", "--workload", "fork",
+                               "--modes", "native,nested", "--accesses", "2000", "--jobs", "1"]
+                              + (["--quiet"] if quiet else []))
         assert p.returncode == 0 and p.stdout.decode().startswith("workload")
         if quiet:
             assert err == b""
@@ -469,13 +466,10 @@ def test_progress_on_a_terminal_and_not_with_quiet(tmp_path):
             assert b"study" in err and b"2/2" in err
 
 
-def test_trace_workload_runs_when_there(tmp_path):
-    """trace:PATH through the study, once ptemu.workloads.TraceWorkload exists
-    (the traces issue): every mode replays the same records and the guest
-    sees the same faults."""
+def test_trace_workload_runs_in_every_mode(tmp_path):
+    """trace:PATH through the study: every mode replays the same records and
+    the guest sees the same faults."""
     import ptemu.workloads as wl
-    if not hasattr(wl, "TraceWorkload"):
-        pytest.skip("ptemu.workloads.TraceWorkload is not merged yet")
     rng = np.random.default_rng(5)
     t = np.zeros(3000, dtype=wl.TRACE_DTYPE)
     t["va"] = 0x10000000 + rng.integers(0, 64, 3000).astype(np.uint64) * 4096
@@ -509,3 +503,31 @@ def test_a_dead_worker_is_one_error(monkeypatch):
     with pytest.raises(study.StudyRunError, match="worker process died"):
         run_study(small_config(workloads=["fork"], modes=["native", "nested"]), jobs=2,
                   progress=False)
+
+
+# ---------------------------------------------------------------------------
+# The docs show what the command prints
+# ---------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _table_block(path):
+    text = open(os.path.join(ROOT, path)).read()
+    at = text.index("```\nworkload ")
+    return text[at + 4:text.index("\n```\n", at + 4)].splitlines()
+
+
+def test_docs_study_table_is_the_command_s_table_of_the_saved_result(serial):
+    """docs/study.md's real study and README's excerpt of it are what
+    `ptemu study` prints for docs/study-results.json (every column, in the
+    command's format), so a change of the table cannot leave the docs behind."""
+    saved = json.load(open(os.path.join(ROOT, "docs", "study-results.json")))
+    assert saved["config"]["accesses"] == 1_000_000 and saved["config"]["seeds"] == [0]
+    printed = study.StudyResult(saved["rows"], saved["config"], saved["cost_model"]).table()
+    printed = printed.splitlines()
+    assert _table_block("docs/study.md") == printed
+    excerpt, pos = _table_block("README.md"), 0
+    assert excerpt[0] == printed[0] and len(excerpt) > 2
+    for line in excerpt[1:]:
+        pos = printed.index(line, pos) + 1          # ValueError: not printed, or not in order
+    assert serial.table().split("\n")[0].split() == printed[0].split()   # a live run: same columns

@@ -185,6 +185,34 @@ def test_corrupt_payload_and_bad_magic(tmp_path):
         read_trace(p)
 
 
+def test_trace_info_finds_a_corrupt_chunk_without_decompressing(tmp_path, capsys, monkeypatch):
+    """`trace info` answers from the header and PAGE/END blocks, but a file
+    whose chunk payload was damaged (a complete, otherwise valid file) is
+    refused, naming the chunk and its offset, as a replay would refuse it;
+    checking takes the checksums only (no chunk is decompressed)."""
+    p, data, offs = _three_chunks(tmp_path)
+    assert main(["trace", "info", str(p)]) == 0
+    capsys.readouterr()
+    bad = bytearray(data)
+    bad[offs[2] + 32 + 1] ^= 0x40
+    p.write_bytes(bytes(bad))
+    calls = []
+    real = traces._Codec.decompress
+    monkeypatch.setattr(traces._Codec, "decompress",
+                        lambda self, *a: calls.append(a) or real(self, *a))
+    assert main(["trace", "info", str(p)]) == 2
+    assert len(calls) == 2                 # the PAGE and END blocks, no chunk
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1
+    assert "chunk 2 at byte offset %d: checksum mismatch" % offs[2] in err
+    bad = bytearray(data)                  # chunk 1 says it starts at record 11, not 10
+    struct.pack_into("<Q", bad, offs[1] + 24, 11)
+    p.write_bytes(bytes(bad))
+    with pytest.raises(CorruptTrace, match="chunk 1 at byte offset %d: expected chunk 1"
+                       % offs[1]):
+        traces.trace_summary(p)
+
+
 def test_out_of_range_kind_is_refused_with_its_index(tmp_path):
     p, data, offs = _three_chunks(tmp_path, codec="none")
     bad = bytearray(data)
@@ -443,6 +471,103 @@ def test_cli_without_valgrind_and_bad_files(tmp_path, capsys, monkeypatch):
     assert err.count("\n") == 1 and "chunk" in err and "byte offset" in err
     assert main(["trace", "record", "-o", str(tmp_path / "x")]) == 2
     assert main(["trace", "info", str(tmp_path / "missing")]) == 2
+
+
+def test_cli_refuses_an_unwritable_output_before_cmd_runs(tmp_path, capsys):
+    """`-o` into a missing directory is bad input (one line, status 2),
+    found before valgrind starts (so no `ran` file appears), not an OSError
+    after it; a directory given as a trace names itself as one."""
+    ran = tmp_path / "ran"
+    out = tmp_path / "no" / "such" / "dir" / "t.ptrace"
+    assert main(["trace", "record", "-o", str(out), "--", "/bin/sh", "-c",
+                 "touch %s" % ran]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no directory" in err and str(out) in err
+    assert not ran.exists() and not out.parent.exists()
+    assert main(["trace", "record", "-o", str(tmp_path), "--", "/bin/true"]) == 2
+    assert "is a directory" in capsys.readouterr().err
+    assert main(["trace", "info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "is a directory" in err and "no such file" not in err
+
+
+@needs_valgrind
+def test_record_of_a_cmd_that_never_ran_writes_nothing(tmp_path, capsys):
+    """valgrind cannot start CMD: one line saying so, status 1, and an
+    existing OUT left as it was (it used to be replaced by an empty trace);
+    a recording that ran lands under OUT with no temporary file left."""
+    out = tmp_path / "t.ptrace"
+    out.write_bytes(b"an older recording")
+    assert main(["trace", "record", "-o", str(out), "--", str(tmp_path / "no-such-cmd")]) == 1
+    err = capsys.readouterr().err.splitlines()
+    ours = [ln for ln in err if ln.startswith("ptemu")]
+    assert len(ours) == 1 and "could not run" in ours[0] and "nothing written" in ours[0]
+    assert out.read_bytes() == b"an older recording"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.ptrace"]
+    res = traces.record(["/bin/sh", "-c", "exit 3"], out, progress=False)
+    assert res.path == str(out) and res.exit_status == 3 and res.records > 0
+    assert trace_summary(out).records == res.records
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.ptrace"]
+
+
+@needs_valgrind
+def test_record_progress_is_tqdm_on_a_terminal_only(tmp_path):
+    """Recording shows the same tqdm progress as a study (ptemu._files), on
+    stderr when it is a terminal (a pty with a size here) and not when it is
+    a pipe; the one-line summary comes either way."""
+    from ptyrun import run_on_a_pty
+    argv = [sys.executable, "-m", "ptemu.cli", "trace", "record", "-o",
+            str(tmp_path / "t.ptrace"), "--max", "60000", "--", "/bin/true"]
+    p, err = run_on_a_pty(argv, stdout=subprocess.DEVNULL)
+    assert p.returncode == 0
+    assert b"recording:" in err and b"acc/s" in err and b"ptemu: recorded 60,000" in err
+    p = subprocess.run(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, timeout=120)
+    assert p.returncode == 0 and p.stderr.decode().startswith("ptemu: recorded 60,000")
+    assert p.stderr.count(b"\n") == 1
+
+
+@needs_valgrind
+def test_study_on_a_real_recording_in_every_mode(tmp_path, capsys, monkeypatch):
+    """The three features together, as a user runs them: `ptemu trace record`
+    of a real program, then `ptemu study` over it in all five modes from a
+    config file in another directory that names the trace relative to itself
+    (as it names its cost model), with --json and --csv. The guest sees the
+    same program in every mode: the same accesses and guest #PFs; the JSON
+    rows carry the fields of shared/API.md's Study section."""
+    sweep = tmp_path / "sweep"
+    sweep.mkdir()
+    assert main(["trace", "record", "-o", str(sweep / "true.ptrace"), "--max", "40000",
+                 "--", "/bin/true"]) == 0
+    (sweep / "s.toml").write_text(
+        '[study]\nworkloads = ["trace:true.ptrace"]\naccesses = 30000\n'
+        'modes = ["native", "shadow", "unsync", "paravirt", "nested"]\n')
+    capsys.readouterr()
+    monkeypatch.chdir(tmp_path)
+    rc = main(["study", "sweep/s.toml", "--jobs", "1", "--quiet", "--json", "r.json",
+               "--csv", "r.csv"])
+    out, err = capsys.readouterr()
+    assert rc == 0 and err == "", err
+    assert len(out.splitlines()) == 6 and "true.ptrace" in out
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert set(doc) == {"ptemu_version", "config", "cost_model", "rows"}
+    rows = doc["rows"]
+    assert [r["mode"] for r in rows] == ["native", "shadow", "unsync", "paravirt", "nested"]
+    api = ("workload mode accesses exits exits_by_reason guest_page_faults tlb_lookups "
+           "tlb_misses tlb_miss_rate walks walk_refs refs_per_walk refs_per_access "
+           "shadow_pages_peak modelled_cycles modelled_cycles_by_component "
+           "modelled_cycles_per_access overhead_vs_native wall_s").split()
+    for r in rows:
+        assert all(k in r for k in api), [k for k in api if k not in r]
+        assert sum(r["exits_by_reason"].values()) == r["exits"]
+        assert set(r["modelled_cycles_by_component"]) == {"tlb", "walks", "exits",
+                                                          "guest_faults", "hypercalls"}
+    assert {r["accesses"] for r in rows} == {30000}
+    assert len({r["guest_page_faults"] for r in rows}) == 1 and rows[0]["guest_page_faults"] > 0
+    assert rows[0]["exits"] == rows[4]["exits"] == 0 < rows[1]["exits"]
+    assert rows[0]["overhead_vs_native"] == 1.0
+    csv_head = (tmp_path / "r.csv").read_text().splitlines()[0].split(",")
+    assert csv_head[:3] == ["workload", "mode", "accesses"] and "exits_page_fault" in csv_head
+    assert len((tmp_path / "r.csv").read_text().splitlines()) == 6
 
 
 # ---------------------------------------------------------------------------

@@ -42,6 +42,7 @@ import os
 import sys
 
 from ptemu import bits
+from ptemu._files import check_output
 from ptemu._native import PtemuError, InvalidInput, GeneralProtection, MmuFault, decode_error_code
 from ptemu.memory import PhysicalMemory
 from ptemu.mmu import CpuState, Mmu
@@ -71,15 +72,26 @@ class _Parser(argparse.ArgumentParser):
         raise _Usage(message)
 
 
-def _number(text):
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            "bad number %r (write hex as 0x... or decimal)" % text) from None
-    if value < 0 or value >> 64:
-        raise argparse.ArgumentTypeError("number %r does not fit in 64 bits" % text)
-    return value
+def _integer(minimum=0, bits=64):
+    """An argparse type: a decimal or 0x... integer in [minimum, 2**bits).
+    The one number parser of the command line (addresses, registers, counts)."""
+    def parse(text):
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                "bad number %r (write hex as 0x... or decimal)" % text) from None
+        if value < 0 <= minimum:
+            raise argparse.ArgumentTypeError("%r must not be negative" % text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError("must be at least %d, not %r" % (minimum, text))
+        if value >> bits:
+            raise argparse.ArgumentTypeError("number %r does not fit in %d bits" % (text, bits))
+        return value
+    return parse
+
+
+_number = _integer()
 
 
 def _build_parser():
@@ -492,7 +504,7 @@ def _add_trace_commands(sub):
                                         "accesses to a trace file",
                         usage="ptemu trace record -o OUT [--max N] -- CMD [ARGS...]")
     r.add_argument("-o", "--output", required=True, metavar="OUT", help="the trace file")
-    r.add_argument("--max", type=_positive, default=None, metavar="N",
+    r.add_argument("--max", type=_integer(minimum=1), default=None, metavar="N",
                    help="stop (and kill CMD) after N accesses")
     r.add_argument("--codec", choices=("zstd", "zlib"), default="zstd",
                    help="chunk compression (default zstd)")
@@ -506,13 +518,6 @@ def _add_trace_commands(sub):
     i.set_defaults(func=_cmd_trace_info)
 
 
-def _positive(text):
-    value = _number(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1, not %r" % text)
-    return value
-
-
 def _cmd_trace_record(args, out):
     from ptemu import traces
     cmd = list(args.cmd)
@@ -520,12 +525,21 @@ def _cmd_trace_record(args, out):
         cmd = cmd[1:]
     if not cmd:
         raise _Usage("trace record: no command given (ptemu trace record -o OUT -- CMD ...)")
+    check_output(args.output, "trace record -o", _Usage)    # before CMD runs, not after
     try:
         res = traces.record(cmd, args.output, max_accesses=args.max, codec=args.codec)
     except traces.ValgrindMissing as exc:
         raise _Usage(str(exc)) from None
     except InvalidInput as exc:
         raise _Usage(str(exc)) from None
+    if res.path is None:
+        # CMD never ran: valgrind could not start it.  Nothing was written.
+        tail = [ln for ln in res.valgrind_log if ln.strip("=0123456789 ")][-2:]
+        sys.stderr.write("ptemu: error: valgrind could not run `%s` (exit status %s)%s; "
+                         "nothing written to %s\n"
+                         % (" ".join(cmd), res.exit_status if res.signal is None else res.signal,
+                            ": " + " / ".join(tail) if tail else "", args.output))
+        return 1
     what = "%s accesses of `%s` to %s (%s bytes%s)" % (
         format(res.records, ","), " ".join(cmd), res.path, format(res.file_bytes, ","),
         ", %.2f bytes per access" % (res.file_bytes / res.records) if res.records else "")
@@ -539,16 +553,10 @@ def _cmd_trace_record(args, out):
     else:
         fate = "CMD exited with status 0"
     sys.stderr.write("ptemu: recorded %s; %s\n" % (what, fate))
-    if not res.records and not res.ok:
-        tail = [ln for ln in res.valgrind_log if ln.strip("=0123456789 ")][-2:]
-        if tail:
-            sys.stderr.write("ptemu: valgrind said: %s\n" % " / ".join(tail))
-        return 1                # CMD never ran: an empty trace is all there is
     return 0
 
 
 def _cmd_trace_info(args, out):
-    import json
     from ptemu import traces
     try:
         s = traces.trace_summary(args.file)
@@ -565,7 +573,7 @@ def _cmd_trace_info(args, out):
             "bytes_per_access": (round(s.file_bytes / s.records, 4) if s.records else None),
             "npy_bytes_per_access": 16, "end": s.end}
     if args.json:
-        out.write(json.dumps(info, sort_keys=True) + "\n")
+        _write_json(info, out)
         return 0
     n = max(s.records, 1)
     end = s.end or {}
@@ -602,16 +610,6 @@ def _cmd_trace_info(args, out):
 
 # -- ptemu study ------------------------------------------------------------------
 
-def _study_count(text):
-    try:
-        value = int(text, 0)
-    except ValueError:
-        raise argparse.ArgumentTypeError("%r is not a whole number" % text) from None
-    if value < 0:
-        raise argparse.ArgumentTypeError("%r: a count must not be negative" % text)
-    return value
-
-
 def _add_study_parser(sub):
     s = sub.add_parser("study", help="the same workloads under native, shadow, unsync, "
                                      "paravirtual and nested paging, side by side")
@@ -623,14 +621,14 @@ def _add_study_parser(sub):
     s.add_argument("--modes", metavar="M,M,...",
                    help="comma-separated, of native,shadow,unsync,paravirt,nested "
                         "(default: all)")
-    s.add_argument("--accesses", type=_study_count, metavar="N",
+    s.add_argument("--accesses", type=_number, metavar="N",
                    help="guest accesses per cell (default: the config's, else 100000)")
-    s.add_argument("--seed", type=_study_count, metavar="S", help="one seed for every cell")
+    s.add_argument("--seed", type=_number, metavar="S", help="one seed for every cell")
     s.add_argument("--cost-model", metavar="F.toml", help="cost-model overrides (TOML)")
     s.add_argument("--json", metavar="F", help="write the whole result as JSON")
     s.add_argument("--csv", metavar="F", help="write the rows as CSV")
     s.add_argument("--plot", metavar="F.png", help='write the figure (pip install "ptemu[plot]")')
-    s.add_argument("--jobs", type=_study_count, metavar="N",
+    s.add_argument("--jobs", type=_number, metavar="N",
                    help="local worker processes (default: all cores)")
     s.add_argument("--scheduler", metavar="tcp://HOST:PORT",
                    help='run the cells on a Dask cluster (pip install "ptemu[dask]")')
@@ -648,14 +646,8 @@ def _cmd_study(args, out):
         if args.scheduler:
             study.require("distributed", "dask", "--scheduler")
         for opt, path in (("--json", args.json), ("--csv", args.csv), ("--plot", args.plot)):
-            # Refused before the study runs, not after.
-            d = os.path.dirname(os.path.abspath(path)) if path else None
-            if d and not os.path.isdir(d):
-                raise study.StudyError("%s %s: no directory %s" % (opt, path, d))
-            if d and not os.access(d, os.W_OK):
-                raise study.StudyError("%s %s: directory %s is not writable" % (opt, path, d))
-            if path and os.path.isdir(path):
-                raise study.StudyError("%s %s: is a directory" % (opt, path))
+            if path:                    # refused before the study runs, not after
+                check_output(path, opt, study.StudyError)
         modes = None
         if args.modes is not None:
             modes = [m.strip() for m in args.modes.split(",") if m.strip()]

@@ -41,6 +41,7 @@ import struct
 
 import numpy as np
 
+from ptemu._files import open_input
 from ptemu._native import ImageError, InvalidInput
 from ptemu.memory import PhysicalMemory
 
@@ -174,14 +175,7 @@ def open_image(path, writable=False):
 
 
 def _open(path):
-    try:
-        return open(path, "rb")
-    except FileNotFoundError:
-        raise ImageError("image %s: no such file" % path) from None
-    except IsADirectoryError:
-        raise ImageError("image %s: not a regular file" % path) from None
-    except OSError as exc:
-        raise ImageError("image %s: %s" % (path, exc.strerror or exc)) from None
+    return open_input(path, "image", ImageError)
 
 
 def _read_exact(f, offset, n, path, what):

@@ -27,11 +27,10 @@ import itertools
 import json
 import math
 import os
-import sys
-import tempfile
 import time
 from collections import OrderedDict
 
+from ptemu._files import open_input, progress_bar, show_progress, write_atomic
 from ptemu._native import InvalidInput, PtemuError
 
 __all__ = ["MODES", "COMPONENTS", "ROW_FIELDS", "EXIT_HANDLING_REASONS", "DEFAULT_COSTS",
@@ -129,12 +128,8 @@ def _read_toml(path, what):
     path = os.fspath(path)
     toml = _toml()
     try:
-        with open(path, "rb") as fh:
+        with open_input(path, what, StudyError) as fh:
             return toml.load(fh)
-    except FileNotFoundError:
-        raise StudyError("%s %s: no such file" % (what, path)) from None
-    except IsADirectoryError:
-        raise StudyError("%s %s: is a directory" % (what, path)) from None
     except toml.TOMLDecodeError as exc:
         raise StudyError("%s %s: malformed TOML: %s" % (what, path, exc)) from None
     except UnicodeDecodeError as exc:
@@ -439,6 +434,7 @@ def load_config(source=None, **overrides):
     if not isinstance(wparams, dict):
         raise StudyError("study config: [workload.NAME] tables hold workload parameters")
     names = overrides.pop("workloads", None)
+    from_command_line = names is not None
     if names is not None:
         names = _as_list(names, "workloads")
         wparams = dict(wparams)
@@ -463,6 +459,9 @@ def load_config(source=None, **overrides):
         except InvalidInput as exc:
             raise StudyError("study config: [workload.%s]: %s" % (n, exc)) from None
     workloads = [(n, wparams.get(n, {})) for n in names]
+    if base and not from_command_line:
+        # A trace named in the file is found next to the file, as its cost model is.
+        workloads = [(_trace_beside(n, base), p) for n, p in workloads]
     modes = overrides.pop("modes", None) or _as_list(study.get("modes", list(MODES)),
                                                       "study.modes")
     accesses = overrides.pop("accesses", None)
@@ -500,6 +499,16 @@ def load_config(source=None, **overrides):
                        tlbs=_as_list(knobs.get("tlb", ["default"]), "knobs.tlb"),
                        tlb_specs=specs, cost_model=cost, jobs=jobs,
                        guest_memory_mib=study.get("guest_memory_mib"))
+
+
+def _trace_beside(name, base):
+    """trace:PATH with a relative PATH taken from the directory `base`."""
+    from ptemu.workloads import TRACE_PREFIX
+    if name.startswith(TRACE_PREFIX):
+        path = name[len(TRACE_PREFIX):]
+        if path and not os.path.isabs(path):
+            return TRACE_PREFIX + os.path.join(base, path)
+    return name
 
 
 def grid(config):
@@ -594,8 +603,8 @@ def run_cell(cell, progress=False):
     m0, k0, t_0 = _numbers(machine.stats), _numbers(kernel.stats), tlb.stats
     bar = None
     if progress and cell["accesses"] >= _LONG_CELL:
-        bar = _bar(total=cell["accesses"], desc="%s/%s" % (cell["workload"], mode),
-                   unit="acc", leave=False, unit_scale=True)
+        bar = progress_bar(total=cell["accesses"], desc="%s/%s" % (cell["workload"], mode),
+                           unit="acc", leave=False, unit_scale=True)
         _counted_kernel_run(kernel, bar)
     try:
         res = w.run(kernel)
@@ -669,28 +678,8 @@ def make_rows(counts, cost):
 # ---------------------------------------------------------------------------
 # Executors: in this process, local processes, or a Dask cluster
 # ---------------------------------------------------------------------------
-def _bar(**kw):
-    try:
-        from tqdm import tqdm
-    except ImportError:          # no progress without tqdm; the study still runs
-        return None
-    return tqdm(file=sys.stderr, dynamic_ncols=True, **kw)
-
-
-class _NoBar:
-    def update(self, n=1):
-        pass
-
-    def set_postfix_str(self, s):
-        pass
-
-    def close(self):
-        pass
-
-
 def _grid_bar(n, show):
-    bar = _bar(total=n, desc="study", unit="cell") if show else None
-    return bar or _NoBar()
+    return progress_bar(show, total=n, desc="study", unit="cell")
 
 
 def _run_serial(cells, bar, show):
@@ -756,7 +745,7 @@ def default_jobs():
 
 def execute(cells, jobs=None, scheduler=None, progress=None):
     """Counts of every cell, in cell order, whatever ran them."""
-    show = _show_progress(progress)
+    show = show_progress(progress)
     bar = _grid_bar(len(cells), show)
     try:
         if scheduler:
@@ -769,44 +758,9 @@ def execute(cells, jobs=None, scheduler=None, progress=None):
         bar.close()
 
 
-def _show_progress(progress):
-    if progress is not None:
-        return bool(progress)
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):
-        return False
-
-
 # ---------------------------------------------------------------------------
 # The result: rows, JSON, CSV, table, plot
 # ---------------------------------------------------------------------------
-def write_atomic(path, data):
-    """Write data (str or bytes, or a callable writing to a binary file object)
-    to path through a temporary file in the same directory, renamed over path
-    at the end: an interrupted write leaves no file that looks complete."""
-    path = os.fspath(path)
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".part", dir=d)
-    try:
-        # mkstemp makes the file 0600; give it the mode a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as fh:
-            if callable(data):
-                data(fh)
-            else:
-                fh.write(data.encode() if isinstance(data, str) else data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-
-
 def _flat(row, reasons):
     out = OrderedDict()
     for k in ROW_FIELDS:
@@ -1041,4 +995,8 @@ def _figure(result):
                                        result.cost_model.source),
                  y=0.995 - 0.35 / fig.get_figheight(), fontsize=10)
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.75 / fig.get_figheight()))
+    # tight_layout leaves the panels 1.4 in below the top whatever the height,
+    # a gap that splits a one-workload figure's legend from its panels: the
+    # legend and the title need 0.95 in.
+    fig.subplots_adjust(top=1 - 0.95 / fig.get_figheight())
     return fig

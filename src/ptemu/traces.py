@@ -45,15 +45,16 @@ import shutil
 import signal
 import struct
 import subprocess
-import sys
 import time
 import zipfile
 import zlib
 
 import numpy as np
 
+from ptemu._files import open_input, progress_bar, show_progress, temp_beside
 from ptemu._native import InvalidInput, PtemuError, check_u64
 from ptemu.mmu import TRACE_DTYPE
+from ptemu.workloads import Record
 
 __all__ = ["MAGIC", "VERSION", "TraceWriter", "TraceSummary", "CorruptTrace", "ValgrindMissing",
            "iter_trace", "read_trace", "write_trace", "trace_summary", "record",
@@ -391,6 +392,21 @@ class _TraceFile:
 
     def _read_block(self, fh, chunk, off):
         """(tag, n, payload, first) of the block at off, verified."""
+        tag, n, raw_len, stored, cid, first = self._read_stored(fh, chunk, off)
+        try:
+            raw = self._codec(cid, chunk, off).decompress(stored, raw_len)
+        except CorruptTrace:
+            raise
+        except Exception as exc:
+            raise CorruptTrace(self.path, "cannot decompress (%s)" % exc, chunk, off) from None
+        if len(raw) != raw_len:
+            raise CorruptTrace(self.path, "decompressed to %d bytes, not %d"
+                               % (len(raw), raw_len), chunk, off)
+        return tag, n, raw, first
+
+    def _read_stored(self, fh, chunk, off):
+        """(tag, n, raw_len, stored payload, codec, first) of the block at off,
+        its header and checksum verified, not decompressed."""
         head = fh.read(_BLK.size)
         if len(head) < _BLK.size:
             raise CorruptTrace(self.path, "truncated: the file ends %d bytes into the block "
@@ -411,16 +427,28 @@ class _TraceFile:
                                % (len(stored), stored_len), chunk, off)
         if zlib.crc32(stored) != crc:
             raise CorruptTrace(self.path, "checksum mismatch (corrupt payload)", chunk, off)
-        try:
-            raw = self._codec(cid, chunk, off).decompress(stored, raw_len)
-        except CorruptTrace:
-            raise
-        except Exception as exc:
-            raise CorruptTrace(self.path, "cannot decompress (%s)" % exc, chunk, off) from None
-        if len(raw) != raw_len:
-            raise CorruptTrace(self.path, "decompressed to %d bytes, not %d"
-                               % (len(raw), raw_len), chunk, off)
-        return tag, n, raw, first
+        return tag, n, raw_len, stored, cid, first
+
+    def verify_chunks(self):
+        """Check every CHNK block's header, order and checksum without
+        decompressing one (what `trace info` does before it answers from the
+        header): a corrupt or truncated chunk is CorruptTrace naming it."""
+        with open(self.path, "rb") as fh:
+            fh.seek(self.header_len)
+            seen = 0
+            for i in range(self.chunks):
+                off = fh.tell()
+                tag, n, _, _, _, first = self._read_stored(fh, i, off)
+                if tag != _TAG_CHUNK or first != seen:
+                    raise CorruptTrace(self.path, "expected chunk %d (record %d), found a %r "
+                                       "block starting at record %d" % (i, seen, tag, first),
+                                       i, off)
+                seen += n
+            if seen != self.records or fh.tell() != self.tail:
+                raise CorruptTrace(self.path, "the header promises %d records in %d chunks "
+                                   "ending at byte %d; the chunks hold %d, ending at %d"
+                                   % (self.records, self.chunks, self.tail, seen, fh.tell()),
+                                   self.chunks, fh.tell())
 
     def chunks_iter(self):
         """(trace, size) of every CHNK block, in order."""
@@ -828,10 +856,8 @@ def _rechunk(pieces, chunk):
 
 
 def _check_path(path):
-    path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise InvalidInput("trace %s: no such file" % path)
-    return path
+    open_input(path, "trace", InvalidInput).close()
+    return os.fspath(path)
 
 
 def _iter_pieces(path, chunk, user):
@@ -894,17 +920,11 @@ def write_trace(path, trace, command=None, size=None, codec="zstd"):
 # ---------------------------------------------------------------------------
 # Summaries: counts, pages, the command
 # ---------------------------------------------------------------------------
-class TraceSummary(dict):
+class TraceSummary(Record):
     """path, format, records, reads, writes, fetches, supervisor, pages
     (sorted page numbers), page_flags (1 read, 2 write, 4 fetch, 8
     supervisor), command, end (how the recording ended), file_bytes,
     chunks, complete."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
     @property
     def bytes_per_access(self):
@@ -917,7 +937,8 @@ class TraceSummary(dict):
 
 def trace_summary(path, user=True):
     """A TraceSummary of the file.  A complete file of this format answers
-    from its header and PAGE/END blocks; any other file is read through."""
+    from its header and PAGE/END blocks, every chunk's checksum checked but
+    none decompressed; any other file is read through."""
     path = _check_path(path)
     fmt = _format_of(path)
     out = TraceSummary(path=path, format=fmt, file_bytes=os.path.getsize(path), command=None,
@@ -928,6 +949,7 @@ def trace_summary(path, user=True):
                    chunks=tf.chunks, complete=tf.complete)
         tail = tf.tail_blocks()
         if tail is not None:
+            tf.verify_chunks()
             pages, flags, end = tail
             out.update(records=tf.records, reads=tf.by_kind[0], writes=tf.by_kind[1],
                        fetches=tf.by_kind[2], supervisor=tf.supervisor, pages=pages,
@@ -950,17 +972,11 @@ def trace_summary(path, user=True):
 # ---------------------------------------------------------------------------
 # Recording with Valgrind lackey
 # ---------------------------------------------------------------------------
-class RecordResult(dict):
+class RecordResult(Record):
     """path, command, records, exit_status (CMD's, None if killed),
     signal (the signal that ended it, or None), stopped ("max" when --max
     cut it short, else None), seconds, file_bytes, valgrind_log (its
     "==pid==" lines)."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
     @property
     def ok(self):
@@ -971,21 +987,6 @@ INSTALL_HINT = ("valgrind is not installed: install it with `apt-get install val
                 "(Debian/Ubuntu; `dnf install valgrind` on Fedora)")
 
 
-def _progress(enabled):
-    """A callable(records) writing a one-line counter on stderr, or a no-op."""
-    if not enabled:
-        return lambda n: None
-    last = [0.0]
-
-    def show(n, _done=False):
-        now = time.monotonic()
-        if now - last[0] >= 0.5:
-            last[0] = now
-            sys.stderr.write("\rptemu: %s accesses recorded" % format(n, ","))
-            sys.stderr.flush()
-    return show
-
-
 def record(command, out, max_accesses=None, codec="zstd", level=3,
            chunk_records=CHUNK_RECORDS, stdout=None, stderr=None, progress=None,
            valgrind="valgrind"):
@@ -994,6 +995,12 @@ def record(command, out, max_accesses=None, codec="zstd", level=3,
     converted as it arrives.  max_accesses stops the recording (and the
     command) after that many accesses.  Returns a RecordResult; CMD's
     failure is a result (the trace stays valid), not an exception.
+
+    The trace is written beside `out` and renamed over it when the
+    recording ends (also when it is interrupted: the END block says how),
+    unless CMD never ran (valgrind could not start it: no access and a
+    failing status): then nothing is written, an existing `out` stays as
+    it was, and the result's path is None.
     """
     command = [os.fspath(c) for c in command]
     if not command:
@@ -1003,9 +1010,8 @@ def record(command, out, max_accesses=None, codec="zstd", level=3,
     exe = shutil.which(valgrind)
     if exe is None:
         raise ValgrindMissing(INSTALL_HINT)
-    if progress is None:
-        progress = sys.stderr.isatty()
-    show = _progress(progress)
+    bar = progress_bar(show_progress(progress), total=max_accesses, desc="recording",
+                       unit="acc", unit_scale=True, leave=False)
     rfd, wfd = os.pipe()
     try:
         # A larger pipe lets valgrind run ahead while a block is parsed
@@ -1018,9 +1024,22 @@ def record(command, out, max_accesses=None, codec="zstd", level=3,
     t0 = time.perf_counter()
     log = []
     stopped = None
-    writer = TraceWriter(out, command=command, codec=codec, level=level,
-                         chunk_records=chunk_records,
-                         meta={"recorder": "valgrind --tool=lackey --trace-mem=yes"})
+    fd, tmp = temp_beside(out)
+    os.close(fd)
+    try:
+        writer = TraceWriter(tmp, command=command, codec=codec, level=level,
+                             chunk_records=chunk_records,
+                             meta={"recorder": "valgrind --tool=lackey --trace-mem=yes"})
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+    def land(records, ran):
+        if records or ran:
+            os.replace(tmp, out)
+            return True
+        os.unlink(tmp)
+        return False
     try:
         try:
             proc = subprocess.Popen(argv, pass_fds=(wfd,), stdin=subprocess.DEVNULL,
@@ -1053,19 +1072,20 @@ def record(command, out, max_accesses=None, codec="zstd", level=3,
                     proc.kill()
                     break
                 writer.append(tr, sz)
-                show(writer.records + writer._npending)
+                bar.update(len(tr))
         rc = proc.wait()
     except BaseException as exc:
+        bar.close()
         try:
             proc.kill()
             proc.wait()
         except Exception:
             pass
         writer.close(error="%s: %s" % (type(exc).__name__, exc), stopped="error")
+        land(writer.records, False)
         raise
     seconds = time.perf_counter() - t0
-    if progress:
-        sys.stderr.write("\r")
+    bar.close()
     records = writer.records + writer._npending
     status = rc if rc >= 0 else None
     sig = None
@@ -1076,9 +1096,11 @@ def record(command, out, max_accesses=None, codec="zstd", level=3,
     end = {"exit_status": status, "signal": sig, "stopped": stopped, "seconds": seconds,
            "valgrind_log": log[-40:]}
     size = writer.close(**end)
-    return RecordResult(path=os.fspath(out), command=command, records=records,
-                        exit_status=status, signal=sig, stopped=stopped, seconds=seconds,
-                        file_bytes=size, valgrind_log=log)
+    if not land(records, status == 0 or stopped == "max"):
+        size = 0
+    return RecordResult(path=os.fspath(out) if size else None, command=command,
+                        records=records, exit_status=status, signal=sig, stopped=stopped,
+                        seconds=seconds, file_bytes=size, valgrind_log=log)
 
 
 # ---------------------------------------------------------------------------

@@ -105,16 +105,22 @@ def _pages(base, npages):
     return np.uint64(base) + np.arange(npages, dtype=np.uint64) * np.uint64(PAGE)
 
 
-class WorkloadResult(dict):
-    """accesses (guest user accesses run), faults (true faults handled by
-    the guest kernel), seconds, kernel (its counters), machine (the
-    machine's counters, e.g. exits by reason on a VM)."""
+class Record(dict):
+    """A plain dict whose keys read as attributes too: what a workload, a
+    replay, a trace summary or a recording reports (it pickles and goes to
+    JSON as the dict it is)."""
 
     def __getattr__(self, name):
         try:
             return self[name]
         except KeyError:
             raise AttributeError(name) from None
+
+
+class WorkloadResult(Record):
+    """accesses (guest user accesses run), faults (true faults handled by
+    the guest kernel), seconds, kernel (its counters), machine (the
+    machine's counters, e.g. exits by reason on a VM)."""
 
 
 def _snapshot(stats):
@@ -418,16 +424,8 @@ def parse_workload_name(name):
 
 
 def _trace_class():
-    cls = globals().get("TraceWorkload")
-    if cls is None:
-        try:                                   # the traces module, once it exists
-            from ptemu.traces import TraceWorkload as cls    # noqa: F811
-        except ImportError:
-            cls = None
-    if cls is None:
-        raise InvalidInput("trace workloads need ptemu.workloads.TraceWorkload, which this "
-                           "ptemu does not have yet (the traces issue)")
-    return cls
+    from ptemu.traces import TraceWorkload     # on first use: traces builds on this module
+    return TraceWorkload
 
 
 def _signature(cls):
@@ -443,10 +441,9 @@ def _kwargs(name, params):
     if kind == "trace":
         cls = _trace_class()
         accepted = _signature(cls)
-        generic = {"accesses": next((a for a in ("total", "accesses", "max_accesses", "limit")
-                                     if a in accepted), None),
-                   "seed": "seed" if "seed" in accepted else None,
-                   "processes": "nproc" if "nproc" in accepted else None}
+        # A recording has its own accesses and processes: the study's count caps
+        # the replay (TraceWorkload's total), a seed has nothing to choose.
+        generic = {"accesses": "total", "seed": None, "processes": None}
         args = (what,)
     else:
         cls, generic = WORKLOADS[what]
