@@ -341,12 +341,12 @@ def check_invariants(w):
         raise Finding("the victim's guest memory changed")
     own = set(int(f) // PAGE for f in vm.p2m.tolist() if f != ptemu.PhysicalMemory.NO_FRAME)
     wp = vm.shadow.wp
-    h2g = vm._h2g
+    h2g = vm.h2g
     for va, hpa, size, writable in _real_leaves(vm):
         for f in range(hpa // PAGE, (hpa + size) // PAGE):
             if f not in own:
-                who = ("the victim" if f in victim._host_frames else
-                       "a shadow page" if f in vm._host_frames else "no VM")
+                who = ("the victim" if f in victim.frames_owned else
+                       "a shadow page" if f in vm.frames_owned else "no VM")
                 raise Finding("real leaf va %#x maps host frame %#x of %s" % (va, f, who))
             if writable and h2g.get(f) in wp:
                 raise Finding("real leaf va %#x is writable onto write-protected guest "

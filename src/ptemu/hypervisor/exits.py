@@ -10,7 +10,8 @@ from ptemu._native import PtemuError, InvalidInput, check_u64
 
 __all__ = ["EXIT_REASONS", "COUNTERS", "VmStats", "ExitRecord", "GuestMemoryError",
            "HostMemoryExhausted", "HypercallRejected", "ShadowMmuError", "NoExitControl",
-           "checked_gpa"]
+           "checked_gpa", "PF_RETRY", "PF_EMULATE", "PF_MMIO", "PF_INJECT", "PF_SPURIOUS",
+           "PF_OUTCOME_COUNTERS", "FAST_COUNTERS"]
 
 #: Why the guest left guest mode (the `exit_<reason>` counters).
 EXIT_REASONS = (
@@ -20,6 +21,19 @@ EXIT_REASONS = (
     "invlpg",       # INVLPG (intercepted under shadow paging)
     "hypercall",    # a paravirtual call (VMCALL)
 )
+
+#: What the #PF exit handler decided (VCpu.page_fault_exit); each outcome is
+#: also the index of its counter in PF_OUTCOME_COUNTERS.
+PF_RETRY = 0        # hidden fault: the shadow now maps the access; retry it
+PF_EMULATE = 1      # a write the hypervisor does itself (protected page table, WP=0)
+PF_MMIO = 2         # a guest-physical address outside the VM: nothing to map
+PF_INJECT = 3       # a true fault: the guest gets it
+PF_SPURIOUS = 4     # the shadow allowed it already (a stale real-TLB entry): retry
+PF_OUTCOME_COUNTERS = ("pf_fixed", "pf_emulate", "pf_mmio", "pf_guest", "pf_spurious")
+
+#: The counters that say which path ran (csrc/shadow.c or Python): the only
+#: counters allowed to differ between fast_paths=True and fast_paths=False.
+FAST_COUNTERS = ("fast_pf_fixed", "fast_pf_spurious")
 
 #: Every counter a VM keeps, with what it counts.
 COUNTERS = {
@@ -37,6 +51,8 @@ COUNTERS = {
     "pf_mmio": "accesses to guest-physical addresses outside the VM's memory",
     "pf_spurious": "exits where the shadow already allowed the access (stale real TLB)",
     "guest_walks": "walks of the guest's own tables by the hypervisor (one per #PF exit)",
+    "fast_pf_fixed": "of pf_fixed: hidden faults fixed by the C fast path (csrc/shadow.c)",
+    "fast_pf_spurious": "of pf_spurious: spurious exits seen by the C fast path",
     "mmu_pte_write": "emulated or DMA writes to a shadowed guest page table",
     "mmu_pte_updated": "shadow leaf entries updated in place after such a write",
     "mmu_pde_zapped": "shadow non-leaf entries dropped after such a write",

@@ -55,9 +55,76 @@ ACC_ALL = TE_W | TE_U
 NONLEAF = P | W | U | A
 #: Guest leaf bits a 4 KiB spte copies as they are: caching (PWT, PCD, PAT=bit 7
 #: in a PTE), G (meaningful with CR4.PGE, which the real CPU shares) and the key.
-LEAF_COPY = PWT | PCD | 0x80 | G | PKEY_MASK
+PAT_4K = PS                     # bit 7 of a PTE is PAT (SDM table 4-20), PS in a PDE
+LEAF_COPY = PWT | PCD | PAT_4K | G | PKEY_MASK
 SHIFT = (0, 12, 21, 30, 39, 48)
 NO_FRAME = lib.PTEMU_NO_FRAME
+SPTE_FRAME = 0x000FFFFFFFFFF000     # bits 51:12 of an spte: the host frame
+#: Bits a leaf spte may gain without a new translation: the rmap entry stays
+#: and the real TLB needs no flush (a TLB entry may only be narrower).
+SPTE_WIDEN = A | W | D
+
+#: The fill cache's C mirror (ptemu_spc_slot): slots, direct-mapped by va >> 21.
+SPC_SLOTS = 1024
+#: Pending rmap additions C may make before Python absorbs them (pairs).
+RMAP_LOG_PAIRS = 4096
+#: ptemu_spc_slot (csrc/ptemu_cdef.h): one cached level-1 path.
+SPC_DTYPE = np.dtype([("tag", "<u8"),       # (va >> 21) + 1; 0: empty
+                      ("gen", "<u8"),       # valid while == ShadowMmu.spc_gen
+                      ("l1_base", "<u8"),   # host address of the level-1 shadow page
+                      ("l1_gfn", "<u8"),    # the guest table it shadows
+                      ("path", "<u8", (5,)),  # host frames of the path, root first
+                      ("npath", "<u4"), ("pad", "<u4")])
+
+
+def make_leaf_spte(hpa, acc, copy_bits, dirty, protected):
+    """The one leaf spte for a guest mapping (KVM make_spte).
+
+    hpa: the host frame; acc: TE rights combined over the guest walk (the
+    role's inherited rights ANDed with the leaf's); copy_bits: guest bits the
+    spte carries as they are (LEAF_COPY of a gpte, or a direct page's
+    leafbits); dirty: the guest leaf's D.  P and A always (a leaf spte exists
+    only after a guest walk that set A).  W (with D) only when the guest
+    allows writes, its D is set (the first write must trap so that the guest
+    walk sets D) and the frame is not a write-protected page table
+    (`protected`).  NX when any guest level said XD.  csrc/shadow.c's
+    make_leaf_spte is the same rule for the fast path; tests run both.
+    """
+    spte = hpa | P | A | (acc & TE_U) | copy_bits
+    if acc & TE_W and dirty and not protected:
+        spte |= W | D
+    if acc & TE_NX:
+        spte |= NX
+    return spte
+
+
+class ShadowIterator:
+    """A position in the shadow tables for one va (KVM kvm_shadow_walk_iterator):
+    `sp` the shadow page, `level` its level, `index` the spte of va in it."""
+
+    __slots__ = ("va", "sp", "level", "index")
+
+    def __init__(self, va, sp, level):
+        self.va, self.sp, self.level = va, sp, level
+        self.index = (va >> SHIFT[level]) & 511
+
+
+def for_each_shadow_entry(root, va, levels):
+    """Walk the shadow tables for va from root down (KVM for_each_shadow_entry):
+    yields one ShadowIterator per level, the lowest last.  The loop body may
+    link a child at it.index; the walk goes on into whatever child is there
+    after the body, and stops where none is."""
+    it = ShadowIterator(va, root, levels)
+    while True:
+        yield it
+        if it.level == 1:
+            return
+        child = it.sp.children.get(it.index)
+        if child is None:
+            return
+        it.level -= 1
+        it.sp = child
+        it.index = (va >> SHIFT[it.level]) & 511
 
 # Role bits (kvm_mmu_page_role, reduced to what changes the meaning of a gpte).
 R_LEVEL = 0x7
@@ -97,12 +164,12 @@ class ShadowPage:
     parents        host addresses of the sptes pointing at this page (parent_ptes)
     unsync         level-1 page left writable to the guest (see ShadowMmu.unsync_page)
     gsnap          unsync only: the gptes the present sptes were made from
-    flood          emulated writes since the page was last used (write_flooding_count)
+    (its write-flooding count is ShadowMmu.flood[hpa >> 12]: an array C reads)
     leafbits       direct pages: key, G and caching bits of the guest's large leaf
     """
 
     __slots__ = ("key", "gfn", "role", "level", "direct", "access", "hpa", "base",
-                 "children", "parents", "unsync", "gsnap", "flood", "alive", "leafbits")
+                 "children", "parents", "unsync", "gsnap", "alive", "leafbits")
 
     def __init__(self, gfn, role, hpa):
         self.key = (gfn << KEY_SHIFT) | role
@@ -117,7 +184,6 @@ class ShadowPage:
         self.parents = set()
         self.unsync = False
         self.gsnap = None
-        self.flood = 0
         self.alive = True
         self.leafbits = 0
         if self.direct:
@@ -141,12 +207,12 @@ class ShadowMmu:
     def __init__(self, vm, unsync=False, prev_roots=3, shadow_limit=None, prefetch=False):
         self.vm = vm
         self.hv = vm.hypervisor
-        self._m = vm.hypervisor._m          # host memory as uint64 words
+        self._m = vm.hypervisor.words       # host memory as uint64 words
         self.p2m = vm.p2m                   # numpy uint64: gfn -> host byte offset
-        self._p2m = vm._p2m_list            # the same as a Python list (fast reads)
-        self.h2g = vm._h2g                  # host frame number -> gfn
+        self._p2m = vm.p2m_list             # the same as a Python list (fast reads)
+        self.h2g = vm.h2g                   # host frame number -> gfn
         self.nframes = len(vm.p2m)
-        self.stats = vm._stats
+        self.stats = vm.counters
         self.allow_unsync = bool(unsync)
         self.prev_roots_max = int(prev_roots)
         self.limit = shadow_limit
@@ -157,6 +223,16 @@ class ShadowMmu:
         self.gfn_sps = {}       # gfn -> [non-direct ShadowPages shadowing that guest table]
         self.wp = set()         # gfns write-protected: some synced non-direct page shadows them
         self.rmap = {}          # gfn -> set of host addresses of leaf sptes mapping it
+        # What the C fast paths (csrc/shadow.c) read and update, owned here:
+        #: gfn -> 1 while write-protected (the C side of `wp`, kept equal by _protect)
+        self.wp_map = np.zeros(self.nframes, dtype=np.uint8)
+        #: host frame number -> write-flooding count of the shadow page there
+        self.flood = np.zeros(vm.hypervisor.host.size >> 12, dtype=np.uint32)
+        #: the fill cache's level-1 paths in C form (ptemu_spc_slot), see _cache_path
+        self.spc = np.zeros(SPC_SLOTS, dtype=SPC_DTYPE)
+        self.spc_gen = 1        # a slot is valid only with this generation
+        #: (gfn, spte host address) pairs C appended to the rmap; absorb_rmap_log
+        self.rmap_log = np.zeros(2 * RMAP_LOG_PAIRS, dtype=np.uint64)
         self.unsync_sps = set()
         self.root = None        # the ShadowPage the real CR3 points at (None: paging off)
         self.prev_roots = []    # most recent first (KVM prev_roots)
@@ -175,6 +251,48 @@ class ShadowMmu:
         self.rsvd = 0           # ... plus XD when EFER.NXE=0 (the current mode)
         self.maxphyaddr = 52
 
+    # -- the fill cache (level-1 paths under the current root) ---------------------
+    def _forget_paths(self):
+        """Drop every cached path: a spte was unlinked, a page zapped or made
+        unsync, or the root changed.  The C slots go with one generation step."""
+        self._pcache.clear()
+        self.spc_gen += 1
+        if self.on_paths_forgotten is not None:
+            self.on_paths_forgotten(self.spc_gen)
+
+    on_paths_forgotten = None   # the vCPU's hook: the new generation for C
+
+    def _cache_path(self, va, path):
+        """Remember the pages on the way to va's level-1 page (root first), for
+        the next fill in the same 2 MiB region -- here and in C's slot."""
+        self._pcache[va >> 21] = path
+        slot = self.spc[(va >> 21) & (SPC_SLOTS - 1)]
+        slot["tag"] = (va >> 21) + 1
+        slot["gen"] = self.spc_gen
+        slot["l1_base"] = path[-1].hpa
+        slot["l1_gfn"] = path[-1].gfn
+        n = len(path)
+        slot["npath"] = n
+        slot["path"][:n] = [p.hpa >> 12 for p in path]
+
+    def _use(self, pages):
+        """A guest access through these pages: their write-flooding counts restart."""
+        flood = self.flood
+        for p in pages:
+            flood[p.hpa >> 12] = 0
+
+    # -- write protection of guest page tables (wp and its C mirror wp_map) --------
+    def _protect(self, gfn):
+        if gfn < self.nframes and gfn not in self.wp:
+            self.wp.add(gfn)
+            self.wp_map[gfn] = 1
+            self.write_protect(gfn)
+
+    def _unprotect(self, gfn):
+        if gfn in self.wp:
+            self.wp.discard(gfn)
+            self.wp_map[gfn] = 0
+
     # -- paging mode -------------------------------------------------------------
     def set_mode(self, levels, nxe, wp, maxphyaddr):
         """The guest's paging mode; returns True when the role changed (new roots)."""
@@ -184,7 +302,7 @@ class ShadowMmu:
         if not nxe:
             rsvd |= NX
         changed = (base != self.role_base or levels != self.levels)
-        self._pcache.clear()
+        self._forget_paths()
         if maxphyaddr != self.maxphyaddr:
             # Entry formats changed under every page: start over (rare).
             self.zap_all()
@@ -197,7 +315,7 @@ class ShadowMmu:
     # -- shadow pages: create, link, zap -------------------------------------------
     def _alloc_frame(self):
         hv = self.hv
-        if not hv._free:
+        if not hv.free_frames:
             self._recycle(1, host=True)
         return hv.alloc_frame(owner=self.vm)
 
@@ -207,8 +325,8 @@ class ShadowMmu:
         Called before a fill, so that nothing on the path being built is evicted."""
         if self.limit is not None and len(self.hash) + n > self.limit:
             self._recycle(len(self.hash) + n - self.limit)
-        if len(self.hv._free) < n + 1:
-            self._recycle(n + 1 - len(self.hv._free), host=True)
+        if self.hv.free_frames < n + 1:
+            self._recycle(n + 1 - self.hv.free_frames, host=True)
 
     def _recycle(self, n, host=False):
         """Zap the n oldest shadow pages that are not the current root."""
@@ -222,7 +340,7 @@ class ShadowMmu:
             if sp.alive:
                 self.zap(sp)
                 self.stats["mmu_recycled"] += 1
-        if host and not self.hv._free:
+        if host and not self.hv.free_frames:
             raise HostMemoryExhausted("no free host frame left (host memory %#x bytes; "
                                       "%d shadow pages in this VM)"
                                       % (self.hv.host.size, len(self.hash)))
@@ -253,13 +371,14 @@ class ShadowMmu:
                     if other.unsync:
                         self.sync_page(other)
                 sps.append(sp)
-            if gfn < self.nframes and gfn not in self.wp:
-                self.wp.add(gfn)
-                self.write_protect(gfn)
+            self._protect(gfn)
+        self.flood[hpa >> 12] = 0
         return sp
 
     def link(self, parent, idx, gfn, role):
-        """Point parent's spte idx at the shadow page (gfn, role); returns it."""
+        """Point parent's spte idx at the shadow page (gfn, role); returns it
+        (KVM link_shadow_page).  Non-leaf sptes carry every right: the leaf
+        holds the combined ones."""
         old = parent.children.get(idx)
         if old is not None:
             self._unlink(parent, idx, old)
@@ -271,7 +390,7 @@ class ShadowMmu:
         return child
 
     def _unlink(self, parent, idx, child):
-        self._pcache.clear()
+        self._forget_paths()
         addr = parent.hpa + idx * 8
         self._m[addr >> 3] = 0
         del parent.children[idx]
@@ -285,12 +404,7 @@ class ShadowMmu:
             if child is not None:
                 self._unlink(sp, idx, child)
             return
-        i = sp.base + idx
-        old = self._m[i]
-        if old:
-            self._m[i] = 0
-            self._rmap_remove(old, (i << 3))
-            self.need_flush = True
+        self.set_spte(sp.base + idx, 0)
 
     def _rmap_remove(self, spte, addr):
         gfn = self.h2g.get(spte >> 12 & 0xFFFFFFFFFF)
@@ -299,12 +413,25 @@ class ShadowMmu:
             if s is not None:
                 s.discard(addr)
 
+    def absorb_rmap_log(self, n):
+        """Take the n (gfn, spte address) pairs the C fast path appended into the
+        rmap (C installs new leaf sptes; the rmap itself stays Python's)."""
+        rmap = self.rmap
+        log = self.rmap_log[:2 * n].tolist()
+        for k in range(0, 2 * n, 2):
+            gfn = log[k]
+            s = rmap.get(gfn)
+            if s is None:
+                rmap[gfn] = {log[k + 1]}
+            else:
+                s.add(log[k + 1])
+
     def zap(self, sp):
         """Destroy a shadow page (kvm_mmu_prepare_zap_page + commit)."""
         if not sp.alive:
             return
         sp.alive = False
-        self._pcache.clear()
+        self._forget_paths()
         m = self._m
         st = self.stats
         st["mmu_shadow_zapped"] += 1
@@ -343,9 +470,9 @@ class ShadowMmu:
             sps.remove(sp)
             if not sps:
                 del self.gfn_sps[sp.gfn]
-                self.wp.discard(sp.gfn)
+                self._unprotect(sp.gfn)
             elif all(o.unsync for o in sps):
-                self.wp.discard(sp.gfn)
+                self._unprotect(sp.gfn)
         self.hv.free_frame(sp.hpa, self.vm)
         st["shadow_pages"] = len(self.hash)
         self.need_flush = True
@@ -370,27 +497,29 @@ class ShadowMmu:
             return
         m = self._m
         hit = False
-        for addr in s:
+        for addr in list(s):
             v = m[addr >> 3]
             if v & W:
-                m[addr >> 3] = v & ~W
+                self.set_spte(addr >> 3, v & ~W)
                 hit = True
         if hit:
             self.stats["mmu_write_protect"] += 1
-            self.need_flush = True
 
-    def _set_leaf(self, i, new):
-        """Write leaf spte word i, keeping the rmap and the flush need right."""
+    def set_spte(self, i, new):
+        """Write leaf spte word i: the one writer of leaf sptes (KVM mmu_spte_update).
+
+        It keeps the rmap (an entry per leaf spte, under the gfn it maps) and
+        sets need_flush when a translation the real TLB may hold is lowered,
+        moved or removed.  Returns True when the word changed."""
         m = self._m
         old = m[i]
         if old == new:
             return False
         if old:
-            # A lowered or moved translation may sit in the real TLB.
-            if (old ^ new) & ~(W | D | A) or (old & W and not new & W):
-                self.need_flush = True
-            if new and not (old ^ new) & 0x000FFFFFFFFFF000:
-                m[i] = new          # same frame (rights changed): the rmap stays
+            if (old ^ new) & ~SPTE_WIDEN or old & ~new & W:
+                self.need_flush = True          # lowered or moved: a stale TLB entry
+            if new and not (old ^ new) & SPTE_FRAME:
+                m[i] = new                      # same frame: the rmap entry stays
                 return True
             self._rmap_remove(old, i << 3)
         if new:
@@ -420,12 +549,7 @@ class ShadowMmu:
         acc = sp.access & ((gpte & ACC_ALL) | TE_NX)
         if nxe and gpte & NX:
             acc |= TE_NX
-        spte = hpa | P | A | (acc & TE_U) | (gpte & LEAF_COPY)
-        if acc & TE_W and gpte & D and gfn not in self.wp:
-            spte |= W | D
-        if acc & TE_NX:
-            spte |= NX
-        return spte
+        return make_leaf_spte(hpa, acc, gpte & LEAF_COPY, gpte & D, gfn in self.wp)
 
     def direct_role(self, rights, leaf, base=None):
         """Role bits (no level) of the direct pages under guest large leaf `leaf`
@@ -439,128 +563,101 @@ class ShadowMmu:
                 | (R_PCD if leaf & PCD else 0))
 
     # -- the hidden-fault fill (FNAME(fetch)) -----------------------------------------
-    def fill(self, va, gpa, level, rights, words, n, hpa, use=True):
-        """Build the shadow path for a successful guest walk and install the leaf.
+    def fill(self, va, walk, hpa, use=True):
+        """Build the shadow path for a successful guest walk and install the leaf
+        (KVM FNAME(fetch)).
 
-        words: the walk as a tuple of the ptemu_walk_out fields (vm._WALK: the
-        entry addresses are words 10..14, their values 15..19, top first); n
-        entries; level: the guest
-        leaf's level; rights: TE rights combined over the walk; hpa: the host
-        frame of gpa's page.  use: the fault counts as a use of every page on the
-        path (resets their write-flooding counts); False for the exit of a store
-        the hypervisor then emulates (that store is a write, not a use).  Returns
-        True when the leaf spte changed.
+        walk: the GuestWalk; hpa: the host frame of walk.gpa's page.  use: the
+        fault counts as a use of every page on the path (resets their
+        write-flooding counts); False for the exit of a store the hypervisor
+        then emulates (that store is a write, not a use).  Returns True when
+        the leaf spte changed.
         """
+        level = walk.level
+        rights = walk.rights
+        leaf = walk.leaf
+        gfn = walk.gpa >> 12
         if level == 1:
             # The level-1 page of this 2 MiB region under the current root, as
             # the last fill left it: valid while no spte was unlinked and no
             # page zapped since (any change of the guest's upper entries traps
             # and unlinks), checked against the table the guest walk used.
-            cached = self._pcache.get(va >> 21)
-            if cached is None or cached[-1].gfn != words[9 + n] >> 12:
-                path = []
-                sp = self._descend(va, words, n, use, path)
-                self._pcache[va >> 21] = cached = tuple(path)
-            else:
-                sp = cached[-1]
-                if use:
-                    # A use of every page on the path, as _descend counts it.
-                    for p in cached:
-                        p.flood = 0
-            leaf = words[14 + n]
-            gfn = gpa >> 12
-            spte = hpa | 0x21 | (rights & TE_U) | (leaf & LEAF_COPY)    # P | A
-            if rights & TE_W and leaf & D and gfn not in self.wp:
-                spte |= 0x42                                          # W | D
-            if rights & TE_NX:
-                spte |= NX
+            path = self._pcache.get(va >> 21)
+            if path is None or path[-1].gfn != walk.table_gpa >> 12:
+                path = self._descend(va, walk.entries)
+                self._cache_path(va, path)
+            sp = path[-1]
+            if use:
+                self._use(path)
+            spte = make_leaf_spte(hpa, rights, leaf & LEAF_COPY, leaf & D, gfn in self.wp)
         else:
-            leaf = words[14 + n]
-            gfn = gpa >> 12
-            # A guest large page backed by 4 KiB host frames: direct shadow
-            # pages below, keyed by the base frame of the range they map.
-            extra = self.direct_role(rights, leaf)
-            dacc = (extra >> R_ACC_SHIFT) & 7
-            # The direct level-1 page of a guest 2 MiB page, as the last fill
-            # left it (same validity as above; cached under ~(va >> 21)).  Only
-            # when the fill is no use of the path: a use resets the flood count
-            # of every page on it, which _descend does.
-            sp = None
-            if level == 2 and not use:
-                sp = self._pcache.get(~(va >> 21))
-                if sp is not None and sp.key != (((gfn & ~511) << KEY_SHIFT) | extra | 1):
-                    sp = None
-            if sp is None:
-                sp = self._descend(va, words, n, use)
-                L = level
-                while L > 1:
-                    idx = (va >> SHIFT[L]) & 511
-                    L -= 1
-                    dgfn = gfn & ~((1 << (9 * L)) - 1)
-                    key = (dgfn << KEY_SHIFT) | extra | L
-                    child = sp.children.get(idx)
-                    if child is None or child.key != key:
-                        child = self.link(sp, idx, dgfn, extra | L)
-                    sp = child
-                if level == 2:
-                    self._pcache[~(va >> 21)] = sp
-            spte = hpa | P | A | (dacc & TE_U) | sp.leafbits
-            if dacc & TE_W and gfn not in self.wp:
-                spte |= W | D
-            if dacc & TE_NX:
-                spte |= NX
+            sp = self._direct_leaf_page(va, walk, use)
+            dacc = sp.access
+            spte = make_leaf_spte(hpa, dacc, sp.leafbits, True, gfn in self.wp)
         idx = (va >> 12) & 511
         if sp.gsnap is not None:
             sp.gsnap[idx] = leaf
-        i = sp.base + idx
-        m = self._m
-        if m[i]:
-            changed = self._set_leaf(i, spte)
-        else:
-            # The common case, inline: a new leaf and its rmap entry.
-            m[i] = spte
-            s = self.rmap.get(gfn)
-            if s is None:
-                self.rmap[gfn] = {i << 3}
-            else:
-                s.add(i << 3)
-            changed = True
+        changed = self.set_spte(sp.base + idx, spte)
         if self.prefetch and not sp.direct:
             self._prefetch(sp, idx)
         return changed
 
-    def _descend(self, va, words, n, use=True, path=None):
-        """The shadow page for the guest table holding the walk's leaf entry:
-        one shadow page per guest table on the way, per role (FNAME(fetch)).
-        path: a list to receive the pages on the way, root first."""
-        sp = self.root
+    def _direct_leaf_page(self, va, walk, use):
+        """The direct level-1 page mapping va of a guest large page (2 MiB or
+        1 GiB) backed by 4 KiB host frames: direct pages below the guest
+        table's shadow, keyed by the base frame of the range they map."""
+        gfn = walk.gpa >> 12
+        extra = self.direct_role(walk.rights, walk.leaf)
+        # The direct level-1 page of a guest 2 MiB page, as the last fill left
+        # it (cached under ~(va >> 21)).  Only when the fill is no use of the
+        # path: a use resets the flood count of every page on it.
+        if walk.level == 2 and not use:
+            sp = self._pcache.get(~(va >> 21))
+            if sp is not None and sp.key == (((gfn & ~511) << KEY_SHIFT) | extra | 1):
+                return sp
+        path = self._descend(va, walk.entries)
         if use:
-            sp.flood = 0
-        if path is not None:
-            path.append(sp)
-        L = self.levels
+            self._use(path)
+        sp = path[-1]
+        for it in for_each_shadow_entry(sp, va, walk.level):
+            if it.level == 1:
+                break
+            L = it.level - 1
+            dgfn = gfn & ~((1 << (9 * L)) - 1)
+            child = it.sp.children.get(it.index)
+            if child is None or child.key != (dgfn << KEY_SHIFT) | extra | L:
+                self.link(it.sp, it.index, dgfn, extra | L)
+        sp = it.sp
+        if walk.level == 2:
+            self._pcache[~(va >> 21)] = sp
+        return sp
+
+    def _descend(self, va, gptes):
+        """The pages on the shadow path for a guest walk whose entries are gptes
+        (top first), down to the shadow page of the guest table holding the
+        walk's leaf entry: one shadow page per guest table on the way, per
+        role, linked where missing.  Returns the path, root first."""
+        path = []
         acc = ACC_ALL
         base = self.role_base
         nxe = self.nxe
         amask = self.amask
-        for k in range(15, 14 + n):
-            e = words[k]
+        last = len(gptes) - 1
+        for it in for_each_shadow_entry(self.root, va, self.levels):
+            path.append(it.sp)
+            k = self.levels - it.level
+            if k == last:
+                break
+            e = gptes[k]
             acc &= (e & ACC_ALL) | TE_NX
             if nxe and e & NX:
                 acc |= TE_NX
-            idx = (va >> SHIFT[L]) & 511
-            L -= 1
-            role = base | L | (acc << R_ACC_SHIFT)
-            key = (((e & amask) >> 12) << KEY_SHIFT) | role
-            child = sp.children.get(idx)
-            if child is None or child.key != key:
-                child = self.link(sp, idx, (e & amask) >> 12, role)
-            sp = child
-            if use:
-                sp.flood = 0
-            if path is not None:
-                path.append(sp)
-        return sp
+            role = base | (it.level - 1) | (acc << R_ACC_SHIFT)
+            cgfn = (e & amask) >> 12
+            child = it.sp.children.get(it.index)
+            if child is None or child.key != (cgfn << KEY_SHIFT) | role:
+                self.link(it.sp, it.index, cgfn, role)
+        return path
 
     def _prefetch(self, sp, idx):
         """Map the neighbours of idx (an aligned group of 8, KVM PTE_PREFETCH_NUM)
@@ -579,7 +676,7 @@ class ShadowMmu:
             if spte:
                 if sp.gsnap is not None:
                     sp.gsnap[j] = gpte
-                self._set_leaf(sp.base + j, spte)
+                self.set_spte(sp.base + j, spte)
                 self.stats["mmu_prefetch"] += 1
 
     # -- roots (CR3) -------------------------------------------------------------------
@@ -604,7 +701,7 @@ class ShadowMmu:
         else:
             self.reserve(1)
             root = self.get_page(gfn, role)
-        self._pcache.clear()
+        self._forget_paths()
         if cur is not None and cur.alive and self.prev_roots_max:
             prev.insert(0, cur)
         if len(prev) > self.prev_roots_max or not all(sp.alive for sp in prev):
@@ -637,8 +734,9 @@ class ShadowMmu:
             # Flooding: three emulated writes with no use in between.  Level-1
             # pages are skipped when they can go unsync instead (as KVM).
             if flood and (sp.level > 1 or not self.allow_unsync):
-                sp.flood += 1
-                if sp.flood >= 3:
+                f = self.flood[sp.hpa >> 12] + 1
+                self.flood[sp.hpa >> 12] = f
+                if f >= 3:
                     st["mmu_flooded"] += 1
                     self.zap(sp)
                     continue
@@ -652,7 +750,7 @@ class ShadowMmu:
                 spte = self.leaf_from_gpte(sp, new)
                 if sp.gsnap is not None:
                     sp.gsnap[idx] = new
-                if self._set_leaf(sp.base + idx, spte) and spte:
+                if self.set_spte(sp.base + idx, spte) and spte:
                     st["mmu_pte_updated"] += 1
 
     # -- unsync --------------------------------------------------------------------------
@@ -673,7 +771,8 @@ class ShadowMmu:
                                          dtype=np.uint64).copy()
                 self.unsync_sps.add(sp)
                 self.stats["mmu_unsync"] += 1
-        self.wp.discard(gfn)
+        self._forget_paths()        # its level-1 pages are no fast-path target now
+        self._unprotect(gfn)
         return True
 
     def sync_page(self, sp):
@@ -686,14 +785,12 @@ class ShadowMmu:
         shadow = np.frombuffer(m[sp.base:sp.base + 512], dtype=np.uint64)
         changed = np.flatnonzero((sp.gsnap != guest) & (shadow != 0))
         for idx in changed.tolist():
-            self._set_leaf(sp.base + idx, self.leaf_from_gpte(sp, m[gbase + idx]))
+            self.set_spte(sp.base + idx, self.leaf_from_gpte(sp, m[gbase + idx]))
         sp.unsync = False
         sp.gsnap = None
         self.unsync_sps.discard(sp)
         self.stats["mmu_sync"] += 1
-        if sp.gfn not in self.wp:
-            self.wp.add(sp.gfn)
-            self.write_protect(sp.gfn)
+        self._protect(sp.gfn)
 
     def sync_all(self):
         """Every unsync page (at a guest TLB flush: MOV CR3 and the like)."""
@@ -703,21 +800,17 @@ class ShadowMmu:
     def invlpg(self, va):
         """Guest INVLPG: resync the entry for va if its leaf page is unsync
         (FNAME(invlpg)).  Synced pages are coherent already."""
-        sp = self.root
-        if sp is None or not self.unsync_sps:
+        if self.root is None or not self.unsync_sps:
             return
-        L = self.levels
-        while L > 1:
-            sp = sp.children.get((va >> SHIFT[L]) & 511)
-            if sp is None:
-                return
-            L -= 1
-        if sp.unsync:
-            idx = (va >> 12) & 511
+        for it in for_each_shadow_entry(self.root, va, self.levels):
+            pass
+        sp = it.sp
+        if it.level == 1 and sp.unsync:
+            idx = it.index
             gpte = self._m[(self._p2m[sp.gfn] >> 3) + idx]
             if gpte != sp.gsnap[idx]:
                 sp.gsnap[idx] = gpte
-                self._set_leaf(sp.base + idx, self.leaf_from_gpte(sp, gpte))
+                self.set_spte(sp.base + idx, self.leaf_from_gpte(sp, gpte))
                 self.stats["mmu_sync_entry"] += 1
 
     # -- inspection ----------------------------------------------------------------------
@@ -748,7 +841,7 @@ def audit(vm):
     problems = []
     owned = set(f >> 12 for f in vm.p2m.tolist() if f != NO_FRAME)
     for sp in sh.hash.values():
-        if sp.hpa >> 12 not in vm._host_frames:
+        if sp.hpa >> 12 not in vm.frames_owned:
             problems.append("%r: shadow page frame not owned by the VM" % sp)
         tab = sh.table(sp)
         present = np.flatnonzero(tab).tolist()
@@ -797,7 +890,7 @@ def audit(vm):
                                     % (sp, idx, child, g))
                 continue
             # leaf spte
-            gfn = vm._h2g.get(target)
+            gfn = vm.h2g.get(target)
             if target not in owned or gfn is None:
                 problems.append("%r[%d]: leaf spte %#x maps a host frame outside the VM"
                                 % (sp, idx, spte))
@@ -835,7 +928,7 @@ def audit(vm):
     for gfn, addrs in sh.rmap.items():
         for addr in addrs:
             v = m[addr >> 3]
-            if not v or vm._h2g.get((v >> 12) & 0xFFFFFFFFFF) != gfn:
+            if not v or vm.h2g.get((v >> 12) & 0xFFFFFFFFFF) != gfn:
                 problems.append("rmap of gfn %#x lists %#x holding %#x" % (gfn, addr, v))
             elif gfn in sh.wp and v & W:
                 problems.append("gfn %#x write-protected but spte at %#x is writable" % (gfn, addr))
