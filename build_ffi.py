@@ -23,7 +23,7 @@ CSRC = HERE / "csrc"
 # One translation unit (csrc/ptemu_all.c includes walk.c, tlb.c, batch.c) so
 # the compiler inlines the walk and the TLB probes into the batch loops.
 SOURCES = ["ptemu_all.c"]
-DEPENDS = ["ptemu_all.c", "walk.c", "tlb.c", "ept.c", "batch.c", "ptemu.h", "ptemu_cdef.h", "bits.h"]
+DEPENDS = ["ptemu_all.c", "walk.c", "tlb.c", "ept.c", "batch.c", "shadow.c", "ptemu.h", "ptemu_cdef.h", "bits.h"]
 
 
 def _compile_args():

@@ -10,3 +10,4 @@
 #include "ept.c"
 #include "walk.c"
 #include "batch.c"
+#include "shadow.c"

@@ -352,3 +352,64 @@ uint64_t ptemu_tlb_count_valid(const ptemu_tlb *tlb, int arr);
 /* Bounds-checked physical accessors (also used by Python for tests). */
 int ptemu_mem_load64(const ptemu_mem *mem, uint64_t pa, uint64_t *value);
 int ptemu_mem_store64(ptemu_mem *mem, uint64_t pa, uint64_t value);
+
+/* ---- Shadow MMU fast paths (shadow.c) ---------------------------------------
+ *
+ * Python decides, C executes (DESIGN.md): the shadow MMU (hypervisor/shadow.py)
+ * owns every structure below and switches the fast paths on; each one does
+ * the common, policy-free case of one exit and declines everything else to
+ * the Python handler, as KVM's fast_page_fault() does.  Python reads back
+ * what C did -- new rmap entries in rmap_log, the counters -- before it runs
+ * any handler of its own.                                                    */
+
+/* ptemu_shadow_ctx.enabled */
+#define PTEMU_FP_HIDDEN_FAULT   0x1   /* install the leaf spte of a hidden fault */
+
+/* One cached level-1 path of the current root (the fill cache's C mirror),
+ * direct-mapped by (va >> 21) & spc_mask. */
+typedef struct ptemu_spc_slot {
+    uint64_t tag;           /* (va >> 21) + 1 of the 2 MiB region; 0 = empty */
+    uint64_t gen;           /* valid while equal to ptemu_shadow_ctx.gen */
+    uint64_t l1_base;       /* host address of the level-1 shadow page */
+    uint64_t l1_gfn;        /* the guest table that page shadows */
+    uint64_t path[5];       /* host frame numbers of the path's pages, root first */
+    uint32_t npath;
+    uint32_t pad;
+} ptemu_spc_slot;
+
+typedef struct ptemu_shadow_ctx {
+    uint32_t enabled;         /* PTEMU_FP_* that Python switched on */
+    uint32_t role_wp;         /* guest CR0.WP: a supervisor write obeys R/W */
+    uint64_t gen;             /* current generation of the fill cache */
+    ptemu_spc_slot *spc;      /* spc_mask + 1 slots */
+    uint64_t spc_mask;
+    const uint64_t *p2m;      /* gfn -> host byte address, or PTEMU_NO_FRAME */
+    uint64_t nframes;
+    const uint8_t *wp;        /* gfn -> 1 while its frame is a write-protected table */
+    uint32_t *flood;          /* host frame -> write-flooding count of the page there */
+    uint64_t nhost;           /* host frames (the length of flood) */
+    uint64_t *rmap_log;       /* (gfn, spte host address) pairs C added to the rmap */
+    uint64_t rmap_log_cap;    /* pairs */
+    uint64_t rmap_log_len;    /* pairs written since Python last absorbed them */
+    uint64_t leaf_copy;       /* guest leaf bits a 4 KiB spte copies (PWT PCD PAT G key) */
+    const ptemu_cpu *gcpu;    /* the guest's CPU state (its CR3: the guest's tables) */
+    ptemu_mem *gmem;          /* guest-physical memory as walks see it (the p2m view) */
+    uint64_t pf_fixed;        /* hidden faults fixed here */
+    uint64_t pf_spurious;     /* exits whose spte was already there */
+} ptemu_shadow_ctx;
+
+/* ptemu_run over the shadow tables with fast path 1: a hidden fault whose
+ * shadow path is cached gets its leaf spte and the run goes on.  Returns
+ * the index of the first access whose exit Python must handle (fault
+ * filled), or n. */
+uint64_t ptemu_shadow_run(ptemu_shadow_ctx *ctx, const ptemu_cpu *cpu, ptemu_mem *mem,
+                          ptemu_tlb *tlb, const ptemu_trace_rec *trace, uint64_t n,
+                          uint64_t start, ptemu_fault *fault);
+
+/* ptemu_mmu_translate on the real MMU with the same fast path; returns as it. */
+int ptemu_shadow_translate(ptemu_shadow_ctx *ctx, ptemu_mmu *m, uint64_t va,
+                           uint32_t access, uint32_t flags);
+
+/* The leaf spte rule (shadow.py make_leaf_spte), for the tests to compare. */
+uint64_t ptemu_make_leaf_spte(uint64_t hpa, uint32_t acc, uint64_t copy_bits,
+                              uint32_t dirty, uint32_t write_protected);

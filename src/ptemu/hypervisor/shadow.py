@@ -39,7 +39,7 @@ paging-structure caches that may point into a freed shadow page.
 import numpy as np
 
 from ptemu import bits
-from ptemu._native import lib
+from ptemu._native import ffi, lib
 from ptemu.hypervisor.exits import HostMemoryExhausted
 
 __all__ = ["ShadowPage", "ShadowMmu", "role_str", "audit"]
@@ -68,13 +68,6 @@ SPTE_WIDEN = A | W | D
 SPC_SLOTS = 1024
 #: Pending rmap additions C may make before Python absorbs them (pairs).
 RMAP_LOG_PAIRS = 4096
-#: ptemu_spc_slot (csrc/ptemu_cdef.h): one cached level-1 path.
-SPC_DTYPE = np.dtype([("tag", "<u8"),       # (va >> 21) + 1; 0: empty
-                      ("gen", "<u8"),       # valid while == ShadowMmu.spc_gen
-                      ("l1_base", "<u8"),   # host address of the level-1 shadow page
-                      ("l1_gfn", "<u8"),    # the guest table it shadows
-                      ("path", "<u8", (5,)),  # host frames of the path, root first
-                      ("npath", "<u4"), ("pad", "<u4")])
 
 
 def make_leaf_spte(hpa, acc, copy_bits, dirty, protected):
@@ -229,11 +222,26 @@ class ShadowMmu:
         #: host frame number -> write-flooding count of the shadow page there
         self.flood = np.zeros(vm.hypervisor.host.size >> 12, dtype=np.uint32)
         #: the fill cache's level-1 paths in C form (ptemu_spc_slot), see _cache_path
-        self.spc = np.zeros(SPC_SLOTS, dtype=SPC_DTYPE)
+        self.spc = ffi.new("ptemu_spc_slot[]", SPC_SLOTS)
         self.spc_gen = 1        # a slot is valid only with this generation
         #: (gfn, spte host address) pairs C appended to the rmap; absorb_rmap_log
         self.rmap_log = np.zeros(2 * RMAP_LOG_PAIRS, dtype=np.uint64)
-        self.unsync_sps = set()
+        #: The fast paths' view of all this (csrc/shadow.c); the vCPU adds the
+        #: guest CPU and memory and switches the paths on (ptemu_shadow_ctx.enabled).
+        fast = self.fast = ffi.new("ptemu_shadow_ctx *")
+        self._fast_bufs = (ffi.from_buffer("uint64_t[]", self.p2m),
+                           ffi.from_buffer("uint8_t[]", self.wp_map),
+                           ffi.from_buffer("uint32_t[]", self.flood),
+                           ffi.from_buffer("uint64_t[]", self.rmap_log))
+        fast.p2m, fast.wp, fast.flood, fast.rmap_log = self._fast_bufs
+        fast.nframes = self.nframes
+        fast.nhost = len(self.flood)
+        fast.rmap_log_cap = RMAP_LOG_PAIRS
+        fast.spc = self.spc
+        fast.spc_mask = SPC_SLOTS - 1
+        fast.gen = self.spc_gen
+        fast.leaf_copy = LEAF_COPY
+        self.unsync_sps = {}    # unsync pages, oldest first (a dict: a deterministic order)
         self.root = None        # the ShadowPage the real CR3 points at (None: paging off)
         self.prev_roots = []    # most recent first (KVM prev_roots)
         self.need_flush = False
@@ -257,23 +265,22 @@ class ShadowMmu:
         unsync, or the root changed.  The C slots go with one generation step."""
         self._pcache.clear()
         self.spc_gen += 1
-        if self.on_paths_forgotten is not None:
-            self.on_paths_forgotten(self.spc_gen)
-
-    on_paths_forgotten = None   # the vCPU's hook: the new generation for C
+        self.fast.gen = self.spc_gen
 
     def _cache_path(self, va, path):
         """Remember the pages on the way to va's level-1 page (root first), for
         the next fill in the same 2 MiB region -- here and in C's slot."""
         self._pcache[va >> 21] = path
+        sp = path[-1]
+        if sp.unsync:
+            return              # C fills only pages in sync (no snapshot to keep)
         slot = self.spc[(va >> 21) & (SPC_SLOTS - 1)]
-        slot["tag"] = (va >> 21) + 1
-        slot["gen"] = self.spc_gen
-        slot["l1_base"] = path[-1].hpa
-        slot["l1_gfn"] = path[-1].gfn
-        n = len(path)
-        slot["npath"] = n
-        slot["path"][:n] = [p.hpa >> 12 for p in path]
+        slot.tag = (va >> 21) + 1
+        slot.gen = self.spc_gen
+        slot.l1_base = sp.hpa
+        slot.l1_gfn = sp.gfn
+        slot.npath = len(path)
+        slot.path = [p.hpa >> 12 for p in path]
 
     def _use(self, pages):
         """A guest access through these pages: their write-flooding counts restart."""
@@ -308,6 +315,7 @@ class ShadowMmu:
             self.zap_all()
             changed = True
         self.role_base, self.levels, self.nxe = base, levels, nxe
+        self.fast.role_wp = 1 if wp else 0
         self.amask, self.rsvd, self.maxphyaddr = amask, rsvd, maxphyaddr
         self.rsvd_phys = rsvd & ~NX
         return changed
@@ -318,6 +326,13 @@ class ShadowMmu:
         if not hv.free_frames:
             self._recycle(1, host=True)
         return hv.alloc_frame(owner=self.vm)
+
+    def _make_room(self):
+        """Before a fill that may create pages (KVM make_mmu_pages_available: on
+        the slow path only, never where the fast path would have done)."""
+        if (self.limit is not None and len(self.hash) + 5 > self.limit) or \
+                self.hv.free_frames < 7:
+            self.reserve(self.levels)
 
     def reserve(self, n):
         """Make room for n new shadow pages (KVM make_mmu_pages_available):
@@ -462,7 +477,7 @@ class ShadowMmu:
         del self.hash[sp.key]
         del self.by_frame[sp.hpa >> 12]
         if sp.unsync:
-            self.unsync_sps.discard(sp)
+            self.unsync_sps.pop(sp, None)
             sp.unsync = False
             sp.gsnap = None
         if not sp.direct:
@@ -584,6 +599,7 @@ class ShadowMmu:
             # and unlinks), checked against the table the guest walk used.
             path = self._pcache.get(va >> 21)
             if path is None or path[-1].gfn != walk.table_gpa >> 12:
+                self._make_room()
                 path = self._descend(va, walk.entries)
                 self._cache_path(va, path)
             sp = path[-1]
@@ -615,6 +631,7 @@ class ShadowMmu:
             sp = self._pcache.get(~(va >> 21))
             if sp is not None and sp.key == (((gfn & ~511) << KEY_SHIFT) | extra | 1):
                 return sp
+        self._make_room()
         path = self._descend(va, walk.entries)
         if use:
             self._use(path)
@@ -769,7 +786,7 @@ class ShadowMmu:
                 # the present sptes were made from.
                 sp.gsnap = np.frombuffer(self._m[gbase >> 3:(gbase >> 3) + 512],
                                          dtype=np.uint64).copy()
-                self.unsync_sps.add(sp)
+                self.unsync_sps[sp] = None
                 self.stats["mmu_unsync"] += 1
         self._forget_paths()        # its level-1 pages are no fast-path target now
         self._unprotect(gfn)
@@ -788,7 +805,7 @@ class ShadowMmu:
             self.set_spte(sp.base + idx, self.leaf_from_gpte(sp, m[gbase + idx]))
         sp.unsync = False
         sp.gsnap = None
-        self.unsync_sps.discard(sp)
+        self.unsync_sps.pop(sp, None)
         self.stats["mmu_sync"] += 1
         self._protect(sp.gfn)
 

@@ -38,6 +38,9 @@ PAGE = 4096
 NO_FRAME = PhysicalMemory.NO_FRAME
 _translate = lib.ptemu_mmu_translate
 _run = lib.ptemu_run
+_shadow_translate = lib.ptemu_shadow_translate
+_shadow_run = lib.ptemu_shadow_run
+_FP_HIDDEN_FAULT = lib.PTEMU_FP_HIDDEN_FAULT
 # A trace record: access kind at byte 8, user flag at byte 9 (ptemu_trace_rec).
 _REC = TRACE_DTYPE.itemsize
 _REC_ACCESS = TRACE_DTYPE.fields["access"][1]
@@ -103,19 +106,72 @@ class VCpu:
         self._checked_trace = None     # the last trace run() checked (kept alive),
         self._trace_raw = None         # its bytes,
         self._trace_c = None           # and its records as C sees them
+        # The fast paths (csrc/shadow.c) over the shadow MMU's structures:
+        # None when off -- asked for, or a handler they stand in for is overridden.
+        self._fast = None
+        self._fast_paths = self.fast_paths and not self._handlers_overridden()
+        if self._fast_paths:
+            ctx = vm.shadow.fast
+            ctx.gcpu = self.cpu._c
+            ctx.gmem = vm.view._c
+            self._fast = ctx
+        self._switch_fast_paths()
+
+    #: The Python handlers each fast path stands in for (the class attributes
+    #: a subclass may override: then that fast path stays off).
+    FAST_PATH_HANDLERS = {"hidden_fault": (("VCpu", "page_fault_exit"),
+                                           ("ShadowMmu", "fill"), ("ShadowMmu", "set_spte"),
+                                           ("ShadowMmu", "_use"))}
+
+    def _handlers_overridden(self):
+        owners = {"VCpu": (self, VCpu), "ShadowMmu": (self.shadow, ShadowMmu)}
+        for handlers in self.FAST_PATH_HANDLERS.values():
+            for owner, name in handlers:
+                obj, base = owners[owner]
+                if getattr(type(obj), name) is not getattr(base, name):
+                    return True
+        return False
+
+    def _switch_fast_paths(self):
+        """On while nothing needs to see each exit in Python: no exit log (the
+        demo), no prefetch (a policy of the Python fill), a live VM."""
+        ctx = self._fast
+        if ctx is not None:
+            on = self.log is None and not self.shadow.prefetch and not self._destroyed
+            ctx.enabled = _FP_HIDDEN_FAULT if on else 0
 
     def detach(self):
         """The VM was destroyed: every later operation is refused."""
         self._destroyed = True
         self._seen = None               # so that the next vCPU operation notices
+        self._switch_fast_paths()
 
     def absorb_fast_counts(self):
-        """Fold what the C fast paths counted into the VM's counters (nothing
-        without fast paths)."""
+        """Fold what the C fast paths counted into the VM's counters: the same
+        counters the Python handler keeps, plus fast_* saying which path ran."""
+        ctx = self._fast
+        if ctx is None:
+            return
+        fixed, spurious = ctx.pf_fixed, ctx.pf_spurious
+        if fixed or spurious:
+            ctx.pf_fixed = ctx.pf_spurious = 0
+            st = self._stats
+            st["exit_page_fault"] += fixed + spurious
+            st["pf_fixed"] += fixed
+            st["pf_spurious"] += spurious
+            st["fast_pf_fixed"] += fixed
+            st["fast_pf_spurious"] += spurious
+
+    def _absorb_rmap_log(self):
+        """Before any Python handler runs: the rmap entries C added."""
+        ctx = self._fast
+        self.shadow.absorb_rmap_log(ctx.rmap_log_len)
+        ctx.rmap_log_len = 0
 
     def set_log(self, sink):
         """Log every exit to sink (a callable), or stop with None."""
         self.log = sink
+        self._switch_fast_paths()
 
     # -- keeping the real CPU in step with the guest's ------------------------------
     def sync_cpu(self, load=True):
@@ -233,8 +289,6 @@ class VCpu:
                 else:
                     emulate = True
                     why = "write-protected page table"
-        if (sh.limit is not None and len(sh.hash) + 5 > sh.limit) or self.vm.hypervisor.free_frames < 7:
-            sh.reserve(sh.levels)
         hpa = self._p2m[gfn]
         if hpa == NO_FRAME:
             hpa = self.vm.back(gfn)
@@ -283,8 +337,15 @@ class VCpu:
         return False
 
     def _real_translate(self, va, acc):
-        """One access on the real MMU (0: translated, else the vector)."""
-        return _translate(self._rm, va, acc, _IN_CPL)
+        """One access on the real MMU (0: translated, else the vector), with
+        the hidden-fault fast path when it is on."""
+        ctx = self._fast
+        if ctx is None:
+            return _translate(self._rm, va, acc, _IN_CPL)
+        r = _shadow_translate(ctx, self._rm, va, acc, _IN_CPL)
+        if ctx.rmap_log_len:
+            self._absorb_rmap_log()
+        return r
 
     def _xlate(self, va, acc, r=None):
         """One guest access through the real MMU, exits handled.  Returns
@@ -404,8 +465,15 @@ class VCpu:
     def _run_c(self, i, n):
         """The C loop over the trace from i: the index of the first access that
         exits (self._rfault filled), or n."""
-        return _run(self._rcpu, self._hmem, self._rtlb, self._trace_c, n, i, ffi.NULL,
-                    self._rfault)
+        ctx = self._fast
+        if ctx is None:
+            return _run(self._rcpu, self._hmem, self._rtlb, self._trace_c, n, i, ffi.NULL,
+                        self._rfault)
+        idx = _shadow_run(ctx, self._rcpu, self._hmem, self._rtlb, self._trace_c, n, i,
+                          self._rfault)
+        if ctx.rmap_log_len:
+            self._absorb_rmap_log()
+        return idx
 
     def run(self, trace, start=0):
         """Run trace[start:] (TRACE_DTYPE) on the real MMU in C; exits are handled

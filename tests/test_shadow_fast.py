@@ -1,0 +1,224 @@
+"""The C fast paths of the shadow MMU (csrc/shadow.c) and what each declines.
+
+Hand-built guests (tests/test_shadow.py's GuestTables): each test runs the
+same guest operations on a VM with fast_paths=True and on one with
+fast_paths=False and checks (a) the fast path ran exactly where it should
+(fast_pf_fixed), (b) everything else is identical: results, guest memory,
+the leaf sptes, the rmap, every other counter (DESIGN.md "Python decides,
+C executes"; docs/shadow-mmu.md "Fast paths").
+"""
+import numpy as np
+import pytest
+
+from ptemu import bits
+from ptemu._native import lib
+from ptemu.hypervisor import Hypervisor, audit
+from ptemu.hypervisor.exits import FAST_COUNTERS
+from ptemu.hypervisor.shadow import make_leaf_spte, ShadowMmu, TE_W, TE_U, TE_NX
+from ptemu.hypervisor.vcpu import VCpu
+from ptemu.hypervisor.vm import VirtualMachine
+from ptemu.mmu import TRACE_DTYPE
+
+from test_shadow import GuestTables, PAGE, P, W, U, A, D, PS, NX
+
+VA = 0x40000000          # a 2 MiB region of its own: one level-1 guest table
+
+
+def pair(**kw):
+    """The same guest on two hosts: fast paths on, and the Python reference.
+    Guest frames 40..59 hold data (so they are backed: backing is Python's)."""
+    out = []
+    for fast in (True, False):
+        hv = Hypervisor(2048 * PAGE)
+        vm = hv.create_vm(1024 * PAGE, fast_paths=fast, **kw)
+        for gfn in range(40, 60):
+            vm.phys.write_u64(gfn * PAGE, 0xD0000 + gfn)
+        out.append((vm, GuestTables(vm.phys)))
+    return out
+
+
+def same(a, b):
+    sa = {k: v for k, v in a.stats.items() if k not in FAST_COUNTERS}
+    sb = {k: v for k, v in b.stats.items() if k not in FAST_COUNTERS}
+    assert sa == sb
+    assert np.array_equal(a.hypervisor.host.array, b.hypervisor.host.array)
+    assert {g: s for g, s in a.shadow.rmap.items() if s} == \
+        {g: s for g, s in b.shadow.rmap.items() if s}
+    assert audit(a) == [] and audit(b) == []
+
+
+def both(vms, fn):
+    return [fn(vm) for vm, _ in vms]
+
+
+def test_make_leaf_spte_is_one_rule_in_python_and_c():
+    """The spte rule (SDM 4.6 rights, 4.8 D): the Python and C versions agree
+    on every combination of rights, D and write protection."""
+    for acc in range(8):
+        for dirty in (0, 1):
+            for prot in (0, 1):
+                for copy in (0, bits.PTE_G | bits.PTE_PCD, 0xF << bits.PTE_PKEY_SHIFT):
+                    py = make_leaf_spte(0x123000, acc, copy, dirty, prot)
+                    assert py == lib.ptemu_make_leaf_spte(0x123000, acc, copy, dirty, prot)
+                    assert bool(py & W) == bool(acc & TE_W and dirty and not prot)
+                    assert bool(py & U) == bool(acc & TE_U)
+                    assert bool(py & NX) == bool(acc & TE_NX)
+                    assert py & (P | A) == P | A
+
+
+def test_hidden_faults_on_a_built_path_are_fixed_in_c():
+    """Touching fresh pages of one level-1 guest table: the first fault builds the
+    shadow path in Python; the others only need a leaf spte: C installs it,
+    inside vcpu.run and inside the scalar accesses."""
+    vms = pair()
+    for vm, g in vms:
+        for i in range(8):
+            g.map(VA + i * PAGE, (40 + i) * PAGE, P | W | U | A | D)
+        vm.vcpu.write_cr3(g.root)
+    tr = np.zeros(4, dtype=TRACE_DTYPE)
+    tr["va"] = [VA + i * PAGE for i in range(4)]
+    r = both(vms, lambda vm: vm.vcpu.run(tr))
+    assert r[0].index == r[1].index == 4
+    loads = both(vms, lambda vm: [vm.vcpu.load_u64(VA + i * PAGE) for i in range(4, 6)])
+    assert loads[0] == loads[1]
+    both(vms, lambda vm: vm.vcpu.store_u64(VA + 6 * PAGE, 77))
+    (fast, _), (ref, _) = vms
+    assert fast.stats["fast_pf_fixed"] == 6      # all but the first fault of the region
+    assert fast.stats["pf_fixed"] == ref.stats["pf_fixed"] == 7
+    assert ref.stats["fast_pf_fixed"] == 0
+    assert fast.phys.read_u64(46 * PAGE) == 77
+    same(fast, ref)
+
+
+def test_writes_widen_a_clean_spte_in_c_and_the_guest_sees_d():
+    """A read maps a clean page read-only; the first write faults again and the
+    guest walk sets D (SDM 4.8): C widens the spte (same frame, same rmap)."""
+    vms = pair()
+    for vm, g in vms:
+        g.map(VA, 40 * PAGE, P | W | U)
+        g.map(VA + PAGE, 41 * PAGE, P | W | U)
+        vm.vcpu.write_cr3(g.root)
+        vm.vcpu.load_u64(VA)                      # builds the path (Python)
+        vm.vcpu.load_u64(VA + PAGE)               # a new leaf (C)
+        vm.vcpu.store_u64(VA + PAGE, 5)           # widened (C)
+    (fast, gf), (ref, _) = vms
+    assert fast.stats["fast_pf_fixed"] == 2
+    assert fast.phys.read_u64(gf.entry_pa(VA + PAGE, 1)) & (A | D) == A | D
+    same(fast, ref)
+
+
+def test_declined_cases_go_to_python():
+    """What C declines (docs/shadow-mmu.md): a true fault, a write to a
+    write-protected page table (emulated), a large guest page, a frame not
+    backed yet, MMIO.  Each is handled by the Python exit with the same result."""
+    vms = pair()
+    for vm, g in vms:
+        g.map(VA, 40 * PAGE, P | W | U | A | D)
+        pt = g.table_of(VA)
+        g.map(VA + PAGE, pt, P | W | U | A | D)           # the guest maps its own table
+        g.map(VA + 3 * PAGE, 0x7FFFF000, P | W | U | A)   # outside memory: MMIO
+        g.map(VA + 4 * PAGE, 63 * PAGE, P | W | U | A)    # never touched: not backed
+        g.map(VA + 5 * PAGE, 41 * PAGE, P | W | U | A)    # a plain data page
+        g.map(0x80000000, 0x200000, P | W | U | PS, level=2)   # a 2 MiB guest page
+        vm.vcpu.write_cr3(g.root)
+        vm.vcpu.load_u64(VA)                       # path built
+        vm.vcpu.store_u64(VA + PAGE + 8 * 9, 0)    # a store into the table: emulated
+        with pytest.raises(Exception) as e:
+            vm.vcpu.load_u64(VA + 2 * PAGE)        # not present: a true fault
+        assert isinstance(e.value, __import__("ptemu").PageFault)
+        with pytest.raises(Exception):
+            vm.vcpu.load_u64(VA + 3 * PAGE)        # MMIO
+        vm.vcpu.load_u64(VA + 4 * PAGE)
+        vm.vcpu.load_u64(0x80000000 + 5 * PAGE)
+        vm.vcpu.load_u64(VA + 5 * PAGE)            # the only one C fixes
+    (fast, _), (ref, _) = vms
+    assert fast.stats["fast_pf_fixed"] == 1
+    assert fast.stats["pf_emulate"] == 1 and fast.stats["pf_guest"] == 1
+    assert fast.stats["pf_mmio"] == 1
+    same(fast, ref)
+
+
+def test_unsync_pages_are_not_filled_in_c():
+    """An unsync level-1 page keeps a snapshot of the gptes its sptes came from:
+    only Python fills it (C sees no cached path for it)."""
+    vms = pair(unsync=True)
+    for vm, g in vms:
+        for i in range(4):
+            g.map(VA + i * PAGE, (40 + i) * PAGE, P | W | U | A | D)
+        pt = g.table_of(VA)
+        g.map(0x50000000, pt, P | W | U | A | D)
+        vm.vcpu.write_cr3(g.root)
+        vm.vcpu.load_u64(VA)
+        vm.vcpu.store_u64(0x50000000 + 8 * 5, (45 * PAGE) | P | W | U | A | D)   # unsync
+        for i in range(1, 4):
+            vm.vcpu.load_u64(VA + i * PAGE)
+    (fast, _), (ref, _) = vms
+    assert fast.stats["mmu_unsync"] == 1
+    assert fast.stats["fast_pf_fixed"] == 0
+    same(fast, ref)
+
+
+class LoggingShadow(ShadowMmu):
+    """A researcher's policy: a fill that records what it filled."""
+
+    def fill(self, va, walk, hpa, use=True):
+        self.filled = getattr(self, "filled", []) + [va]
+        return super().fill(va, walk, hpa, use)
+
+
+class MyVM(VirtualMachine):
+    shadow_class = LoggingShadow
+
+
+def test_a_subclass_overriding_a_handler_turns_its_fast_path_off():
+    """DESIGN.md: a Python policy is never bypassed without notice."""
+    hv = Hypervisor(512 * PAGE)
+    vm = MyVM(hv, hv._next_id, 64 * PAGE, "shadow", False, 3, None, False, None)
+    hv._add_vm(vm, False)
+    g = GuestTables(vm.phys)
+    for i in range(4):
+        g.map(VA + i * PAGE, (40 + i) * PAGE, P | W | U | A | D)
+    vm.vcpu.write_cr3(g.root)
+    for i in range(4):
+        vm.vcpu.load_u64(VA + i * PAGE)
+    assert vm.shadow.filled == [VA + i * PAGE for i in range(4)]
+    assert vm.stats["fast_pf_fixed"] == 0 and vm.vcpu._fast is None
+
+    class MyVCpu(VCpu):
+        def page_fault_exit(self, va, acc, flags):
+            return super().page_fault_exit(va, acc, flags)
+    MyVM.vcpu_class = MyVCpu
+    MyVM.shadow_class = ShadowMmu
+    try:
+        vm2 = MyVM(hv, hv._next_id, 64 * PAGE, "shadow", False, 3, None, False, None)
+        assert vm2.vcpu._fast is None
+    finally:
+        MyVM.vcpu_class = VCpu
+
+
+def test_an_exit_log_or_prefetch_turns_the_fast_path_off():
+    """The demo's exit log must see every exit; prefetch is a policy of the
+    Python fill."""
+    for kw in ({"prefetch": True}, {}):
+        vms = pair(**kw)
+        logs = []
+        for vm, g in vms:
+            for i in range(4):
+                g.map(VA + i * PAGE, (40 + i) * PAGE, P | W | U | A | D)
+            if not kw:
+                log = []
+                logs.append(log)
+                vm.log_exits(log)
+            vm.vcpu.write_cr3(g.root)
+            for i in range(4):
+                vm.vcpu.load_u64(VA + i * PAGE)
+        (fast, _), (ref, _) = vms
+        assert fast.stats["fast_pf_fixed"] == 0
+        same(fast, ref)
+        if logs:
+            assert [str(x) for x in logs[0]] == [str(x) for x in logs[1]]
+
+
+def test_fast_paths_must_be_a_bool():
+    with pytest.raises(ValueError):
+        Hypervisor(512 * PAGE).create_vm(64 * PAGE, fast_paths="yes")
