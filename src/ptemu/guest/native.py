@@ -6,7 +6,7 @@ one plain PhysicalMemory, and every guest event (MOV CR3, INVLPG, a #PF) is
 the architectural event itself, with the TLB rules of SDM 4.10.4.  A VM built
 by ptemu.hypervisor must give its guest exactly what this machine gives.
 
-Layout of the contract (see machine-contract.md, shared with the hypervisor):
+Layout of the contract (docs/machine-contract.md, shared with the hypervisor):
 
     machine.paging        "native"
     machine.unsync        False (only meaningful for shadow VMs)
@@ -123,7 +123,7 @@ class NativeVcpu(NoExitControl):
                 raise InvalidInput("trace[%d]: access code %d is not 0 (read), 1 (write) or "
                                    "2 (fetch)" % (idx, int(trace["access"][idx])))
             st["general_protection"] += 1
-            return RunResult(idx, 13, 0, 0, "non-canonical",
+            return RunResult(idx, GeneralProtection.vector, 0, 0, "non-canonical",
                              GeneralProtection(int(trace["va"][idx])))
         st["page_fault"] += 1
         exc = fault_from_c(f, self._phys.size)

@@ -19,7 +19,7 @@ from collections import defaultdict
 
 import numpy as np
 
-from ptemu._native import (ffi, lib, InvalidInput, EptExit, EptMisconfig, check_u64,
+from ptemu._native import (ffi, lib, InvalidInput, EptExit, EptMisconfig, PageFault, check_u64,
                            check_array, fault_from_c, GeneralProtection)
 from ptemu.ept import Ept
 from ptemu.memory import PhysicalMemory
@@ -202,7 +202,7 @@ class NestedVcpu(NoExitControl):
             except EptExit as exc:
                 self.vm.ept_exit(exc)
             except Exception as exc:
-                if getattr(exc, "vector", None) == 14:
+                if isinstance(exc, PageFault):
                     self._stats["page_fault"] += 1
                 raise
         raise ShadowMmuError("no progress translating %#x" % va)
@@ -256,7 +256,7 @@ class NestedVcpu(NoExitControl):
                 if f.cause == lib.PTEMU_CAUSE_NONE:
                     raise InvalidInput("trace[%d]: access code %d is not 0, 1 or 2"
                                        % (idx, int(trace["access"][idx])))
-                return RunResult(idx, 13, 0, 0, "non-canonical",
+                return RunResult(idx, GeneralProtection.vector, 0, 0, "non-canonical",
                                  GeneralProtection(int(trace["va"][idx])))
             st["page_fault"] += 1
             exc = fault_from_c(f, self.vm.memory_bytes)

@@ -11,7 +11,7 @@ free one) when it is first touched -- by a guest access through the shadow,
 by the hypervisor's walk of the guest's tables, or by a `phys` write -- or
 all at once with create_vm(populate=True).
 
-The machine contract (API.md "Hypervisor", shared with guest.NativeMachine
+The machine contract (docs/machine-contract.md, shared with guest.NativeMachine
 and nested.NestedVM): paging, unsync, memory_bytes, phys, vcpu, stats.
 """
 import numpy as np
