@@ -364,6 +364,16 @@ int ptemu_mem_store64(ptemu_mem *mem, uint64_t pa, uint64_t value);
 
 /* ptemu_shadow_ctx.enabled */
 #define PTEMU_FP_HIDDEN_FAULT   0x1   /* install the leaf spte of a hidden fault */
+#define PTEMU_FP_PT_WRITE       0x2   /* emulate a store into a protected level-1 table */
+
+/* ptemu_shadow_ctx.sp_info[host frame]: what C must know of a shadow page */
+#define PTEMU_SPI_ACC_MASK      0x07  /* the role's inherited rights (PTEMU_TE_*) */
+#define PTEMU_SPI_DIRECT        0x08  /* a direct page (under a guest large page) */
+#define PTEMU_SPI_LEVEL_SHIFT   4     /* bits 6:4 its level; 0: no shadow page here */
+#define PTEMU_SPI_NXE           0x80  /* made under EFER.NXE=1 (bit 63 is XD) */
+#define PTEMU_GFN_SPS           4     /* shadow pages per guest frame C looks at */
+/* rmap_log words: (gfn | PTEMU_RMAP_REMOVE, spte host address) */
+#define PTEMU_RMAP_REMOVE       0x8000000000000000
 
 /* One cached level-1 path of the current root (the fill cache's C mirror),
  * direct-mapped by (va >> 21) & spc_mask. */
@@ -396,6 +406,20 @@ typedef struct ptemu_shadow_ctx {
     ptemu_mem *gmem;          /* guest-physical memory as walks see it (the p2m view) */
     uint64_t pf_fixed;        /* hidden faults fixed here */
     uint64_t pf_spurious;     /* exits whose spte was already there */
+    /* fast path 2 (protected-table stores) */
+    const uint8_t *sp_info;   /* host frame -> PTEMU_SPI_* of the shadow page there */
+    const uint64_t *gfn_sp;   /* gfn -> PTEMU_GFN_SPS host frames + 1 of its shadow pages */
+    const uint8_t *gfn_nsp;   /* gfn -> how many (0xff: more than PTEMU_GFN_SPS) */
+    const uint64_t *h2g;      /* host frame -> gfn, or PTEMU_NO_FRAME */
+    const uint64_t *host_free;/* the hypervisor's free host frames (one word) */
+    uint32_t hash_room;       /* 1: a fill could not hit the shadow limit (see shadow.py) */
+    uint32_t allow_unsync;    /* unsync is on: a protected store is a policy question */
+    uint64_t rsvd_phys;       /* reserved bits 51:MAXPHYADDR of every present entry */
+    uint64_t amask;           /* the address field of an entry (bits M-1:12) */
+    uint64_t pf_emulate;      /* stores emulated here */
+    uint64_t pte_write;       /* mmu_pte_write */
+    uint64_t pte_updated;     /* mmu_pte_updated */
+    uint64_t tlb_flush;       /* full real-TLB flushes after a lowered spte */
 } ptemu_shadow_ctx;
 
 /* ptemu_run over the shadow tables with fast path 1: a hidden fault whose
@@ -405,6 +429,13 @@ typedef struct ptemu_shadow_ctx {
 uint64_t ptemu_shadow_run(ptemu_shadow_ctx *ctx, const ptemu_cpu *cpu, ptemu_mem *mem,
                           ptemu_tlb *tlb, const ptemu_trace_rec *trace, uint64_t n,
                           uint64_t start, ptemu_fault *fault);
+
+/* An 8-byte guest store at va (8-aligned) on the real MMU with fast paths 1
+ * and 2: returns PTEMU_OK when the store is done (by the real MMU, after a
+ * fast fill, or emulated into a protected level-1 table), else the vector of
+ * the exit Python must handle (nothing of the store done). */
+int ptemu_shadow_store(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tlb *tlb, uint64_t va,
+                       uint64_t value);
 
 /* ptemu_mmu_translate on the real MMU with the same fast path; returns as it. */
 int ptemu_shadow_translate(ptemu_shadow_ctx *ctx, ptemu_mmu *m, uint64_t va,

@@ -17,6 +17,21 @@
  *   shadow.py's make_leaf_spte(), written, its rmap entry logged, every page
  *   on the path counted as used (flood = 0), and the access retried.
  *
+ *   fast path 2, a guest store into a write-protected level-1 guest table
+ *   (KVM kvm_mmu_pte_write for the common case).  The real MMU refused the
+ *   store; the guest's walk (as a probe: it owes no A or D bit) allows it
+ *   and reaches a frame that is a write-protected guest page table; the
+ *   shadow of the store's own mapping is already what a fill would make;
+ *   every shadow page of the frame is an in-sync level-1 page whose flood
+ *   count stays below the zap threshold.  Then the store is emulated: the
+ *   word lands in guest memory and each shadow page's spte for that entry
+ *   is rebuilt from the new gpte by the rule of shadow.py's leaf_from_gpte,
+ *   through set_spte's rules (rmap changes logged, a lowered or moved spte
+ *   flushes the real TLB once).  Unsync on, a guest CR0.WP=0 write, a
+ *   non-level-1 or over-flooded page, more shadow pages than C tracks, a
+ *   fill that would change the shadow, memory pressure (a fill would make
+ *   room first): Python.
+ *
  * Everything else declines: a guest walk that faults (a true fault, or a
  * table frame not backed yet), a large guest page, a write the policy must
  * see (to a write-protected table: emulate or unsync; with the guest's
@@ -162,4 +177,165 @@ int ptemu_shadow_translate(ptemu_shadow_ctx *ctx, ptemu_mmu *m, uint64_t va,
         r = ptemu_mmu_translate(m, va, access, flags);
     }
     return r;
+}
+
+/* ---- fast path 2: a store into a write-protected level-1 guest table ------- */
+
+/* shadow.py leaf_from_gpte: the spte a level-1 shadow page (spi) holds for gpte. */
+static uint64_t spte_from_gpte(const ptemu_shadow_ctx *ctx, uint8_t spi, uint64_t gpte)
+{
+    uint64_t rsvd = ctx->rsvd_phys | ((spi & PTEMU_SPI_NXE) ? 0 : PTEMU_PTE_NX);
+    /* Not present, A clear (the walk that sets A must happen first), or a
+     * reserved bit: no spte, the access faults and the walk decides. */
+    if (!(gpte & PTEMU_PTE_P) || !(gpte & PTEMU_PTE_A) || (gpte & rsvd))
+        return 0;
+    uint64_t gfn = (gpte & ctx->amask) >> 12;
+    if (gfn >= ctx->nframes || ctx->p2m[gfn] == PTEMU_NO_FRAME)
+        return 0;                         /* outside the VM, or not backed yet */
+    uint32_t acc = (spi & PTEMU_SPI_ACC_MASK) &
+                   (((uint32_t)gpte & (PTEMU_TE_W | PTEMU_TE_U)) | PTEMU_TE_NX);
+    if ((spi & PTEMU_SPI_NXE) && (gpte & PTEMU_PTE_NX))
+        acc |= PTEMU_TE_NX;
+    return ptemu_make_leaf_spte(ctx->p2m[gfn], acc, gpte & ctx->leaf_copy,
+                                (gpte & PTEMU_PTE_D) != 0, ctx->wp[gfn]);
+}
+
+static void rmap_log(ptemu_shadow_ctx *ctx, uint64_t word, uint64_t addr)
+{
+    ctx->rmap_log[2 * ctx->rmap_log_len] = word;
+    ctx->rmap_log[2 * ctx->rmap_log_len + 1] = addr;
+    ctx->rmap_log_len++;
+}
+
+/* shadow.py set_spte: write the leaf spte at host address addr; the rmap
+ * changes go to the log; *flush when the real TLB may hold a translation
+ * that was lowered or moved.  Returns 1 when the word changed. */
+static int set_spte(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t addr, uint64_t new,
+                    int *flush)
+{
+    uint64_t old;
+    if (!ptemu_load64(hmem, addr, &old) || old == new)
+        return 0;
+    if (old) {
+        if (((old ^ new) & ~SPTE_WIDEN) || (old & ~new & PTEMU_PTE_W))
+            *flush = 1;
+        if (new && !((old ^ new) & SPTE_FRAME)) {
+            ptemu_mem_store64(hmem, addr, new);       /* same frame: rmap unchanged */
+            return 1;
+        }
+        uint64_t f = (old & SPTE_FRAME) >> 12;
+        if (f < ctx->nhost && ctx->h2g[f] != PTEMU_NO_FRAME)
+            rmap_log(ctx, ctx->h2g[f] | PTEMU_RMAP_REMOVE, addr);
+    }
+    if (new)
+        rmap_log(ctx, ctx->h2g[(new & SPTE_FRAME) >> 12], addr);
+    ptemu_mem_store64(hmem, addr, new);
+    return 1;
+}
+
+/* The guest large-leaf bits a direct page's sptes carry (shadow.py leafbits). */
+#define DIRECT_COPY  (PTEMU_PTE_PWT | PTEMU_PTE_PCD | PTEMU_PTE_G | \
+                      (0xfULL << PTEMU_PTE_PKEY_SHIFT))
+
+/* 1 when a fill for this walk (use=False) would leave the shadow as it is:
+ * the store's own leaf spte is there, on the path a fill would take. */
+static int fill_is_noop(const ptemu_shadow_ctx *ctx, ptemu_mmu *m, uint64_t va,
+                        const ptemu_walk_out *w, uint64_t hpa)
+{
+    uint64_t spte, cur;
+    if (w->level == 1) {
+        const ptemu_spc_slot *slot = &ctx->spc[(va >> 21) & ctx->spc_mask];
+        if (slot->tag != (va >> 21) + 1 || slot->gen != ctx->gen ||
+            slot->l1_gfn != w->entry_pa[w->nentries - 1] >> 12)
+            return 0;
+        spte = ptemu_make_leaf_spte(hpa, w->rights, w->leaf & ctx->leaf_copy, 1, 1);
+        return ptemu_load64(m->mem, slot->l1_base + 8 * ((va >> 12) & 511), &cur) &&
+               cur == spte;
+    }
+    if (w->level != 2)
+        return 0;
+    /* A guest 2 MiB page (the kernel's direct map): the direct level-1 page
+     * reached on the real tables must have the role a fill would pick now
+     * that the leaf is dirty (rights with W), and hold the spte it would make. */
+    ptemu_walk_in in = { va, PTEMU_ACC_READ, PTEMU_IN_CPL | PTEMU_IN_NO_AD };
+    ptemu_walk_out rw;
+    ptemu_fault rf;
+    if (ptemu_translate(m->cpu, m->mem, NULL, &in, &rw, &rf) != PTEMU_OK ||
+        rw.level != 1 || rw.nentries == 0)
+        return 0;
+    uint64_t frame = rw.entry_pa[rw.nentries - 1] >> 12;
+    if (frame >= ctx->nhost)
+        return 0;
+    uint8_t want = (uint8_t)((w->rights & PTEMU_SPI_ACC_MASK) | PTEMU_SPI_DIRECT |
+                             (1 << PTEMU_SPI_LEVEL_SHIFT));
+    if ((ctx->sp_info[frame] & ~PTEMU_SPI_NXE) != want)
+        return 0;
+    spte = ptemu_make_leaf_spte(hpa, w->rights, w->leaf & DIRECT_COPY, 1, 1);
+    return rw.leaf == spte;
+}
+
+static int shadow_fast_pt_write(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tlb *tlb,
+                                uint64_t va, uint64_t value)
+{
+    if (ctx->allow_unsync || !ctx->role_wp || !ctx->hash_room || *ctx->host_free < 7)
+        return 0;
+    ptemu_walk_in in = { va, PTEMU_ACC_WRITE, PTEMU_IN_CPL | PTEMU_IN_NO_AD };
+    ptemu_walk_out w;
+    ptemu_fault gf;
+    if (ptemu_translate(ctx->gcpu, ctx->gmem, NULL, &in, &w, &gf) != PTEMU_OK ||
+        w.nentries == 0 || !(w.rights & PTEMU_TE_W) || !(w.leaf & PTEMU_PTE_D))
+        return 0;
+    for (uint32_t k = 0; k < w.nentries; k++)
+        if (!(w.entry[k] & PTEMU_PTE_A))
+            return 0;                      /* the walk owes an A bit: Python's walk */
+    uint64_t gpa = w.pa, gfn = gpa >> 12;
+    if (gfn >= ctx->nframes || !ctx->wp[gfn] || (gpa & 7))
+        return 0;
+    uint64_t hpa = ctx->p2m[gfn];
+    uint32_t nsp = ctx->gfn_nsp[gfn];
+    if (hpa == PTEMU_NO_FRAME || nsp == 0 || nsp > PTEMU_GFN_SPS ||
+        ctx->rmap_log_len + 2 * PTEMU_GFN_SPS > ctx->rmap_log_cap ||
+        !fill_is_noop(ctx, m, va, &w, hpa))
+        return 0;
+    const uint64_t *sps = &ctx->gfn_sp[gfn * PTEMU_GFN_SPS];
+    for (uint32_t k = 0; k < nsp; k++) {
+        uint64_t f = sps[k] - 1;
+        /* Level 1 only (a store into an upper table unlinks: Python), and the
+         * third emulated write without a use zaps the page (flooding). */
+        if (f >= ctx->nhost || (ctx->sp_info[f] & (PTEMU_SPI_DIRECT | (7 << PTEMU_SPI_LEVEL_SHIFT)))
+                                   != (1 << PTEMU_SPI_LEVEL_SHIFT) || ctx->flood[f] + 1 >= 3)
+            return 0;
+    }
+    uint64_t old, at = hpa + (gpa & 0xfff);
+    if (!ptemu_load64(m->mem, at, &old) || !ptemu_mem_store64(m->mem, at, value))
+        return 0;
+    ctx->pte_write++;
+    int flush = 0;
+    for (uint32_t k = 0; k < nsp; k++) {
+        uint64_t f = sps[k] - 1;
+        ctx->flood[f]++;
+        if (old == value)
+            continue;
+        uint64_t spte = spte_from_gpte(ctx, ctx->sp_info[f], value);
+        if (set_spte(ctx, m->mem, (f << 12) + (gpa & 0xff8), spte, &flush) && spte)
+            ctx->pte_updated++;
+    }
+    if (flush) {
+        ptemu_tlb_flush(tlb, PTEMU_FLUSH_ALL, 0, 0, PTEMU_CAUSE_FL_USER);
+        ctx->tlb_flush++;
+    }
+    ctx->pf_emulate++;
+    return 1;
+}
+
+int ptemu_shadow_store(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tlb *tlb, uint64_t va,
+                       uint64_t value)
+{
+    int r = ptemu_shadow_translate(ctx, m, va, PTEMU_ACC_WRITE, PTEMU_IN_CPL);
+    if (r == PTEMU_OK)
+        return ptemu_mem_store64(m->mem, m->out->pa, value) ? PTEMU_OK : PTEMU_VEC_PF;
+    if (r != PTEMU_VEC_PF || !(ctx->enabled & PTEMU_FP_PT_WRITE) ||
+        !shadow_fast_pt_write(ctx, m, tlb, va, value))
+        return r;
+    return PTEMU_OK;
 }

@@ -222,3 +222,85 @@ def test_an_exit_log_or_prefetch_turns_the_fast_path_off():
 def test_fast_paths_must_be_a_bool():
     with pytest.raises(ValueError):
         Hypervisor(512 * PAGE).create_vm(64 * PAGE, fast_paths="yes")
+
+
+def _pt_store_world(vms, large):
+    """A guest whose level-1 table for VA is also mapped at MAPVA (by a 4 KiB
+    leaf, or by a 2 MiB leaf covering guest-physical 0..2 MiB, the kernel's
+    direct map), A and D set so that a store's walk owes nothing."""
+    out = []
+    for vm, g in vms:
+        for i in range(4):
+            g.map(VA + i * PAGE, (40 + i) * PAGE, P | W | U | A | D)
+        pt = g.table_of(VA)
+        if large:
+            g.map(0x80000000, 0, P | W | A | D | PS, level=2)
+            at = 0x80000000 + pt
+        else:
+            g.map(0x50000000, pt, P | W | A | D)
+            at = 0x50000000
+        vm.vcpu.write_cr3(g.root)
+        for i in range(4):
+            vm.vcpu.load_u64(VA + i * PAGE)          # shadowed and mapped
+        vm.vcpu.load_u64(at)                         # the table's own mapping, read-only
+        out.append(at)
+    return out
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_a_store_into_a_protected_level1_table_is_emulated_in_c(large):
+    """SDM 4.10.4.3: the guest changes a PTE with a store, then invalidates;
+    the hypervisor traps the store (its table is write-protected), writes the
+    word and updates the spte.  C does the common case; the result, the
+    guest's next access and every counter are the reference's."""
+    vms = pair()
+    ats = _pt_store_world(vms, large)
+    for (vm, g), at in zip(vms, ats):
+        vc = vm.vcpu
+        vc.store_u64(at + 8 * 1, (50 * PAGE) | P | W | U | A | D)     # remap page 1
+        vc.invlpg(VA + PAGE)
+        assert vc.load_u64(VA + PAGE) == 0xD0000 + 50
+        vc.store_u64(at + 8 * 2, 0)                                    # unmap page 2
+        vc.invlpg(VA + 2 * PAGE)
+        with pytest.raises(Exception):
+            vc.load_u64(VA + 2 * PAGE)
+    (fast, _), (ref, _) = vms
+    assert fast.stats["fast_pf_emulate"] == 2 and ref.stats["fast_pf_emulate"] == 0
+    assert fast.stats["pf_emulate"] == ref.stats["pf_emulate"] == 2
+    assert fast.stats["mmu_pte_updated"] == 1
+    same(fast, ref)
+
+
+def test_the_third_store_without_a_use_goes_to_python_and_zaps():
+    """Flood detection (KVM write_flooding_count) is policy: the store that
+    would zap the page is the reference's."""
+    vms = pair()
+    ats = _pt_store_world(vms, False)
+    for (vm, g), at in zip(vms, ats):
+        for i in range(3):
+            vm.vcpu.store_u64(at + 8 * (10 + i), 0)
+    (fast, _), (ref, _) = vms
+    assert fast.stats["fast_pf_emulate"] == 2
+    assert fast.stats["mmu_flooded"] == ref.stats["mmu_flooded"] == 1
+    same(fast, ref)
+
+
+def test_a_store_whose_walk_sets_d_in_c_or_with_unsync_in_python():
+    """A store whose mapping is clean: the guest walk of the exit sets D (SDM
+    4.8) -- in C, the hidden-fault path's walk, as the reference's walk does --
+    and the emulation follows in C.  With unsync on, a store into a table is
+    a policy choice (unsync or emulate): Python."""
+    for kw, flags, in_c in (({}, P | W | A, 1), ({"unsync": True}, P | W | A | D, 0)):
+        vms = pair(**kw)
+        for vm, g in vms:
+            g.map(VA, 40 * PAGE, P | W | U | A | D)
+            pt = g.table_of(VA)
+            g.map(0x50000000, pt, flags)
+            vm.vcpu.write_cr3(g.root)
+            vm.vcpu.load_u64(VA)
+            vm.vcpu.load_u64(0x50000000)
+            vm.vcpu.store_u64(0x50000000 + 8 * 7, 0)
+        (fast, gf), (ref, _) = vms
+        assert fast.stats["fast_pf_emulate"] == in_c
+        assert fast.phys.read_u64(gf.entry_pa(0x50000000, 1)) & D
+        same(fast, ref)

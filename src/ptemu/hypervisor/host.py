@@ -13,6 +13,8 @@ Every VM kind offers the same registry interface: `id`, `frames_owned`,
 """
 import heapq
 
+import numpy as np
+
 from ptemu._native import InvalidInput, check_u64
 from ptemu.memory import PhysicalMemory
 from ptemu.tlb import Tlb
@@ -44,6 +46,8 @@ class Hypervisor:
         #: Host memory as uint64 words (a memoryview: the fastest scalar access).
         self.words = memoryview(self.host.array).cast("Q")
         self._free = list(range(size // PAGE))      # a heap: lowest frame first
+        #: len(_free) as one word C reads (the fast paths decline under pressure)
+        self.free_count = np.array([len(self._free)], dtype=np.uint64)
         self.vms = []
         self._next_id = 1
 
@@ -59,6 +63,7 @@ class Hypervisor:
             raise HostMemoryExhausted("no free host frame left (host memory %#x bytes)"
                                       % self.host.size)
         f = heapq.heappop(self._free)
+        self.free_count[0] = len(self._free)
         self.host.array[f * PAGE:(f + 1) * PAGE] = 0
         if owner is not None:
             owner.frames_owned.add(f)
@@ -69,6 +74,7 @@ class Hypervisor:
         if owner is not None:
             owner.frames_owned.discard(f)
         heapq.heappush(self._free, f)
+        self.free_count[0] = len(self._free)
 
     # -- the VM registry ------------------------------------------------------------
     def create_vm(self, guest_memory_bytes, paging="shadow", unsync=False, prev_roots=3,

@@ -68,6 +68,10 @@ SPTE_WIDEN = A | W | D
 SPC_SLOTS = 1024
 #: Pending rmap additions C may make before Python absorbs them (pairs).
 RMAP_LOG_PAIRS = 4096
+RMAP_REMOVE = lib.PTEMU_RMAP_REMOVE
+GFN_SPS = lib.PTEMU_GFN_SPS
+SPI_DIRECT, SPI_LEVEL_SHIFT, SPI_NXE = (lib.PTEMU_SPI_DIRECT, lib.PTEMU_SPI_LEVEL_SHIFT,
+                                        lib.PTEMU_SPI_NXE)
 
 
 def make_leaf_spte(hpa, acc, copy_bits, dirty, protected):
@@ -228,12 +232,26 @@ class ShadowMmu:
         self.rmap_log = np.zeros(2 * RMAP_LOG_PAIRS, dtype=np.uint64)
         #: The fast paths' view of all this (csrc/shadow.c); the vCPU adds the
         #: guest CPU and memory and switches the paths on (ptemu_shadow_ctx.enabled).
+        #: host frame -> PTEMU_SPI_* of the shadow page there (0: none)
+        self.sp_info = np.zeros(len(self.flood), dtype=np.uint8)
+        #: gfn -> up to GFN_SPS host frames + 1 of its shadow pages, in gfn_sps order
+        self.gfn_sp = np.zeros((self.nframes, GFN_SPS), dtype=np.uint64)
+        self.gfn_nsp = np.zeros(self.nframes, dtype=np.uint8)
         fast = self.fast = ffi.new("ptemu_shadow_ctx *")
         self._fast_bufs = (ffi.from_buffer("uint64_t[]", self.p2m),
                            ffi.from_buffer("uint8_t[]", self.wp_map),
                            ffi.from_buffer("uint32_t[]", self.flood),
-                           ffi.from_buffer("uint64_t[]", self.rmap_log))
-        fast.p2m, fast.wp, fast.flood, fast.rmap_log = self._fast_bufs
+                           ffi.from_buffer("uint64_t[]", self.rmap_log),
+                           ffi.from_buffer("uint8_t[]", self.sp_info),
+                           ffi.from_buffer("uint64_t[]", self.gfn_sp),
+                           ffi.from_buffer("uint8_t[]", self.gfn_nsp),
+                           ffi.from_buffer("uint64_t[]", vm.h2g_map),
+                           ffi.from_buffer("uint64_t[]", vm.hypervisor.free_count))
+        (fast.p2m, fast.wp, fast.flood, fast.rmap_log, fast.sp_info, fast.gfn_sp,
+         fast.gfn_nsp, fast.h2g, fast.host_free) = self._fast_bufs
+        fast.allow_unsync = 1 if self.allow_unsync else 0
+        fast.amask = 0x000FFFFFFFFFF000     # set_mode sets it (and rsvd_phys) for real
+        self._hash_room()
         fast.nframes = self.nframes
         fast.nhost = len(self.flood)
         fast.rmap_log_cap = RMAP_LOG_PAIRS
@@ -316,6 +334,8 @@ class ShadowMmu:
             changed = True
         self.role_base, self.levels, self.nxe = base, levels, nxe
         self.fast.role_wp = 1 if wp else 0
+        self.fast.rsvd_phys = self.rsvd_phys
+        self.fast.amask = amask
         self.amask, self.rsvd, self.maxphyaddr = amask, rsvd, maxphyaddr
         self.rsvd_phys = rsvd & ~NX
         return changed
@@ -326,6 +346,24 @@ class ShadowMmu:
         if not hv.free_frames:
             self._recycle(1, host=True)
         return hv.alloc_frame(owner=self.vm)
+
+    def _hash_room(self):
+        """Tell C whether a fill could hit the shadow limit (then it must make room)."""
+        self.fast.hash_room = 1 if self.limit is None or len(self.hash) + 5 <= self.limit else 0
+
+    def _mirror_gfn(self, gfn):
+        """gfn_sps[gfn] for C (gfn_sp, gfn_nsp), after it changed."""
+        if gfn >= self.nframes:
+            return
+        sps = self.gfn_sps.get(gfn, ())
+        n = len(sps)
+        if n > GFN_SPS:
+            self.gfn_nsp[gfn] = 0xff
+            return
+        self.gfn_nsp[gfn] = n
+        row = self.gfn_sp[gfn]
+        for k, sp in enumerate(sps):
+            row[k] = (sp.hpa >> 12) + 1
 
     def _make_room(self):
         """Before a fill that may create pages (KVM make_mmu_pages_available: on
@@ -386,8 +424,13 @@ class ShadowMmu:
                     if other.unsync:
                         self.sync_page(other)
                 sps.append(sp)
+            self._mirror_gfn(gfn)
             self._protect(gfn)
         self.flood[hpa >> 12] = 0
+        self.sp_info[hpa >> 12] = (sp.access | (SPI_DIRECT if sp.direct else 0)
+                                   | (sp.level << SPI_LEVEL_SHIFT)
+                                   | (SPI_NXE if role & R_NXE else 0))
+        self._hash_room()
         return sp
 
     def link(self, parent, idx, gfn, role):
@@ -429,12 +472,18 @@ class ShadowMmu:
                 s.discard(addr)
 
     def absorb_rmap_log(self, n):
-        """Take the n (gfn, spte address) pairs the C fast path appended into the
-        rmap (C installs new leaf sptes; the rmap itself stays Python's)."""
+        """Replay the n rmap changes the C fast paths logged, in their order:
+        (gfn, spte address) added, or (gfn | RMAP_REMOVE, address) removed.
+        (C writes sptes; the rmap itself stays Python's.)"""
         rmap = self.rmap
         log = self.rmap_log[:2 * n].tolist()
         for k in range(0, 2 * n, 2):
             gfn = log[k]
+            if gfn & RMAP_REMOVE:
+                s = rmap.get(gfn & ~RMAP_REMOVE)
+                if s is not None:
+                    s.discard(log[k + 1])
+                continue
             s = rmap.get(gfn)
             if s is None:
                 rmap[gfn] = {log[k + 1]}
@@ -488,8 +537,11 @@ class ShadowMmu:
                 self._unprotect(sp.gfn)
             elif all(o.unsync for o in sps):
                 self._unprotect(sp.gfn)
+            self._mirror_gfn(sp.gfn)
+        self.sp_info[sp.hpa >> 12] = 0
         self.hv.free_frame(sp.hpa, self.vm)
         st["shadow_pages"] = len(self.hash)
+        self._hash_room()
         self.need_flush = True
         if sp is self.root:
             self.need_reload = True

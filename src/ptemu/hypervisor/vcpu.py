@@ -40,7 +40,9 @@ _translate = lib.ptemu_mmu_translate
 _run = lib.ptemu_run
 _shadow_translate = lib.ptemu_shadow_translate
 _shadow_run = lib.ptemu_shadow_run
+_shadow_store = lib.ptemu_shadow_store
 _FP_HIDDEN_FAULT = lib.PTEMU_FP_HIDDEN_FAULT
+_FP_PT_WRITE = lib.PTEMU_FP_PT_WRITE
 # A trace record: access kind at byte 8, user flag at byte 9 (ptemu_trace_rec).
 _REC = TRACE_DTYPE.itemsize
 _REC_ACCESS = TRACE_DTYPE.fields["access"][1]
@@ -109,8 +111,9 @@ class VCpu:
         # The fast paths (csrc/shadow.c) over the shadow MMU's structures:
         # None when off -- asked for, or a handler they stand in for is overridden.
         self._fast = None
-        self._fast_paths = self.fast_paths and not self._handlers_overridden()
-        if self._fast_paths:
+        self._fast_bits = ((_FP_HIDDEN_FAULT | _FP_PT_WRITE) & ~self._handlers_overridden()
+                           if self.fast_paths else 0)
+        if self._fast_bits:
             ctx = vm.shadow.fast
             ctx.gcpu = self.cpu._c
             ctx.gmem = vm.view._c
@@ -119,18 +122,28 @@ class VCpu:
 
     #: The Python handlers each fast path stands in for (the class attributes
     #: a subclass may override: then that fast path stays off).
-    FAST_PATH_HANDLERS = {"hidden_fault": (("VCpu", "page_fault_exit"),
-                                           ("ShadowMmu", "fill"), ("ShadowMmu", "set_spte"),
-                                           ("ShadowMmu", "_use"))}
+    FAST_PATH_HANDLERS = {
+        _FP_HIDDEN_FAULT: (("VCpu", "page_fault_exit"), ("ShadowMmu", "fill"),
+                           ("ShadowMmu", "set_spte"), ("ShadowMmu", "_use")),
+        _FP_PT_WRITE: (("VCpu", "page_fault_exit"), ("VCpu", "store_u64"),
+                       ("ShadowMmu", "fill"), ("ShadowMmu", "set_spte"),
+                       ("ShadowMmu", "pte_written"), ("ShadowMmu", "leaf_from_gpte"),
+                       ("VirtualMachine", "guest_write")),
+    }
 
     def _handlers_overridden(self):
-        owners = {"VCpu": (self, VCpu), "ShadowMmu": (self.shadow, ShadowMmu)}
-        for handlers in self.FAST_PATH_HANDLERS.values():
+        """The fast paths (PTEMU_FP_* bits) whose Python handlers a subclass
+        overrides: those stay off."""
+        from ptemu.hypervisor.vm import VirtualMachine
+        owners = {"VCpu": (self, VCpu), "ShadowMmu": (self.shadow, ShadowMmu),
+                  "VirtualMachine": (self.vm, VirtualMachine)}
+        off = 0
+        for bit, handlers in self.FAST_PATH_HANDLERS.items():
             for owner, name in handlers:
                 obj, base = owners[owner]
                 if getattr(type(obj), name) is not getattr(base, name):
-                    return True
-        return False
+                    off |= bit
+        return off
 
     def _switch_fast_paths(self):
         """On while nothing needs to see each exit in Python: no exit log (the
@@ -138,7 +151,7 @@ class VCpu:
         ctx = self._fast
         if ctx is not None:
             on = self.log is None and not self.shadow.prefetch and not self._destroyed
-            ctx.enabled = _FP_HIDDEN_FAULT if on else 0
+            ctx.enabled = self._fast_bits if on else 0
 
     def detach(self):
         """The VM was destroyed: every later operation is refused."""
@@ -152,15 +165,21 @@ class VCpu:
         ctx = self._fast
         if ctx is None:
             return
-        fixed, spurious = ctx.pf_fixed, ctx.pf_spurious
-        if fixed or spurious:
-            ctx.pf_fixed = ctx.pf_spurious = 0
+        fixed, spurious, emulated = ctx.pf_fixed, ctx.pf_spurious, ctx.pf_emulate
+        if fixed or spurious or emulated:
+            ctx.pf_fixed = ctx.pf_spurious = ctx.pf_emulate = 0
             st = self._stats
-            st["exit_page_fault"] += fixed + spurious
+            st["exit_page_fault"] += fixed + spurious + emulated
             st["pf_fixed"] += fixed
             st["pf_spurious"] += spurious
+            st["pf_emulate"] += emulated
             st["fast_pf_fixed"] += fixed
             st["fast_pf_spurious"] += spurious
+            st["fast_pf_emulate"] += emulated
+            st["mmu_pte_write"] += ctx.pte_write
+            st["mmu_pte_updated"] += ctx.pte_updated
+            st["tlb_flush"] += ctx.tlb_flush
+            ctx.pte_write = ctx.pte_updated = ctx.tlb_flush = 0
 
     def _absorb_rmap_log(self):
         """Before any Python handler runs: the rmap entries C added."""
@@ -437,10 +456,20 @@ class VCpu:
                 raise GuestMemoryError(va, va, self.vm.memory_bytes)
             self.vm.guest_write(va, value)
             return
-        r = self._real_translate(va, _ACC_WRITE)
-        if not r:                       # no exit: the real MMU had it
-            self._m[walk_pa(self._rbuf) >> 3] = value
-            return
+        ctx = self._fast
+        if ctx is None:
+            r = _translate(self._rm, va, _ACC_WRITE, _IN_CPL)
+            if not r:                   # no exit: the real MMU had it
+                self._m[walk_pa(self._rbuf) >> 3] = value
+                return
+        else:
+            # The store in C: done by the real MMU, after a fast fill, or
+            # emulated into a protected level-1 table (fast paths 1 and 2).
+            r = _shadow_store(ctx, self._rm, self._rtlb, va, value)
+            if ctx.rmap_log_len:
+                self._absorb_rmap_log()
+            if not r:
+                return
         kind, addr = self._xlate(va, _ACC_WRITE, r)
         if kind == 0:
             self._m[addr >> 3] = value

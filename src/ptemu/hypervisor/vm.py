@@ -60,6 +60,8 @@ class VirtualMachine:
         self.p2m = np.full(n, NO_FRAME, dtype=np.uint64)
         self.p2m_list = [NO_FRAME] * n
         self.h2g = {}
+        #: h2g for C: host frame -> gfn, NO_FRAME where this VM's memory is not
+        self.h2g_map = np.full(hv.host.size // PAGE, NO_FRAME, dtype=np.uint64)
         self.frames_owned = set()
         self.counters = VmStats()
         #: The guest-physical space as the C walker sees it (walks of guest tables).
@@ -81,6 +83,7 @@ class VirtualMachine:
         self.p2m[:] = NO_FRAME
         self.p2m_list[:] = [NO_FRAME] * len(self.p2m_list)
         self.h2g.clear()
+        self.h2g_map[:] = NO_FRAME
         self.vcpu.detach()
 
     # -- guest memory ----------------------------------------------------------------
@@ -95,6 +98,7 @@ class VirtualMachine:
         self.p2m[gfn] = hpa
         self.p2m_list[gfn] = hpa
         self.h2g[hpa // PAGE] = gfn
+        self.h2g_map[hpa // PAGE] = gfn
         self.counters["frames_backed"] += 1
         if self.vcpu.log is not None:
             self.vcpu.log_event("backing", "guest frame %d (gpa %#x) -> host frame %d "
