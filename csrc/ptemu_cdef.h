@@ -420,6 +420,9 @@ typedef struct ptemu_shadow_ctx {
     uint64_t pte_write;       /* mmu_pte_write */
     uint64_t pte_updated;     /* mmu_pte_updated */
     uint64_t tlb_flush;       /* full real-TLB flushes after a lowered spte */
+    uint32_t stream_vector;   /* why a store stream stopped: the store's vector, or 0
+                                 (an unaligned store, or the rmap log needs absorbing) */
+    uint32_t pad_;
 } ptemu_shadow_ctx;
 
 /* ptemu_run over the shadow tables with fast path 1: a hidden fault whose
@@ -444,3 +447,20 @@ int ptemu_shadow_translate(ptemu_shadow_ctx *ctx, ptemu_mmu *m, uint64_t va,
 /* The leaf spte rule (shadow.py make_leaf_spte), for the tests to compare. */
 uint64_t ptemu_make_leaf_spte(uint64_t hpa, uint32_t acc, uint64_t copy_bits,
                               uint32_t dirty, uint32_t write_protected);
+
+/* A store stream (the guest kernel's page-table work in bulk): stores in
+ * order, each with its value; numpy STORE_DTYPE (hypervisor/exits.py). */
+typedef struct ptemu_store_rec {
+    uint64_t va;            /* 8-aligned guest-linear address */
+    uint64_t value;
+} ptemu_store_rec;
+
+/* The stores s[start:n] at the current CPL on a plain MMU (no hypervisor);
+ * returns the index of the first store that faults (nothing of it done), or n. */
+uint64_t ptemu_store_stream(ptemu_mmu *m, const ptemu_store_rec *s, uint64_t n,
+                            uint64_t start);
+
+/* The same on a shadow VM's real MMU with its fast paths (ptemu_shadow_store):
+ * returns the index of the first store whose exit Python must handle, or n. */
+uint64_t ptemu_shadow_store_stream(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tlb *tlb,
+                                   const ptemu_store_rec *s, uint64_t n, uint64_t start);

@@ -339,3 +339,35 @@ int ptemu_shadow_store(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tlb *tlb, uint
         return r;
     return PTEMU_OK;
 }
+
+/* ---- store streams ---------------------------------------------------------- */
+
+uint64_t ptemu_store_stream(ptemu_mmu *m, const ptemu_store_rec *s, uint64_t n,
+                            uint64_t start)
+{
+    for (uint64_t i = start; i < n; i++) {
+        /* An unaligned address is the caller's to refuse (InvalidInput). */
+        if ((s[i].va & 7) ||
+            ptemu_mmu_translate(m, s[i].va, PTEMU_ACC_WRITE, PTEMU_IN_CPL) != PTEMU_OK ||
+            !ptemu_mem_store64(m->mem, m->out->pa, s[i].value))
+            return i;
+    }
+    return n;
+}
+
+uint64_t ptemu_shadow_store_stream(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tlb *tlb,
+                                   const ptemu_store_rec *s, uint64_t n, uint64_t start)
+{
+    ctx->stream_vector = 0;
+    for (uint64_t i = start; i < n; i++) {
+        /* Leave room in the rmap log for one more store's changes. */
+        if ((s[i].va & 7) || ctx->rmap_log_len + 2 * PTEMU_GFN_SPS + 1 > ctx->rmap_log_cap)
+            return i;
+        int r = ptemu_shadow_store(ctx, m, tlb, s[i].va, s[i].value);
+        if (r != PTEMU_OK) {
+            ctx->stream_vector = (uint32_t)r;   /* Python takes the exit from here */
+            return i;
+        }
+    }
+    return n;
+}

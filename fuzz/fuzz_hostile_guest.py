@@ -60,7 +60,7 @@ from ptemu import bits  # noqa: E402
 try:
     from ptemu.hypervisor import Hypervisor, audit  # noqa: E402
     from ptemu.hypervisor.exits import (ShadowMmuError, HostMemoryExhausted,  # noqa: E402
-                                        FAST_COUNTERS)
+                                        FAST_COUNTERS, STORE_DTYPE)
 except ImportError:  # pragma: no cover - the hypervisor is being written
     Hypervisor = None
 
@@ -208,6 +208,14 @@ def st_store(inp, w):
     w.vm.vcpu.store_u64(_va(inp), inp.u64())
 
 
+def st_store_stream(inp, w):
+    """A burst of stores as one stream (the guest kernel's page-table work in
+    bulk): into its tables and anywhere else."""
+    n = 1 + inp.below(6)
+    recs = [(_table_slot(inp) if inp.bool() else _va(inp) & ~7, _gpte(inp)) for _ in range(n)]
+    w.vm.vcpu.store_stream(np.array(recs, dtype=STORE_DTYPE))
+
+
 def st_cr3(inp, w):
     k = inp.u8()
     v = (k % (GUEST_FRAMES + 4)) * PAGE
@@ -324,7 +332,7 @@ def st_probe(inp, w):
 
 STEPS_TABLE = (st_dma_pte, st_store_pte, st_store_pte, st_store, st_cr3, st_invlpg, st_access,
                st_access, st_load, st_run, st_cr, st_state, st_hypercall, st_probe, st_probe,
-               st_dma_pte)
+               st_dma_pte, st_store_stream, st_store_stream)
 
 
 # ---------------------------------------------------------------------------

@@ -87,11 +87,14 @@ class Kernel(AddressSpaces, Processes, Vmas, FaultHandler):
     batch: paravirtual mmu_update batch size.
     record_faults: keep `fault_log`, one (pid, cr2, error_code) per true
       fault delivered to this kernel.
+    store_streams: issue page-table stores in bulk (vcpu.store_stream) rather
+      than one store_u64 call each; the machine sees the same stores in the
+      same order relative to everything else it sees.
     """
 
     def __init__(self, machine, *, direct_map_page_size=1 << 21, paravirt=None,
                  flush_ceiling=33, zero_page=True, zap_on_exit=True, batch=512,
-                 record_faults=False):
+                 record_faults=False, store_streams=True):
         self.machine = machine
         self.vcpu = machine.vcpu
         self.phys = machine.phys
@@ -110,7 +113,9 @@ class Kernel(AddressSpaces, Processes, Vmas, FaultHandler):
         self.batch = batch
         self.stats = defaultdict(int)
         self.fault_log = [] if record_faults else None
-        self._pending = []                 # paravirt: (gpa, value) not yet sent
+        self._pending = []                 # page-table writes not yet done (see _sync)
+        #: page-table stores go out as store streams (a machine that has them)
+        self._streams = store_streams and hasattr(self.vcpu, "store_stream")
         size = int(machine.memory_bytes)
         if size % PAGE or size < 64 * PAGE:
             raise InvalidInput("guest memory must be at least 64 pages and whole pages")

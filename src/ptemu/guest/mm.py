@@ -12,6 +12,7 @@ import numpy as np
 from ptemu import bits
 from ptemu._native import PtemuError, InvalidInput, MmuFault
 from ptemu.memory import PhysicalMemory
+from ptemu.hypervisor.exits import STORE_DTYPE
 
 __all__ = ["AddressSpaces", "Process", "Vma", "SegmentationFault", "GuestKernelError",
            "GuestOutOfMemory", "DIRECT_MAP", "USER_TOP", "PTE_COW", "PTE_PROTNONE",
@@ -47,6 +48,8 @@ DEFAULT_LAYOUT = (
 )
 _MMAP_BASE = 0x7f0000000000
 _ZERO_PAGE = bytes(PAGE)
+#: Most page-table stores the kernel keeps pending before it runs them as a stream.
+STREAM_MAX = 4096
 
 
 class GuestKernelError(PtemuError):
@@ -204,11 +207,24 @@ class AddressSpaces:
         self.stats["table_free"] += 1
 
     def _sync(self):
-        """Paravirtual: send the pending mmu_update batch."""
+        """Do the pending page-table writes: the mmu_update batch (paravirtual),
+        or the guest stores as one store stream (vcpu.store_stream: in C, out
+        only at a store that traps).  Before anything reads the tables, loads
+        CR3, invalidates or runs user code, so the order of events the
+        machine sees is that of one store at a time."""
         if self._pending:
             batch, self._pending = self._pending, []
-            self.vcpu.hypercall("mmu_update", batch)
-            self.stats["mmu_update_batches"] += 1
+            if self.paravirt:
+                self.vcpu.hypercall("mmu_update", batch)
+                self.stats["mmu_update_batches"] += 1
+                return
+            self.stats["store_streams"] += 1
+            try:
+                self.vcpu.store_stream(np.array(batch, dtype=STORE_DTYPE))
+            except MmuFault as exc:
+                raise GuestKernelError("kernel oops: a store to the direct map at %#x "
+                                       "faulted: %s" % (getattr(exc, "va", 0) or 0, exc)) \
+                    from exc
 
     def _read(self, gpa):
         if self._pending:
@@ -227,6 +243,11 @@ class AddressSpaces:
         if self.paravirt:
             self._pending.append((gpa, value))
             if len(self._pending) >= self.batch:
+                self._sync()
+            return
+        if self._streams:
+            self._pending.append((DIRECT_MAP + gpa, value))
+            if len(self._pending) >= STREAM_MAX:
                 self._sync()
             return
         try:

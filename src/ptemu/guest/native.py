@@ -27,7 +27,8 @@ from ptemu._native import (ffi, lib, InvalidInput, PageFault, GeneralProtection,
 from ptemu.memory import PhysicalMemory
 from ptemu.mmu import CpuState, Mmu, RunResult, TRACE_DTYPE
 from ptemu.tlb import Tlb
-from ptemu.hypervisor.exits import NoExitControl
+from ptemu._native import WalkHandle
+from ptemu.hypervisor.exits import NoExitControl, check_stores
 from ptemu.hypervisor.paravirt import mmu_update_items
 
 __all__ = ["NativeMachine", "NativeVcpu", "HYPERCALLS"]
@@ -57,6 +58,8 @@ class NativeVcpu(NoExitControl):
         self._translate = self.mmu.translate
         self._val = ffi.new("uint64_t *")
         self._fault = ffi.new("ptemu_fault *")
+        self._stream = WalkHandle(self.cpu._c, self._mem_c,
+                                  tlb._c if tlb is not None else None)
 
     # -- guest accesses ---------------------------------------------------------
     def access(self, va, access="r"):
@@ -97,6 +100,22 @@ class NativeVcpu(NoExitControl):
             raise
         if not ok:
             raise InvalidInput("u64 at %#x maps outside guest memory" % va)
+
+    def store_stream(self, stores):
+        """The stores in order, as store_u64 one by one, in one C loop; the first
+        that fails raises what store_u64 raises (those before it are done)."""
+        stores = check_stores(stores)
+        n = len(stores)
+        if not n:
+            return
+        recs = ffi.from_buffer("ptemu_store_rec[]", stores)
+        i = 0
+        while i < n:
+            j = lib.ptemu_store_stream(self._stream.c, recs, n, i)
+            if j == n:
+                return
+            self.store_u64(int(stores["va"][j]), int(stores["value"][j]))   # raises
+            i = j + 1
 
     def run(self, trace, start=0):
         """Run trace[start:] on the MMU; stop at the first (true) fault.

@@ -6,12 +6,33 @@ names KVM uses where one exists (arch/x86/kvm: pf_fixed, pf_guest,
 pf_emulate, mmu_pte_write, mmu_flooded, mmu_unsync, mmu_cache_miss,
 mmu_shadow_zapped, mmu_recycled, invlpg, ...).
 """
-from ptemu._native import PtemuError, InvalidInput, check_u64
+import numpy as np
+
+from ptemu._native import ffi, PtemuError, InvalidInput, check_u64, check_array, check_layout
 
 __all__ = ["EXIT_REASONS", "COUNTERS", "VmStats", "ExitRecord", "GuestMemoryError",
            "HostMemoryExhausted", "HypercallRejected", "ShadowMmuError", "NoExitControl",
            "checked_gpa", "PF_RETRY", "PF_EMULATE", "PF_MMIO", "PF_INJECT", "PF_SPURIOUS",
-           "PF_OUTCOME_COUNTERS", "FAST_COUNTERS"]
+           "PF_OUTCOME_COUNTERS", "FAST_COUNTERS", "STORE_DTYPE", "check_stores"]
+
+#: A store stream (machine contract `vcpu.store_stream`): 8-byte stores in
+#: order, each with its value (ptemu_store_rec in C).
+STORE_DTYPE = np.dtype([("va", "<u8"), ("value", "<u8")])
+check_layout(STORE_DTYPE.itemsize == ffi.sizeof("ptemu_store_rec"), "ptemu_store_rec")
+
+
+def check_stores(stores):
+    """A checked STORE_DTYPE array (any sequence of (va, value) pairs is turned into one)."""
+    if not isinstance(stores, np.ndarray):
+        try:
+            stores = np.array([(check_u64(va, "virtual address"), check_u64(v, "value"))
+                               for va, v in stores], dtype=STORE_DTYPE)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, InvalidInput):
+                raise
+            raise InvalidInput("stores must be a STORE_DTYPE array or (va, value) pairs") \
+                from None
+    return check_array(stores, STORE_DTYPE, "stores")
 
 #: Why the guest left guest mode (the `exit_<reason>` counters).
 EXIT_REASONS = (

@@ -26,7 +26,7 @@ from ptemu.memory import PhysicalMemory
 from ptemu.mmu import CpuState, Mmu, RunResult, TRACE_DTYPE
 from ptemu.tlb import Tlb
 from ptemu.hypervisor.exits import (GuestMemoryError, NoExitControl, ShadowMmuError,
-                                    checked_gpa)
+                                    checked_gpa, check_stores)
 
 __all__ = ["NestedVM", "NestedVcpu", "NestedPhys", "create_nested_vm"]
 
@@ -261,6 +261,11 @@ class NestedVcpu(NoExitControl):
             st["page_fault"] += 1
             exc = fault_from_c(f, self.vm.memory_bytes)
             return RunResult(idx, int(f.vector), int(f.error_code), int(f.cr2), exc.cause, exc)
+
+    def store_stream(self, stores):
+        """The stores in order, as store_u64 one by one (EPT exits handled)."""
+        for va, value in check_stores(stores).tolist():
+            self.store_u64(va, value)
 
     def hypercall(self, op, *args):
         raise InvalidInput("hypercalls are for paravirtual VMs; this VM uses nested paging")

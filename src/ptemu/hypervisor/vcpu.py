@@ -28,7 +28,7 @@ from ptemu.memory import PhysicalMemory
 from ptemu.mmu import CpuState, Mmu, RunResult, TRACE_DTYPE
 from ptemu.hypervisor.exits import (ExitRecord, GuestMemoryError, ShadowMmuError, PF_RETRY,
                                     PF_EMULATE, PF_MMIO, PF_INJECT, PF_SPURIOUS,
-                                    PF_OUTCOME_COUNTERS)
+                                    PF_OUTCOME_COUNTERS, check_stores)
 from ptemu.hypervisor.shadow import ShadowMmu, TE_W, R_WP
 from ptemu.hypervisor.paravirt import hypercall as _hypercall
 
@@ -41,6 +41,7 @@ _run = lib.ptemu_run
 _shadow_translate = lib.ptemu_shadow_translate
 _shadow_run = lib.ptemu_shadow_run
 _shadow_store = lib.ptemu_shadow_store
+_shadow_store_stream = lib.ptemu_shadow_store_stream
 _FP_HIDDEN_FAULT = lib.PTEMU_FP_HIDDEN_FAULT
 _FP_PT_WRITE = lib.PTEMU_FP_PT_WRITE
 # A trace record: access kind at byte 8, user flag at byte 9 (ptemu_trace_rec).
@@ -470,6 +471,10 @@ class VCpu:
                 self._absorb_rmap_log()
             if not r:
                 return
+        self._store_exit(va, value, r)
+
+    def _store_exit(self, va, value, r):
+        """The rest of a store the real MMU refused with vector r."""
         kind, addr = self._xlate(va, _ACC_WRITE, r)
         if kind == 0:
             self._m[addr >> 3] = value
@@ -477,6 +482,45 @@ class VCpu:
             self.vm.guest_write(addr, value)
         else:
             raise GuestMemoryError(va, addr, self.vm.memory_bytes)
+
+    def store_stream(self, stores):
+        """The stores of `stores` (STORE_DTYPE, or (va, value) pairs) in order, as
+        store_u64 would do them one by one; the first that fails raises what
+        store_u64 raises (those before it are done).  With fast paths on the
+        stream runs in C and leaves it only at a store whose exit Python must
+        handle (that store goes through store_u64, then the stream resumes)."""
+        stores = check_stores(stores)
+        n = len(stores)
+        i = 0
+        ctx = self._fast
+        if ctx is not None and n:
+            recs = ffi.from_buffer("ptemu_store_rec[]", stores)
+            st = self._stats
+            while i < n:
+                self.sync_cpu()
+                if not self._paging:
+                    break
+                j = _shadow_store_stream(ctx, self._rm, self._rtlb, recs, n, i)
+                if ctx.rmap_log_len:
+                    self._absorb_rmap_log()
+                st["guest_accesses"] += j - i
+                if j == n:
+                    return
+                va, value = int(stores["va"][j]), int(stores["value"][j])
+                r = ctx.stream_vector
+                if not r:                   # unaligned (refused there), or log room
+                    if va & 7:
+                        self.store_u64(va, value)
+                    i = j
+                    continue
+                # The store's exit, from the real MMU's answer C already had
+                # (so that the real TLB sees one translation, as store_u64's).
+                st["guest_accesses"] += 1
+                self._store_exit(va, value, r)
+                i = j + 1
+        store = self.store_u64
+        for va, value in stores[i:].tolist():
+            store(va, value)
 
     def _check_trace(self, trace):
         if trace is not self._checked_trace:
