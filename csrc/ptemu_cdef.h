@@ -365,6 +365,7 @@ int ptemu_mem_store64(ptemu_mem *mem, uint64_t pa, uint64_t value);
 /* ptemu_shadow_ctx.enabled */
 #define PTEMU_FP_HIDDEN_FAULT   0x1   /* install the leaf spte of a hidden fault */
 #define PTEMU_FP_PT_WRITE       0x2   /* emulate a store into a protected level-1 table */
+#define PTEMU_FP_INVLPG         0x4   /* INVLPG with every shadow page in sync */
 
 /* ptemu_shadow_ctx.sp_info[host frame]: what C must know of a shadow page */
 #define PTEMU_SPI_ACC_MASK      0x07  /* the role's inherited rights (PTEMU_TE_*) */
@@ -422,7 +423,7 @@ typedef struct ptemu_shadow_ctx {
     uint64_t tlb_flush;       /* full real-TLB flushes after a lowered spte */
     uint32_t stream_vector;   /* why a store stream stopped: the store's vector, or 0
                                  (an unaligned store, or the rmap log needs absorbing) */
-    uint32_t pad_;
+    uint32_t unsync_pages;    /* unsync shadow pages (INVLPG must resync: Python) */
 } ptemu_shadow_ctx;
 
 /* ptemu_run over the shadow tables with fast path 1: a hidden fault whose
@@ -439,6 +440,12 @@ uint64_t ptemu_shadow_run(ptemu_shadow_ctx *ctx, const ptemu_cpu *cpu, ptemu_mem
  * the exit Python must handle (nothing of the store done). */
 int ptemu_shadow_store(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tlb *tlb, uint64_t va,
                        uint64_t value);
+
+/* Fast path 3: the guest's INVLPG va when no shadow page is unsync (a synced
+ * shadow is coherent, so only the real TLB acts, SDM 4.10.4.1).  cpu: the
+ * real CPU state.  Returns 1 when done, 0 to decline. */
+int ptemu_shadow_invlpg(ptemu_shadow_ctx *ctx, const ptemu_cpu *cpu, ptemu_tlb *tlb,
+                        uint64_t va);
 
 /* ptemu_mmu_translate on the real MMU with the same fast path; returns as it. */
 int ptemu_shadow_translate(ptemu_shadow_ctx *ctx, ptemu_mmu *m, uint64_t va,

@@ -371,3 +371,24 @@ uint64_t ptemu_shadow_store_stream(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tl
     }
     return n;
 }
+
+/* ---- fast path 3: INVLPG with the shadow in sync ---------------------------- */
+
+int ptemu_shadow_invlpg(ptemu_shadow_ctx *ctx, const ptemu_cpu *cpu, ptemu_tlb *tlb,
+                        uint64_t va)
+{
+    /* An unsync page may hold a stale spte for va: resyncing it (FNAME(invlpg))
+     * is Python's.  A synced shadow follows every guest table write already. */
+    if (!(ctx->enabled & PTEMU_FP_INVLPG) || ctx->unsync_pages)
+        return 0;
+    /* A non-canonical address invalidates nothing (SDM 4.10.4.1: INVLPG of a
+     * non-canonical address is a no-op, not a fault). */
+    unsigned width = (cpu->cr4 & PTEMU_CR4_LA57) ? 57 : 48;
+    uint64_t top = va >> (width - 1);
+    if (top != 0 && top != (1ULL << (65 - width)) - 1)
+        return 1;
+    uint32_t pcid = (cpu->cr4 & PTEMU_CR4_PCIDE) ? (uint32_t)(cpu->cr3 & 0xfff) : 0;
+    if (tlb)
+        ptemu_tlb_flush(tlb, PTEMU_FLUSH_INVLPG, pcid, va, PTEMU_CAUSE_FL_INVLPG);
+    return 1;
+}

@@ -527,6 +527,7 @@ class ShadowMmu:
         del self.by_frame[sp.hpa >> 12]
         if sp.unsync:
             self.unsync_sps.pop(sp, None)
+            self.fast.unsync_pages = len(self.unsync_sps)
             sp.unsync = False
             sp.gsnap = None
         if not sp.direct:
@@ -839,6 +840,7 @@ class ShadowMmu:
                 sp.gsnap = np.frombuffer(self._m[gbase >> 3:(gbase >> 3) + 512],
                                          dtype=np.uint64).copy()
                 self.unsync_sps[sp] = None
+                self.fast.unsync_pages = len(self.unsync_sps)
                 self.stats["mmu_unsync"] += 1
         self._forget_paths()        # its level-1 pages are no fast-path target now
         self._unprotect(gfn)
@@ -858,6 +860,7 @@ class ShadowMmu:
         sp.unsync = False
         sp.gsnap = None
         self.unsync_sps.pop(sp, None)
+        self.fast.unsync_pages = len(self.unsync_sps)
         self.stats["mmu_sync"] += 1
         self._protect(sp.gfn)
 

@@ -42,6 +42,8 @@ _shadow_translate = lib.ptemu_shadow_translate
 _shadow_run = lib.ptemu_shadow_run
 _shadow_store = lib.ptemu_shadow_store
 _shadow_store_stream = lib.ptemu_shadow_store_stream
+_shadow_invlpg = lib.ptemu_shadow_invlpg
+_FP_INVLPG = lib.PTEMU_FP_INVLPG
 _FP_HIDDEN_FAULT = lib.PTEMU_FP_HIDDEN_FAULT
 _FP_PT_WRITE = lib.PTEMU_FP_PT_WRITE
 # A trace record: access kind at byte 8, user flag at byte 9 (ptemu_trace_rec).
@@ -112,7 +114,8 @@ class VCpu:
         # The fast paths (csrc/shadow.c) over the shadow MMU's structures:
         # None when off -- asked for, or a handler they stand in for is overridden.
         self._fast = None
-        self._fast_bits = ((_FP_HIDDEN_FAULT | _FP_PT_WRITE) & ~self._handlers_overridden()
+        self._fast_bits = ((_FP_HIDDEN_FAULT | _FP_PT_WRITE | _FP_INVLPG)
+                           & ~self._handlers_overridden()
                            if self.fast_paths else 0)
         if self._fast_bits:
             ctx = vm.shadow.fast
@@ -130,6 +133,7 @@ class VCpu:
                        ("ShadowMmu", "fill"), ("ShadowMmu", "set_spte"),
                        ("ShadowMmu", "pte_written"), ("ShadowMmu", "leaf_from_gpte"),
                        ("VirtualMachine", "guest_write")),
+        _FP_INVLPG: (("VCpu", "invlpg"), ("VCpu", "invlpg_exit"), ("ShadowMmu", "invlpg")),
     }
 
     def _handlers_overridden(self):
@@ -700,7 +704,13 @@ class VCpu:
         """Guest INVLPG (intercepted)."""
         va = check_u64(va, "virtual address")
         self.sync_cpu()
-        self._stats["exit_invlpg"] += 1
+        st = self._stats
+        st["exit_invlpg"] += 1
+        ctx = self._fast
+        if ctx is not None and self._paging and _shadow_invlpg(ctx, self._rcpu, self._rtlb, va):
+            st["invlpg"] += 1           # fast path 3: only the real TLB had to act
+            st["fast_invlpg"] += 1
+            return
         self.invlpg_exit(va)
         if self.log is not None:
             self.log_exit("invlpg", "INVLPG %#x" % va)
