@@ -366,6 +366,9 @@ int ptemu_mem_store64(ptemu_mem *mem, uint64_t pa, uint64_t value);
 #define PTEMU_FP_HIDDEN_FAULT   0x1   /* install the leaf spte of a hidden fault */
 #define PTEMU_FP_PT_WRITE       0x2   /* emulate a store into a protected level-1 table */
 #define PTEMU_FP_INVLPG         0x4   /* INVLPG with every shadow page in sync */
+#define PTEMU_FP_CR3            0x8   /* MOV CR3 to the current or a cached previous root */
+#define PTEMU_SP_KEY_SHIFT      20    /* a shadow page's key: gfn << 20 | role */
+#define PTEMU_PREV_ROOTS_MAX    64    /* create_vm(prev_roots=...) at most */
 
 /* ptemu_shadow_ctx.sp_info[host frame]: what C must know of a shadow page */
 #define PTEMU_SPI_ACC_MASK      0x07  /* the role's inherited rights (PTEMU_TE_*) */
@@ -424,6 +427,14 @@ typedef struct ptemu_shadow_ctx {
     uint32_t stream_vector;   /* why a store stream stopped: the store's vector, or 0
                                  (an unaligned store, or the rmap log needs absorbing) */
     uint32_t unsync_pages;    /* unsync shadow pages (INVLPG must resync: Python) */
+    /* fast path 4, and the one home of the roots (shadow.py reads them here) */
+    uint64_t root_key;        /* the current root's key; 0: no root */
+    uint64_t root_hpa;        /* its host address (the real CR3 without PCID) */
+    uint64_t root_role;       /* the role a root has in the current paging mode */
+    uint64_t prev_key[64];    /* prev_roots, most recent first (KVM prev_roots) */
+    uint64_t prev_hpa[64];
+    uint32_t nprev;
+    uint32_t prev_max;        /* create_vm(prev_roots=...) */
 } ptemu_shadow_ctx;
 
 /* ptemu_run over the shadow tables with fast path 1: a hidden fault whose
@@ -446,6 +457,15 @@ int ptemu_shadow_store(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tlb *tlb, uint
  * real CPU state.  Returns 1 when done, 0 to decline. */
 int ptemu_shadow_invlpg(ptemu_shadow_ctx *ctx, const ptemu_cpu *cpu, ptemu_tlb *tlb,
                         uint64_t va);
+
+/* Fast path 4: the guest's MOV CR3 value when its root is the current one
+ * (returns 1) or a cached previous root (returns 2: prev_roots rotated, the
+ * fill cache's generation moved on); the guest's CR3 (g) and the real one
+ * (real, with the PCID) loaded and the real TLB flushed as SDM 4.10.4.1
+ * says.  Returns 0 to decline: reserved bits (#GP), unsync pages to sync,
+ * a root to find in the hash or make. */
+int ptemu_shadow_cr3(ptemu_shadow_ctx *ctx, ptemu_cpu *g, ptemu_cpu *real, ptemu_tlb *tlb,
+                     uint64_t value);
 
 /* ptemu_mmu_translate on the real MMU with the same fast path; returns as it. */
 int ptemu_shadow_translate(ptemu_shadow_ctx *ctx, ptemu_mmu *m, uint64_t va,

@@ -392,3 +392,55 @@ int ptemu_shadow_invlpg(ptemu_shadow_ctx *ctx, const ptemu_cpu *cpu, ptemu_tlb *
         ptemu_tlb_flush(tlb, PTEMU_FLUSH_INVLPG, pcid, va, PTEMU_CAUSE_FL_INVLPG);
     return 1;
 }
+
+/* ---- fast path 4: MOV CR3 to a cached root ------------------------------------ */
+
+_Static_assert(PTEMU_PREV_ROOTS_MAX == 64, "prev_key/prev_hpa are 64 long");
+
+int ptemu_shadow_cr3(ptemu_shadow_ctx *ctx, ptemu_cpu *g, ptemu_cpu *real, ptemu_tlb *tlb,
+                     uint64_t value)
+{
+    if (!(ctx->enabled & PTEMU_FP_CR3) || !ctx->root_key)
+        return 0;
+    uint32_t pcide = (g->cr4 & PTEMU_CR4_PCIDE) != 0;
+    uint32_t m = g->maxphyaddr ? g->maxphyaddr : 52;
+    /* SDM 4.5.2 / 2.5: bits 62:MAXPHYADDR are reserved, and bit 63 too unless
+     * CR4.PCIDE=1 (then it asks not to flush and is not stored): #GP, Python. */
+    uint64_t rsvd = ((1ULL << 63) - 1) & ~((1ULL << m) - 1);
+    if (value & (pcide ? rsvd : rsvd | PTEMU_CR3_NOFLUSH))
+        return 0;
+    int noflush = pcide && (value & PTEMU_CR3_NOFLUSH);
+    if (!noflush && ctx->unsync_pages)
+        return 0;                       /* a flushing load syncs them: Python */
+    uint64_t cr3 = value & ~PTEMU_CR3_NOFLUSH;
+    uint64_t key = (((cr3 & ctx->amask) >> 12) << PTEMU_SP_KEY_SHIFT) | ctx->root_role;
+    int ret = 1;
+    if (key != ctx->root_key) {
+        uint32_t i, n = ctx->nprev;
+        for (i = 0; i < n && ctx->prev_key[i] != key; i++)
+            ;
+        if (i == n || n > PTEMU_PREV_ROOTS_MAX)
+            return 0;                   /* the hash, or a new root: Python */
+        uint64_t hpa = ctx->prev_hpa[i];
+        /* prev_roots, most recent first: the old root goes to the front, the
+         * hit leaves the list, the list keeps at most prev_max. */
+        for (uint32_t k = i; k > 0; k--) {
+            ctx->prev_key[k] = ctx->prev_key[k - 1];
+            ctx->prev_hpa[k] = ctx->prev_hpa[k - 1];
+        }
+        ctx->prev_key[0] = ctx->root_key;     /* (a hit means prev_max >= 1) */
+        ctx->prev_hpa[0] = ctx->root_hpa;
+        ctx->root_key = key;
+        ctx->root_hpa = hpa;
+        ctx->gen++;                     /* the fill cache was the old root's */
+        ret = 2;
+    }
+    g->cr3 = cr3;
+    uint32_t pcid = pcide ? (uint32_t)(cr3 & 0xfff) : 0;
+    real->cr3 = ctx->root_hpa | pcid;
+    /* The guest's MOV CR3 flush (SDM 4.10.4.1) on the real TLB: the non-global
+     * entries and paging-structure caches of the PCID. */
+    if (!noflush && tlb)
+        ptemu_tlb_flush(tlb, PTEMU_FLUSH_PCID, pcid, 0, PTEMU_CAUSE_FL_CR3);
+    return ret;
+}

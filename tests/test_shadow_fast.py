@@ -182,9 +182,9 @@ def test_a_subclass_overriding_a_handler_turns_its_fast_path_off():
     for i in range(4):
         vm.vcpu.load_u64(VA + i * PAGE)
     assert vm.shadow.filled == [VA + i * PAGE for i in range(4)]
-    # fill stands in for fast paths 1 and 2: those are off, INVLPG's is not.
+    # fill stands in for fast paths 1 and 2: those are off, INVLPG and CR3 are not.
     assert vm.stats["fast_pf_fixed"] == 0
-    assert vm.vcpu._fast_bits == lib.PTEMU_FP_INVLPG
+    assert vm.vcpu._fast_bits == lib.PTEMU_FP_INVLPG | lib.PTEMU_FP_CR3
 
     class MyVCpu(VCpu):
         def page_fault_exit(self, va, acc, flags):
@@ -193,7 +193,7 @@ def test_a_subclass_overriding_a_handler_turns_its_fast_path_off():
     MyVM.shadow_class = ShadowMmu
     try:
         vm2 = MyVM(hv, hv._next_id, 64 * PAGE, "shadow", False, 3, None, False, None)
-        assert vm2.vcpu._fast_bits == lib.PTEMU_FP_INVLPG
+        assert vm2.vcpu._fast_bits == lib.PTEMU_FP_INVLPG | lib.PTEMU_FP_CR3
     finally:
         MyVM.vcpu_class = VCpu
 
@@ -372,3 +372,34 @@ def test_invlpg_with_the_shadow_in_sync_is_done_in_c():
         assert fast.stats["invlpg"] == ref.stats["invlpg"] == 3
         same(fast, ref)
         assert fast.vcpu.tlb.stats == ref.vcpu.tlb.stats
+
+
+def test_cr3_loads_to_cached_roots_are_done_in_c():
+    """SDM 4.10.4.1: MOV CR3 flushes the PCID's non-global translations.  A load
+    whose shadow root is the current one or in prev_roots (KVM's 3 previous
+    roots) needs no new shadow: in C; a root from the hash or a new one, a
+    reserved bit (#GP, SDM 4.5.2), or unsync pages to sync: Python."""
+    from ptemu import GeneralProtection
+    vms = pair()
+    for vm, g in vms:
+        g.map(VA, 40 * PAGE, P | W | U | A | D)
+        tops = [g.root] + [g.alloc() for _ in range(4)]
+        for t in tops[1:]:
+            vm.phys.write(t, vm.phys.read(g.root, PAGE))      # the same address space
+        vc = vm.vcpu
+        for t in tops[:3]:
+            vc.write_cr3(t)                # new roots (Python)
+            vc.load_u64(VA)
+        for t in (tops[0], tops[1], tops[1], tops[2], tops[0]):
+            vc.write_cr3(t)                # cached or current (C)
+            vc.load_u64(VA)
+        for t in tops:
+            vc.write_cr3(t)                # tops[3], tops[4] are new; then prev hits
+        with pytest.raises(GeneralProtection):
+            vc.write_cr3(tops[0] | (1 << 62))
+    (fast, _), (ref, _) = vms
+    assert fast.stats["fast_cr3_write"] >= 5
+    assert fast.stats["prev_root_hit"] == ref.stats["prev_root_hit"] > 0
+    assert [sp.gfn for sp in fast.shadow.prev_roots] == [sp.gfn for sp in ref.shadow.prev_roots]
+    same(fast, ref)
+    assert fast.vcpu.tlb.stats == ref.vcpu.tlb.stats

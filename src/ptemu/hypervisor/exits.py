@@ -54,7 +54,8 @@ PF_OUTCOME_COUNTERS = ("pf_fixed", "pf_emulate", "pf_mmio", "pf_guest", "pf_spur
 
 #: The counters that say which path ran (csrc/shadow.c or Python): the only
 #: counters allowed to differ between fast_paths=True and fast_paths=False.
-FAST_COUNTERS = ("fast_pf_fixed", "fast_pf_spurious", "fast_pf_emulate", "fast_invlpg")
+FAST_COUNTERS = ("fast_pf_fixed", "fast_pf_spurious", "fast_pf_emulate", "fast_invlpg",
+                 "fast_cr3_write")
 
 #: Every counter a VM keeps, with what it counts.
 COUNTERS = {
@@ -76,6 +77,7 @@ COUNTERS = {
     "fast_pf_spurious": "of pf_spurious: spurious exits seen by the C fast path",
     "fast_pf_emulate": "of pf_emulate: stores into protected level-1 tables emulated in C",
     "fast_invlpg": "of invlpg: INVLPGs done in C (no unsync page: only the real TLB acts)",
+    "fast_cr3_write": "of cr3_write: CR3 loads to the current or a cached root done in C",
     "mmu_pte_write": "emulated or DMA writes to a shadowed guest page table",
     "mmu_pte_updated": "shadow leaf entries updated in place after such a write",
     "mmu_pde_zapped": "shadow non-leaf entries dropped after such a write",

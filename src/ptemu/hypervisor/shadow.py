@@ -227,7 +227,7 @@ class ShadowMmu:
         self.flood = np.zeros(vm.hypervisor.host.size >> 12, dtype=np.uint32)
         #: the fill cache's level-1 paths in C form (ptemu_spc_slot), see _cache_path
         self.spc = ffi.new("ptemu_spc_slot[]", SPC_SLOTS)
-        self.spc_gen = 1        # a slot is valid only with this generation
+        self._pcache_gen = 1    # the generation _pcache belongs to (fast.gen may move on in C)
         #: (gfn, spte host address) pairs C appended to the rmap; absorb_rmap_log
         self.rmap_log = np.zeros(2 * RMAP_LOG_PAIRS, dtype=np.uint64)
         #: The fast paths' view of all this (csrc/shadow.c); the vCPU adds the
@@ -257,11 +257,10 @@ class ShadowMmu:
         fast.rmap_log_cap = RMAP_LOG_PAIRS
         fast.spc = self.spc
         fast.spc_mask = SPC_SLOTS - 1
-        fast.gen = self.spc_gen
+        fast.gen = self._pcache_gen
+        fast.prev_max = self.prev_roots_max
         fast.leaf_copy = LEAF_COPY
         self.unsync_sps = {}    # unsync pages, oldest first (a dict: a deterministic order)
-        self.root = None        # the ShadowPage the real CR3 points at (None: paging off)
-        self.prev_roots = []    # most recent first (KVM prev_roots)
         self.need_flush = False
         self.need_reload = False
         self._pcache = {}       # va >> 21 -> the pages on the path to the level-1 page
@@ -282,8 +281,57 @@ class ShadowMmu:
         """Drop every cached path: a spte was unlinked, a page zapped or made
         unsync, or the root changed.  The C slots go with one generation step."""
         self._pcache.clear()
-        self.spc_gen += 1
-        self.fast.gen = self.spc_gen
+        gen = self.fast.gen + 1
+        self.fast.gen = gen
+        self._pcache_gen = gen
+
+    def _paths_current(self):
+        """_pcache is of the current generation (C's CR3 fast path moves it on)."""
+        if self._pcache_gen != self.fast.gen:
+            self._pcache.clear()
+            self._pcache_gen = self.fast.gen
+
+    # -- the roots: kept in the C context, their one home (fast path 4 reads them) --
+    @property
+    def root(self):
+        """The ShadowPage the real CR3 points at (None: none yet, or it was zapped)."""
+        f = self.fast
+        return self.by_frame.get(f.root_hpa >> 12) if f.root_key else None
+
+    @root.setter
+    def root(self, sp):
+        f = self.fast
+        if sp is None:
+            f.root_key = f.root_hpa = 0
+        else:
+            f.root_key, f.root_hpa = sp.key, sp.hpa
+
+    def _forget_root(self, sp):
+        """sp is being zapped: it is no root any more (the current one: reload)."""
+        f = self.fast
+        if f.root_key and f.root_hpa == sp.hpa:
+            self.need_reload = True
+            f.root_key = f.root_hpa = 0
+        n = f.nprev
+        keep = [(f.prev_key[i], f.prev_hpa[i]) for i in range(n) if f.prev_hpa[i] != sp.hpa]
+        if len(keep) != n:
+            f.nprev = len(keep)
+            for i, (k, h) in enumerate(keep):
+                f.prev_key[i], f.prev_hpa[i] = k, h
+
+    @property
+    def prev_roots(self):
+        """The previous roots, most recent first (KVM prev_roots); a copy."""
+        f = self.fast
+        by = self.by_frame
+        return [by[f.prev_hpa[i] >> 12] for i in range(f.nprev)]
+
+    @prev_roots.setter
+    def prev_roots(self, sps):
+        f = self.fast
+        f.nprev = len(sps)
+        for i, sp in enumerate(sps):
+            f.prev_key[i], f.prev_hpa[i] = sp.key, sp.hpa
 
     def _cache_path(self, va, path):
         """Remember the pages on the way to va's level-1 page (root first), for
@@ -294,7 +342,7 @@ class ShadowMmu:
             return              # C fills only pages in sync (no snapshot to keep)
         slot = self.spc[(va >> 21) & (SPC_SLOTS - 1)]
         slot.tag = (va >> 21) + 1
-        slot.gen = self.spc_gen
+        slot.gen = self._pcache_gen
         slot.l1_base = sp.hpa
         slot.l1_gfn = sp.gfn
         slot.npath = len(path)
@@ -333,6 +381,7 @@ class ShadowMmu:
             self.zap_all()
             changed = True
         self.role_base, self.levels, self.nxe = base, levels, nxe
+        self.fast.root_role = base | levels | (ACC_ALL << R_ACC_SHIFT)
         self.fast.role_wp = 1 if wp else 0
         self.fast.rsvd_phys = self.rsvd_phys
         self.fast.amask = amask
@@ -544,8 +593,7 @@ class ShadowMmu:
         st["shadow_pages"] = len(self.hash)
         self._hash_room()
         self.need_flush = True
-        if sp is self.root:
-            self.need_reload = True
+        self._forget_root(sp)
 
     def zap_gfn(self, gfn):
         """Unshadow a guest frame: zap every shadow page of it (any role)."""
@@ -645,6 +693,7 @@ class ShadowMmu:
         rights = walk.rights
         leaf = walk.leaf
         gfn = walk.gpa >> 12
+        self._paths_current()
         if level == 1:
             # The level-1 page of this 2 MiB region under the current root, as
             # the last fill left it: valid while no spte was unlinked and no
@@ -755,27 +804,24 @@ class ShadowMmu:
         role = self.role_base | self.levels | (ACC_ALL << R_ACC_SHIFT)
         key = (gfn << KEY_SHIFT) | role
         cur = self.root
-        if cur is not None and cur.alive and cur.key == key:
+        if cur is not None and cur.key == key:
             return cur
-        prev = self.prev_roots
+        prev = self.prev_roots             # (every page in it is alive: zap removes it)
         for i, sp in enumerate(prev):
             if sp.key == key:
-                if sp.alive:
-                    break
-        else:
-            sp = None
-        if sp is not None:
-            self.stats["prev_root_hit"] += 1
-            root = sp
-            del prev[i]
+                self.stats["prev_root_hit"] += 1
+                root = sp
+                del prev[i]
+                break
         else:
             self.reserve(1)
             root = self.get_page(gfn, role)
+            prev = self.prev_roots         # (reserve may have zapped some)
+            cur = self.root
         self._forget_paths()
-        if cur is not None and cur.alive and self.prev_roots_max:
+        if cur is not None and self.prev_roots_max:
             prev.insert(0, cur)
-        if len(prev) > self.prev_roots_max or not all(sp.alive for sp in prev):
-            prev[:] = [sp for sp in prev if sp.alive and sp is not root][:self.prev_roots_max]
+        self.prev_roots = [sp for sp in prev if sp is not root][:self.prev_roots_max]
         self.root = root
         return root
 

@@ -44,6 +44,8 @@ _shadow_store = lib.ptemu_shadow_store
 _shadow_store_stream = lib.ptemu_shadow_store_stream
 _shadow_invlpg = lib.ptemu_shadow_invlpg
 _FP_INVLPG = lib.PTEMU_FP_INVLPG
+_FP_CR3 = lib.PTEMU_FP_CR3
+_shadow_cr3 = lib.ptemu_shadow_cr3
 _FP_HIDDEN_FAULT = lib.PTEMU_FP_HIDDEN_FAULT
 _FP_PT_WRITE = lib.PTEMU_FP_PT_WRITE
 # A trace record: access kind at byte 8, user flag at byte 9 (ptemu_trace_rec).
@@ -114,7 +116,7 @@ class VCpu:
         # The fast paths (csrc/shadow.c) over the shadow MMU's structures:
         # None when off -- asked for, or a handler they stand in for is overridden.
         self._fast = None
-        self._fast_bits = ((_FP_HIDDEN_FAULT | _FP_PT_WRITE | _FP_INVLPG)
+        self._fast_bits = ((_FP_HIDDEN_FAULT | _FP_PT_WRITE | _FP_INVLPG | _FP_CR3)
                            & ~self._handlers_overridden()
                            if self.fast_paths else 0)
         if self._fast_bits:
@@ -134,6 +136,8 @@ class VCpu:
                        ("ShadowMmu", "pte_written"), ("ShadowMmu", "leaf_from_gpte"),
                        ("VirtualMachine", "guest_write")),
         _FP_INVLPG: (("VCpu", "invlpg"), ("VCpu", "invlpg_exit"), ("ShadowMmu", "invlpg")),
+        _FP_CR3: (("VCpu", "write_cr3"), ("VCpu", "cr3_write_exit"), ("ShadowMmu", "load_root"),
+                  ("ShadowMmu", "sync_all")),
     }
 
     def _handlers_overridden(self):
@@ -631,7 +635,19 @@ class VCpu:
     def write_cr3(self, value):
         """Guest MOV to CR3 (intercepted)."""
         self.sync_cpu(load=False)
-        self._stats["exit_cr3_write"] += 1
+        st = self._stats
+        st["exit_cr3_write"] += 1
+        ctx = self._fast
+        if ctx is not None and self._paging and not self._root_stale and \
+                value.__class__ is int and 0 <= value <= _U64_MAX:
+            hit = _shadow_cr3(ctx, self.cpu._c, self._rcpu, self._rtlb, value)
+            if hit:                     # fast path 4: the current or a cached root
+                st["cr3_write"] += 1
+                st["fast_cr3_write"] += 1
+                if hit == 2:
+                    st["prev_root_hit"] += 1
+                self._seen = self._cpu_bytes[:]
+                return
         self.cr3_write_exit(value, "cr3_write")
 
     def cr3_write_exit(self, value, reason="cr3_write"):
