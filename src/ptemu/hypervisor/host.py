@@ -15,7 +15,7 @@ import heapq
 
 import numpy as np
 
-from ptemu._native import InvalidInput, check_u64
+from ptemu._native import lib, InvalidInput, check_u64
 from ptemu.memory import PhysicalMemory
 from ptemu.tlb import Tlb
 from ptemu.hypervisor.exits import HostMemoryExhausted
@@ -23,6 +23,7 @@ from ptemu.hypervisor.exits import HostMemoryExhausted
 __all__ = ["Hypervisor", "PAGE"]
 
 PAGE = 4096
+_PREV_ROOTS_MAX = lib.PTEMU_PREV_ROOTS_MAX
 
 
 def _check_guest_size(guest_memory_bytes):
@@ -108,8 +109,9 @@ class Hypervisor:
         if unsync and paging != "shadow":
             raise InvalidInput("unsync applies to shadow paging only")
         if (not isinstance(prev_roots, int) or isinstance(prev_roots, bool)
-                or not 0 <= prev_roots <= 64):
-            raise InvalidInput("prev_roots must be an integer 0..64, not %r" % (prev_roots,))
+                or not 0 <= prev_roots <= _PREV_ROOTS_MAX):
+            raise InvalidInput("prev_roots must be an integer 0..%d, not %r"
+                               % (_PREV_ROOTS_MAX, prev_roots))
         if shadow_limit is not None and (not isinstance(shadow_limit, int)
                                          or isinstance(shadow_limit, bool) or shadow_limit < 8):
             raise InvalidInput("shadow_limit must be None or an integer >= 8 (a root and "

@@ -135,7 +135,7 @@ R_G = 1 << 14                   # ... G,
 R_PWT = 1 << 15                 # ... and caching bits, copied into every spte
 R_PCD = 1 << 16
 R_MODE = R_NXE | R_WP | R_LA57   # the paging-mode part, shared by all pages of one mode
-KEY_SHIFT = 20                  # key = gfn << 20 | role
+KEY_SHIFT = lib.PTEMU_SP_KEY_SHIFT  # key = gfn << 20 | role (C reads keys: fast path 4)
 
 
 def role_str(role):
