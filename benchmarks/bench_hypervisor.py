@@ -205,7 +205,7 @@ import numpy as np  # noqa: E402
 from ptemu.mmu import TRACE_DTYPE  # noqa: E402
 from ptemu.guest import DIRECT_MAP  # noqa: E402
 
-PAGES_SMALL, PAGES_LARGE = 512, (8192 if FULL else 2048)
+PAGES_SMALL, PAGES_LARGE = 512, 4096
 _PER_EXIT = {}          # (pattern, size) -> {mode: (seconds, exits)}
 TARGET_WALKS_PER_EXIT = 60
 
@@ -242,7 +242,7 @@ def _pattern_run(pattern, mode, n, how):
     k.switch_to(a)
     vc = m.vcpu
     base = 0x10000000
-    first = k.nframes // 2          # data frames well above the kernel's allocations
+    first = k.nframes // 4          # data frames well above the kernel's allocations
     epas = _map_pages(k, a, base, n, first)
     if pattern == "fresh":
         # The path to every level-1 table exists: touch page 0 of each table.

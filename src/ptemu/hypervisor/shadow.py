@@ -219,7 +219,7 @@ class ShadowMmu:
         self.by_frame = {}      # host frame number -> ShadowPage
         self.gfn_sps = {}       # gfn -> [non-direct ShadowPages shadowing that guest table]
         self.wp = set()         # gfns write-protected: some synced non-direct page shadows them
-        self.rmap = {}          # gfn -> set of host addresses of leaf sptes mapping it
+        self._rmap = {}         # gfn -> set of host addresses of leaf sptes mapping it
         # What the C fast paths (csrc/shadow.c) read and update, owned here:
         #: gfn -> 1 while write-protected (the C side of `wp`, kept equal by _protect)
         self.wp_map = np.zeros(self.nframes, dtype=np.uint8)
@@ -520,11 +520,26 @@ class ShadowMmu:
             if s is not None:
                 s.discard(addr)
 
+    @property
+    def rmap(self):
+        """gfn -> set of host addresses of the leaf sptes mapping it (KVM rmap).
+        What the C fast paths logged is taken in first, so that whoever reads
+        the rmap sees every spte C wrote."""
+        if self.fast.rmap_log_len:
+            self.take_rmap_log()
+        return self._rmap
+
+    def take_rmap_log(self):
+        """Replay what C logged into the rmap, and empty the log."""
+        f = self.fast
+        self.absorb_rmap_log(f.rmap_log_len)
+        f.rmap_log_len = 0
+
     def absorb_rmap_log(self, n):
         """Replay the n rmap changes the C fast paths logged, in their order:
         (gfn, spte address) added, or (gfn | RMAP_REMOVE, address) removed.
         (C writes sptes; the rmap itself stays Python's.)"""
-        rmap = self.rmap
+        rmap = self._rmap
         log = self.rmap_log[:2 * n].tolist()
         for k in range(0, 2 * n, 2):
             gfn = log[k]

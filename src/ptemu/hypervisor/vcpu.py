@@ -191,10 +191,8 @@ class VCpu:
             ctx.pte_write = ctx.pte_updated = ctx.tlb_flush = 0
 
     def _absorb_rmap_log(self):
-        """Before any Python handler runs: the rmap entries C added."""
-        ctx = self._fast
-        self.shadow.absorb_rmap_log(ctx.rmap_log_len)
-        ctx.rmap_log_len = 0
+        """Take in the rmap entries C added now (the log is full)."""
+        self.shadow.take_rmap_log()
 
     def set_log(self, sink):
         """Log every exit to sink (a callable), or stop with None."""
@@ -370,10 +368,7 @@ class VCpu:
         ctx = self._fast
         if ctx is None:
             return _translate(self._rm, va, acc, _IN_CPL)
-        r = _shadow_translate(ctx, self._rm, va, acc, _IN_CPL)
-        if ctx.rmap_log_len:
-            self._absorb_rmap_log()
-        return r
+        return _shadow_translate(ctx, self._rm, va, acc, _IN_CPL)
 
     def _xlate(self, va, acc, r=None):
         """One guest access through the real MMU, exits handled.  Returns
@@ -475,8 +470,6 @@ class VCpu:
             # The store in C: done by the real MMU, after a fast fill, or
             # emulated into a protected level-1 table (fast paths 1 and 2).
             r = _shadow_store(ctx, self._rm, self._rtlb, va, value)
-            if ctx.rmap_log_len:
-                self._absorb_rmap_log()
             if not r:
                 return
         self._store_exit(va, value, r)
@@ -550,11 +543,9 @@ class VCpu:
         if ctx is None:
             return _run(self._rcpu, self._hmem, self._rtlb, self._trace_c, n, i, ffi.NULL,
                         self._rfault)
-        idx = _shadow_run(ctx, self._rcpu, self._hmem, self._rtlb, self._trace_c, n, i,
-                          self._rfault)
-        if ctx.rmap_log_len:
-            self._absorb_rmap_log()
-        return idx
+        # (What C added to the rmap is taken in when the rmap is next read.)
+        return _shadow_run(ctx, self._rcpu, self._hmem, self._rtlb, self._trace_c, n, i,
+                           self._rfault)
 
     def run(self, trace, start=0):
         """Run trace[start:] (TRACE_DTYPE) on the real MMU in C; exits are handled
