@@ -30,7 +30,15 @@ issue 2's minimal walk, measured in the same run (bigimage.calibrated): 20
 and 500 minimal walks per access and per exit where a minimal walk costs
 the 10 ns the issues assume.
 
-    PTEMU_BENCH_FULL=1 pytest benchmarks/bench_hypervisor.py -s
+test_per_exit_cost (issue 13): the time a VM adds over NativeMachine doing
+the same vCPU operations, per exit, for hidden-fault fills (inside vcpu.run
+and through load_u64), the kernel's remap pattern (PTE store through the
+direct map, INVLPG, load) and CR3 switches between cached roots; with the
+C fast paths (the default) and with the Python reference (fast_paths=False);
+in µs and in minimal walks measured in the same test (target: 60).
+
+    PTEMU_BENCH_FULL=1 OPENBLAS_NUM_THREADS=1 pytest benchmarks/bench_hypervisor.py \
+        --benchmark-only -s
 """
 import hashlib
 import os
