@@ -389,6 +389,8 @@ typedef struct ptemu_spc_slot {
     uint64_t path[5];       /* host frame numbers of the path's pages, root first */
     uint32_t npath;
     uint32_t pad;
+    uint64_t *gsnap;        /* an unsync page's snapshot of the gptes its sptes came
+                               from (512, Python's array), or NULL when in sync */
 } ptemu_spc_slot;
 
 typedef struct ptemu_shadow_ctx {

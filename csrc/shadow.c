@@ -12,7 +12,7 @@
  *   MMU faulted; the guest's own walk succeeds at a 4 KiB leaf; the level-1
  *   shadow page for the guest table holding that leaf is the one cached
  *   for the 2 MiB region (ptemu_spc_slot, valid for one generation: any
- *   unlink, zap, unsync or root change starts a new one); the guest frame
+ *   unlink, zap, unsync, sync or root change starts a new one); the guest frame
  *   is backed.  Then the leaf spte is made by the same rule as
  *   shadow.py's make_leaf_spte(), written, its rmap entry logged, every page
  *   on the path counted as used (flood = 0), and the access retried.
@@ -115,6 +115,8 @@ static int shadow_fast_fill(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t va,
     if (old) {
         if (old == spte) {
             ctx->pf_spurious++;
+            if (slot->gsnap)
+                slot->gsnap[(va >> 12) & 511] = w.leaf;
             goto used;
         }
         if (((old ^ spte) & ~SPTE_WIDEN) || (old & ~spte))
@@ -130,6 +132,10 @@ static int shadow_fast_fill(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t va,
     }
     if (!ptemu_mem_store64(hmem, addr, spte))
         return 0;                          /* cannot happen: the load passed */
+    /* An unsync page remembers the gpte this spte was made from (resync at
+     * the guest's INVLPG or CR3 load compares against it). */
+    if (slot->gsnap)
+        slot->gsnap[(va >> 12) & 511] = w.leaf;
     ctx->pf_fixed++;
 used:
     /* A use of every page on the path: their write-flooding counts restart

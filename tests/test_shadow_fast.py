@@ -138,12 +138,13 @@ def test_declined_cases_go_to_python():
     same(fast, ref)
 
 
-def test_unsync_pages_are_not_filled_in_c():
-    """An unsync level-1 page keeps a snapshot of the gptes its sptes came from:
-    only Python fills it (C sees no cached path for it)."""
+def test_unsync_pages_are_filled_in_c_and_keep_their_snapshot():
+    """An unsync level-1 page keeps a snapshot of the gptes its sptes came from
+    (resynced against at INVLPG / CR3 loads): C fills it and updates the
+    snapshot as the Python fill does; a sync ends C's use of it."""
     vms = pair(unsync=True)
     for vm, g in vms:
-        for i in range(4):
+        for i in range(6):
             g.map(VA + i * PAGE, (40 + i) * PAGE, P | W | U | A | D)
         pt = g.table_of(VA)
         g.map(0x50000000, pt, P | W | U | A | D)
@@ -154,7 +155,15 @@ def test_unsync_pages_are_not_filled_in_c():
             vm.vcpu.load_u64(VA + i * PAGE)
     (fast, _), (ref, _) = vms
     assert fast.stats["mmu_unsync"] == 1
-    assert fast.stats["fast_pf_fixed"] == 0
+    assert fast.stats["fast_pf_fixed"] >= 2
+    snaps = [{sp.gfn: sp.gsnap.tolist() for sp in vm.shadow.unsync_sps} for vm, _ in vms]
+    assert snaps[0] == snaps[1] and snaps[0]
+    same(fast, ref)
+    for vm, g in vms:
+        vm.vcpu.write_cr3(g.root)              # syncs
+        for i in range(4, 6):
+            vm.vcpu.load_u64(VA + i * PAGE)
+    assert not fast.shadow.unsync_sps
     same(fast, ref)
 
 

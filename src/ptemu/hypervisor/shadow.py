@@ -166,7 +166,7 @@ class ShadowPage:
     """
 
     __slots__ = ("key", "gfn", "role", "level", "direct", "access", "hpa", "base",
-                 "children", "parents", "unsync", "gsnap", "alive", "leafbits")
+                 "children", "parents", "unsync", "gsnap", "gsnap_c", "alive", "leafbits")
 
     def __init__(self, gfn, role, hpa):
         self.key = (gfn << KEY_SHIFT) | role
@@ -181,6 +181,7 @@ class ShadowPage:
         self.parents = set()
         self.unsync = False
         self.gsnap = None
+        self.gsnap_c = None     # gsnap as C writes it (fast path 1 on an unsync page)
         self.alive = True
         self.leafbits = 0
         if self.direct:
@@ -338,8 +339,6 @@ class ShadowMmu:
         the next fill in the same 2 MiB region -- here and in C's slot."""
         self._pcache[va >> 21] = path
         sp = path[-1]
-        if sp.unsync:
-            return              # C fills only pages in sync (no snapshot to keep)
         slot = self.spc[(va >> 21) & (SPC_SLOTS - 1)]
         slot.tag = (va >> 21) + 1
         slot.gen = self._pcache_gen
@@ -347,6 +346,9 @@ class ShadowMmu:
         slot.l1_gfn = sp.gfn
         slot.npath = len(path)
         slot.path = [p.hpa >> 12 for p in path]
+        # An unsync page's snapshot, which C keeps up as the Python fill does;
+        # valid as long as the slot (sync_page and zap move the generation on).
+        slot.gsnap = sp.gsnap_c if sp.gsnap_c is not None else ffi.NULL
 
     def _use(self, pages):
         """A guest access through these pages: their write-flooding counts restart."""
@@ -593,7 +595,7 @@ class ShadowMmu:
             self.unsync_sps.pop(sp, None)
             self.fast.unsync_pages = len(self.unsync_sps)
             sp.unsync = False
-            sp.gsnap = None
+            sp.gsnap = sp.gsnap_c = None
         if not sp.direct:
             sps = self.gfn_sps[sp.gfn]
             sps.remove(sp)
@@ -900,10 +902,11 @@ class ShadowMmu:
                 # the present sptes were made from.
                 sp.gsnap = np.frombuffer(self._m[gbase >> 3:(gbase >> 3) + 512],
                                          dtype=np.uint64).copy()
+                sp.gsnap_c = ffi.from_buffer("uint64_t[]", sp.gsnap)
                 self.unsync_sps[sp] = None
                 self.fast.unsync_pages = len(self.unsync_sps)
                 self.stats["mmu_unsync"] += 1
-        self._forget_paths()        # its level-1 pages are no fast-path target now
+        self._forget_paths()        # slots made while it was in sync have no snapshot
         self._unprotect(gfn)
         return True
 
@@ -918,8 +921,9 @@ class ShadowMmu:
         changed = np.flatnonzero((sp.gsnap != guest) & (shadow != 0))
         for idx in changed.tolist():
             self.set_spte(sp.base + idx, self.leaf_from_gpte(sp, m[gbase + idx]))
+        self._forget_paths()        # no slot may keep the snapshot's address
         sp.unsync = False
-        sp.gsnap = None
+        sp.gsnap = sp.gsnap_c = None
         self.unsync_sps.pop(sp, None)
         self.fast.unsync_pages = len(self.unsync_sps)
         self.stats["mmu_sync"] += 1
