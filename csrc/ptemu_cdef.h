@@ -428,7 +428,8 @@ typedef struct ptemu_shadow_ctx {
     uint64_t tlb_flush;       /* full real-TLB flushes after a lowered spte */
     uint32_t stream_vector;   /* why a store stream stopped: the store's vector, or 0
                                  (an unaligned store, or the rmap log needs absorbing) */
-    uint32_t unsync_pages;    /* unsync shadow pages (INVLPG must resync: Python) */
+    uint32_t unsync_pages;    /* unsync shadow pages (a flushing CR3 load syncs them) */
+    uint64_t sync_entry;      /* mmu_sync_entry: entries resynced at INVLPG here */
     /* fast path 4, and the one home of the roots (shadow.py reads them here) */
     uint64_t root_key;        /* the current root's key; 0: no root */
     uint64_t root_hpa;        /* its host address (the real CR3 without PCID) */
@@ -454,11 +455,12 @@ uint64_t ptemu_shadow_run(ptemu_shadow_ctx *ctx, const ptemu_cpu *cpu, ptemu_mem
 int ptemu_shadow_store(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tlb *tlb, uint64_t va,
                        uint64_t value);
 
-/* Fast path 3: the guest's INVLPG va when no shadow page is unsync (a synced
- * shadow is coherent, so only the real TLB acts, SDM 4.10.4.1).  cpu: the
- * real CPU state.  Returns 1 when done, 0 to decline. */
-int ptemu_shadow_invlpg(ptemu_shadow_ctx *ctx, const ptemu_cpu *cpu, ptemu_tlb *tlb,
-                        uint64_t va);
+/* Fast path 3: the guest's INVLPG va (SDM 4.10.4.1) on the real TLB, after
+ * resyncing va's entry when its level-1 shadow page is unsync (found through
+ * the fill cache).  cpu: the real CPU state.  Returns 1 when done, 0 to
+ * decline. */
+int ptemu_shadow_invlpg(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, const ptemu_cpu *cpu,
+                        ptemu_tlb *tlb, uint64_t va);
 
 /* Fast path 4: the guest's MOV CR3 value when its root is the current one
  * (returns 1) or a cached previous root (returns 2: prev_roots rotated, the

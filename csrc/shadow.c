@@ -380,12 +380,10 @@ uint64_t ptemu_shadow_store_stream(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tl
 
 /* ---- fast path 3: INVLPG with the shadow in sync ---------------------------- */
 
-int ptemu_shadow_invlpg(ptemu_shadow_ctx *ctx, const ptemu_cpu *cpu, ptemu_tlb *tlb,
-                        uint64_t va)
+int ptemu_shadow_invlpg(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, const ptemu_cpu *cpu,
+                        ptemu_tlb *tlb, uint64_t va)
 {
-    /* An unsync page may hold a stale spte for va: resyncing it (FNAME(invlpg))
-     * is Python's.  A synced shadow follows every guest table write already. */
-    if (!(ctx->enabled & PTEMU_FP_INVLPG) || ctx->unsync_pages)
+    if (!(ctx->enabled & PTEMU_FP_INVLPG))
         return 0;
     /* A non-canonical address invalidates nothing (SDM 4.10.4.1: INVLPG of a
      * non-canonical address is a no-op, not a fault). */
@@ -393,9 +391,38 @@ int ptemu_shadow_invlpg(ptemu_shadow_ctx *ctx, const ptemu_cpu *cpu, ptemu_tlb *
     uint64_t top = va >> (width - 1);
     if (top != 0 && top != (1ULL << (65 - width)) - 1)
         return 1;
+    int flush = 0;
+    if (ctx->unsync_pages) {
+        /* An unsync level-1 page may hold a stale spte for va: resync that one
+         * entry from the guest's table (FNAME(invlpg)).  The page is the one
+         * the fill cache has for va's 2 MiB region under the current root;
+         * without a valid slot, Python walks the shadow. */
+        const ptemu_spc_slot *slot = &ctx->spc[(va >> 21) & ctx->spc_mask];
+        if (slot->tag != (va >> 21) + 1 || slot->gen != ctx->gen ||
+            ctx->rmap_log_len + 2 > ctx->rmap_log_cap)
+            return 0;
+        if (slot->gsnap) {
+            uint64_t idx = (va >> 12) & 511, gpte, f = slot->l1_base >> 12;
+            if (slot->l1_gfn >= ctx->nframes || ctx->p2m[slot->l1_gfn] == PTEMU_NO_FRAME ||
+                f >= ctx->nhost ||
+                !ptemu_load64(hmem, ctx->p2m[slot->l1_gfn] + 8 * idx, &gpte))
+                return 0;
+            if (gpte != slot->gsnap[idx]) {
+                slot->gsnap[idx] = gpte;
+                set_spte(ctx, hmem, slot->l1_base + 8 * idx,
+                         spte_from_gpte(ctx, ctx->sp_info[f], gpte), &flush);
+                ctx->sync_entry++;
+            }
+        }
+    }
     uint32_t pcid = (cpu->cr4 & PTEMU_CR4_PCIDE) ? (uint32_t)(cpu->cr3 & 0xfff) : 0;
-    if (tlb)
+    if (tlb) {
         ptemu_tlb_flush(tlb, PTEMU_FLUSH_INVLPG, pcid, va, PTEMU_CAUSE_FL_INVLPG);
+        if (flush) {        /* a lowered or moved spte: the whole real TLB, once */
+            ptemu_tlb_flush(tlb, PTEMU_FLUSH_ALL, 0, 0, PTEMU_CAUSE_FL_USER);
+            ctx->tlb_flush++;
+        }
+    }
     return 1;
 }
 

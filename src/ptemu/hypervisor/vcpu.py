@@ -185,10 +185,13 @@ class VCpu:
             st["fast_pf_fixed"] += fixed
             st["fast_pf_spurious"] += spurious
             st["fast_pf_emulate"] += emulated
+        if ctx.pte_write or ctx.tlb_flush or ctx.sync_entry:
+            st = self._stats
             st["mmu_pte_write"] += ctx.pte_write
             st["mmu_pte_updated"] += ctx.pte_updated
             st["tlb_flush"] += ctx.tlb_flush
-            ctx.pte_write = ctx.pte_updated = ctx.tlb_flush = 0
+            st["mmu_sync_entry"] += ctx.sync_entry
+            ctx.pte_write = ctx.pte_updated = ctx.tlb_flush = ctx.sync_entry = 0
 
     def _absorb_rmap_log(self):
         """Take in the rmap entries C added now (the log is full)."""
@@ -714,8 +717,9 @@ class VCpu:
         st = self._stats
         st["exit_invlpg"] += 1
         ctx = self._fast
-        if ctx is not None and self._paging and _shadow_invlpg(ctx, self._rcpu, self._rtlb, va):
-            st["invlpg"] += 1           # fast path 3: only the real TLB had to act
+        if ctx is not None and self._paging and \
+                _shadow_invlpg(ctx, self._hmem, self._rcpu, self._rtlb, va):
+            st["invlpg"] += 1           # fast path 3 (its other counters: absorb_fast_counts)
             st["fast_invlpg"] += 1
             return
         self.invlpg_exit(va)
