@@ -48,8 +48,9 @@ DEFAULT_LAYOUT = (
 )
 _MMAP_BASE = 0x7f0000000000
 _ZERO_PAGE = bytes(PAGE)
-#: Most page-table stores the kernel keeps pending before it runs them as a stream.
-STREAM_MAX = 4096
+#: Most page-table stores the kernel keeps pending before it runs them as a stream,
+#: and fewest worth a stream (below, plain store_u64 calls are cheaper).
+STREAM_MAX, STREAM_MIN = 4096, 8
 
 
 class GuestKernelError(PtemuError):
@@ -218,8 +219,15 @@ class AddressSpaces:
                 self.vcpu.hypercall("mmu_update", batch)
                 self.stats["mmu_update_batches"] += 1
                 return
-            self.stats["store_streams"] += 1
             try:
+                if len(batch) < STREAM_MIN:
+                    # A few stores (a demand fault's one PTE): plain stores
+                    # cost less than making a stream.
+                    store = self.vcpu.store_u64
+                    for va, value in batch:
+                        store(va, value)
+                    return
+                self.stats["store_streams"] += 1
                 self.vcpu.store_stream(np.array(batch, dtype=STORE_DTYPE))
             except MmuFault as exc:
                 raise GuestKernelError("kernel oops: a store to the direct map at %#x "

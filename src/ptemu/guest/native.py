@@ -60,6 +60,8 @@ class NativeVcpu(NoExitControl):
         self._fault = ffi.new("ptemu_fault *")
         self._stream = WalkHandle(self.cpu._c, self._mem_c,
                                   tlb._c if tlb is not None else None)
+        self._checked_trace = None      # the last trace run() checked (kept alive)
+        self._trace_c = None
 
     # -- guest accesses ---------------------------------------------------------
     def access(self, va, access="r"):
@@ -124,14 +126,19 @@ class NativeVcpu(NoExitControl):
         every call (the C loop stops at one; it becomes InvalidInput here):
         a guest kernel resumes the same trace after every fault it handles.
         """
-        trace = check_array(trace, TRACE_DTYPE, "trace")
+        if trace is not self._checked_trace:
+            # A guest kernel resumes the same trace after every fault it
+            # handles: check it (and make its C view) once, not at every resume.
+            self._trace_c = ffi.from_buffer("ptemu_trace_rec[]",
+                                            check_array(trace, TRACE_DTYPE, "trace"))
+            self._checked_trace = trace
         n = len(trace)
-        start = check_u64(start, "start")
+        if start.__class__ is not int or start < 0:
+            start = check_u64(start, "start")
         if start > n:
             raise InvalidInput("start %d is past the end of the trace (%d)" % (start, n))
         f = self._fault
-        idx = int(lib.ptemu_run(self.cpu._c, self._mem_c, self._tlb_c,
-                                ffi.from_buffer("ptemu_trace_rec[]", trace), n, start,
+        idx = int(lib.ptemu_run(self.cpu._c, self._mem_c, self._tlb_c, self._trace_c, n, start,
                                 ffi.NULL, f))
         st = self._stats
         st["guest_accesses"] += idx - start
