@@ -76,8 +76,9 @@ COUNTERS = {
     "fast_pf_fixed": "of pf_fixed: hidden faults fixed by the C fast path (csrc/shadow.c)",
     "fast_pf_spurious": "of pf_spurious: spurious exits seen by the C fast path",
     "fast_pf_emulate": "of pf_emulate: stores into protected level-1 tables emulated in C",
-    "fast_invlpg": "of invlpg: INVLPGs done in C (no unsync page: only the real TLB acts)",
-    "fast_cr3_write": "of cr3_write: CR3 loads to the current or a cached root done in C",
+    "fast_invlpg": "of invlpg: INVLPGs (and invlpg hypercalls) done in C",
+    "fast_cr3_write": "of cr3_write: CR3 loads (MOV CR3, new_baseptr, flush_tlb) to the "
+                      "current or a cached root done in C",
     "mmu_pte_write": "emulated or DMA writes to a shadowed guest page table",
     "mmu_pte_updated": "shadow leaf entries updated in place after such a write",
     "mmu_pde_zapped": "shadow non-leaf entries dropped after such a write",

@@ -114,18 +114,22 @@ def hypercall(vcpu, op, args):
     if op == "new_baseptr":
         if len(args) != 1:
             raise InvalidInput("new_baseptr takes one CR3 value")
-        vcpu.cr3_write_exit(args[0], "hypercall")
+        if not vcpu.fast_cr3(args[0]):
+            vcpu.cr3_write_exit(args[0], "hypercall")
         return 0
     if op == "invlpg":
         if len(args) != 1:
             raise InvalidInput("invlpg takes one virtual address")
         va = check_u64(args[0], "virtual address")
         vcpu.sync_cpu()            # the shadow root of the current CR3, for the resync
-        vcpu.invlpg_exit(va)
+        if not vcpu.fast_invlpg(va):
+            vcpu.invlpg_exit(va)
         return 0
     if op == "flush_tlb":
         if args:
             raise InvalidInput("flush_tlb takes no arguments")
-        vcpu.cr3_write_exit(vcpu.cpu._c.cr3, "hypercall")
+        cr3 = vcpu.cpu._c.cr3
+        if not vcpu.fast_cr3(cr3):
+            vcpu.cr3_write_exit(cr3, "hypercall")
         return 0
     raise InvalidInput("unknown hypercall %r (known: %s)" % (op, ", ".join(HYPERCALLS)))

@@ -629,20 +629,28 @@ class VCpu:
     def write_cr3(self, value):
         """Guest MOV to CR3 (intercepted)."""
         self.sync_cpu(load=False)
-        st = self._stats
-        st["exit_cr3_write"] += 1
+        self._stats["exit_cr3_write"] += 1
+        if not self.fast_cr3(value):
+            self.cr3_write_exit(value, "cr3_write")
+
+    def fast_cr3(self, value):
+        """Fast path 4 for a CR3 load (MOV CR3, new_baseptr, flush_tlb): True when
+        C did it (the current or a cached root), with the counters
+        cr3_write_exit keeps."""
         ctx = self._fast
-        if ctx is not None and self._paging and not self._root_stale and \
-                value.__class__ is int and 0 <= value <= _U64_MAX:
-            hit = _shadow_cr3(ctx, self.cpu._c, self._rcpu, self._rtlb, value)
-            if hit:                     # fast path 4: the current or a cached root
-                st["cr3_write"] += 1
-                st["fast_cr3_write"] += 1
-                if hit == 2:
-                    st["prev_root_hit"] += 1
-                self._seen = self._cpu_bytes[:]
-                return
-        self.cr3_write_exit(value, "cr3_write")
+        if ctx is None or not self._paging or self._root_stale or \
+                value.__class__ is not int or not 0 <= value <= _U64_MAX:
+            return False
+        hit = _shadow_cr3(ctx, self.cpu._c, self._rcpu, self._rtlb, value)
+        if not hit:
+            return False
+        st = self._stats
+        st["cr3_write"] += 1
+        st["fast_cr3_write"] += 1
+        if hit == 2:
+            st["prev_root_hit"] += 1
+        self._seen = self._cpu_bytes[:]
+        return True
 
     def cr3_write_exit(self, value, reason="cr3_write"):
         """The CR3 exit (and new_baseptr): the guest's TLB rules (SDM 4.10.4.1),
@@ -714,17 +722,24 @@ class VCpu:
         """Guest INVLPG (intercepted)."""
         va = check_u64(va, "virtual address")
         self.sync_cpu()
-        st = self._stats
-        st["exit_invlpg"] += 1
-        ctx = self._fast
-        if ctx is not None and self._paging and \
-                _shadow_invlpg(ctx, self._hmem, self._rcpu, self._rtlb, va):
-            st["invlpg"] += 1           # fast path 3 (its other counters: absorb_fast_counts)
-            st["fast_invlpg"] += 1
+        self._stats["exit_invlpg"] += 1
+        if self.fast_invlpg(va):
             return
         self.invlpg_exit(va)
         if self.log is not None:
             self.log_exit("invlpg", "INVLPG %#x" % va)
+
+    def fast_invlpg(self, va):
+        """Fast path 3 for an INVLPG (the instruction or the hypercall): True when
+        C did it, with the counters invlpg_exit keeps (the rest are absorbed)."""
+        ctx = self._fast
+        if ctx is None or not self._paging or \
+                not _shadow_invlpg(ctx, self._hmem, self._rcpu, self._rtlb, va):
+            return False
+        st = self._stats
+        st["invlpg"] += 1
+        st["fast_invlpg"] += 1
+        return True
 
     def invlpg_exit(self, va):
         """The INVLPG exit (and the invlpg hypercall): resync the entry if its
