@@ -438,6 +438,8 @@ typedef struct ptemu_shadow_ctx {
     uint64_t prev_hpa[64];
     uint32_t nprev;
     uint32_t prev_max;        /* create_vm(prev_roots=...) */
+    const uint64_t *top_key;  /* gfn -> key of a top-level shadow page of it in the hash */
+    const uint64_t *top_hpa;  /* gfn -> its host address (the hash, for roots) */
 } ptemu_shadow_ctx;
 
 /* ptemu_run over the shadow tables with fast path 1: a hidden fault whose
@@ -463,8 +465,9 @@ int ptemu_shadow_invlpg(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, const ptemu_cpu 
                         ptemu_tlb *tlb, uint64_t va);
 
 /* Fast path 4: the guest's MOV CR3 value when its root is the current one
- * (returns 1) or a cached previous root (returns 2: prev_roots rotated, the
- * fill cache's generation moved on); the guest's CR3 (g) and the real one
+ * (returns 1), a cached previous root (returns 2: prev_roots rotated, the
+ * fill cache's generation moved on) or a page of the hash (returns 3: the
+ * same, the old root cached); the guest's CR3 (g) and the real one
  * (real, with the PCID) loaded and the real TLB flushed as SDM 4.10.4.1
  * says.  Returns 0 to decline: reserved bits (#GP), unsync pages to sync,
  * a root to find in the hash or make. */

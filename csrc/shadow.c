@@ -450,10 +450,33 @@ int ptemu_shadow_cr3(ptemu_shadow_ctx *ctx, ptemu_cpu *g, ptemu_cpu *real, ptemu
     int ret = 1;
     if (key != ctx->root_key) {
         uint32_t i, n = ctx->nprev;
+        if (n > PTEMU_PREV_ROOTS_MAX || ctx->prev_max > PTEMU_PREV_ROOTS_MAX)
+            return 0;
         for (i = 0; i < n && ctx->prev_key[i] != key; i++)
             ;
-        if (i == n || n > PTEMU_PREV_ROOTS_MAX)
-            return 0;                   /* the hash, or a new root: Python */
+        if (i == n) {
+            /* Not cached: a root still in the hash (KVM kvm_mmu_get_page's hit)
+             * needs no page made -- nor room, under no memory pressure. */
+            uint64_t gfn = (cr3 & ctx->amask) >> 12;
+            if (gfn >= ctx->nframes || ctx->top_key[gfn] != key || !ctx->hash_room ||
+                *ctx->host_free < 7)
+                return 0;               /* a new root, or room to make: Python */
+            if (ctx->prev_max) {        /* the old root to the front, the list kept short */
+                uint32_t keep = n < ctx->prev_max ? n : ctx->prev_max - 1;
+                for (uint32_t k = keep; k > 0; k--) {
+                    ctx->prev_key[k] = ctx->prev_key[k - 1];
+                    ctx->prev_hpa[k] = ctx->prev_hpa[k - 1];
+                }
+                ctx->prev_key[0] = ctx->root_key;
+                ctx->prev_hpa[0] = ctx->root_hpa;
+                ctx->nprev = keep + 1;
+            }
+            ctx->root_key = key;
+            ctx->root_hpa = ctx->top_hpa[gfn];
+            ctx->gen++;
+            ret = 3;
+            goto load;
+        }
         uint64_t hpa = ctx->prev_hpa[i];
         /* prev_roots, most recent first: the old root goes to the front, the
          * hit leaves the list, the list keeps at most prev_max. */
@@ -468,6 +491,7 @@ int ptemu_shadow_cr3(ptemu_shadow_ctx *ctx, ptemu_cpu *g, ptemu_cpu *real, ptemu
         ctx->gen++;                     /* the fill cache was the old root's */
         ret = 2;
     }
+load:
     g->cr3 = cr3;
     uint32_t pcid = pcide ? (uint32_t)(cr3 & 0xfff) : 0;
     real->cr3 = ctx->root_hpa | pcid;

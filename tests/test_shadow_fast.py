@@ -436,3 +436,27 @@ def test_invlpg_resyncs_an_unsync_entry_in_c():
     assert fast.stats["mmu_sync_entry"] == ref.stats["mmu_sync_entry"] >= 1
     same(fast, ref)
     assert fast.vcpu.tlb.stats == ref.vcpu.tlb.stats
+
+
+def test_cr3_loads_to_roots_in_the_hash_are_done_in_c():
+    """More address spaces than prev_roots holds: a CR3 load whose root is still
+    in the (gfn, role) hash makes no page (KVM's kvm_mmu_get_page hit): in C,
+    with prev_roots rotated as load_root does; under a shadow limit (room may
+    have to be made first) Python."""
+    for kw, in_c in (({"prev_roots": 1}, True), ({"prev_roots": 1, "shadow_limit": 8}, False)):
+        vms = pair(**kw)
+        for vm, g in vms:
+            g.map(VA, 40 * PAGE, P | W | U | A | D)
+            tops = [g.root] + [g.alloc() for _ in range(2)]
+            for t in tops[1:]:
+                vm.phys.write(t, vm.phys.read(g.root, PAGE))
+            for _ in range(3):
+                for t in tops:
+                    vm.vcpu.write_cr3(t)
+                    vm.vcpu.load_u64(VA)
+        (fast, _), (ref, _) = vms
+        assert (fast.stats["fast_cr3_write"] > 3) == in_c
+        assert [sp.gfn for sp in fast.shadow.prev_roots] == \
+            [sp.gfn for sp in ref.shadow.prev_roots]
+        same(fast, ref)
+        assert fast.vcpu.tlb.stats == ref.vcpu.tlb.stats

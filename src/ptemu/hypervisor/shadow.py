@@ -238,6 +238,10 @@ class ShadowMmu:
         #: gfn -> up to GFN_SPS host frames + 1 of its shadow pages, in gfn_sps order
         self.gfn_sp = np.zeros((self.nframes, GFN_SPS), dtype=np.uint64)
         self.gfn_nsp = np.zeros(self.nframes, dtype=np.uint8)
+        #: gfn -> key and host address of a top-level shadow page of it (the
+        #: hash's roots, for C's CR3 loads); key 0: none
+        self.top_key = np.zeros(self.nframes, dtype=np.uint64)
+        self.top_hpa = np.zeros(self.nframes, dtype=np.uint64)
         fast = self.fast = ffi.new("ptemu_shadow_ctx *")
         self._fast_bufs = (ffi.from_buffer("uint64_t[]", self.p2m),
                            ffi.from_buffer("uint8_t[]", self.wp_map),
@@ -247,9 +251,11 @@ class ShadowMmu:
                            ffi.from_buffer("uint64_t[]", self.gfn_sp),
                            ffi.from_buffer("uint8_t[]", self.gfn_nsp),
                            ffi.from_buffer("uint64_t[]", vm.h2g_map),
-                           ffi.from_buffer("uint64_t[]", vm.hypervisor.free_count))
+                           ffi.from_buffer("uint64_t[]", vm.hypervisor.free_count),
+                           ffi.from_buffer("uint64_t[]", self.top_key),
+                           ffi.from_buffer("uint64_t[]", self.top_hpa))
         (fast.p2m, fast.wp, fast.flood, fast.rmap_log, fast.sp_info, fast.gfn_sp,
-         fast.gfn_nsp, fast.h2g, fast.host_free) = self._fast_bufs
+         fast.gfn_nsp, fast.h2g, fast.host_free, fast.top_key, fast.top_hpa) = self._fast_bufs
         fast.allow_unsync = 1 if self.allow_unsync else 0
         fast.amask = 0x000FFFFFFFFFF000     # set_mode sets it (and rsvd_phys) for real
         self._hash_room()
@@ -478,6 +484,8 @@ class ShadowMmu:
             self._mirror_gfn(gfn)
             self._protect(gfn)
         self.flood[hpa >> 12] = 0
+        if sp.level >= 4 and not sp.direct and gfn < self.nframes:
+            self.top_key[gfn], self.top_hpa[gfn] = sp.key, hpa      # a root candidate
         self.sp_info[hpa >> 12] = (sp.access | (SPI_DIRECT if sp.direct else 0)
                                    | (sp.level << SPI_LEVEL_SHIFT)
                                    | (SPI_NXE if role & R_NXE else 0))
@@ -606,6 +614,8 @@ class ShadowMmu:
                 self._unprotect(sp.gfn)
             self._mirror_gfn(sp.gfn)
         self.sp_info[sp.hpa >> 12] = 0
+        if sp.gfn < self.nframes and self.top_key[sp.gfn] == sp.key:
+            self.top_key[sp.gfn] = 0
         self.hv.free_frame(sp.hpa, self.vm)
         st["shadow_pages"] = len(self.hash)
         self._hash_room()

@@ -647,7 +647,7 @@ class VCpu:
         st = self._stats
         st["cr3_write"] += 1
         st["fast_cr3_write"] += 1
-        if hit == 2:
+        if hit == 2:                    # (3: a root of the hash, no counter of its own)
             st["prev_root_hit"] += 1
         self._seen = self._cpu_bytes[:]
         return True
