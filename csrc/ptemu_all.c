@@ -12,3 +12,4 @@
 #include "batch.c"
 #include "physmap.c"
 #include "ucfill.c"
+#include "shadow.c"

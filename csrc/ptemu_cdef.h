@@ -503,3 +503,148 @@ int ptemu_uc_sync(ptemu_uc_link *link);
 void ptemu_uc_block(void *uc, uint64_t address, uint32_t size, void *user_data);
 /* Flush all of Unicorn's TLB (uc_ctl UC_CTL_TLB_FLUSH), counted in uc_flushes. */
 void ptemu_uc_flush(ptemu_uc_link *link);
+/* ---- Shadow MMU fast paths (shadow.c) ---------------------------------------
+ *
+ * Python decides, C executes (DESIGN.md): the shadow MMU (hypervisor/shadow.py)
+ * owns every structure below and switches the fast paths on; each one does
+ * the common, policy-free case of one exit and declines everything else to
+ * the Python handler, as KVM's fast_page_fault() does.  Python reads back
+ * what C did -- new rmap entries in rmap_log, the counters -- before it runs
+ * any handler of its own.                                                    */
+
+/* ptemu_shadow_ctx.enabled */
+#define PTEMU_FP_HIDDEN_FAULT   0x1   /* install the leaf spte of a hidden fault */
+#define PTEMU_FP_PT_WRITE       0x2   /* emulate a store into a protected level-1 table */
+#define PTEMU_FP_INVLPG         0x4   /* INVLPG with every shadow page in sync */
+#define PTEMU_FP_CR3            0x8   /* MOV CR3 to the current or a cached previous root */
+#define PTEMU_SP_KEY_SHIFT      20    /* a shadow page's key: gfn << 20 | role */
+#define PTEMU_PREV_ROOTS_MAX    64    /* create_vm(prev_roots=...) at most */
+
+/* ptemu_shadow_ctx.sp_info[host frame]: what C must know of a shadow page */
+#define PTEMU_SPI_ACC_MASK      0x07  /* the role's inherited rights (PTEMU_TE_*) */
+#define PTEMU_SPI_DIRECT        0x08  /* a direct page (under a guest large page) */
+#define PTEMU_SPI_LEVEL_SHIFT   4     /* bits 6:4 its level; 0: no shadow page here */
+#define PTEMU_SPI_NXE           0x80  /* made under EFER.NXE=1 (bit 63 is XD) */
+#define PTEMU_GFN_SPS           4     /* shadow pages per guest frame C looks at */
+/* rmap_log words: (gfn | PTEMU_RMAP_REMOVE, spte host address) */
+#define PTEMU_RMAP_REMOVE       0x8000000000000000
+
+/* One cached level-1 path of the current root (the fill cache's C mirror),
+ * direct-mapped by (va >> 21) & spc_mask. */
+typedef struct ptemu_spc_slot {
+    uint64_t tag;           /* (va >> 21) + 1 of the 2 MiB region; 0 = empty */
+    uint64_t gen;           /* valid while equal to ptemu_shadow_ctx.gen */
+    uint64_t l1_base;       /* host address of the level-1 shadow page */
+    uint64_t l1_gfn;        /* the guest table that page shadows */
+    uint64_t path[5];       /* host frame numbers of the path's pages, root first */
+    uint32_t npath;
+    uint32_t pad;
+    uint64_t *gsnap;        /* an unsync page's snapshot of the gptes its sptes came
+                               from (512, Python's array), or NULL when in sync */
+} ptemu_spc_slot;
+
+typedef struct ptemu_shadow_ctx {
+    uint32_t enabled;         /* PTEMU_FP_* that Python switched on */
+    uint32_t role_wp;         /* guest CR0.WP: a supervisor write obeys R/W */
+    uint64_t gen;             /* current generation of the fill cache */
+    ptemu_spc_slot *spc;      /* spc_mask + 1 slots */
+    uint64_t spc_mask;
+    const uint64_t *p2m;      /* gfn -> host byte address, or PTEMU_NO_FRAME */
+    uint64_t nframes;
+    const uint8_t *wp;        /* gfn -> 1 while its frame is a write-protected table */
+    uint32_t *flood;          /* host frame -> write-flooding count of the page there */
+    uint64_t nhost;           /* host frames (the length of flood) */
+    uint64_t *rmap_log;       /* (gfn, spte host address) pairs C added to the rmap */
+    uint64_t rmap_log_cap;    /* pairs */
+    uint64_t rmap_log_len;    /* pairs written since Python last absorbed them */
+    uint64_t leaf_copy;       /* guest leaf bits a 4 KiB spte copies (PWT PCD PAT G key) */
+    const ptemu_cpu *gcpu;    /* the guest's CPU state (its CR3: the guest's tables) */
+    ptemu_mem *gmem;          /* guest-physical memory as walks see it (the p2m view) */
+    uint64_t pf_fixed;        /* hidden faults fixed here */
+    uint64_t pf_spurious;     /* exits whose spte was already there */
+    /* fast path 2 (protected-table stores) */
+    const uint8_t *sp_info;   /* host frame -> PTEMU_SPI_* of the shadow page there */
+    const uint64_t *gfn_sp;   /* gfn -> PTEMU_GFN_SPS host frames + 1 of its shadow pages */
+    const uint8_t *gfn_nsp;   /* gfn -> how many (0xff: more than PTEMU_GFN_SPS) */
+    const uint64_t *h2g;      /* host frame -> gfn, or PTEMU_NO_FRAME */
+    const uint64_t *host_free;/* the hypervisor's free host frames (one word) */
+    uint32_t hash_room;       /* 1: a fill could not hit the shadow limit (see shadow.py) */
+    uint32_t allow_unsync;    /* unsync is on: a protected store is a policy question */
+    uint64_t rsvd_phys;       /* reserved bits 51:MAXPHYADDR of every present entry */
+    uint64_t amask;           /* the address field of an entry (bits M-1:12) */
+    uint64_t pf_emulate;      /* stores emulated here */
+    uint64_t pte_write;       /* mmu_pte_write */
+    uint64_t pte_updated;     /* mmu_pte_updated */
+    uint64_t tlb_flush;       /* full real-TLB flushes after a lowered spte */
+    uint32_t stream_vector;   /* why a store stream stopped: the store's vector, or 0
+                                 (an unaligned store, or the rmap log needs absorbing) */
+    uint32_t unsync_pages;    /* unsync shadow pages (a flushing CR3 load syncs them) */
+    uint64_t sync_entry;      /* mmu_sync_entry: entries resynced at INVLPG here */
+    /* fast path 4, and the one home of the roots (shadow.py reads them here) */
+    uint64_t root_key;        /* the current root's key; 0: no root */
+    uint64_t root_hpa;        /* its host address (the real CR3 without PCID) */
+    uint64_t root_role;       /* the role a root has in the current paging mode */
+    uint64_t prev_key[64];    /* prev_roots, most recent first (KVM prev_roots) */
+    uint64_t prev_hpa[64];
+    uint32_t nprev;
+    uint32_t prev_max;        /* create_vm(prev_roots=...) */
+    const uint64_t *top_key;  /* gfn -> key of a top-level shadow page of it in the hash */
+    const uint64_t *top_hpa;  /* gfn -> its host address (the hash, for roots) */
+} ptemu_shadow_ctx;
+
+/* ptemu_run over the shadow tables with fast path 1: a hidden fault whose
+ * shadow path is cached gets its leaf spte and the run goes on.  Returns
+ * the index of the first access whose exit Python must handle (fault
+ * filled), or n. */
+uint64_t ptemu_shadow_run(ptemu_shadow_ctx *ctx, const ptemu_cpu *cpu, ptemu_mem *mem,
+                          ptemu_tlb *tlb, const ptemu_trace_rec *trace, uint64_t n,
+                          uint64_t start, ptemu_fault *fault);
+
+/* An 8-byte guest store at va (8-aligned) on the real MMU with fast paths 1
+ * and 2: returns PTEMU_OK when the store is done (by the real MMU, after a
+ * fast fill, or emulated into a protected level-1 table), else the vector of
+ * the exit Python must handle (nothing of the store done). */
+int ptemu_shadow_store(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tlb *tlb, uint64_t va,
+                       uint64_t value);
+
+/* Fast path 3: the guest's INVLPG va (SDM 4.10.4.1) on the real TLB, after
+ * resyncing va's entry when its level-1 shadow page is unsync (found through
+ * the fill cache).  cpu: the real CPU state.  Returns 1 when done, 0 to
+ * decline. */
+int ptemu_shadow_invlpg(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, const ptemu_cpu *cpu,
+                        ptemu_tlb *tlb, uint64_t va);
+
+/* Fast path 4: the guest's MOV CR3 value when its root is the current one
+ * (returns 1), a cached previous root (returns 2: prev_roots rotated, the
+ * fill cache's generation moved on) or a page of the hash (returns 3: the
+ * same, the old root cached); the guest's CR3 (g) and the real one
+ * (real, with the PCID) loaded and the real TLB flushed as SDM 4.10.4.1
+ * says.  Returns 0 to decline: reserved bits (#GP), unsync pages to sync,
+ * a root to find in the hash or make. */
+int ptemu_shadow_cr3(ptemu_shadow_ctx *ctx, ptemu_cpu *g, ptemu_cpu *real, ptemu_tlb *tlb,
+                     uint64_t value);
+
+/* ptemu_mmu_translate on the real MMU with the same fast path; returns as it. */
+int ptemu_shadow_translate(ptemu_shadow_ctx *ctx, ptemu_mmu *m, uint64_t va,
+                           uint32_t access, uint32_t flags);
+
+/* The leaf spte rule (shadow.py make_leaf_spte), for the tests to compare. */
+uint64_t ptemu_make_leaf_spte(uint64_t hpa, uint32_t acc, uint64_t copy_bits,
+                              uint32_t dirty, uint32_t write_protected);
+
+/* A store stream (the guest kernel's page-table work in bulk): stores in
+ * order, each with its value; numpy STORE_DTYPE (hypervisor/exits.py). */
+typedef struct ptemu_store_rec {
+    uint64_t va;            /* 8-aligned guest-linear address */
+    uint64_t value;
+} ptemu_store_rec;
+
+/* The stores s[start:n] at the current CPL on a plain MMU (no hypervisor);
+ * returns the index of the first store that faults (nothing of it done), or n. */
+uint64_t ptemu_store_stream(ptemu_mmu *m, const ptemu_store_rec *s, uint64_t n,
+                            uint64_t start);
+
+/* The same on a shadow VM's real MMU with its fast paths (ptemu_shadow_store):
+ * returns the index of the first store whose exit Python must handle, or n. */
+uint64_t ptemu_shadow_store_stream(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tlb *tlb,
+                                   const ptemu_store_rec *s, uint64_t n, uint64_t start);

@@ -28,6 +28,13 @@ the SDM says removes any stale translation): the vCPU's answer for an access
 pure-Python reference walk (tests/refwalk.py) over the guest-physical image,
 and so do the guest's accessed/dirty bits afterwards.
 
+Both ways (DESIGN.md "Python decides, C executes"): every input runs twice
+in lockstep, on a VM with the C fast paths (create_vm's default) and on one
+with fast_paths=False (the all-Python reference); after every step the two
+must agree on the outcome (the exception, its error code and CR2), every
+counter except exits.FAST_COUNTERS, and the whole of host memory (guest
+memory, shadow pages, the victim's).
+
 The step counter (`steps` in the final line) counts guest operations.
 Run:  python fuzz/fuzz_hostile_guest.py -max_total_time=60 [CORPUS_DIR]
       fuzz/run.sh hostile 60
@@ -52,7 +59,8 @@ from ptemu import bits  # noqa: E402
 
 try:
     from ptemu.hypervisor import Hypervisor, audit  # noqa: E402
-    from ptemu.hypervisor.exits import ShadowMmuError, HostMemoryExhausted  # noqa: E402
+    from ptemu.hypervisor.exits import (ShadowMmuError, HostMemoryExhausted,  # noqa: E402
+                                        FAST_COUNTERS, STORE_DTYPE)
 except ImportError:  # pragma: no cover - the hypervisor is being written
     Hypervisor = None
 
@@ -110,7 +118,7 @@ def _boot_tables(vm, flags):
 class World:
     __slots__ = ("hv", "vm", "victim", "victim_image", "unsync")
 
-    def __init__(self, inp):
+    def __init__(self, inp, fast_paths=True):
         ctl = inp.u8()
         paging = "paravirt" if ctl & 7 == 7 else "shadow"
         unsync = paging == "shadow" and bool(ctl & 8)
@@ -121,7 +129,8 @@ class World:
         self.victim.phys.write(0, bytes(range(256)) * (VICTIM_FRAMES * PAGE // 256))
         self.vm = self.hv.create_vm(GUEST_FRAMES * PAGE, paging=paging, unsync=unsync,
                                     shadow_limit=limit, prefetch=bool(ctl & 4),
-                                    tlb=ptemu.Tlb.simple(entries=16, ways=4))
+                                    tlb=ptemu.Tlb.simple(entries=16, ways=4),
+                                    fast_paths=fast_paths)
         self.unsync = unsync
         leaf = P | W | U | (A | D if inp.bool() else 0)
         _boot_tables(self.vm, leaf)
@@ -197,6 +206,14 @@ def st_store_pte(inp, w):
 
 def st_store(inp, w):
     w.vm.vcpu.store_u64(_va(inp), inp.u64())
+
+
+def st_store_stream(inp, w):
+    """A burst of stores as one stream (the guest kernel's page-table work in
+    bulk): into its tables and anywhere else."""
+    n = 1 + inp.below(6)
+    recs = [(_table_slot(inp) if inp.bool() else _va(inp) & ~7, _gpte(inp)) for _ in range(n)]
+    w.vm.vcpu.store_stream(np.array(recs, dtype=STORE_DTYPE))
 
 
 def st_cr3(inp, w):
@@ -315,7 +332,7 @@ def st_probe(inp, w):
 
 STEPS_TABLE = (st_dma_pte, st_store_pte, st_store_pte, st_store, st_cr3, st_invlpg, st_access,
                st_access, st_load, st_run, st_cr, st_state, st_hypercall, st_probe, st_probe,
-               st_dma_pte)
+               st_dma_pte, st_store_stream, st_store_stream)
 
 
 # ---------------------------------------------------------------------------
@@ -341,42 +358,70 @@ def check_invariants(w):
         raise Finding("the victim's guest memory changed")
     own = set(int(f) // PAGE for f in vm.p2m.tolist() if f != ptemu.PhysicalMemory.NO_FRAME)
     wp = vm.shadow.wp
-    h2g = vm._h2g
+    h2g = vm.h2g
     for va, hpa, size, writable in _real_leaves(vm):
         for f in range(hpa // PAGE, (hpa + size) // PAGE):
             if f not in own:
-                who = ("the victim" if f in victim._host_frames else
-                       "a shadow page" if f in vm._host_frames else "no VM")
+                who = ("the victim" if f in victim.frames_owned else
+                       "a shadow page" if f in vm.frames_owned else "no VM")
                 raise Finding("real leaf va %#x maps host frame %#x of %s" % (va, f, who))
             if writable and h2g.get(f) in wp:
                 raise Finding("real leaf va %#x is writable onto write-protected guest "
                               "frame %#x" % (va, h2g[f]))
 
 
+def _step(inp, w, k):
+    """Run step k; (outcome code, what the guest saw)."""
+    try:
+        STEPS_TABLE[k](inp, w)
+    except (ShadowMmuError, HostMemoryExhausted) as exc:
+        raise Finding("hypervisor error reached the guest: %r" % (exc,))
+    except ptemu.PageFault as exc:
+        return 1, ("#PF", exc.error_code, exc.cr2)
+    except ptemu.GeneralProtection as exc:
+        return 2, ("#GP", str(exc))
+    except ptemu.InvalidInput as exc:
+        return 3, (type(exc).__name__, str(exc))
+    return 0, None
+
+
+def _counters(vm):
+    return {k: v for k, v in vm.stats.items() if k not in FAST_COUNTERS}
+
+
+def compare_paths(wf, wr, k):
+    """The fast-path world and the reference world after the same step."""
+    a, b = _counters(wf.vm), _counters(wr.vm)
+    if a != b:
+        diff = {n: (a.get(n), b.get(n)) for n in set(a) | set(b) if a.get(n) != b.get(n)}
+        raise Finding("step %s: counters differ with fast paths on/off: %r" % (k, diff))
+    if not np.array_equal(wf.hv.host.array, wr.hv.host.array):
+        raise Finding("step %s: host memory differs with fast paths on/off" % k)
+
+
 @instrumented
 def one_input(data):
     if Hypervisor is None:
         return
-    inp = ByteInput(data)
+    inp, inp_ref = ByteInput(data), ByteInput(data)
     w = World(inp)
+    ref = World(inp_ref, fast_paths=False)
     check_invariants(w)
+    compare_paths(w, ref, "boot")
     stats = w.vm.stats
     for _ in range(1 + inp.below(24)):
+        inp_ref.below(24) if _ == 0 else None
         k = inp.u8() % len(STEPS_TABLE)
+        inp_ref.u8()
         before = dict(stats)
-        outcome = 0
-        try:
-            STEPS_TABLE[k](inp, w)
-        except (ShadowMmuError, HostMemoryExhausted) as exc:
-            raise Finding("hypervisor error reached the guest: %r" % (exc,))
-        except ptemu.PageFault:
-            outcome = 1
-        except ptemu.GeneralProtection:
-            outcome = 2
-        except ptemu.InvalidInput:
-            outcome = 3
+        outcome, seen = _step(inp, w, k)
+        outcome_ref, seen_ref = _step(inp_ref, ref, k)
+        if (outcome, seen) != (outcome_ref, seen_ref):
+            raise Finding("step %d: fast paths give %r, the reference %r"
+                          % (k, seen, seen_ref))
         STEPS[0] += 1
         check_invariants(w)
+        compare_paths(w, ref, k)
         _feedback(before, w.vm.stats, k, outcome)
         if inp.left == 0:
             break

@@ -189,7 +189,7 @@ def test_hostile_isolation_oracle_catches_a_leaf_onto_the_victim():
     # Corrupt the hostile VM's shadow leaf for va 0x3000 to map a victim frame.
     leaf = [m for m in w.vm.vcpu.mmu.mappings() if m.va == 3 * PAGE]
     assert leaf
-    victim_frame = min(w.victim._host_frames & set(
+    victim_frame = min(w.victim.frames_owned & set(
         int(f) // PAGE for f in w.victim.p2m.tolist()))
     entries = w.vm.vcpu.mmu.walk_entries(3 * PAGE)[0]
     spte_pa, spte = entries[-1]

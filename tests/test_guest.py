@@ -496,10 +496,18 @@ def test_tables_change_only_by_guest_stores():
     stored = {}
     real = m.vcpu.store_u64
 
+    real_stream = m.vcpu.store_stream
+
     def spy(va, value):
         stored[va - DIRECT_MAP] = value
         return real(va, value)
+
+    def spy_stream(stores):             # the kernel's page-table stores in bulk
+        for va, value in stores.tolist():
+            stored[va - DIRECT_MAP] = value
+        return real_stream(stores)
     m.vcpu.store_u64 = spy
+    m.vcpu.store_stream = spy_stream
     p = k.spawn()
     for i in range(20):
         k.store(p, HEAP + i * PAGE, 1)

@@ -10,6 +10,8 @@ import pytest
 import ptemu
 from ptemu import bits
 from ptemu.hypervisor import Hypervisor, GuestMemoryError, audit, ShadowMmuError
+from ptemu.hypervisor.exits import PF_SPURIOUS
+from ptemu.mmu import TRACE_DTYPE
 
 P, W, U, A, D, PS, NX = (bits.PTE_P, bits.PTE_W, bits.PTE_U, bits.PTE_A, bits.PTE_D,
                          bits.PTE_PS, bits.PTE_NX)
@@ -651,9 +653,11 @@ def test_no_progress_is_a_named_error_not_a_hang(monkeypatch):
     hv, vm, g = setup()
     g.map(0x7000, 10 * PAGE)
     vm.vcpu.write_cr3(g.root)
-    monkeypatch.setattr(vm.vcpu, "_pf_exit", lambda va, acc, flags: 4)   # always "spurious"
+    monkeypatch.setattr(vm.vcpu, "page_fault_exit", lambda va, acc, flags: PF_SPURIOUS)
     with pytest.raises(ShadowMmuError):
         vm.vcpu.load_u64(0x7000)
+    with pytest.raises(ShadowMmuError):
+        vm.vcpu.run(np.array([(0x7008, 0, False)], dtype=TRACE_DTYPE))
 
 
 def test_five_level_guest():

@@ -41,6 +41,7 @@ def scaled(factor):
 import ptemu
 from ptemu import bits
 from ptemu.hypervisor import Hypervisor, audit, GuestMemoryError, HypercallRejected
+from ptemu.hypervisor.exits import FAST_COUNTERS
 
 P, W, U, A, D, PS, G, NX = (bits.PTE_P, bits.PTE_W, bits.PTE_U, bits.PTE_A, bits.PTE_D,
                             bits.PTE_PS, bits.PTE_G, bits.PTE_NX)
@@ -351,13 +352,14 @@ def _run_pair(vm, nat, seq, check_every, disciplined):
 # Hostile guests: sync shadow vs native without TLB, checked after every op.
 @settings(max_examples=scaled(0.8), deadline=None)
 @given(seq=ops(), limit=st.sampled_from([None, None, 8, 12]),
-       prefetch=st.booleans())
-def test_hostile_sync_shadow_matches_native_without_tlb(seq, limit, prefetch):
+       prefetch=st.booleans(), fast=st.booleans())
+def test_hostile_sync_shadow_matches_native_without_tlb(seq, limit, prefetch, fast):
     """SDM ch. 4 walk semantics through the shadow: results, faults and A/D bits
-    identical to a TLB-less native machine for any raw guest sequence."""
+    identical to a TLB-less native machine for any raw guest sequence (with
+    the C fast paths and with the Python reference)."""
     hv = Hypervisor(2 << 20)
     bystander = make_vm(hv, "shadow")
-    vm = make_vm(hv, "shadow", shadow_limit=limit, prefetch=prefetch)
+    vm = make_vm(hv, "shadow", shadow_limit=limit, prefetch=prefetch, fast_paths=fast)
     assert bystander is hv.vms[0]
     _run_pair(vm, make_native(tlb=False), seq, check_every=True, disciplined=False)
 
@@ -376,23 +378,23 @@ def test_hostile_sync_shadow_small_host(seq):
 # Disciplined guests (flush after each page-table store): every mode vs native with a TLB.
 @settings(max_examples=scaled(0.5), deadline=None)
 @given(seq=ops(), mode=st.sampled_from(["shadow", "unsync", "paravirt"]),
-       limit=st.sampled_from([None, 10]))
-def test_disciplined_guest_matches_native_with_tlb(seq, mode, limit):
+       limit=st.sampled_from([None, 10]), fast=st.booleans())
+def test_disciplined_guest_matches_native_with_tlb(seq, mode, limit, fast):
     """SDM 4.10.4.3: a guest that invalidates after changing its tables sees
     exactly what native hardware with a TLB gives it, in every mode."""
     seq = [op for op in seq if not (op[0] == "cr4" and op[1] & bits.CR4_PGE)]
     hv = Hypervisor(2 << 20)
     make_vm(hv, "shadow")
-    vm = make_vm(hv, mode, shadow_limit=limit)
+    vm = make_vm(hv, mode, shadow_limit=limit, fast_paths=fast)
     _run_pair(vm, make_native(tlb=True), seq, check_every=(mode != "unsync"), disciplined=True)
 
 
 # Unsync leaf tables under a hostile guest: coherent at flush points, isolated always.
 @settings(max_examples=scaled(0.4), deadline=None)
-@given(seq=ops())
-def test_hostile_unsync_coherent_at_flush_points(seq):
+@given(seq=ops(), fast=st.booleans())
+def test_hostile_unsync_coherent_at_flush_points(seq, fast):
     hv = Hypervisor(2 << 20)
-    vm = make_vm(hv, "unsync")
+    vm = make_vm(hv, "unsync", fast_paths=fast)
     side = VmSide(vm)
     for step, op in enumerate(seq):
         r = apply(side, op)
@@ -449,3 +451,33 @@ def test_paravirt_hypercalls_match_native(seq):
             assert a == b, "step %d %r: vm %r native %r" % (step, op, a, b)
         assert vm.phys.read(0, MEM) == nat.phys.read(0, MEM)
         assert not isolation_problems(vm, [])
+
+
+# The C fast paths against the all-Python reference (DESIGN.md "Python decides,
+# C executes"): the same guest sequence on two identical hosts.
+def _counters(vm):
+    return {k: v for k, v in vm.stats.items() if k not in FAST_COUNTERS}
+
+
+def _rmap(vm):
+    return {g: s for g, s in vm.shadow.rmap.items() if s}
+
+
+@settings(max_examples=scaled(0.5), deadline=None)
+@given(seq=ops(), mode=st.sampled_from(["shadow", "unsync", "paravirt"]),
+       limit=st.sampled_from([None, 10]))
+def test_fast_paths_match_the_python_reference(seq, mode, limit):
+    """Every guest-visible result, guest memory, every counter but the fast_*
+    ones, the rmap and the whole of host memory (shadow pages included) are
+    the same with fast_paths=True and fast_paths=False."""
+    hvs = Hypervisor(2 << 20), Hypervisor(2 << 20)
+    vms = [make_vm(hv, mode, shadow_limit=limit, fast_paths=fast)
+           for hv, fast in zip(hvs, (True, False))]
+    sides = [VmSide(vm) for vm in vms]
+    for step, op in enumerate([("load", DIRECT)] + seq):
+        a, b = (apply(side, op) for side in sides)
+        assert a == b, "step %d %r: fast %r reference %r" % (step, op, a, b)
+        assert _counters(vms[0]) == _counters(vms[1]), "step %d %r" % (step, op)
+    assert _rmap(vms[0]) == _rmap(vms[1])
+    assert np.array_equal(hvs[0].host.array, hvs[1].host.array)
+    assert not audit(vms[0])

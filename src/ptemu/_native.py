@@ -1,7 +1,15 @@
-"""The one module that touches cffi: ffi/lib, array checks, C results to exceptions.
+"""The floor over the C core: ffi/lib, array checks, C results decoded.
 
-Everything above this floor calls C only through the names here.
+The rule (DESIGN.md, "Rules of the Python layer"): every C *result* is decoded
+here, once -- a fault into an exception (`fault_from_c`), a walk output into
+a named record (`GuestWalk`, the `Translation` layout `WALK_OUT`) -- and
+constants come from `lib`, never typed twice.  Modules above this floor may
+hold `ffi`/`lib` to *call* C (allocate a struct, pass a buffer), but they
+never read a C output by position.
 """
+import struct
+from operator import itemgetter as _itemgetter
+
 import numpy as np
 
 try:
@@ -19,7 +27,8 @@ if lib.ptemu_abi_version() != ABI_VERSION or lib.PTEMU_ABI_VERSION != ABI_VERSIO
 
 __all__ = ["ffi", "lib", "PtemuError", "InvalidInput", "ImageError", "MmuFault",
            "PageFault", "GeneralProtection", "EptExit", "EptViolation", "EptMisconfig", "check_u64", "check_array",
-           "fault_from_c", "ACCESS_CODES"]
+           "fault_from_c", "ACCESS_CODES", "GuestWalk", "decode_walk", "walk_pa", "WALK_OUT",
+           "WALK_ENTRIES", "check_layout"]
 
 U64_MAX = (1 << 64) - 1
 
@@ -196,3 +205,121 @@ def check_array(arr, dtype, name, writable=False, length=None):
 def ptr(arr, ctype):
     """A C pointer into a checked numpy array (no copy)."""
     return ffi.cast(ctype, ffi.from_buffer(arr, require_writable=False))
+
+
+# -- layout checks that hold under `python -O` (an assert would vanish) --------------
+def check_layout(ok, what):
+    """Refuse to import against a C build whose struct layout is not the one
+    this code decodes (what: which layout)."""
+    if not ok:
+        raise ImportError("ptemu._native_c layout mismatch: %s; reinstall ptemu" % what)
+
+
+# -- the walk output (ptemu_walk_out), decoded once -----------------------------------
+#: ptemu_walk_out for Translation (mmu.py): the ten entry words stay one bytes
+#: object until asked for (object creation dominates a scalar call):
+#: va, pa, page_size, leaf, level, rights, nentries, mem_refs, tlb_hit,
+#: first_level, entry_pa[5] + entry[5].
+WALK_OUT = struct.Struct("<4Q6I80s")
+WALK_ENTRIES = struct.Struct("<10Q")
+check_layout(WALK_OUT.size == ffi.sizeof("ptemu_walk_out"), "sizeof(ptemu_walk_out)")
+check_layout(ffi.offsetof("ptemu_walk_out", "entry_pa") == 56, "ptemu_walk_out.entry_pa")
+check_layout(ffi.offsetof("ptemu_walk_out", "pa") == 8, "ptemu_walk_out.pa")
+
+# The same struct unpacked word by word for the hypervisor's guest walks.
+_GUEST_WALK = struct.Struct("<4Q6I10Q")
+_unpack_guest_walk = _GUEST_WALK.unpack_from
+_PA = struct.Struct("<Q").unpack_from
+_EPA0 = 10                      # index of entry_pa[0] in the unpacked words
+_E0 = 15                        # index of entry[0]
+
+
+def _w(i, doc):
+    return property(_itemgetter(i), doc=doc)
+
+
+class GuestWalk(tuple):
+    """A successful walk of the guest's own tables, as the hypervisor reads it
+    (KVM's `struct guest_walker`): the gpa reached, the leaf entry and its
+    level, the rights combined over the walk, and per level (top first) the
+    guest-physical address of the entry read and its value after the walk.
+
+    (A tuple underneath: made by one C-level call per #PF exit.)
+    """
+
+    __slots__ = ()
+
+    va = _w(0, "the guest-linear address walked")
+    gpa = _w(1, "the guest-physical address reached")
+    page_size = _w(2, "4096, 2 MiB or 1 GiB")
+    leaf = _w(3, "the guest leaf entry (A/D as the walk left them)")
+    level = _w(4, "level of the guest leaf: 1 PTE, 2 PDE, 3 PDPTE")
+    rights = _w(5, "PTEMU_TE_W | PTEMU_TE_U | PTEMU_TE_NX combined over the walk")
+    nentries = _w(6, "number of levels read (the guest's paging levels on a full walk)")
+
+    @property
+    def gfn(self):
+        return self[1] >> 12
+
+    @property
+    def entries(self):
+        """The entry values, top first (KVM guest_walker.ptes)."""
+        return self[_E0:_E0 + self[6]]
+
+    @property
+    def entry_gpas(self):
+        """Guest-physical addresses of the entries, top first (pte_gpa)."""
+        return self[_EPA0:_EPA0 + self[6]]
+
+    @property
+    def table_gpa(self):
+        """The guest table holding the leaf entry (0 when no entry was read)."""
+        n = self[6]
+        return self[_EPA0 + n - 1] & ~0xFFF if n else 0
+
+    def __repr__(self):
+        return "GuestWalk(va=%#x, gpa=%#x, level=%d, leaf=%#x, rights=%#x)" % (
+            self.va, self.gpa, self.level, self.leaf, self.rights)
+
+
+_new_walk = tuple.__new__
+
+
+def decode_walk(buf):
+    """The GuestWalk in a ptemu_walk_out buffer (an Mmu's output bytearray)."""
+    return _new_walk(GuestWalk, _unpack_guest_walk(buf))
+
+
+def walk_pa(buf):
+    """Only the physical address of a ptemu_walk_out buffer (the scalar hot path)."""
+    return _PA(buf, 8)[0]
+
+
+def table_gpa_of_fault(buf, cr3, amask):
+    """The guest table a faulting walk was about to read: the frame named by
+    the last entry read (or CR3 when none was).  For backing a guest frame
+    the walk ran into (a BUS fault of the walk over the p2m view)."""
+    w = _unpack_guest_walk(buf)
+    n = w[6]
+    return (w[_E0 + n - 1] if n else cr3) & amask
+
+
+class WalkHandle:
+    """A ptemu_mmu handle of its own over C structs owned elsewhere (a CpuState's,
+    a memory's, a Tlb's `_c`): `c` to pass to ptemu_mmu_translate, `out` the
+    walk output buffer (decode_walk / walk_pa), `fault` the fault it fills.
+    For layers that run their own translations (the vCPU's guest walks)
+    without reaching into an Mmu."""
+
+    __slots__ = ("c", "out", "fault", "_keep")
+
+    def __init__(self, cpu_c, mem_c, tlb_c=None):
+        self.c = ffi.new("ptemu_mmu *")
+        self.c.cpu = cpu_c
+        self.c.mem = mem_c
+        self.c.tlb = ffi.NULL if tlb_c is None else tlb_c
+        self.out = bytearray(WALK_OUT.size)
+        out_c = ffi.from_buffer("ptemu_walk_out *", self.out)
+        self.c.out = out_c
+        self.fault = ffi.addressof(self.c[0], "fault")
+        self._keep = (cpu_c, mem_c, tlb_c, out_c)

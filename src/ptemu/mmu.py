@@ -5,7 +5,6 @@ validated here, C result codes become exceptions in one place
 (`_native.fault_from_c`), and architectural events (MOV CR3/CR4/CR0, INVLPG,
 INVPCID) apply the TLB rules of SDM 4.10.4.
 """
-import struct
 from dataclasses import dataclass
 from operator import itemgetter as _itemgetter
 
@@ -13,7 +12,8 @@ import numpy as np
 
 from ptemu import bits
 from ptemu._native import (ffi, lib, InvalidInput, PageFault, GeneralProtection,
-                           check_u64, check_array, fault_from_c, ACCESS_CODES, U64_MAX)
+                           check_u64, check_array, fault_from_c, ACCESS_CODES, U64_MAX,
+                           WALK_OUT, WALK_ENTRIES, check_layout)
 from ptemu.memory import PhysicalMemory
 from ptemu.tlb import Tlb
 
@@ -22,7 +22,7 @@ __all__ = ["CpuState", "Mmu", "Translation", "BatchResult", "RunResult", "Mappin
 
 #: One access of an address trace (ptemu_trace_rec in C).
 TRACE_DTYPE = np.dtype([("va", "<u8"), ("access", "u1"), ("user", "?")], align=True)
-assert TRACE_DTYPE.itemsize == ffi.sizeof("ptemu_trace_rec")
+check_layout(TRACE_DTYPE.itemsize == ffi.sizeof("ptemu_trace_rec"), "sizeof(ptemu_trace_rec)")
 
 _MAXPHYADDR_RANGE = (32, 52)
 _CR4_KNOWN = 0xffffffff
@@ -196,14 +196,9 @@ class CpuState:
                                               self.ac, self.pkru, self.pkrs, self.maxphyaddr))
 
 
-# ptemu_walk_out in one struct.unpack_from (object creation dominates a
-# scalar call, so the ten entry words stay one bytes object until asked for):
-# va, pa, page_size, leaf, level, rights, nentries, mem_refs, tlb_hit,
-# first_level, entry_pa[5] + entry[5].
-_OUT = struct.Struct("<4Q6I80s")
-_ENTRIES = struct.Struct("<10Q")
-assert _OUT.size == ffi.sizeof("ptemu_walk_out")
-assert ffi.offsetof("ptemu_walk_out", "entry_pa") == 56
+# ptemu_walk_out in one struct.unpack_from: the layout is _native's (WALK_OUT).
+_OUT = WALK_OUT
+_ENTRIES = WALK_ENTRIES
 
 
 def _field(i, doc):

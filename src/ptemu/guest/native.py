@@ -6,7 +6,7 @@ one plain PhysicalMemory, and every guest event (MOV CR3, INVLPG, a #PF) is
 the architectural event itself, with the TLB rules of SDM 4.10.4.  A VM built
 by ptemu.hypervisor must give its guest exactly what this machine gives.
 
-Layout of the contract (see machine-contract.md, shared with the hypervisor):
+Layout of the contract (docs/machine-contract.md, shared with the hypervisor):
 
     machine.paging        "native"
     machine.unsync        False (only meaningful for shadow VMs)
@@ -27,7 +27,8 @@ from ptemu._native import (ffi, lib, InvalidInput, PageFault, GeneralProtection,
 from ptemu.memory import PhysicalMemory
 from ptemu.mmu import CpuState, Mmu, RunResult, TRACE_DTYPE
 from ptemu.tlb import Tlb
-from ptemu.hypervisor.exits import NoExitControl
+from ptemu._native import WalkHandle
+from ptemu.hypervisor.exits import NoExitControl, check_stores
 from ptemu.hypervisor.paravirt import mmu_update_items
 
 __all__ = ["NativeMachine", "NativeVcpu", "HYPERCALLS"]
@@ -57,6 +58,10 @@ class NativeVcpu(NoExitControl):
         self._translate = self.mmu.translate
         self._val = ffi.new("uint64_t *")
         self._fault = ffi.new("ptemu_fault *")
+        self._stream = WalkHandle(self.cpu._c, self._mem_c,
+                                  tlb._c if tlb is not None else None)
+        self._checked_trace = None      # the last trace run() checked (kept alive)
+        self._trace_c = None
 
     # -- guest accesses ---------------------------------------------------------
     def access(self, va, access="r"):
@@ -98,6 +103,22 @@ class NativeVcpu(NoExitControl):
         if not ok:
             raise InvalidInput("u64 at %#x maps outside guest memory" % va)
 
+    def store_stream(self, stores):
+        """The stores in order, as store_u64 one by one, in one C loop; the first
+        that fails raises what store_u64 raises (those before it are done)."""
+        stores = check_stores(stores)
+        n = len(stores)
+        if not n:
+            return
+        recs = ffi.from_buffer("ptemu_store_rec[]", stores)
+        i = 0
+        while i < n:
+            j = lib.ptemu_store_stream(self._stream.c, recs, n, i)
+            if j == n:
+                return
+            self.store_u64(int(stores["va"][j]), int(stores["value"][j]))   # raises
+            i = j + 1
+
     def run(self, trace, start=0):
         """Run trace[start:] on the MMU; stop at the first (true) fault.
 
@@ -105,14 +126,19 @@ class NativeVcpu(NoExitControl):
         every call (the C loop stops at one; it becomes InvalidInput here):
         a guest kernel resumes the same trace after every fault it handles.
         """
-        trace = check_array(trace, TRACE_DTYPE, "trace")
+        if trace is not self._checked_trace:
+            # A guest kernel resumes the same trace after every fault it
+            # handles: check it (and make its C view) once, not at every resume.
+            self._trace_c = ffi.from_buffer("ptemu_trace_rec[]",
+                                            check_array(trace, TRACE_DTYPE, "trace"))
+            self._checked_trace = trace
         n = len(trace)
-        start = check_u64(start, "start")
+        if start.__class__ is not int or start < 0:
+            start = check_u64(start, "start")
         if start > n:
             raise InvalidInput("start %d is past the end of the trace (%d)" % (start, n))
         f = self._fault
-        idx = int(lib.ptemu_run(self.cpu._c, self._mem_c, self._tlb_c,
-                                ffi.from_buffer("ptemu_trace_rec[]", trace), n, start,
+        idx = int(lib.ptemu_run(self.cpu._c, self._mem_c, self._tlb_c, self._trace_c, n, start,
                                 ffi.NULL, f))
         st = self._stats
         st["guest_accesses"] += idx - start
@@ -123,7 +149,7 @@ class NativeVcpu(NoExitControl):
                 raise InvalidInput("trace[%d]: access code %d is not 0 (read), 1 (write) or "
                                    "2 (fetch)" % (idx, int(trace["access"][idx])))
             st["general_protection"] += 1
-            return RunResult(idx, 13, 0, 0, "non-canonical",
+            return RunResult(idx, GeneralProtection.vector, 0, 0, "non-canonical",
                              GeneralProtection(int(trace["va"][idx])))
         st["page_fault"] += 1
         exc = fault_from_c(f, self._phys.size)

@@ -13,7 +13,7 @@ shadow follows.  Every exit is printed with its reason.
 """
 from ptemu import bits
 from ptemu.bits import decode_entry
-from ptemu.hypervisor.vm import Hypervisor
+from ptemu.hypervisor.host import Hypervisor
 
 __all__ = ["run_demo", "TextbookDemo"]
 
@@ -79,7 +79,7 @@ def _shadow_tables(vm, out, indent="    "):
                 show(sp.children[i], depth + 1)
             else:
                 hframe = (e & ADDR) // PAGE
-                gfn = vm._h2g[hframe]
+                gfn = vm.h2g[hframe]
                 out.write("%s    [%3d] virtual page %3d -> host frame %3d (guest frame %3d)  "
                           "%s\n" % (pad, i, i, hframe, gfn, decode_entry(e & ~ADDR & ~bits.PTE_NX)
                                     + ("" if e & W else "   <- read-only")))

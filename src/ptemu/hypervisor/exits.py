@@ -6,11 +6,33 @@ names KVM uses where one exists (arch/x86/kvm: pf_fixed, pf_guest,
 pf_emulate, mmu_pte_write, mmu_flooded, mmu_unsync, mmu_cache_miss,
 mmu_shadow_zapped, mmu_recycled, invlpg, ...).
 """
-from ptemu._native import PtemuError, InvalidInput, check_u64
+import numpy as np
+
+from ptemu._native import ffi, PtemuError, InvalidInput, check_u64, check_array, check_layout
 
 __all__ = ["EXIT_REASONS", "COUNTERS", "VmStats", "ExitRecord", "GuestMemoryError",
            "HostMemoryExhausted", "HypercallRejected", "ShadowMmuError", "NoExitControl",
-           "checked_gpa"]
+           "checked_gpa", "PF_RETRY", "PF_EMULATE", "PF_MMIO", "PF_INJECT", "PF_SPURIOUS",
+           "PF_OUTCOME_COUNTERS", "FAST_COUNTERS", "STORE_DTYPE", "check_stores"]
+
+#: A store stream (machine contract `vcpu.store_stream`): 8-byte stores in
+#: order, each with its value (ptemu_store_rec in C).
+STORE_DTYPE = np.dtype([("va", "<u8"), ("value", "<u8")])
+check_layout(STORE_DTYPE.itemsize == ffi.sizeof("ptemu_store_rec"), "ptemu_store_rec")
+
+
+def check_stores(stores):
+    """A checked STORE_DTYPE array (any sequence of (va, value) pairs is turned into one)."""
+    if not isinstance(stores, np.ndarray):
+        try:
+            stores = np.array([(check_u64(va, "virtual address"), check_u64(v, "value"))
+                               for va, v in stores], dtype=STORE_DTYPE)
+        except (TypeError, ValueError) as exc:
+            if isinstance(exc, InvalidInput):
+                raise
+            raise InvalidInput("stores must be a STORE_DTYPE array or (va, value) pairs") \
+                from None
+    return check_array(stores, STORE_DTYPE, "stores")
 
 #: Why the guest left guest mode (the `exit_<reason>` counters).
 EXIT_REASONS = (
@@ -20,6 +42,20 @@ EXIT_REASONS = (
     "invlpg",       # INVLPG (intercepted under shadow paging)
     "hypercall",    # a paravirtual call (VMCALL)
 )
+
+#: What the #PF exit handler decided (VCpu.page_fault_exit); each outcome is
+#: also the index of its counter in PF_OUTCOME_COUNTERS.
+PF_RETRY = 0        # hidden fault: the shadow now maps the access; retry it
+PF_EMULATE = 1      # a write the hypervisor does itself (protected page table, WP=0)
+PF_MMIO = 2         # a guest-physical address outside the VM: nothing to map
+PF_INJECT = 3       # a true fault: the guest gets it
+PF_SPURIOUS = 4     # the shadow allowed it already (a stale real-TLB entry): retry
+PF_OUTCOME_COUNTERS = ("pf_fixed", "pf_emulate", "pf_mmio", "pf_guest", "pf_spurious")
+
+#: The counters that say which path ran (csrc/shadow.c or Python): the only
+#: counters allowed to differ between fast_paths=True and fast_paths=False.
+FAST_COUNTERS = ("fast_pf_fixed", "fast_pf_spurious", "fast_pf_emulate", "fast_invlpg",
+                 "fast_cr3_write")
 
 #: Every counter a VM keeps, with what it counts.
 COUNTERS = {
@@ -37,6 +73,12 @@ COUNTERS = {
     "pf_mmio": "accesses to guest-physical addresses outside the VM's memory",
     "pf_spurious": "exits where the shadow already allowed the access (stale real TLB)",
     "guest_walks": "walks of the guest's own tables by the hypervisor (one per #PF exit)",
+    "fast_pf_fixed": "of pf_fixed: hidden faults fixed by the C fast path (csrc/shadow.c)",
+    "fast_pf_spurious": "of pf_spurious: spurious exits seen by the C fast path",
+    "fast_pf_emulate": "of pf_emulate: stores into protected level-1 tables emulated in C",
+    "fast_invlpg": "of invlpg: INVLPGs (and invlpg hypercalls) done in C",
+    "fast_cr3_write": "of cr3_write: CR3 loads (MOV CR3, new_baseptr, flush_tlb) to the "
+                      "current or a cached root done in C",
     "mmu_pte_write": "emulated or DMA writes to a shadowed guest page table",
     "mmu_pte_updated": "shadow leaf entries updated in place after such a write",
     "mmu_pde_zapped": "shadow non-leaf entries dropped after such a write",

@@ -19,14 +19,14 @@ from collections import defaultdict
 
 import numpy as np
 
-from ptemu._native import (ffi, lib, InvalidInput, EptExit, EptMisconfig, check_u64,
+from ptemu._native import (ffi, lib, InvalidInput, EptExit, EptMisconfig, PageFault, check_u64,
                            check_array, fault_from_c, GeneralProtection)
 from ptemu.ept import Ept
 from ptemu.memory import PhysicalMemory
 from ptemu.mmu import CpuState, Mmu, RunResult, TRACE_DTYPE
 from ptemu.tlb import Tlb
 from ptemu.hypervisor.exits import (GuestMemoryError, NoExitControl, ShadowMmuError,
-                                    checked_gpa)
+                                    checked_gpa, check_stores)
 
 __all__ = ["NestedVM", "NestedVcpu", "NestedPhys", "create_nested_vm"]
 
@@ -61,9 +61,9 @@ class NestedVM:
         self.memory_bytes = memory_bytes
         n = memory_bytes // PAGE
         self.p2m = np.full(n, NO_FRAME, dtype=np.uint64)
-        self._h2g = {}
-        self._host_frames = set()
-        self._stats = defaultdict(int)
+        self.h2g = {}
+        self.frames_owned = set()
+        self.counters = defaultdict(int)
         self.ept = Ept(hv.host, levels=ept_levels, ad=ept_ad,
                        alloc=lambda: hv.alloc_frame(owner=self))
         self.gmem = PhysicalMemory.nested(self.ept, memory_bytes)
@@ -77,9 +77,9 @@ class NestedVM:
             return hpa
         hpa = self.hypervisor.alloc_frame(owner=self)
         self.p2m[gfn] = hpa
-        self._h2g[hpa // PAGE] = gfn
+        self.h2g[hpa // PAGE] = gfn
         self.ept.map(gfn * PAGE, hpa)
-        self._stats["frames_backed"] += 1
+        self.counters["frames_backed"] += 1
         return hpa
 
     def gpa_to_hpa(self, gpa):
@@ -89,12 +89,12 @@ class NestedVM:
         return None if hpa == NO_FRAME else hpa + gpa % PAGE
 
     def host_frames(self):
-        return set(self._host_frames)
+        return set(self.frames_owned)
 
     def ept_exit(self, exc):
         """The EPT-violation exit handler: back the frame, or refuse an address
         outside the VM (an MMIO access with no device behind it)."""
-        st = self._stats
+        st = self.counters
         if isinstance(exc, EptMisconfig):
             st["exit_ept_misconfig"] += 1
             raise ShadowMmuError("EPT misconfiguration at gpa %#x: the hypervisor's own "
@@ -109,18 +109,18 @@ class NestedVM:
 
     def destroy(self):
         """Give every host frame back (memory and EPT tables)."""
-        for f in sorted(self._host_frames):
+        for f in sorted(self.frames_owned):
             self.hypervisor.free_frame(f * PAGE)
-        self._host_frames.clear()
+        self.frames_owned.clear()
         self.p2m[:] = NO_FRAME
-        self._h2g.clear()
+        self.h2g.clear()
 
     @property
     def stats(self):
         """Counters: exits by reason (exit_ept_violation), guest page faults
         (delivered with no exit), EPT walks and their memory references, and
         the 2-D walks of the vCPU's TLB misses (walks, walk_refs)."""
-        st = self._stats
+        st = self.counters
         st["exits"] = st["exit_ept_violation"] + st["exit_ept_misconfig"]
         st["ept_walks"] = self.ept.walks
         st["ept_walk_refs"] = self.ept.refs
@@ -189,7 +189,7 @@ class NestedVcpu(NoExitControl):
         self.tlb = tlb
         self.mmu = Mmu(vm.gmem, self.cpu, tlb)
         self._host = vm.hypervisor.host
-        self._stats = vm._stats
+        self._stats = vm.counters
         self._fault = ffi.new("ptemu_fault *")
 
     def _translate(self, va, access):
@@ -202,7 +202,7 @@ class NestedVcpu(NoExitControl):
             except EptExit as exc:
                 self.vm.ept_exit(exc)
             except Exception as exc:
-                if getattr(exc, "vector", None) == 14:
+                if isinstance(exc, PageFault):
                     self._stats["page_fault"] += 1
                 raise
         raise ShadowMmuError("no progress translating %#x" % va)
@@ -210,7 +210,7 @@ class NestedVcpu(NoExitControl):
     def access(self, va, access="r"):
         """One access at the current CPL; the guest-physical address it reaches."""
         hpa = self._translate(va, access).pa
-        return (self.vm._h2g[hpa // PAGE] * PAGE) | (hpa % PAGE)
+        return (self.vm.h2g[hpa // PAGE] * PAGE) | (hpa % PAGE)
 
     def _aligned(self, va):
         va = check_u64(va, "virtual address")
@@ -256,11 +256,16 @@ class NestedVcpu(NoExitControl):
                 if f.cause == lib.PTEMU_CAUSE_NONE:
                     raise InvalidInput("trace[%d]: access code %d is not 0, 1 or 2"
                                        % (idx, int(trace["access"][idx])))
-                return RunResult(idx, 13, 0, 0, "non-canonical",
+                return RunResult(idx, GeneralProtection.vector, 0, 0, "non-canonical",
                                  GeneralProtection(int(trace["va"][idx])))
             st["page_fault"] += 1
             exc = fault_from_c(f, self.vm.memory_bytes)
             return RunResult(idx, int(f.vector), int(f.error_code), int(f.cr2), exc.cause, exc)
+
+    def store_stream(self, stores):
+        """The stores in order, as store_u64 one by one (EPT exits handled)."""
+        for va, value in check_stores(stores).tolist():
+            self.store_u64(va, value)
 
     def hypercall(self, op, *args):
         raise InvalidInput("hypercalls are for paravirtual VMs; this VM uses nested paging")

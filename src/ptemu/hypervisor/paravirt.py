@@ -39,7 +39,7 @@ def validate_entry(vm, gpa, value):
     if not value & _P:
         return None
     sh = vm.shadow
-    nframes = len(vm._p2m_list)
+    nframes = len(vm.p2m_list)
     target = (value & sh.amask) >> 12
     sps = sh.gfn_sps.get(gpa >> 12, ())
     large = [lv for lv in (2, 3) if any(sp.level == lv for sp in sps)] if value & _PS else []
@@ -88,7 +88,7 @@ def mmu_update_items(args, size):
 
 def hypercall(vcpu, op, args):
     """Dispatch one hypercall of a paravirt VM (see the module docstring)."""
-    st = vcpu._stats
+    st = vcpu.vm.counters
     st["exit_hypercall"] += 1
     st["hypercall"] += 1
     if op == "mmu_update":
@@ -106,26 +106,30 @@ def hypercall(vcpu, op, args):
         st["hypercall_mmu_update"] += 1
         for gpa, value in updates:
             vm.guest_write(gpa, value, flood=False, commit=False)
-        vcpu._commit()          # one real-TLB flush for the whole batch
+        vcpu.commit()          # one real-TLB flush for the whole batch
         st["mmu_update_entries"] += len(updates)
-        if vcpu._log is not None:
-            vcpu._log_exit("hypercall", "mmu_update of %d entries" % len(updates))
+        if vcpu.log is not None:
+            vcpu.log_exit("hypercall", "mmu_update of %d entries" % len(updates))
         return len(updates)
     if op == "new_baseptr":
         if len(args) != 1:
             raise InvalidInput("new_baseptr takes one CR3 value")
-        vcpu._load_cr3(args[0], "hypercall")
+        if not vcpu.fast_cr3(args[0]):
+            vcpu.cr3_write_exit(args[0], "hypercall")
         return 0
     if op == "invlpg":
         if len(args) != 1:
             raise InvalidInput("invlpg takes one virtual address")
         va = check_u64(args[0], "virtual address")
-        vcpu._sync_cpu()            # the shadow root of the current CR3, for the resync
-        vcpu._invlpg(va)
+        vcpu.sync_cpu()            # the shadow root of the current CR3, for the resync
+        if not vcpu.fast_invlpg(va):
+            vcpu.invlpg_exit(va)
         return 0
     if op == "flush_tlb":
         if args:
             raise InvalidInput("flush_tlb takes no arguments")
-        vcpu._load_cr3(vcpu.cpu._c.cr3, "hypercall")
+        cr3 = vcpu.cpu._c.cr3
+        if not vcpu.fast_cr3(cr3):
+            vcpu.cr3_write_exit(cr3, "hypercall")
         return 0
     raise InvalidInput("unknown hypercall %r (known: %s)" % (op, ", ".join(HYPERCALLS)))

@@ -39,7 +39,7 @@ paging-structure caches that may point into a freed shadow page.
 import numpy as np
 
 from ptemu import bits
-from ptemu._native import lib
+from ptemu._native import ffi, lib
 from ptemu.hypervisor.exits import HostMemoryExhausted
 
 __all__ = ["ShadowPage", "ShadowMmu", "role_str", "audit"]
@@ -55,9 +55,73 @@ ACC_ALL = TE_W | TE_U
 NONLEAF = P | W | U | A
 #: Guest leaf bits a 4 KiB spte copies as they are: caching (PWT, PCD, PAT=bit 7
 #: in a PTE), G (meaningful with CR4.PGE, which the real CPU shares) and the key.
-LEAF_COPY = PWT | PCD | 0x80 | G | PKEY_MASK
+PAT_4K = PS                     # bit 7 of a PTE is PAT (SDM table 4-20), PS in a PDE
+LEAF_COPY = PWT | PCD | PAT_4K | G | PKEY_MASK
 SHIFT = (0, 12, 21, 30, 39, 48)
 NO_FRAME = lib.PTEMU_NO_FRAME
+SPTE_FRAME = 0x000FFFFFFFFFF000     # bits 51:12 of an spte: the host frame
+#: Bits a leaf spte may gain without a new translation: the rmap entry stays
+#: and the real TLB needs no flush (a TLB entry may only be narrower).
+SPTE_WIDEN = A | W | D
+
+#: The fill cache's C mirror (ptemu_spc_slot): slots, direct-mapped by va >> 21.
+SPC_SLOTS = 1024
+#: Pending rmap additions C may make before Python absorbs them (pairs).
+RMAP_LOG_PAIRS = 4096
+RMAP_REMOVE = lib.PTEMU_RMAP_REMOVE
+GFN_SPS = lib.PTEMU_GFN_SPS
+SPI_DIRECT, SPI_LEVEL_SHIFT, SPI_NXE = (lib.PTEMU_SPI_DIRECT, lib.PTEMU_SPI_LEVEL_SHIFT,
+                                        lib.PTEMU_SPI_NXE)
+
+
+def make_leaf_spte(hpa, acc, copy_bits, dirty, protected):
+    """The one leaf spte for a guest mapping (KVM make_spte).
+
+    hpa: the host frame; acc: TE rights combined over the guest walk (the
+    role's inherited rights ANDed with the leaf's); copy_bits: guest bits the
+    spte carries as they are (LEAF_COPY of a gpte, or a direct page's
+    leafbits); dirty: the guest leaf's D.  P and A always (a leaf spte exists
+    only after a guest walk that set A).  W (with D) only when the guest
+    allows writes, its D is set (the first write must trap so that the guest
+    walk sets D) and the frame is not a write-protected page table
+    (`protected`).  NX when any guest level said XD.  csrc/shadow.c's
+    make_leaf_spte is the same rule for the fast path; tests run both.
+    """
+    spte = hpa | P | A | (acc & TE_U) | copy_bits
+    if acc & TE_W and dirty and not protected:
+        spte |= W | D
+    if acc & TE_NX:
+        spte |= NX
+    return spte
+
+
+class ShadowIterator:
+    """A position in the shadow tables for one va (KVM kvm_shadow_walk_iterator):
+    `sp` the shadow page, `level` its level, `index` the spte of va in it."""
+
+    __slots__ = ("va", "sp", "level", "index")
+
+    def __init__(self, va, sp, level):
+        self.va, self.sp, self.level = va, sp, level
+        self.index = (va >> SHIFT[level]) & 511
+
+
+def for_each_shadow_entry(root, va, levels):
+    """Walk the shadow tables for va from root down (KVM for_each_shadow_entry):
+    yields one ShadowIterator per level, the lowest last.  The loop body may
+    link a child at it.index; the walk goes on into whatever child is there
+    after the body, and stops where none is."""
+    it = ShadowIterator(va, root, levels)
+    while True:
+        yield it
+        if it.level == 1:
+            return
+        child = it.sp.children.get(it.index)
+        if child is None:
+            return
+        it.level -= 1
+        it.sp = child
+        it.index = (va >> SHIFT[it.level]) & 511
 
 # Role bits (kvm_mmu_page_role, reduced to what changes the meaning of a gpte).
 R_LEVEL = 0x7
@@ -71,7 +135,7 @@ R_G = 1 << 14                   # ... G,
 R_PWT = 1 << 15                 # ... and caching bits, copied into every spte
 R_PCD = 1 << 16
 R_MODE = R_NXE | R_WP | R_LA57   # the paging-mode part, shared by all pages of one mode
-KEY_SHIFT = 20                  # key = gfn << 20 | role
+KEY_SHIFT = lib.PTEMU_SP_KEY_SHIFT  # key = gfn << 20 | role (C reads keys: fast path 4)
 
 
 def role_str(role):
@@ -97,12 +161,12 @@ class ShadowPage:
     parents        host addresses of the sptes pointing at this page (parent_ptes)
     unsync         level-1 page left writable to the guest (see ShadowMmu.unsync_page)
     gsnap          unsync only: the gptes the present sptes were made from
-    flood          emulated writes since the page was last used (write_flooding_count)
+    (its write-flooding count is ShadowMmu.flood[hpa >> 12]: an array C reads)
     leafbits       direct pages: key, G and caching bits of the guest's large leaf
     """
 
     __slots__ = ("key", "gfn", "role", "level", "direct", "access", "hpa", "base",
-                 "children", "parents", "unsync", "gsnap", "flood", "alive", "leafbits")
+                 "children", "parents", "unsync", "gsnap", "gsnap_c", "alive", "leafbits")
 
     def __init__(self, gfn, role, hpa):
         self.key = (gfn << KEY_SHIFT) | role
@@ -117,7 +181,7 @@ class ShadowPage:
         self.parents = set()
         self.unsync = False
         self.gsnap = None
-        self.flood = 0
+        self.gsnap_c = None     # gsnap as C writes it (fast path 1 on an unsync page)
         self.alive = True
         self.leafbits = 0
         if self.direct:
@@ -141,12 +205,12 @@ class ShadowMmu:
     def __init__(self, vm, unsync=False, prev_roots=3, shadow_limit=None, prefetch=False):
         self.vm = vm
         self.hv = vm.hypervisor
-        self._m = vm.hypervisor._m          # host memory as uint64 words
+        self._m = vm.hypervisor.words       # host memory as uint64 words
         self.p2m = vm.p2m                   # numpy uint64: gfn -> host byte offset
-        self._p2m = vm._p2m_list            # the same as a Python list (fast reads)
-        self.h2g = vm._h2g                  # host frame number -> gfn
+        self._p2m = vm.p2m_list             # the same as a Python list (fast reads)
+        self.h2g = vm.h2g                   # host frame number -> gfn
         self.nframes = len(vm.p2m)
-        self.stats = vm._stats
+        self.stats = vm.counters
         self.allow_unsync = bool(unsync)
         self.prev_roots_max = int(prev_roots)
         self.limit = shadow_limit
@@ -156,10 +220,54 @@ class ShadowMmu:
         self.by_frame = {}      # host frame number -> ShadowPage
         self.gfn_sps = {}       # gfn -> [non-direct ShadowPages shadowing that guest table]
         self.wp = set()         # gfns write-protected: some synced non-direct page shadows them
-        self.rmap = {}          # gfn -> set of host addresses of leaf sptes mapping it
-        self.unsync_sps = set()
-        self.root = None        # the ShadowPage the real CR3 points at (None: paging off)
-        self.prev_roots = []    # most recent first (KVM prev_roots)
+        self._rmap = {}         # gfn -> set of host addresses of leaf sptes mapping it
+        # What the C fast paths (csrc/shadow.c) read and update, owned here:
+        #: gfn -> 1 while write-protected (the C side of `wp`, kept equal by _protect)
+        self.wp_map = np.zeros(self.nframes, dtype=np.uint8)
+        #: host frame number -> write-flooding count of the shadow page there
+        self.flood = np.zeros(vm.hypervisor.host.size >> 12, dtype=np.uint32)
+        #: the fill cache's level-1 paths in C form (ptemu_spc_slot), see _cache_path
+        self.spc = ffi.new("ptemu_spc_slot[]", SPC_SLOTS)
+        self._pcache_gen = 1    # the generation _pcache belongs to (fast.gen may move on in C)
+        #: (gfn, spte host address) pairs C appended to the rmap; absorb_rmap_log
+        self.rmap_log = np.zeros(2 * RMAP_LOG_PAIRS, dtype=np.uint64)
+        #: The fast paths' view of all this (csrc/shadow.c); the vCPU adds the
+        #: guest CPU and memory and switches the paths on (ptemu_shadow_ctx.enabled).
+        #: host frame -> PTEMU_SPI_* of the shadow page there (0: none)
+        self.sp_info = np.zeros(len(self.flood), dtype=np.uint8)
+        #: gfn -> up to GFN_SPS host frames + 1 of its shadow pages, in gfn_sps order
+        self.gfn_sp = np.zeros((self.nframes, GFN_SPS), dtype=np.uint64)
+        self.gfn_nsp = np.zeros(self.nframes, dtype=np.uint8)
+        #: gfn -> key and host address of a top-level shadow page of it (the
+        #: hash's roots, for C's CR3 loads); key 0: none
+        self.top_key = np.zeros(self.nframes, dtype=np.uint64)
+        self.top_hpa = np.zeros(self.nframes, dtype=np.uint64)
+        fast = self.fast = ffi.new("ptemu_shadow_ctx *")
+        self._fast_bufs = (ffi.from_buffer("uint64_t[]", self.p2m),
+                           ffi.from_buffer("uint8_t[]", self.wp_map),
+                           ffi.from_buffer("uint32_t[]", self.flood),
+                           ffi.from_buffer("uint64_t[]", self.rmap_log),
+                           ffi.from_buffer("uint8_t[]", self.sp_info),
+                           ffi.from_buffer("uint64_t[]", self.gfn_sp),
+                           ffi.from_buffer("uint8_t[]", self.gfn_nsp),
+                           ffi.from_buffer("uint64_t[]", vm.h2g_map),
+                           ffi.from_buffer("uint64_t[]", vm.hypervisor.free_count),
+                           ffi.from_buffer("uint64_t[]", self.top_key),
+                           ffi.from_buffer("uint64_t[]", self.top_hpa))
+        (fast.p2m, fast.wp, fast.flood, fast.rmap_log, fast.sp_info, fast.gfn_sp,
+         fast.gfn_nsp, fast.h2g, fast.host_free, fast.top_key, fast.top_hpa) = self._fast_bufs
+        fast.allow_unsync = 1 if self.allow_unsync else 0
+        fast.amask = 0x000FFFFFFFFFF000     # set_mode sets it (and rsvd_phys) for real
+        self._hash_room()
+        fast.nframes = self.nframes
+        fast.nhost = len(self.flood)
+        fast.rmap_log_cap = RMAP_LOG_PAIRS
+        fast.spc = self.spc
+        fast.spc_mask = SPC_SLOTS - 1
+        fast.gen = self._pcache_gen
+        fast.prev_max = self.prev_roots_max
+        fast.leaf_copy = LEAF_COPY
+        self.unsync_sps = {}    # unsync pages, oldest first (a dict: a deterministic order)
         self.need_flush = False
         self.need_reload = False
         self._pcache = {}       # va >> 21 -> the pages on the path to the level-1 page
@@ -175,6 +283,97 @@ class ShadowMmu:
         self.rsvd = 0           # ... plus XD when EFER.NXE=0 (the current mode)
         self.maxphyaddr = 52
 
+    # -- the fill cache (level-1 paths under the current root) ---------------------
+    def _forget_paths(self):
+        """Drop every cached path: a spte was unlinked, a page zapped or made
+        unsync, or the root changed.  The C slots go with one generation step."""
+        self._pcache.clear()
+        gen = self.fast.gen + 1
+        self.fast.gen = gen
+        self._pcache_gen = gen
+
+    def _paths_current(self):
+        """_pcache is of the current generation (C's CR3 fast path moves it on)."""
+        if self._pcache_gen != self.fast.gen:
+            self._pcache.clear()
+            self._pcache_gen = self.fast.gen
+
+    # -- the roots: kept in the C context, their one home (fast path 4 reads them) --
+    @property
+    def root(self):
+        """The ShadowPage the real CR3 points at (None: none yet, or it was zapped)."""
+        f = self.fast
+        return self.by_frame.get(f.root_hpa >> 12) if f.root_key else None
+
+    @root.setter
+    def root(self, sp):
+        f = self.fast
+        if sp is None:
+            f.root_key = f.root_hpa = 0
+        else:
+            f.root_key, f.root_hpa = sp.key, sp.hpa
+
+    def _forget_root(self, sp):
+        """sp is being zapped: it is no root any more (the current one: reload)."""
+        f = self.fast
+        if f.root_key and f.root_hpa == sp.hpa:
+            self.need_reload = True
+            f.root_key = f.root_hpa = 0
+        n = f.nprev
+        keep = [(f.prev_key[i], f.prev_hpa[i]) for i in range(n) if f.prev_hpa[i] != sp.hpa]
+        if len(keep) != n:
+            f.nprev = len(keep)
+            for i, (k, h) in enumerate(keep):
+                f.prev_key[i], f.prev_hpa[i] = k, h
+
+    @property
+    def prev_roots(self):
+        """The previous roots, most recent first (KVM prev_roots); a copy."""
+        f = self.fast
+        by = self.by_frame
+        return [by[f.prev_hpa[i] >> 12] for i in range(f.nprev)]
+
+    @prev_roots.setter
+    def prev_roots(self, sps):
+        f = self.fast
+        f.nprev = len(sps)
+        for i, sp in enumerate(sps):
+            f.prev_key[i], f.prev_hpa[i] = sp.key, sp.hpa
+
+    def _cache_path(self, va, path):
+        """Remember the pages on the way to va's level-1 page (root first), for
+        the next fill in the same 2 MiB region -- here and in C's slot."""
+        self._pcache[va >> 21] = path
+        sp = path[-1]
+        slot = self.spc[(va >> 21) & (SPC_SLOTS - 1)]
+        slot.tag = (va >> 21) + 1
+        slot.gen = self._pcache_gen
+        slot.l1_base = sp.hpa
+        slot.l1_gfn = sp.gfn
+        slot.npath = len(path)
+        slot.path = [p.hpa >> 12 for p in path]
+        # An unsync page's snapshot, which C keeps up as the Python fill does;
+        # valid as long as the slot (sync_page and zap move the generation on).
+        slot.gsnap = sp.gsnap_c if sp.gsnap_c is not None else ffi.NULL
+
+    def _use(self, pages):
+        """A guest access through these pages: their write-flooding counts restart."""
+        flood = self.flood
+        for p in pages:
+            flood[p.hpa >> 12] = 0
+
+    # -- write protection of guest page tables (wp and its C mirror wp_map) --------
+    def _protect(self, gfn):
+        if gfn < self.nframes and gfn not in self.wp:
+            self.wp.add(gfn)
+            self.wp_map[gfn] = 1
+            self.write_protect(gfn)
+
+    def _unprotect(self, gfn):
+        if gfn in self.wp:
+            self.wp.discard(gfn)
+            self.wp_map[gfn] = 0
+
     # -- paging mode -------------------------------------------------------------
     def set_mode(self, levels, nxe, wp, maxphyaddr):
         """The guest's paging mode; returns True when the role changed (new roots)."""
@@ -184,12 +383,16 @@ class ShadowMmu:
         if not nxe:
             rsvd |= NX
         changed = (base != self.role_base or levels != self.levels)
-        self._pcache.clear()
+        self._forget_paths()
         if maxphyaddr != self.maxphyaddr:
             # Entry formats changed under every page: start over (rare).
             self.zap_all()
             changed = True
         self.role_base, self.levels, self.nxe = base, levels, nxe
+        self.fast.root_role = base | levels | (ACC_ALL << R_ACC_SHIFT)
+        self.fast.role_wp = 1 if wp else 0
+        self.fast.rsvd_phys = self.rsvd_phys
+        self.fast.amask = amask
         self.amask, self.rsvd, self.maxphyaddr = amask, rsvd, maxphyaddr
         self.rsvd_phys = rsvd & ~NX
         return changed
@@ -197,9 +400,34 @@ class ShadowMmu:
     # -- shadow pages: create, link, zap -------------------------------------------
     def _alloc_frame(self):
         hv = self.hv
-        if not hv._free:
+        if not hv.free_frames:
             self._recycle(1, host=True)
         return hv.alloc_frame(owner=self.vm)
+
+    def _hash_room(self):
+        """Tell C whether a fill could hit the shadow limit (then it must make room)."""
+        self.fast.hash_room = 1 if self.limit is None or len(self.hash) + 5 <= self.limit else 0
+
+    def _mirror_gfn(self, gfn):
+        """gfn_sps[gfn] for C (gfn_sp, gfn_nsp), after it changed."""
+        if gfn >= self.nframes:
+            return
+        sps = self.gfn_sps.get(gfn, ())
+        n = len(sps)
+        if n > GFN_SPS:
+            self.gfn_nsp[gfn] = 0xff
+            return
+        self.gfn_nsp[gfn] = n
+        row = self.gfn_sp[gfn]
+        for k, sp in enumerate(sps):
+            row[k] = (sp.hpa >> 12) + 1
+
+    def _make_room(self):
+        """Before a fill that may create pages (KVM make_mmu_pages_available: on
+        the slow path only, never where the fast path would have done)."""
+        if (self.limit is not None and len(self.hash) + 5 > self.limit) or \
+                self.hv.free_frames < 7:
+            self.reserve(self.levels)
 
     def reserve(self, n):
         """Make room for n new shadow pages (KVM make_mmu_pages_available):
@@ -207,8 +435,8 @@ class ShadowMmu:
         Called before a fill, so that nothing on the path being built is evicted."""
         if self.limit is not None and len(self.hash) + n > self.limit:
             self._recycle(len(self.hash) + n - self.limit)
-        if len(self.hv._free) < n + 1:
-            self._recycle(n + 1 - len(self.hv._free), host=True)
+        if self.hv.free_frames < n + 1:
+            self._recycle(n + 1 - self.hv.free_frames, host=True)
 
     def _recycle(self, n, host=False):
         """Zap the n oldest shadow pages that are not the current root."""
@@ -222,7 +450,7 @@ class ShadowMmu:
             if sp.alive:
                 self.zap(sp)
                 self.stats["mmu_recycled"] += 1
-        if host and not self.hv._free:
+        if host and not self.hv.free_frames:
             raise HostMemoryExhausted("no free host frame left (host memory %#x bytes; "
                                       "%d shadow pages in this VM)"
                                       % (self.hv.host.size, len(self.hash)))
@@ -253,13 +481,21 @@ class ShadowMmu:
                     if other.unsync:
                         self.sync_page(other)
                 sps.append(sp)
-            if gfn < self.nframes and gfn not in self.wp:
-                self.wp.add(gfn)
-                self.write_protect(gfn)
+            self._mirror_gfn(gfn)
+            self._protect(gfn)
+        self.flood[hpa >> 12] = 0
+        if sp.level >= 4 and not sp.direct and gfn < self.nframes:
+            self.top_key[gfn], self.top_hpa[gfn] = sp.key, hpa      # a root candidate
+        self.sp_info[hpa >> 12] = (sp.access | (SPI_DIRECT if sp.direct else 0)
+                                   | (sp.level << SPI_LEVEL_SHIFT)
+                                   | (SPI_NXE if role & R_NXE else 0))
+        self._hash_room()
         return sp
 
     def link(self, parent, idx, gfn, role):
-        """Point parent's spte idx at the shadow page (gfn, role); returns it."""
+        """Point parent's spte idx at the shadow page (gfn, role); returns it
+        (KVM link_shadow_page).  Non-leaf sptes carry every right: the leaf
+        holds the combined ones."""
         old = parent.children.get(idx)
         if old is not None:
             self._unlink(parent, idx, old)
@@ -271,7 +507,7 @@ class ShadowMmu:
         return child
 
     def _unlink(self, parent, idx, child):
-        self._pcache.clear()
+        self._forget_paths()
         addr = parent.hpa + idx * 8
         self._m[addr >> 3] = 0
         del parent.children[idx]
@@ -285,12 +521,7 @@ class ShadowMmu:
             if child is not None:
                 self._unlink(sp, idx, child)
             return
-        i = sp.base + idx
-        old = self._m[i]
-        if old:
-            self._m[i] = 0
-            self._rmap_remove(old, (i << 3))
-            self.need_flush = True
+        self.set_spte(sp.base + idx, 0)
 
     def _rmap_remove(self, spte, addr):
         gfn = self.h2g.get(spte >> 12 & 0xFFFFFFFFFF)
@@ -299,12 +530,46 @@ class ShadowMmu:
             if s is not None:
                 s.discard(addr)
 
+    @property
+    def rmap(self):
+        """gfn -> set of host addresses of the leaf sptes mapping it (KVM rmap).
+        What the C fast paths logged is taken in first, so that whoever reads
+        the rmap sees every spte C wrote."""
+        if self.fast.rmap_log_len:
+            self.take_rmap_log()
+        return self._rmap
+
+    def take_rmap_log(self):
+        """Replay what C logged into the rmap, and empty the log."""
+        f = self.fast
+        self.absorb_rmap_log(f.rmap_log_len)
+        f.rmap_log_len = 0
+
+    def absorb_rmap_log(self, n):
+        """Replay the n rmap changes the C fast paths logged, in their order:
+        (gfn, spte address) added, or (gfn | RMAP_REMOVE, address) removed.
+        (C writes sptes; the rmap itself stays Python's.)"""
+        rmap = self._rmap
+        log = self.rmap_log[:2 * n].tolist()
+        for k in range(0, 2 * n, 2):
+            gfn = log[k]
+            if gfn & RMAP_REMOVE:
+                s = rmap.get(gfn & ~RMAP_REMOVE)
+                if s is not None:
+                    s.discard(log[k + 1])
+                continue
+            s = rmap.get(gfn)
+            if s is None:
+                rmap[gfn] = {log[k + 1]}
+            else:
+                s.add(log[k + 1])
+
     def zap(self, sp):
         """Destroy a shadow page (kvm_mmu_prepare_zap_page + commit)."""
         if not sp.alive:
             return
         sp.alive = False
-        self._pcache.clear()
+        self._forget_paths()
         m = self._m
         st = self.stats
         st["mmu_shadow_zapped"] += 1
@@ -335,22 +600,27 @@ class ShadowMmu:
         del self.hash[sp.key]
         del self.by_frame[sp.hpa >> 12]
         if sp.unsync:
-            self.unsync_sps.discard(sp)
+            self.unsync_sps.pop(sp, None)
+            self.fast.unsync_pages = len(self.unsync_sps)
             sp.unsync = False
-            sp.gsnap = None
+            sp.gsnap = sp.gsnap_c = None
         if not sp.direct:
             sps = self.gfn_sps[sp.gfn]
             sps.remove(sp)
             if not sps:
                 del self.gfn_sps[sp.gfn]
-                self.wp.discard(sp.gfn)
+                self._unprotect(sp.gfn)
             elif all(o.unsync for o in sps):
-                self.wp.discard(sp.gfn)
+                self._unprotect(sp.gfn)
+            self._mirror_gfn(sp.gfn)
+        self.sp_info[sp.hpa >> 12] = 0
+        if sp.gfn < self.nframes and self.top_key[sp.gfn] == sp.key:
+            self.top_key[sp.gfn] = 0
         self.hv.free_frame(sp.hpa, self.vm)
         st["shadow_pages"] = len(self.hash)
+        self._hash_room()
         self.need_flush = True
-        if sp is self.root:
-            self.need_reload = True
+        self._forget_root(sp)
 
     def zap_gfn(self, gfn):
         """Unshadow a guest frame: zap every shadow page of it (any role)."""
@@ -370,27 +640,29 @@ class ShadowMmu:
             return
         m = self._m
         hit = False
-        for addr in s:
+        for addr in list(s):
             v = m[addr >> 3]
             if v & W:
-                m[addr >> 3] = v & ~W
+                self.set_spte(addr >> 3, v & ~W)
                 hit = True
         if hit:
             self.stats["mmu_write_protect"] += 1
-            self.need_flush = True
 
-    def _set_leaf(self, i, new):
-        """Write leaf spte word i, keeping the rmap and the flush need right."""
+    def set_spte(self, i, new):
+        """Write leaf spte word i: the one writer of leaf sptes (KVM mmu_spte_update).
+
+        It keeps the rmap (an entry per leaf spte, under the gfn it maps) and
+        sets need_flush when a translation the real TLB may hold is lowered,
+        moved or removed.  Returns True when the word changed."""
         m = self._m
         old = m[i]
         if old == new:
             return False
         if old:
-            # A lowered or moved translation may sit in the real TLB.
-            if (old ^ new) & ~(W | D | A) or (old & W and not new & W):
-                self.need_flush = True
-            if new and not (old ^ new) & 0x000FFFFFFFFFF000:
-                m[i] = new          # same frame (rights changed): the rmap stays
+            if (old ^ new) & ~SPTE_WIDEN or old & ~new & W:
+                self.need_flush = True          # lowered or moved: a stale TLB entry
+            if new and not (old ^ new) & SPTE_FRAME:
+                m[i] = new                      # same frame: the rmap entry stays
                 return True
             self._rmap_remove(old, i << 3)
         if new:
@@ -420,12 +692,7 @@ class ShadowMmu:
         acc = sp.access & ((gpte & ACC_ALL) | TE_NX)
         if nxe and gpte & NX:
             acc |= TE_NX
-        spte = hpa | P | A | (acc & TE_U) | (gpte & LEAF_COPY)
-        if acc & TE_W and gpte & D and gfn not in self.wp:
-            spte |= W | D
-        if acc & TE_NX:
-            spte |= NX
-        return spte
+        return make_leaf_spte(hpa, acc, gpte & LEAF_COPY, gpte & D, gfn in self.wp)
 
     def direct_role(self, rights, leaf, base=None):
         """Role bits (no level) of the direct pages under guest large leaf `leaf`
@@ -439,128 +706,104 @@ class ShadowMmu:
                 | (R_PCD if leaf & PCD else 0))
 
     # -- the hidden-fault fill (FNAME(fetch)) -----------------------------------------
-    def fill(self, va, gpa, level, rights, words, n, hpa, use=True):
-        """Build the shadow path for a successful guest walk and install the leaf.
+    def fill(self, va, walk, hpa, use=True):
+        """Build the shadow path for a successful guest walk and install the leaf
+        (KVM FNAME(fetch)).
 
-        words: the walk as a tuple of the ptemu_walk_out fields (vm._WALK: the
-        entry addresses are words 10..14, their values 15..19, top first); n
-        entries; level: the guest
-        leaf's level; rights: TE rights combined over the walk; hpa: the host
-        frame of gpa's page.  use: the fault counts as a use of every page on the
-        path (resets their write-flooding counts); False for the exit of a store
-        the hypervisor then emulates (that store is a write, not a use).  Returns
-        True when the leaf spte changed.
+        walk: the GuestWalk; hpa: the host frame of walk.gpa's page.  use: the
+        fault counts as a use of every page on the path (resets their
+        write-flooding counts); False for the exit of a store the hypervisor
+        then emulates (that store is a write, not a use).  Returns True when
+        the leaf spte changed.
         """
+        level = walk.level
+        rights = walk.rights
+        leaf = walk.leaf
+        gfn = walk.gpa >> 12
+        self._paths_current()
         if level == 1:
             # The level-1 page of this 2 MiB region under the current root, as
             # the last fill left it: valid while no spte was unlinked and no
             # page zapped since (any change of the guest's upper entries traps
             # and unlinks), checked against the table the guest walk used.
-            cached = self._pcache.get(va >> 21)
-            if cached is None or cached[-1].gfn != words[9 + n] >> 12:
-                path = []
-                sp = self._descend(va, words, n, use, path)
-                self._pcache[va >> 21] = cached = tuple(path)
-            else:
-                sp = cached[-1]
-                if use:
-                    # A use of every page on the path, as _descend counts it.
-                    for p in cached:
-                        p.flood = 0
-            leaf = words[14 + n]
-            gfn = gpa >> 12
-            spte = hpa | 0x21 | (rights & TE_U) | (leaf & LEAF_COPY)    # P | A
-            if rights & TE_W and leaf & D and gfn not in self.wp:
-                spte |= 0x42                                          # W | D
-            if rights & TE_NX:
-                spte |= NX
+            path = self._pcache.get(va >> 21)
+            if path is None or path[-1].gfn != walk.table_gpa >> 12:
+                self._make_room()
+                path = self._descend(va, walk.entries)
+                self._cache_path(va, path)
+            sp = path[-1]
+            if use:
+                self._use(path)
+            spte = make_leaf_spte(hpa, rights, leaf & LEAF_COPY, leaf & D, gfn in self.wp)
         else:
-            leaf = words[14 + n]
-            gfn = gpa >> 12
-            # A guest large page backed by 4 KiB host frames: direct shadow
-            # pages below, keyed by the base frame of the range they map.
-            extra = self.direct_role(rights, leaf)
-            dacc = (extra >> R_ACC_SHIFT) & 7
-            # The direct level-1 page of a guest 2 MiB page, as the last fill
-            # left it (same validity as above; cached under ~(va >> 21)).  Only
-            # when the fill is no use of the path: a use resets the flood count
-            # of every page on it, which _descend does.
-            sp = None
-            if level == 2 and not use:
-                sp = self._pcache.get(~(va >> 21))
-                if sp is not None and sp.key != (((gfn & ~511) << KEY_SHIFT) | extra | 1):
-                    sp = None
-            if sp is None:
-                sp = self._descend(va, words, n, use)
-                L = level
-                while L > 1:
-                    idx = (va >> SHIFT[L]) & 511
-                    L -= 1
-                    dgfn = gfn & ~((1 << (9 * L)) - 1)
-                    key = (dgfn << KEY_SHIFT) | extra | L
-                    child = sp.children.get(idx)
-                    if child is None or child.key != key:
-                        child = self.link(sp, idx, dgfn, extra | L)
-                    sp = child
-                if level == 2:
-                    self._pcache[~(va >> 21)] = sp
-            spte = hpa | P | A | (dacc & TE_U) | sp.leafbits
-            if dacc & TE_W and gfn not in self.wp:
-                spte |= W | D
-            if dacc & TE_NX:
-                spte |= NX
+            sp = self._direct_leaf_page(va, walk, use)
+            dacc = sp.access
+            spte = make_leaf_spte(hpa, dacc, sp.leafbits, True, gfn in self.wp)
         idx = (va >> 12) & 511
         if sp.gsnap is not None:
             sp.gsnap[idx] = leaf
-        i = sp.base + idx
-        m = self._m
-        if m[i]:
-            changed = self._set_leaf(i, spte)
-        else:
-            # The common case, inline: a new leaf and its rmap entry.
-            m[i] = spte
-            s = self.rmap.get(gfn)
-            if s is None:
-                self.rmap[gfn] = {i << 3}
-            else:
-                s.add(i << 3)
-            changed = True
+        changed = self.set_spte(sp.base + idx, spte)
         if self.prefetch and not sp.direct:
             self._prefetch(sp, idx)
         return changed
 
-    def _descend(self, va, words, n, use=True, path=None):
-        """The shadow page for the guest table holding the walk's leaf entry:
-        one shadow page per guest table on the way, per role (FNAME(fetch)).
-        path: a list to receive the pages on the way, root first."""
-        sp = self.root
+    def _direct_leaf_page(self, va, walk, use):
+        """The direct level-1 page mapping va of a guest large page (2 MiB or
+        1 GiB) backed by 4 KiB host frames: direct pages below the guest
+        table's shadow, keyed by the base frame of the range they map."""
+        gfn = walk.gpa >> 12
+        extra = self.direct_role(walk.rights, walk.leaf)
+        # The direct level-1 page of a guest 2 MiB page, as the last fill left
+        # it (cached under ~(va >> 21)).  Only when the fill is no use of the
+        # path: a use resets the flood count of every page on it.
+        if walk.level == 2 and not use:
+            sp = self._pcache.get(~(va >> 21))
+            if sp is not None and sp.key == (((gfn & ~511) << KEY_SHIFT) | extra | 1):
+                return sp
+        self._make_room()
+        path = self._descend(va, walk.entries)
         if use:
-            sp.flood = 0
-        if path is not None:
-            path.append(sp)
-        L = self.levels
+            self._use(path)
+        sp = path[-1]
+        for it in for_each_shadow_entry(sp, va, walk.level):
+            if it.level == 1:
+                break
+            L = it.level - 1
+            dgfn = gfn & ~((1 << (9 * L)) - 1)
+            child = it.sp.children.get(it.index)
+            if child is None or child.key != (dgfn << KEY_SHIFT) | extra | L:
+                self.link(it.sp, it.index, dgfn, extra | L)
+        sp = it.sp
+        if walk.level == 2:
+            self._pcache[~(va >> 21)] = sp
+        return sp
+
+    def _descend(self, va, gptes):
+        """The pages on the shadow path for a guest walk whose entries are gptes
+        (top first), down to the shadow page of the guest table holding the
+        walk's leaf entry: one shadow page per guest table on the way, per
+        role, linked where missing.  Returns the path, root first."""
+        path = []
         acc = ACC_ALL
         base = self.role_base
         nxe = self.nxe
         amask = self.amask
-        for k in range(15, 14 + n):
-            e = words[k]
+        last = len(gptes) - 1
+        for it in for_each_shadow_entry(self.root, va, self.levels):
+            path.append(it.sp)
+            k = self.levels - it.level
+            if k == last:
+                break
+            e = gptes[k]
             acc &= (e & ACC_ALL) | TE_NX
             if nxe and e & NX:
                 acc |= TE_NX
-            idx = (va >> SHIFT[L]) & 511
-            L -= 1
-            role = base | L | (acc << R_ACC_SHIFT)
-            key = (((e & amask) >> 12) << KEY_SHIFT) | role
-            child = sp.children.get(idx)
-            if child is None or child.key != key:
-                child = self.link(sp, idx, (e & amask) >> 12, role)
-            sp = child
-            if use:
-                sp.flood = 0
-            if path is not None:
-                path.append(sp)
-        return sp
+            role = base | (it.level - 1) | (acc << R_ACC_SHIFT)
+            cgfn = (e & amask) >> 12
+            child = it.sp.children.get(it.index)
+            if child is None or child.key != (cgfn << KEY_SHIFT) | role:
+                self.link(it.sp, it.index, cgfn, role)
+        return path
 
     def _prefetch(self, sp, idx):
         """Map the neighbours of idx (an aligned group of 8, KVM PTE_PREFETCH_NUM)
@@ -579,7 +822,7 @@ class ShadowMmu:
             if spte:
                 if sp.gsnap is not None:
                     sp.gsnap[j] = gpte
-                self._set_leaf(sp.base + j, spte)
+                self.set_spte(sp.base + j, spte)
                 self.stats["mmu_prefetch"] += 1
 
     # -- roots (CR3) -------------------------------------------------------------------
@@ -588,27 +831,24 @@ class ShadowMmu:
         role = self.role_base | self.levels | (ACC_ALL << R_ACC_SHIFT)
         key = (gfn << KEY_SHIFT) | role
         cur = self.root
-        if cur is not None and cur.alive and cur.key == key:
+        if cur is not None and cur.key == key:
             return cur
-        prev = self.prev_roots
+        prev = self.prev_roots             # (every page in it is alive: zap removes it)
         for i, sp in enumerate(prev):
             if sp.key == key:
-                if sp.alive:
-                    break
-        else:
-            sp = None
-        if sp is not None:
-            self.stats["prev_root_hit"] += 1
-            root = sp
-            del prev[i]
+                self.stats["prev_root_hit"] += 1
+                root = sp
+                del prev[i]
+                break
         else:
             self.reserve(1)
             root = self.get_page(gfn, role)
-        self._pcache.clear()
-        if cur is not None and cur.alive and self.prev_roots_max:
+            prev = self.prev_roots         # (reserve may have zapped some)
+            cur = self.root
+        self._forget_paths()
+        if cur is not None and self.prev_roots_max:
             prev.insert(0, cur)
-        if len(prev) > self.prev_roots_max or not all(sp.alive for sp in prev):
-            prev[:] = [sp for sp in prev if sp.alive and sp is not root][:self.prev_roots_max]
+        self.prev_roots = [sp for sp in prev if sp is not root][:self.prev_roots_max]
         self.root = root
         return root
 
@@ -637,8 +877,9 @@ class ShadowMmu:
             # Flooding: three emulated writes with no use in between.  Level-1
             # pages are skipped when they can go unsync instead (as KVM).
             if flood and (sp.level > 1 or not self.allow_unsync):
-                sp.flood += 1
-                if sp.flood >= 3:
+                f = self.flood[sp.hpa >> 12] + 1
+                self.flood[sp.hpa >> 12] = f
+                if f >= 3:
                     st["mmu_flooded"] += 1
                     self.zap(sp)
                     continue
@@ -652,7 +893,7 @@ class ShadowMmu:
                 spte = self.leaf_from_gpte(sp, new)
                 if sp.gsnap is not None:
                     sp.gsnap[idx] = new
-                if self._set_leaf(sp.base + idx, spte) and spte:
+                if self.set_spte(sp.base + idx, spte) and spte:
                     st["mmu_pte_updated"] += 1
 
     # -- unsync --------------------------------------------------------------------------
@@ -671,9 +912,12 @@ class ShadowMmu:
                 # the present sptes were made from.
                 sp.gsnap = np.frombuffer(self._m[gbase >> 3:(gbase >> 3) + 512],
                                          dtype=np.uint64).copy()
-                self.unsync_sps.add(sp)
+                sp.gsnap_c = ffi.from_buffer("uint64_t[]", sp.gsnap)
+                self.unsync_sps[sp] = None
+                self.fast.unsync_pages = len(self.unsync_sps)
                 self.stats["mmu_unsync"] += 1
-        self.wp.discard(gfn)
+        self._forget_paths()        # slots made while it was in sync have no snapshot
+        self._unprotect(gfn)
         return True
 
     def sync_page(self, sp):
@@ -686,14 +930,14 @@ class ShadowMmu:
         shadow = np.frombuffer(m[sp.base:sp.base + 512], dtype=np.uint64)
         changed = np.flatnonzero((sp.gsnap != guest) & (shadow != 0))
         for idx in changed.tolist():
-            self._set_leaf(sp.base + idx, self.leaf_from_gpte(sp, m[gbase + idx]))
+            self.set_spte(sp.base + idx, self.leaf_from_gpte(sp, m[gbase + idx]))
+        self._forget_paths()        # no slot may keep the snapshot's address
         sp.unsync = False
-        sp.gsnap = None
-        self.unsync_sps.discard(sp)
+        sp.gsnap = sp.gsnap_c = None
+        self.unsync_sps.pop(sp, None)
+        self.fast.unsync_pages = len(self.unsync_sps)
         self.stats["mmu_sync"] += 1
-        if sp.gfn not in self.wp:
-            self.wp.add(sp.gfn)
-            self.write_protect(sp.gfn)
+        self._protect(sp.gfn)
 
     def sync_all(self):
         """Every unsync page (at a guest TLB flush: MOV CR3 and the like)."""
@@ -703,21 +947,17 @@ class ShadowMmu:
     def invlpg(self, va):
         """Guest INVLPG: resync the entry for va if its leaf page is unsync
         (FNAME(invlpg)).  Synced pages are coherent already."""
-        sp = self.root
-        if sp is None or not self.unsync_sps:
+        if self.root is None or not self.unsync_sps:
             return
-        L = self.levels
-        while L > 1:
-            sp = sp.children.get((va >> SHIFT[L]) & 511)
-            if sp is None:
-                return
-            L -= 1
-        if sp.unsync:
-            idx = (va >> 12) & 511
+        for it in for_each_shadow_entry(self.root, va, self.levels):
+            pass
+        sp = it.sp
+        if it.level == 1 and sp.unsync:
+            idx = it.index
             gpte = self._m[(self._p2m[sp.gfn] >> 3) + idx]
             if gpte != sp.gsnap[idx]:
                 sp.gsnap[idx] = gpte
-                self._set_leaf(sp.base + idx, self.leaf_from_gpte(sp, gpte))
+                self.set_spte(sp.base + idx, self.leaf_from_gpte(sp, gpte))
                 self.stats["mmu_sync_entry"] += 1
 
     # -- inspection ----------------------------------------------------------------------
@@ -748,7 +988,7 @@ def audit(vm):
     problems = []
     owned = set(f >> 12 for f in vm.p2m.tolist() if f != NO_FRAME)
     for sp in sh.hash.values():
-        if sp.hpa >> 12 not in vm._host_frames:
+        if sp.hpa >> 12 not in vm.frames_owned:
             problems.append("%r: shadow page frame not owned by the VM" % sp)
         tab = sh.table(sp)
         present = np.flatnonzero(tab).tolist()
@@ -797,7 +1037,7 @@ def audit(vm):
                                     % (sp, idx, child, g))
                 continue
             # leaf spte
-            gfn = vm._h2g.get(target)
+            gfn = vm.h2g.get(target)
             if target not in owned or gfn is None:
                 problems.append("%r[%d]: leaf spte %#x maps a host frame outside the VM"
                                 % (sp, idx, spte))
@@ -835,7 +1075,7 @@ def audit(vm):
     for gfn, addrs in sh.rmap.items():
         for addr in addrs:
             v = m[addr >> 3]
-            if not v or vm._h2g.get((v >> 12) & 0xFFFFFFFFFF) != gfn:
+            if not v or vm.h2g.get((v >> 12) & 0xFFFFFFFFFF) != gfn:
                 problems.append("rmap of gfn %#x lists %#x holding %#x" % (gfn, addr, v))
             elif gfn in sh.wp and v & W:
                 problems.append("gfn %#x write-protected but spte at %#x is writable" % (gfn, addr))

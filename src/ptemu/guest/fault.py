@@ -1,0 +1,165 @@
+"""The guest kernel's #PF handler and the running of user code.
+
+handle_fault: demand paging of anonymous memory (a read maps the shared zero
+page read-only, a write maps a fresh zeroed frame), COW break on a write to
+a COW page (copy, or reuse when the frame is no longer shared; a copy is
+followed by INVLPG because the frame changed), SIGSEGV (`SegmentationFault`)
+for anything else.  run/load/store: user accesses on the vCPU, every true
+fault delivered here and the access retried.
+"""
+from ptemu import bits
+from ptemu._native import InvalidInput, PageFault, GeneralProtection, check_u64, check_array
+from ptemu.mmu import TRACE_DTYPE
+from ptemu.guest.mm import (
+    PAGE, P, W, U, A, D, NX, ADDR, _U64, USER_TOP, PTE_COW, PTE_PROTNONE, GuestKernelError,
+    SegmentationFault, _leaf_flags)
+
+__all__ = ["FaultHandler"]
+
+_VEC_PF = PageFault.vector
+
+
+class FaultHandler:
+    """Kernel mixin: the #PF handler and user-mode execution."""
+
+    def handle_fault(self, pid, va, error_code):
+        """The kernel's #PF handler for a user-mode fault of pid at va.
+
+        Returns what it did: "zero_page", "demand_zero", "cow_copy",
+        "cow_reuse" or "spurious"; raises SegmentationFault otherwise.
+        """
+        proc = self._proc(pid)
+        if self.fault_log is not None:
+            self.fault_log.append((pid, va, error_code))
+        self.stats["page_fault"] += 1
+        kind = self._fault(proc, va, error_code)
+        self.stats["pf_" + kind] += 1
+        return kind
+
+    def _segv(self, proc, va, ec):
+        self.stats["segv"] += 1
+        raise SegmentationFault(proc.pid, PageFault(va, ec))
+
+    def _fault(self, proc, va, ec):
+        if ec & bits.PF_RSVD:
+            raise GuestKernelError("pid %d: reserved bit set in a page-table entry for %#x "
+                                   "(error code %#x)" % (proc.pid, va, ec))
+        if not ec & bits.PF_U:
+            raise GuestKernelError("kernel oops: supervisor #PF at %#x (error code %#x)"
+                                   % (va, ec))
+        write, fetch = ec & bits.PF_W, ec & bits.PF_I
+        vma = self._find_vma(proc, va) if va < USER_TOP else None
+        if (vma is None or (write and "w" not in vma.prot)
+                or (fetch and "x" not in vma.prot) or not vma.prot):
+            self._segv(proc, va, ec)
+        page = va & ~(PAGE - 1)
+        epa = self._pte_addr(proc.cr3, page, create=True)
+        e = self._read(epa)
+        if not e & P:
+            if e & PTE_PROTNONE:
+                self._segv(proc, va, ec)     # the vma says otherwise: cannot happen
+            if write or not self.zero_page:
+                frame = self._alloc_frame()
+                self._write(epa, frame | _leaf_flags(vma.prot))
+                return "demand_zero"
+            self._write(epa, self.zero_frame | PTE_COW | (_leaf_flags(vma.prot) & ~W))
+            return "zero_page"
+        if write and not e & W:
+            if not e & PTE_COW:
+                self._segv(proc, va, ec)
+            frame = e & ADDR
+            if frame != self.zero_frame and self.refcount[frame // PAGE] == 1:
+                # wp_page_reuse: no INVLPG; the #PF invalidated the stale
+                # read-only translation (SDM 4.10.4.1).
+                self._write(epa, (e | W) & ~PTE_COW & _U64)
+                return "cow_reuse"
+            new = self._alloc_frame()
+            if frame != self.zero_frame:
+                self._copy_page(new, frame)
+                self._put(frame)
+            # wp_page_copy: the new entry is dirty, not young (A clear).
+            flags = e & ~(ADDR | A | PTE_COW) & _U64
+            self._write(epa, new | flags | W | D)
+            self._invlpg(page)           # the frame changed: ptep_clear_flush
+            return "cow_copy"
+        # The entry allows the access: a stale translation faulted.
+        if (not write or e & W) and (not fetch or not e & NX) and e & U:
+            return "spurious"
+        self._segv(proc, va, ec)
+
+    def _enter_user(self, pid):
+        self.switch_to(pid)
+        self._sync()
+
+    def run(self, pid, trace, start=0):
+        """Run trace[start:] (TRACE_DTYPE, user accesses) as pid; every true
+        fault goes to the #PF handler and the access is retried.  Returns
+        the number of faults handled; SegmentationFault stops the run."""
+        self._proc(pid)                 # an unknown pid is refused here
+        trace = check_array(trace, TRACE_DTYPE, "trace")
+        n = len(trace)
+        self._enter_user(pid)
+        run = self.vcpu.run
+        handled = 0
+        last = (-1, 0)
+        repeats = 0
+        while start < n:
+            r = run(trace, start)
+            self.stats["user_accesses"] += r.index - start
+            if r.index >= n:
+                break
+            start = r.index
+            if r.vector != _VEC_PF:
+                self.stats["segv"] += 1
+                raise SegmentationFault(pid, r.fault, start)
+            key = (start, r.error_code)
+            repeats = repeats + 1 if key == last else 0
+            last = key
+            if repeats >= 3:
+                raise GuestKernelError("pid %d: the fault at trace index %d (%#x, error code "
+                                       "%#x) does not go away" % (pid, start, r.cr2,
+                                                                  r.error_code))
+            try:
+                self.handle_fault(pid, r.cr2, r.error_code)
+            except SegmentationFault as exc:
+                exc.index = start
+                exc.fault = r.fault
+                raise
+            self._sync()
+            handled += 1
+        return handled
+
+    def _user_access(self, pid, va, fn):
+        proc = self._proc(pid)
+        va = check_u64(va, "virtual address")
+        if va & 7:
+            raise InvalidInput("load/store need an 8-byte aligned address, not %#x" % va)
+        self._enter_user(pid)
+        cpu = self.vcpu.cpu
+        for _ in range(4):
+            cpu.cpl = 3
+            try:
+                return fn(va)
+            except PageFault as f:
+                cpu.cpl = 0
+                self.handle_fault(proc.pid, f.cr2, f.error_code)
+                self._sync()
+            except GeneralProtection as g:
+                cpu.cpl = 0
+                self.stats["segv"] += 1
+                raise SegmentationFault(pid, g) from None
+            finally:
+                cpu.cpl = 0
+        raise GuestKernelError("pid %d: the fault at %#x does not go away" % (pid, va))
+
+    def load(self, pid, va):
+        """A user-mode 8-byte load by pid (faults handled as for run)."""
+        self.stats["user_accesses"] += 1
+        return self._user_access(pid, va, self.vcpu.load_u64)
+
+    def store(self, pid, va, value):
+        """A user-mode 8-byte store by pid."""
+        value = check_u64(value, "value")
+        self.stats["user_accesses"] += 1
+        vcpu = self.vcpu
+        self._user_access(pid, va, lambda v: vcpu.store_u64(v, value))

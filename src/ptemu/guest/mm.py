@@ -1,0 +1,349 @@
+"""Address spaces of the guest kernel: the layout, processes and VMAs as
+records, the guest-physical frame allocator, and page-table edits.
+
+The rule this file keeps (see kernel.py): the kernel's page tables live in
+guest memory and change ONLY by guest stores through the direct map
+(`_write` -> vcpu.store_u64) or, paravirtually, by mmu_update hypercalls;
+they are read side-effect free (`_read`, `_read_table`).  Invalidations are
+the guest's own: MOV CR3, INVLPG (or their hypercalls).
+"""
+import numpy as np
+
+from ptemu import bits
+from ptemu._native import PtemuError, InvalidInput, MmuFault
+from ptemu.memory import PhysicalMemory
+from ptemu.hypervisor.exits import STORE_DTYPE
+
+__all__ = ["AddressSpaces", "Process", "Vma", "SegmentationFault", "GuestKernelError",
+           "GuestOutOfMemory", "DIRECT_MAP", "USER_TOP", "PTE_COW", "PTE_PROTNONE",
+           "DEFAULT_LAYOUT"]
+
+PAGE = 4096
+#: Base of the direct map of guest-physical memory (Linux page_offset_base).
+DIRECT_MAP = 0xffff888000000000
+#: The user half ends here (canonical lower half, 4-level).
+USER_TOP = 0x0000800000000000
+_DIRECT_SLOT = (DIRECT_MAP >> 39) & 511        # 273
+
+P, W, U = bits.PTE_P, bits.PTE_W, bits.PTE_U
+A, D, PS, NX = bits.PTE_A, bits.PTE_D, bits.PTE_PS, bits.PTE_NX
+#: Software bits (SDM tables 4-15..4-20: bits 11:9 are ignored by the MMU).
+PTE_COW = 1 << 9          # a shared private page: a write must copy
+PTE_PROTNONE = 1 << 10    # with P=0: a PROT_NONE page that keeps its frame
+ADDR = 0x000FFFFFFFFFF000
+_U64 = (1 << 64) - 1
+
+#: Flags of a user page-table (non-leaf) entry: rights come from the leaves.
+USER_TABLE = P | W | U
+#: Flags of a kernel page-table (non-leaf) entry.
+KERNEL_TABLE = P | W
+#: A direct-map leaf: supervisor, writable, never executable.
+KERNEL_DATA = P | W | NX
+
+#: Default address-space layout of a new process: (start, length, prot).
+DEFAULT_LAYOUT = (
+    (0x400000, 16 * PAGE, "rx"),                       # text
+    (0x10000000, 256 * PAGE, "rw"),                    # heap
+    (0x7ffffff00000 - 64 * PAGE, 64 * PAGE, "rw"),     # stack
+)
+_MMAP_BASE = 0x7f0000000000
+_ZERO_PAGE = bytes(PAGE)
+#: Most page-table stores the kernel keeps pending before it runs them as a stream,
+#: and fewest worth a stream (below, plain store_u64 calls are cheaper).
+STREAM_MAX, STREAM_MIN = 4096, 8
+
+
+class GuestKernelError(PtemuError):
+    """The guest kernel cannot go on (an oops: a fault in kernel mode, a
+    fault that does not go away, a corrupt table)."""
+
+
+class GuestOutOfMemory(GuestKernelError):
+    """No free guest-physical frame is left."""
+
+
+class SegmentationFault(Exception):
+    """SIGSEGV: a user access the kernel's #PF handler does not resolve.
+
+    pid, va, error_code (0 for #GP), index (the trace index, or None for
+    load/store), fault (the PageFault or GeneralProtection delivered).
+    """
+
+    def __init__(self, pid, fault, index=None):
+        self.pid = pid
+        self.fault = fault
+        self.index = index
+        self.va = getattr(fault, "va", None)
+        self.error_code = getattr(fault, "error_code", 0)
+        where = "" if index is None else " (trace index %d)" % index
+        super().__init__("pid %d: segmentation fault at %s%s: %s" % (
+            pid, "?" if self.va is None else "%#x" % self.va, where, fault))
+
+
+class Vma:
+    """A virtual memory area [start, end) with prot a subset of "rwx"."""
+
+    __slots__ = ("start", "end", "prot")
+
+    def __init__(self, start, end, prot):
+        self.start, self.end, self.prot = start, end, prot
+
+    def copy(self):
+        return Vma(self.start, self.end, self.prot)
+
+    def __repr__(self):
+        return "Vma(%#x-%#x %s)" % (self.start, self.end, self.prot or "---")
+
+
+class Process:
+    """pid, parent pid, cr3 (its top table's guest-physical address), vmas
+    (sorted, disjoint), state ("running" or "zombie"), exit_code, children."""
+
+    def __init__(self, pid, parent, cr3):
+        self.pid = pid
+        self.parent = parent
+        self.cr3 = cr3
+        self.vmas = []
+        self.state = "running"
+        self.exit_code = None
+        self.children = set()
+        self.mmap_next = _MMAP_BASE
+
+    def __repr__(self):
+        return "Process(pid=%d, cr3=%#x, %s, %d vmas)" % (self.pid, self.cr3, self.state,
+                                                         len(self.vmas))
+
+
+def _check_prot(prot):
+    if (not isinstance(prot, str) or any(c not in "rwx" for c in prot)
+            or len(set(prot)) != len(prot)):
+        raise InvalidInput("prot must be a string of distinct letters from 'rwx', not %r" % (prot,))
+    return "".join(c for c in "rwx" if c in prot)
+
+
+def _leaf_flags(prot):
+    """The hardware rights of a leaf for prot (x86 cannot express write-only
+    or execute-only: any access right makes the page readable)."""
+    return P | U | (W if "w" in prot else 0) | (0 if "x" in prot else NX)
+
+
+def _readers(phys):
+    """(read one u64, read one table) of guest-physical memory, side-effect
+    free: straight from the backing array when phys is a PhysicalMemory."""
+    if isinstance(phys, PhysicalMemory):
+        if phys.frames is None and phys.array is not None:
+            words = phys.array.view("<u8")
+            return (lambda gpa: int(words[gpa >> 3]),
+                    lambda gpa: words[gpa >> 3:(gpa >> 3) + 512].copy())
+        table = phys.table
+        return (lambda gpa: int(table(gpa & ~0xFFF)[(gpa & 0xFFF) >> 3]),
+                lambda gpa: table(gpa).copy())
+    return (phys.read_u64,
+            lambda gpa: np.frombuffer(phys.read(gpa, PAGE), dtype="<u8"))
+
+
+def _page_writers(machine):
+    """(clear_page(gpa), copy_page(dst, src)) on guest memory.  On a VM
+    these are phys writes, which the hypervisor checks against the frames
+    it shadows; on the native machine, where nothing needs to know, they
+    are plain numpy copies (as fast as the hardware's rep stos/movs)."""
+    phys = machine.phys
+    if getattr(machine, "paging", None) == "native" and isinstance(phys, PhysicalMemory) \
+            and phys.frames is None and phys.array is not None:
+        mem = phys.array
+
+        def clear_page(gpa):
+            mem[gpa:gpa + PAGE] = 0
+
+        def copy_page(dst, src):
+            mem[dst:dst + PAGE] = mem[src:src + PAGE]
+        return clear_page, copy_page
+
+    def clear_page(gpa):
+        phys.write(gpa, _ZERO_PAGE)
+
+    def copy_page(dst, src):
+        phys.write(dst, phys.read(src, PAGE))
+    return clear_page, copy_page
+
+
+class AddressSpaces:
+    """Kernel mixin: frames (refcounted, LIFO free list) and page-table access."""
+
+    @property
+    def free_frames(self):
+        return len(self._free)
+
+    def _alloc_frame(self, table=False):
+        if not self._free:
+            raise GuestOutOfMemory("guest out of memory: all %d frames in use" % self.nframes)
+        fn = self._free.pop()
+        gpa = fn * PAGE
+        self.refcount[fn] = 1
+        self._clear_page(gpa)
+        if table:
+            self._table_frames.add(gpa)
+            self.stats["table_alloc"] += 1
+        else:
+            self.stats["frame_alloc"] += 1
+        return gpa
+
+    def _get(self, gpa):
+        self.refcount[gpa // PAGE] += 1
+
+    def _put(self, gpa):
+        fn = gpa // PAGE
+        rc = int(self.refcount[fn]) - 1
+        if rc < 0:
+            raise GuestKernelError("frame %#x freed twice" % gpa)
+        self.refcount[fn] = rc
+        if rc == 0:
+            self._free.append(fn)
+            self.stats["frame_free"] += 1
+
+    def _free_table(self, gpa):
+        self._table_frames.discard(gpa)
+        self.refcount[gpa // PAGE] = 0
+        self._free.append(gpa // PAGE)
+        self.stats["table_free"] += 1
+
+    def _sync(self):
+        """Do the pending page-table writes: the mmu_update batch (paravirtual),
+        or the guest stores as one store stream (vcpu.store_stream: in C, out
+        only at a store that traps).  Before anything reads the tables, loads
+        CR3, invalidates or runs user code, so the order of events the
+        machine sees is that of one store at a time."""
+        if self._pending:
+            batch, self._pending = self._pending, []
+            if self.paravirt:
+                self.vcpu.hypercall("mmu_update", batch)
+                self.stats["mmu_update_batches"] += 1
+                return
+            try:
+                if len(batch) < STREAM_MIN:
+                    # A few stores (a demand fault's one PTE): plain stores
+                    # cost less than making a stream.
+                    store = self.vcpu.store_u64
+                    for va, value in batch:
+                        store(va, value)
+                    return
+                self.stats["store_streams"] += 1
+                self.vcpu.store_stream(np.array(batch, dtype=STORE_DTYPE))
+            except MmuFault as exc:
+                raise GuestKernelError("kernel oops: a store to the direct map at %#x "
+                                       "faulted: %s" % (getattr(exc, "va", 0) or 0, exc)) \
+                    from exc
+
+    def _read(self, gpa):
+        if self._pending:
+            self._sync()
+        return self._peek(gpa)
+
+    def _read_table(self, gpa):
+        """A copy of the table at gpa as 512 uint64."""
+        if self._pending:
+            self._sync()
+        return self._peek_table(gpa)
+
+    def _write(self, gpa, value):
+        """Change one page-table entry the way the guest must."""
+        self.stats["pte_write"] += 1
+        if self.paravirt:
+            self._pending.append((gpa, value))
+            if len(self._pending) >= self.batch:
+                self._sync()
+            return
+        if self._streams:
+            self._pending.append((DIRECT_MAP + gpa, value))
+            if len(self._pending) >= STREAM_MAX:
+                self._sync()
+            return
+        try:
+            self.vcpu.store_u64(DIRECT_MAP + gpa, value)
+        except MmuFault as exc:
+            raise GuestKernelError("kernel oops: a store to the direct map at %#x faulted: %s"
+                                   % (DIRECT_MAP + gpa, exc)) from exc
+
+    def _load_cr3(self, cr3):
+        self._sync()
+        if self.paravirt:
+            self.vcpu.hypercall("new_baseptr", cr3)
+        else:
+            self.vcpu.write_cr3(cr3)
+
+    def _invlpg(self, va):
+        self._sync()
+        self.stats["invlpg"] += 1
+        if self.paravirt:
+            self.vcpu.hypercall("invlpg", va)
+        else:
+            self.vcpu.invlpg(va)
+
+    def _flush_tlb(self):
+        """Drop every (non-global) translation: a CR3 reload."""
+        self._sync()
+        self.stats["tlb_flush"] += 1
+        if self.paravirt:
+            self.vcpu.hypercall("flush_tlb")
+        else:
+            self.vcpu.write_cr3(self.vcpu.cpu.cr3)
+
+    def _flush_pages(self, vas):
+        """Linux flush_tlb_mm_range: INVLPG each page, or a full flush when
+        there are more than flush_ceiling of them."""
+        if len(vas) > self.flush_ceiling:
+            self._flush_tlb()
+        else:
+            for va in vas:
+                self._invlpg(va)
+
+    def _new_top(self):
+        top = self._alloc_frame(table=True)
+        for i, e in self._kernel_half:
+            self._write(top + 8 * i, e)
+        return top
+
+    def _pte_addr(self, top, va, create):
+        """Guest-physical address of va's level-1 entry; None if a table on
+        the way is missing and create is False."""
+        table = top
+        for level in (4, 3, 2):
+            epa = table + 8 * ((va >> (12 + 9 * (level - 1))) & 511)
+            e = self._read(epa)
+            if not e & P:
+                if not create:
+                    return None
+                new = self._alloc_frame(table=True)
+                self._write(epa, new | USER_TABLE)
+                e = new
+            elif e & PS:
+                raise GuestKernelError("user half holds a large page at %#x" % va)
+            table = e & ADDR
+        return table + 8 * ((va >> 12) & 511)
+
+    def _leaves(self, top, start, end):
+        """(va, entry gpa, value) of every level-1 entry in [start, end)
+        that is present or PROT_NONE (a frame is attached)."""
+        out = []
+
+        def rec(table, level, base):
+            shift = 12 + 9 * (level - 1)
+            lo, hi = max(start, base), min(end, base + (512 << shift))
+            if lo >= hi:
+                return
+            t = self._read_table(table)
+            i0, i1 = (lo - base) >> shift, ((hi - 1 - base) >> shift) + 1
+            sub = t[i0:i1]
+            mask = (sub & np.uint64(P | PTE_PROTNONE if level == 1 else P)) != 0
+            for k in np.flatnonzero(mask).tolist():
+                i = i0 + k
+                e = int(t[i])
+                va = base + (i << shift)
+                if level == 1:
+                    if e & P or e & ADDR:
+                        out.append((va, table + 8 * i, e))
+                else:
+                    rec(e & ADDR, level - 1, va)
+
+        rec(top, 4, 0)
+        return out

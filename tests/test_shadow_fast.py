@@ -1,0 +1,462 @@
+"""The C fast paths of the shadow MMU (csrc/shadow.c) and what each declines.
+
+Hand-built guests (tests/test_shadow.py's GuestTables): each test runs the
+same guest operations on a VM with fast_paths=True and on one with
+fast_paths=False and checks (a) the fast path ran exactly where it should
+(fast_pf_fixed), (b) everything else is identical: results, guest memory,
+the leaf sptes, the rmap, every other counter (DESIGN.md "Python decides,
+C executes"; docs/shadow-mmu.md "Fast paths").
+"""
+import numpy as np
+import pytest
+
+from ptemu import bits
+from ptemu._native import lib
+from ptemu.hypervisor import Hypervisor, audit
+from ptemu.hypervisor.exits import FAST_COUNTERS
+from ptemu.hypervisor.shadow import make_leaf_spte, ShadowMmu, TE_W, TE_U, TE_NX
+from ptemu.hypervisor.vcpu import VCpu
+from ptemu.hypervisor.vm import VirtualMachine
+from ptemu.mmu import TRACE_DTYPE
+
+from test_shadow import GuestTables, PAGE, P, W, U, A, D, PS, NX
+
+VA = 0x40000000          # a 2 MiB region of its own: one level-1 guest table
+
+
+def pair(**kw):
+    """The same guest on two hosts: fast paths on, and the Python reference.
+    Guest frames 40..59 hold data (so they are backed: backing is Python's)."""
+    out = []
+    for fast in (True, False):
+        hv = Hypervisor(2048 * PAGE)
+        vm = hv.create_vm(1024 * PAGE, fast_paths=fast, **kw)
+        for gfn in range(40, 60):
+            vm.phys.write_u64(gfn * PAGE, 0xD0000 + gfn)
+        out.append((vm, GuestTables(vm.phys)))
+    return out
+
+
+def same(a, b):
+    sa = {k: v for k, v in a.stats.items() if k not in FAST_COUNTERS}
+    sb = {k: v for k, v in b.stats.items() if k not in FAST_COUNTERS}
+    assert sa == sb
+    assert np.array_equal(a.hypervisor.host.array, b.hypervisor.host.array)
+    assert {g: s for g, s in a.shadow.rmap.items() if s} == \
+        {g: s for g, s in b.shadow.rmap.items() if s}
+    assert audit(a) == [] and audit(b) == []
+
+
+def both(vms, fn):
+    return [fn(vm) for vm, _ in vms]
+
+
+def test_make_leaf_spte_is_one_rule_in_python_and_c():
+    """The spte rule (SDM 4.6 rights, 4.8 D): the Python and C versions agree
+    on every combination of rights, D and write protection."""
+    for acc in range(8):
+        for dirty in (0, 1):
+            for prot in (0, 1):
+                for copy in (0, bits.PTE_G | bits.PTE_PCD, 0xF << bits.PTE_PKEY_SHIFT):
+                    py = make_leaf_spte(0x123000, acc, copy, dirty, prot)
+                    assert py == lib.ptemu_make_leaf_spte(0x123000, acc, copy, dirty, prot)
+                    assert bool(py & W) == bool(acc & TE_W and dirty and not prot)
+                    assert bool(py & U) == bool(acc & TE_U)
+                    assert bool(py & NX) == bool(acc & TE_NX)
+                    assert py & (P | A) == P | A
+
+
+def test_hidden_faults_on_a_built_path_are_fixed_in_c():
+    """Touching fresh pages of one level-1 guest table: the first fault builds the
+    shadow path in Python; the others only need a leaf spte: C installs it,
+    inside vcpu.run and inside the scalar accesses."""
+    vms = pair()
+    for vm, g in vms:
+        for i in range(8):
+            g.map(VA + i * PAGE, (40 + i) * PAGE, P | W | U | A | D)
+        vm.vcpu.write_cr3(g.root)
+    tr = np.zeros(4, dtype=TRACE_DTYPE)
+    tr["va"] = [VA + i * PAGE for i in range(4)]
+    r = both(vms, lambda vm: vm.vcpu.run(tr))
+    assert r[0].index == r[1].index == 4
+    loads = both(vms, lambda vm: [vm.vcpu.load_u64(VA + i * PAGE) for i in range(4, 6)])
+    assert loads[0] == loads[1]
+    both(vms, lambda vm: vm.vcpu.store_u64(VA + 6 * PAGE, 77))
+    (fast, _), (ref, _) = vms
+    assert fast.stats["fast_pf_fixed"] == 6      # all but the first fault of the region
+    assert fast.stats["pf_fixed"] == ref.stats["pf_fixed"] == 7
+    assert ref.stats["fast_pf_fixed"] == 0
+    assert fast.phys.read_u64(46 * PAGE) == 77
+    same(fast, ref)
+
+
+def test_writes_widen_a_clean_spte_in_c_and_the_guest_sees_d():
+    """A read maps a clean page read-only; the first write faults again and the
+    guest walk sets D (SDM 4.8): C widens the spte (same frame, same rmap)."""
+    vms = pair()
+    for vm, g in vms:
+        g.map(VA, 40 * PAGE, P | W | U)
+        g.map(VA + PAGE, 41 * PAGE, P | W | U)
+        vm.vcpu.write_cr3(g.root)
+        vm.vcpu.load_u64(VA)                      # builds the path (Python)
+        vm.vcpu.load_u64(VA + PAGE)               # a new leaf (C)
+        vm.vcpu.store_u64(VA + PAGE, 5)           # widened (C)
+    (fast, gf), (ref, _) = vms
+    assert fast.stats["fast_pf_fixed"] == 2
+    assert fast.phys.read_u64(gf.entry_pa(VA + PAGE, 1)) & (A | D) == A | D
+    same(fast, ref)
+
+
+def test_declined_cases_go_to_python():
+    """What C declines (docs/shadow-mmu.md): a true fault, a write to a
+    write-protected page table (emulated), a large guest page, a frame not
+    backed yet, MMIO.  Each is handled by the Python exit with the same result."""
+    vms = pair()
+    for vm, g in vms:
+        g.map(VA, 40 * PAGE, P | W | U | A | D)
+        pt = g.table_of(VA)
+        g.map(VA + PAGE, pt, P | W | U | A | D)           # the guest maps its own table
+        g.map(VA + 3 * PAGE, 0x7FFFF000, P | W | U | A)   # outside memory: MMIO
+        g.map(VA + 4 * PAGE, 63 * PAGE, P | W | U | A)    # never touched: not backed
+        g.map(VA + 5 * PAGE, 41 * PAGE, P | W | U | A)    # a plain data page
+        g.map(0x80000000, 0x200000, P | W | U | PS, level=2)   # a 2 MiB guest page
+        vm.vcpu.write_cr3(g.root)
+        vm.vcpu.load_u64(VA)                       # path built
+        vm.vcpu.store_u64(VA + PAGE + 8 * 9, 0)    # a store into the table: emulated
+        with pytest.raises(Exception) as e:
+            vm.vcpu.load_u64(VA + 2 * PAGE)        # not present: a true fault
+        assert isinstance(e.value, __import__("ptemu").PageFault)
+        with pytest.raises(Exception):
+            vm.vcpu.load_u64(VA + 3 * PAGE)        # MMIO
+        vm.vcpu.load_u64(VA + 4 * PAGE)
+        vm.vcpu.load_u64(0x80000000 + 5 * PAGE)
+        vm.vcpu.load_u64(VA + 5 * PAGE)            # the only one C fixes
+    (fast, _), (ref, _) = vms
+    assert fast.stats["fast_pf_fixed"] == 1
+    assert fast.stats["pf_emulate"] == 1 and fast.stats["pf_guest"] == 1
+    assert fast.stats["pf_mmio"] == 1
+    same(fast, ref)
+
+
+def test_unsync_pages_are_filled_in_c_and_keep_their_snapshot():
+    """An unsync level-1 page keeps a snapshot of the gptes its sptes came from
+    (resynced against at INVLPG / CR3 loads): C fills it and updates the
+    snapshot as the Python fill does; a sync ends C's use of it."""
+    vms = pair(unsync=True)
+    for vm, g in vms:
+        for i in range(6):
+            g.map(VA + i * PAGE, (40 + i) * PAGE, P | W | U | A | D)
+        pt = g.table_of(VA)
+        g.map(0x50000000, pt, P | W | U | A | D)
+        vm.vcpu.write_cr3(g.root)
+        vm.vcpu.load_u64(VA)
+        vm.vcpu.store_u64(0x50000000 + 8 * 5, (45 * PAGE) | P | W | U | A | D)   # unsync
+        for i in range(1, 4):
+            vm.vcpu.load_u64(VA + i * PAGE)
+    (fast, _), (ref, _) = vms
+    assert fast.stats["mmu_unsync"] == 1
+    assert fast.stats["fast_pf_fixed"] >= 2
+    snaps = [{sp.gfn: sp.gsnap.tolist() for sp in vm.shadow.unsync_sps} for vm, _ in vms]
+    assert snaps[0] == snaps[1] and snaps[0]
+    same(fast, ref)
+    for vm, g in vms:
+        vm.vcpu.write_cr3(g.root)              # syncs
+        for i in range(4, 6):
+            vm.vcpu.load_u64(VA + i * PAGE)
+    assert not fast.shadow.unsync_sps
+    same(fast, ref)
+
+
+class LoggingShadow(ShadowMmu):
+    """A researcher's policy: a fill that records what it filled."""
+
+    def fill(self, va, walk, hpa, use=True):
+        self.filled = getattr(self, "filled", []) + [va]
+        return super().fill(va, walk, hpa, use)
+
+
+class MyVM(VirtualMachine):
+    shadow_class = LoggingShadow
+
+
+def test_a_subclass_overriding_a_handler_turns_its_fast_path_off():
+    """DESIGN.md: a Python policy is never bypassed without notice."""
+    hv = Hypervisor(512 * PAGE)
+    vm = MyVM(hv, hv._next_id, 64 * PAGE, "shadow", False, 3, None, False, None)
+    hv._add_vm(vm, False)
+    g = GuestTables(vm.phys)
+    for i in range(4):
+        g.map(VA + i * PAGE, (40 + i) * PAGE, P | W | U | A | D)
+    vm.vcpu.write_cr3(g.root)
+    for i in range(4):
+        vm.vcpu.load_u64(VA + i * PAGE)
+    assert vm.shadow.filled == [VA + i * PAGE for i in range(4)]
+    # fill stands in for fast paths 1 and 2: those are off, INVLPG and CR3 are not.
+    assert vm.stats["fast_pf_fixed"] == 0
+    assert vm.vcpu._fast_bits == lib.PTEMU_FP_INVLPG | lib.PTEMU_FP_CR3
+
+    class MyVCpu(VCpu):
+        def page_fault_exit(self, va, acc, flags):
+            return super().page_fault_exit(va, acc, flags)
+    MyVM.vcpu_class = MyVCpu
+    MyVM.shadow_class = ShadowMmu
+    try:
+        vm2 = MyVM(hv, hv._next_id, 64 * PAGE, "shadow", False, 3, None, False, None)
+        assert vm2.vcpu._fast_bits == lib.PTEMU_FP_INVLPG | lib.PTEMU_FP_CR3
+    finally:
+        MyVM.vcpu_class = VCpu
+
+
+def test_an_exit_log_or_prefetch_turns_the_fast_path_off():
+    """The demo's exit log must see every exit; prefetch is a policy of the
+    Python fill."""
+    for kw in ({"prefetch": True}, {}):
+        vms = pair(**kw)
+        logs = []
+        for vm, g in vms:
+            for i in range(4):
+                g.map(VA + i * PAGE, (40 + i) * PAGE, P | W | U | A | D)
+            if not kw:
+                log = []
+                logs.append(log)
+                vm.log_exits(log)
+            vm.vcpu.write_cr3(g.root)
+            for i in range(4):
+                vm.vcpu.load_u64(VA + i * PAGE)
+        (fast, _), (ref, _) = vms
+        assert fast.stats["fast_pf_fixed"] == 0
+        same(fast, ref)
+        if logs:
+            assert [str(x) for x in logs[0]] == [str(x) for x in logs[1]]
+
+
+def test_fast_paths_must_be_a_bool():
+    with pytest.raises(ValueError):
+        Hypervisor(512 * PAGE).create_vm(64 * PAGE, fast_paths="yes")
+
+
+def _pt_store_world(vms, large):
+    """A guest whose level-1 table for VA is also mapped at MAPVA (by a 4 KiB
+    leaf, or by a 2 MiB leaf covering guest-physical 0..2 MiB, the kernel's
+    direct map), A and D set so that a store's walk owes nothing."""
+    out = []
+    for vm, g in vms:
+        for i in range(4):
+            g.map(VA + i * PAGE, (40 + i) * PAGE, P | W | U | A | D)
+        pt = g.table_of(VA)
+        if large:
+            g.map(0x80000000, 0, P | W | A | D | PS, level=2)
+            at = 0x80000000 + pt
+        else:
+            g.map(0x50000000, pt, P | W | A | D)
+            at = 0x50000000
+        vm.vcpu.write_cr3(g.root)
+        for i in range(4):
+            vm.vcpu.load_u64(VA + i * PAGE)          # shadowed and mapped
+        vm.vcpu.load_u64(at)                         # the table's own mapping, read-only
+        out.append(at)
+    return out
+
+
+@pytest.mark.parametrize("large", [False, True])
+def test_a_store_into_a_protected_level1_table_is_emulated_in_c(large):
+    """SDM 4.10.4.3: the guest changes a PTE with a store, then invalidates;
+    the hypervisor traps the store (its table is write-protected), writes the
+    word and updates the spte.  C does the common case; the result, the
+    guest's next access and every counter are the reference's."""
+    vms = pair()
+    ats = _pt_store_world(vms, large)
+    for (vm, g), at in zip(vms, ats):
+        vc = vm.vcpu
+        vc.store_u64(at + 8 * 1, (50 * PAGE) | P | W | U | A | D)     # remap page 1
+        vc.invlpg(VA + PAGE)
+        assert vc.load_u64(VA + PAGE) == 0xD0000 + 50
+        vc.store_u64(at + 8 * 2, 0)                                    # unmap page 2
+        vc.invlpg(VA + 2 * PAGE)
+        with pytest.raises(Exception):
+            vc.load_u64(VA + 2 * PAGE)
+    (fast, _), (ref, _) = vms
+    assert fast.stats["fast_pf_emulate"] == 2 and ref.stats["fast_pf_emulate"] == 0
+    assert fast.stats["pf_emulate"] == ref.stats["pf_emulate"] == 2
+    assert fast.stats["mmu_pte_updated"] == 1
+    same(fast, ref)
+
+
+def test_the_third_store_without_a_use_goes_to_python_and_zaps():
+    """Flood detection (KVM write_flooding_count) is policy: the store that
+    would zap the page is the reference's."""
+    vms = pair()
+    ats = _pt_store_world(vms, False)
+    for (vm, g), at in zip(vms, ats):
+        for i in range(3):
+            vm.vcpu.store_u64(at + 8 * (10 + i), 0)
+    (fast, _), (ref, _) = vms
+    assert fast.stats["fast_pf_emulate"] == 2
+    assert fast.stats["mmu_flooded"] == ref.stats["mmu_flooded"] == 1
+    same(fast, ref)
+
+
+def test_a_store_whose_walk_sets_d_in_c_or_with_unsync_in_python():
+    """A store whose mapping is clean: the guest walk of the exit sets D (SDM
+    4.8) -- in C, the hidden-fault path's walk, as the reference's walk does --
+    and the emulation follows in C.  With unsync on, a store into a table is
+    a policy choice (unsync or emulate): Python."""
+    for kw, flags, in_c in (({}, P | W | A, 1), ({"unsync": True}, P | W | A | D, 0)):
+        vms = pair(**kw)
+        for vm, g in vms:
+            g.map(VA, 40 * PAGE, P | W | U | A | D)
+            pt = g.table_of(VA)
+            g.map(0x50000000, pt, flags)
+            vm.vcpu.write_cr3(g.root)
+            vm.vcpu.load_u64(VA)
+            vm.vcpu.load_u64(0x50000000)
+            vm.vcpu.store_u64(0x50000000 + 8 * 7, 0)
+        (fast, gf), (ref, _) = vms
+        assert fast.stats["fast_pf_emulate"] == in_c
+        assert fast.phys.read_u64(gf.entry_pa(0x50000000, 1)) & D
+        same(fast, ref)
+
+
+def test_store_stream_is_store_u64_in_order_on_every_machine():
+    """vcpu.store_stream (the guest kernel's page-table work in bulk) does what
+    store_u64 one by one does: on the native machine, on a shadow VM with fast
+    paths (C leaves the stream only at a store Python must handle) and on the
+    reference.  A faulting store raises the guest's #PF (SDM 4.7: W and the
+    P of a present page, U clear for CPL 0), with every store before it done."""
+    from ptemu import PageFault, InvalidInput
+    from ptemu.guest import NativeMachine
+    from ptemu.hypervisor.exits import STORE_DTYPE
+    vms = pair()
+    nat = NativeMachine(1024 * PAGE)
+    for gfn in range(40, 60):
+        nat.phys.write_u64(gfn * PAGE, 0xD0000 + gfn)
+    gn = GuestTables(nat.phys)
+    machines = [(vm, g) for vm, g in vms] + [(nat, gn)]
+    ats = []
+    for m, g in machines:
+        for i in range(4):
+            g.map(VA + i * PAGE, (40 + i) * PAGE, P | W | U | A | D)
+        g.map(VA + 4 * PAGE, 44 * PAGE, P | U | A)              # read-only
+        pt = g.table_of(VA)
+        g.map(0x50000000, pt, P | W | A | D)
+        m.vcpu.write_cr3(g.root)
+        ats.append(0x50000000)
+    stores = np.array([(VA + 8, 1), (VA + PAGE, 2), (0x50000000 + 8 * 5, (45 * PAGE) | P | W | U),
+                       (VA + 2 * PAGE + 16, 3), (0x50000000 + 8 * 6, 0), (VA + 3 * PAGE, 4),
+                       (VA + 4 * PAGE, 5), (VA + 8 * 2, 6)], dtype=STORE_DTYPE)
+    for m, _ in machines:
+        with pytest.raises(PageFault) as e:
+            m.vcpu.store_stream(stores)
+        assert (e.value.error_code, e.value.cr2) == (bits.PF_P | bits.PF_W, VA + 4 * PAGE)
+        with pytest.raises(InvalidInput):
+            m.vcpu.store_stream(np.array([(VA + 4, 0)], dtype=STORE_DTYPE))
+    images = [m.phys.read(0, 1024 * PAGE) for m, _ in machines]
+    assert images[0] == images[1] == images[2]
+    assert int.from_bytes(images[2][40 * PAGE + 8:40 * PAGE + 16], "little") == 1
+    assert int.from_bytes(images[2][40 * PAGE + 16:40 * PAGE + 24], "little") == 0   # after it
+    (fast, _), (ref, _) = vms
+    # The first store into the table needs its own mapping filled (Python);
+    # the second is emulated in C.
+    assert fast.stats["fast_pf_emulate"] == 1 and fast.stats["pf_emulate"] == 2
+    same(fast, ref)
+
+
+def test_invlpg_with_the_shadow_in_sync_is_done_in_c():
+    """SDM 4.10.4.1: INVLPG drops the page's translations (and the PCID's
+    paging-structure caches).  A synced shadow already follows the guest's
+    tables, so only the real TLB acts: in C.  With an unsync page the entry
+    may need a resync (FNAME(invlpg)): Python."""
+    for kw, in_c in (({}, 3), ({"unsync": True}, None)):
+        vms = pair(**kw)
+        ats = _pt_store_world(vms, False)
+        for (vm, g), at in zip(vms, ats):
+            vc = vm.vcpu
+            vc.store_u64(at + 8 * 1, (51 * PAGE) | P | W | U | A | D)
+            vc.invlpg(VA + PAGE)
+            assert vc.load_u64(VA + PAGE) == 0xD0000 + 51
+            vc.invlpg(VA + 9 * PAGE)
+            vc.invlpg(1 << 60)                 # non-canonical: a no-op
+        (fast, _), (ref, _) = vms
+        if in_c is not None:
+            assert fast.stats["fast_invlpg"] == in_c
+        assert fast.stats["invlpg"] == ref.stats["invlpg"] == 3
+        same(fast, ref)
+        assert fast.vcpu.tlb.stats == ref.vcpu.tlb.stats
+
+
+def test_cr3_loads_to_cached_roots_are_done_in_c():
+    """SDM 4.10.4.1: MOV CR3 flushes the PCID's non-global translations.  A load
+    whose shadow root is the current one or in prev_roots (KVM's 3 previous
+    roots) needs no new shadow: in C; a root from the hash or a new one, a
+    reserved bit (#GP, SDM 4.5.2), or unsync pages to sync: Python."""
+    from ptemu import GeneralProtection
+    vms = pair()
+    for vm, g in vms:
+        g.map(VA, 40 * PAGE, P | W | U | A | D)
+        tops = [g.root] + [g.alloc() for _ in range(4)]
+        for t in tops[1:]:
+            vm.phys.write(t, vm.phys.read(g.root, PAGE))      # the same address space
+        vc = vm.vcpu
+        for t in tops[:3]:
+            vc.write_cr3(t)                # new roots (Python)
+            vc.load_u64(VA)
+        for t in (tops[0], tops[1], tops[1], tops[2], tops[0]):
+            vc.write_cr3(t)                # cached or current (C)
+            vc.load_u64(VA)
+        for t in tops:
+            vc.write_cr3(t)                # tops[3], tops[4] are new; then prev hits
+        with pytest.raises(GeneralProtection):
+            vc.write_cr3(tops[0] | (1 << 62))
+    (fast, _), (ref, _) = vms
+    assert fast.stats["fast_cr3_write"] >= 5
+    assert fast.stats["prev_root_hit"] == ref.stats["prev_root_hit"] > 0
+    assert [sp.gfn for sp in fast.shadow.prev_roots] == [sp.gfn for sp in ref.shadow.prev_roots]
+    same(fast, ref)
+    assert fast.vcpu.tlb.stats == ref.vcpu.tlb.stats
+
+
+def test_invlpg_resyncs_an_unsync_entry_in_c():
+    """Unsync (KVM): the guest's stores into an unsync table do not trap; its
+    INVLPG of the page is where the shadow catches up (FNAME(invlpg)): the
+    entry is resynced from the guest's table, the real TLB loses the page."""
+    vms = pair(unsync=True)
+    ats = _pt_store_world(vms, False)
+    for (vm, g), at in zip(vms, ats):
+        vc = vm.vcpu
+        vc.store_u64(at + 8 * 1, (51 * PAGE) | P | W | U | A | D)    # traps once: unsync
+        vc.invlpg(VA + PAGE)
+        vc.store_u64(at + 8 * 4, (44 * PAGE) | P | W | U | A | D)    # a new page (no trap)
+        vc.load_u64(VA + 4 * PAGE)                                   # its fill: the slot again
+        vc.store_u64(at + 8 * 2, (52 * PAGE) | P | W | U | A | D)    # no trap now
+        assert vc.load_u64(VA + 2 * PAGE) == 0xD0000 + 42            # stale until INVLPG
+        vc.invlpg(VA + 2 * PAGE)
+        assert vc.load_u64(VA + 2 * PAGE) == 0xD0000 + 52
+    (fast, _), (ref, _) = vms
+    assert fast.stats["fast_invlpg"] >= 1
+    assert fast.stats["mmu_sync_entry"] == ref.stats["mmu_sync_entry"] >= 1
+    same(fast, ref)
+    assert fast.vcpu.tlb.stats == ref.vcpu.tlb.stats
+
+
+def test_cr3_loads_to_roots_in_the_hash_are_done_in_c():
+    """More address spaces than prev_roots holds: a CR3 load whose root is still
+    in the (gfn, role) hash makes no page (KVM's kvm_mmu_get_page hit): in C,
+    with prev_roots rotated as load_root does; under a shadow limit (room may
+    have to be made first) Python."""
+    for kw, in_c in (({"prev_roots": 1}, True), ({"prev_roots": 1, "shadow_limit": 8}, False)):
+        vms = pair(**kw)
+        for vm, g in vms:
+            g.map(VA, 40 * PAGE, P | W | U | A | D)
+            tops = [g.root] + [g.alloc() for _ in range(2)]
+            for t in tops[1:]:
+                vm.phys.write(t, vm.phys.read(g.root, PAGE))
+            for _ in range(3):
+                for t in tops:
+                    vm.vcpu.write_cr3(t)
+                    vm.vcpu.load_u64(VA)
+        (fast, _), (ref, _) = vms
+        assert (fast.stats["fast_cr3_write"] > 3) == in_c
+        assert [sp.gfn for sp in fast.shadow.prev_roots] == \
+            [sp.gfn for sp in ref.shadow.prev_roots]
+        same(fast, ref)
+        assert fast.vcpu.tlb.stats == ref.vcpu.tlb.stats
