@@ -335,6 +335,42 @@ def test_progress_only_when_asked(capsys):
     assert "study" in err.err and "1/1" in err.err and err.out == ""
 
 
+def test_progress_inside_cells_run_by_worker_processes(monkeypatch):
+    """Long cells run in worker processes report their accesses to the parent,
+    whose second bar ("accesses") counts every one of them."""
+    import multiprocessing
+    if multiprocessing.get_start_method() != "fork":
+        pytest.skip("needs forked workers to inherit the patched threshold")
+    bars = []
+
+    class Bar:
+        def __init__(self, show=True, **kw):
+            self.show, self.kw, self.n, self.closed = show, kw, 0, False
+            bars.append(self)
+
+        def update(self, n=1):
+            self.n += n
+
+        def set_postfix_str(self, s):
+            pass
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(study, "_LONG_CELL", 1000)
+    monkeypatch.setattr(study, "progress_bar", Bar)
+    cfg = small_config(workloads=["fork"], modes=["native", "shadow"])
+    res = run_study(cfg, jobs=2, progress=True)
+    by_desc = {b.kw.get("desc"): b for b in bars if b.show}
+    total = sum(r["accesses"] for r in res.rows)
+    assert by_desc["study"].n == 2
+    assert by_desc["accesses"].kw["total"] == 2 * ACC
+    assert by_desc["accesses"].n == total and by_desc["accesses"].closed
+    # Progress changes no count.
+    assert [r["exits"] for r in res.rows] == \
+        [r["exits"] for r in run_study(cfg, jobs=1, progress=False).rows]
+
+
 # ---------------------------------------------------------------------------
 # The command
 # ---------------------------------------------------------------------------
@@ -491,7 +527,7 @@ def test_example_cost_model_is_the_default():
     assert cfg.ept_levels == [4, 5] and cfg.tlbs == ["default", "nopsc"]
 
 
-def _die(cell, progress=False):
+def _die(cell, *args):
     os._exit(3)
 
 

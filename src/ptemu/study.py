@@ -578,9 +578,25 @@ def _counted_kernel_run(kernel, bar):
     kernel.run = counted
 
 
-def run_cell(cell, progress=False):
+class _SinkBar:
+    """The bar of a long cell in a worker process: its updates travel through
+    a queue to the parent, which draws them (tqdm cannot draw from there)."""
+
+    def __init__(self, sink):
+        self.sink = sink
+
+    def update(self, n=1):
+        self.sink.put(n)
+
+    def close(self):
+        pass
+
+
+def run_cell(cell, progress=False, sink=None):
     """Run one cell (a plain dict from grid()) on a machine of its own; a plain
-    dict of counts (and wall_s).  Safe to call in any process."""
+    dict of counts (and wall_s).  Safe to call in any process.  Progress of a
+    long cell: a bar of its own with `progress`, or accesses put to the queue
+    `sink` (the local-process executor's)."""
     from ptemu.guest import Kernel
     from ptemu.workloads import make_workload, guest_memory_hint
     t0 = time.perf_counter()
@@ -602,9 +618,12 @@ def run_cell(cell, progress=False):
     # with paging off) is left out.
     m0, k0, t_0 = _numbers(machine.stats), _numbers(kernel.stats), tlb.stats
     bar = None
-    if progress and cell["accesses"] >= _LONG_CELL:
+    if sink is not None and cell["accesses"] >= _LONG_CELL:
+        bar = _SinkBar(sink)
+    elif progress and cell["accesses"] >= _LONG_CELL:
         bar = progress_bar(total=cell["accesses"], desc="%s/%s" % (cell["workload"], mode),
                            unit="acc", leave=False, unit_scale=True)
+    if bar is not None:
         _counted_kernel_run(kernel, bar)
     try:
         res = w.run(kernel)
@@ -691,22 +710,49 @@ def _run_serial(cells, bar, show):
     return out
 
 
-def _run_local(cells, jobs, bar):
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    out = [None] * len(cells)
-    from concurrent.futures.process import BrokenProcessPool
-    with ProcessPoolExecutor(max_workers=min(jobs, len(cells))) as pool:
-        futs = {pool.submit(run_cell, cell): i for i, cell in enumerate(cells)}
+def _drain(sink, bar):
+    import queue
+    while True:
         try:
-            for fut in as_completed(futs):
-                out[futs[fut]] = fut.result()
-                bar.update(1)
-        except BrokenProcessPool as exc:
-            raise StudyRunError("a study worker process died (%s)" % (exc,)) from None
-        except BaseException:
-            for f in futs:
-                f.cancel()
-            raise
+            bar.update(sink.get_nowait())
+        except queue.Empty:
+            return
+
+
+def _run_local(cells, jobs, bar, show=False):
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+    out = [None] * len(cells)
+    # With progress on, long cells report their accesses through a queue and
+    # a second bar shows them: the work inside cells, not only whole cells.
+    long_total = sum(c["accesses"] for c in cells if c["accesses"] >= _LONG_CELL)
+    manager = multiprocessing.Manager() if show and long_total else None
+    sink = manager.Queue() if manager is not None else None
+    acc_bar = progress_bar(sink is not None, total=long_total, desc="accesses", unit="acc",
+                           unit_scale=True, leave=False)
+    try:
+        with ProcessPoolExecutor(max_workers=min(jobs, len(cells))) as pool:
+            futs = {pool.submit(run_cell, cell, False, sink): i for i, cell in enumerate(cells)}
+            pending = set(futs)
+            try:
+                while pending:
+                    done, pending = wait(pending, timeout=0.25, return_when=FIRST_COMPLETED)
+                    if sink is not None:
+                        _drain(sink, acc_bar)
+                    for fut in done:
+                        out[futs[fut]] = fut.result()
+                        bar.update(1)
+            except BrokenProcessPool as exc:
+                raise StudyRunError("a study worker process died (%s)" % (exc,)) from None
+            except BaseException:
+                for f in futs:
+                    f.cancel()
+                raise
+    finally:
+        acc_bar.close()
+        if manager is not None:
+            manager.shutdown()
     return out
 
 
@@ -753,7 +799,7 @@ def execute(cells, jobs=None, scheduler=None, progress=None):
         jobs = default_jobs() if jobs is None else jobs
         if jobs <= 1 or len(cells) <= 1:
             return _run_serial(cells, bar, show)
-        return _run_local(cells, jobs, bar)
+        return _run_local(cells, jobs, bar, show)
     finally:
         bar.close()
 
