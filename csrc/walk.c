@@ -521,13 +521,53 @@ int ptemu_translate(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
                                out, fault);
 }
 
+/* What ptemu_ctx_cache holds: the key the context was derived from, then
+ * the context. */
+typedef struct ctx_cached {
+    uint64_t  cpu[sizeof(ptemu_cpu) / 8];   /* the ptemu_cpu, word by word */
+    ptemu_mem *mem;
+    ptemu_tlb *tlb;
+    uint64_t  valid;
+    ptemu_ctx ctx;
+} ctx_cached;
+
+_Static_assert(sizeof(ctx_cached) <= sizeof(ptemu_ctx_cache), "ptemu_ctx_cache too small");
+_Static_assert(sizeof(ptemu_cpu) % 8 == 0, "ptemu_cpu has whole words");
+
+const ptemu_ctx *ptemu_mmu_ctx(ptemu_mmu *m, ptemu_ctx *scratch, int tables)
+{
+    if (!m->cache) {
+        ptemu_ctx_init(scratch, m->cpu, m->mem, m->tlb);
+        if (tables)
+            ptemu_ctx_tables(scratch);
+        return scratch;
+    }
+    ctx_cached *cc = (ctx_cached *)(void *)m->cache;
+    uint64_t cpu[sizeof(ptemu_cpu) / 8], diff = 0;
+    memcpy(cpu, m->cpu, sizeof cpu);
+    /* Every byte of the state, so that no field a walk reads can go stale
+     * (the mode bits, CR3's table and PCID, PKRU, AC, MAXPHYADDR...). */
+    for (size_t i = 0; i < sizeof cpu / 8; i++)
+        diff |= cpu[i] ^ cc->cpu[i];
+    if (diff | !cc->valid | (cc->mem != m->mem) | (cc->tlb != m->tlb)) {
+        ptemu_ctx_init(&cc->ctx, m->cpu, m->mem, m->tlb);
+        ptemu_ctx_tables(&cc->ctx);
+        memcpy(cc->cpu, cpu, sizeof cpu);
+        cc->mem = m->mem;
+        cc->tlb = m->tlb;
+        cc->valid = 1;
+    }
+    return &cc->ctx;
+}
+
 int ptemu_mmu_translate(ptemu_mmu *m, uint64_t va, uint32_t access, uint32_t flags)
 {
-    ptemu_walk_in in;
-    in.va = va;
-    in.access = access;
-    in.flags = flags;
-    return ptemu_translate(m->cpu, m->mem, m->tlb, &in, m->out, &m->fault);
+    if (access > PTEMU_ACC_FETCH)   /* as ptemu_translate() */
+        return ptemu_set_fault(&m->fault, PTEMU_VEC_GP, 0, 0, PTEMU_CAUSE_NONE, 0);
+    ptemu_ctx scratch;
+    const ptemu_ctx *c = ptemu_mmu_ctx(m, &scratch, 0);
+    return ptemu_ctx_translate(c, va, access, ptemu_resolve_flags(m->cpu, flags), m->out,
+                               &m->fault);
 }
 
 int ptemu_abi_version(void)
