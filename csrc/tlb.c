@@ -52,6 +52,11 @@ static inline uint32_t key_size(uint64_t key) { return (uint32_t)(key >> 1) & 3u
  * constants: at each of them the compiler unrolls the loop over the ways of
  * a set (a compare and a branch per way, which a probe that misses
  * predicts well); any other count takes the loop as written. */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8
+#define PTEMU_UNROLL _Pragma("GCC unroll 16")
+#else
+#define PTEMU_UNROLL
+#endif
 #define PTEMU_BY_WAYS(ways, EXPR)                                             \
     switch (ways) {                                                           \
     case 2:  { const uint32_t W_ = 2;  EXPR; }                                \
@@ -67,6 +72,7 @@ static inline uint32_t key_size(uint64_t key) { return (uint32_t)(key >> 1) & 3u
 static PTEMU_INLINE int find_way_n(const uint64_t *row, const uint32_t ways, uint64_t key,
                                    uint32_t pcid, uint64_t global_bit)
 {
+    PTEMU_UNROLL
     for (uint32_t w = 0; w < ways; w++) {
         if (row[w] != key)
             continue;
@@ -90,6 +96,7 @@ static PTEMU_INLINE uint32_t oldest_way_n(const uint64_t *stamp, const uint32_t 
 {
     uint64_t oldest = stamp[0];
     uint32_t v = 0;
+    PTEMU_UNROLL
     for (uint32_t w = 1; w < ways; w++) {
         const int older = stamp[w] < oldest;
         oldest = older ? stamp[w] : oldest;

@@ -240,6 +240,76 @@ static PTEMU_INLINE uint64_t hit_pa(const ptemu_tlb_hit *h, uint64_t va)
     return ptemu_td_base(h->data) | (va & ((1ULL << ptemu_level_shift(h->size + 1u)) - 1));
 }
 
+/* The level loop of a walk from `*level` at `table`: the entries read go
+ * to epas[]/ents[] (*n of them), the rights combined down to each to
+ * rights_at[]; returns PTEMU_CAUSE_NONE with the leaf in *e and its level
+ * in *level, or why the walk stopped there.  plain and set_a_now are
+ * constants at each call, so each call site gets its own loop. */
+static PTEMU_INLINE uint32_t walk_levels(const ptemu_ctx *c, uint64_t va, const int plain,
+                                         const int set_a_now, uint32_t *level_io, uint64_t table,
+                                         uint32_t *rights_io, uint64_t *epas, uint64_t *ents,
+                                         uint32_t *rights_at, uint32_t *n_out, uint64_t *e_out)
+{
+    /* Locals, so that stores (A-bit byte stores may alias anything) cannot
+     * force reloads of the context. */
+    const ptemu_mem *mem = c->mem;
+    const ptemu_ept *ept = mem->ept;
+    const uint8_t *pbase = mem->base;
+    const uint64_t psize = mem->size;
+    const uint64_t addr_mask = c->addr_mask, nx_mask = c->nx_mask;
+    uint32_t level = *level_io, rights = *rights_io, n = 0, cause = PTEMU_CAUSE_NONE;
+    uint64_t e = 0;
+    for (;;) {
+        uint64_t epa = table + ((va >> ptemu_level_shift(level)) & 511) * 8;
+        if (plain) {
+            if (psize < 8 || epa > psize - 8) {
+                cause = PTEMU_CAUSE_BUS;
+                break;
+            }
+            memcpy(&e, pbase + epa, 8);
+        } else if (!ptemu_load64(mem, epa, &e)) {
+            cause = ept && ept->pending ? PTEMU_CAUSE_EPT : PTEMU_CAUSE_BUS;
+            break;
+        }
+        epas[n] = epa;
+        ents[n] = e;
+        n++;
+        if (!(e & PTEMU_PTE_P)) {
+            cause = PTEMU_CAUSE_NOT_PRESENT;
+            break;
+        }
+        if (e & c->rsvd[level][(e >> 7) & 1]) {
+            cause = PTEMU_CAUSE_RSVD;
+            break;
+        }
+        /* 4.6: R/W and U/S ANDed over levels (their bit positions are
+         * PTEMU_TE_W/U), XD ORed (bit 63 lands on PTEMU_TE_NX = bit 0). */
+        rights &= (uint32_t)e | ~(uint32_t)(PTEMU_TE_W | PTEMU_TE_U);
+        rights |= (uint32_t)((e & nx_mask) >> 63);
+        rights_at[n - 1] = rights;
+        /* PS in PML4E/PML5E was rejected above as reserved; at level 1
+         * bit 7 is PAT. */
+        if (level == 1 || (e & PTEMU_PTE_PS))
+            break;
+        /* QEMU order marks a non-leaf entry once it passed P and reserved
+         * bits; the leaf only after the rights check, like the default. */
+        if (set_a_now && !(e & PTEMU_PTE_A)) {
+            if (!ptemu_or8(c->mem, epa, (uint8_t)PTEMU_PTE_A)) {
+                cause = PTEMU_CAUSE_EPT;
+                break;
+            }
+            ents[n - 1] = e | PTEMU_PTE_A;
+        }
+        table = e & addr_mask;
+        level--;
+    }
+    *level_io = level;
+    *rights_io = rights;
+    *n_out = n;
+    *e_out = e;
+    return cause;
+}
+
 /*
  * A translation once the TLB was probed: hit is what ptemu_tlb_lookup()
  * found for this access (hit->way NULL: a miss, or no TLB), so that batch loops
@@ -294,64 +364,23 @@ static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uin
         ptemu_psc_lookup(tlb, va, c->pcid, c->levels, &level, &table, &rights);
     const uint32_t first_level = level;
 
-    /* Locals, so that stores into *o (or A-bit byte stores, which may alias
-     * anything) cannot force reloads of the context.  Plain memory -- no
-     * frame table, no EPT -- is read directly with the same bounds check as
-     * ptemu_word(). */
+    /* Plain memory -- no frame table, no EPT -- is read directly with the
+     * same bounds check as ptemu_word(). */
     const ptemu_mem *mem = c->mem;
     const int plain = !mem->frames && !mem->ept;
-    const uint8_t *pbase = mem->base;
-    const uint64_t psize = mem->size;
-    const uint64_t addr_mask = c->addr_mask, nx_mask = c->nx_mask;
+    const uint64_t addr_mask = c->addr_mask;
     const int set_a_now = c->eager_a && !(flags & PTEMU_IN_NO_AD);
     uint64_t epas[PTEMU_MAX_LEVELS], ents[PTEMU_MAX_LEVELS];
     uint32_t rights_at[PTEMU_MAX_LEVELS];   /* combined rights down to entry i */
-    uint32_t n = 0, cause = PTEMU_CAUSE_NONE;
+    uint32_t n = 0, cause;
     uint64_t e = 0;
-    for (;;) {
-        uint64_t epa = table + ((va >> ptemu_level_shift(level)) & 511) * 8;
-        if (plain) {
-            if (psize < 8 || epa > psize - 8) {
-                cause = PTEMU_CAUSE_BUS;
-                break;
-            }
-            memcpy(&e, pbase + epa, 8);
-        } else if (!ptemu_load64(mem, epa, &e)) {
-            cause = ept && ept->pending ? PTEMU_CAUSE_EPT : PTEMU_CAUSE_BUS;
-            break;
-        }
-        epas[n] = epa;
-        ents[n] = e;
-        n++;
-        if (!(e & PTEMU_PTE_P)) {
-            cause = PTEMU_CAUSE_NOT_PRESENT;
-            break;
-        }
-        if (e & c->rsvd[level][(e >> 7) & 1]) {
-            cause = PTEMU_CAUSE_RSVD;
-            break;
-        }
-        /* 4.6: R/W and U/S ANDed over levels (their bit positions are
-         * PTEMU_TE_W/U), XD ORed (bit 63 lands on PTEMU_TE_NX = bit 0). */
-        rights &= (uint32_t)e | ~(uint32_t)(PTEMU_TE_W | PTEMU_TE_U);
-        rights |= (uint32_t)((e & nx_mask) >> 63);
-        rights_at[n - 1] = rights;
-        /* PS in PML4E/PML5E was rejected above as reserved; at level 1
-         * bit 7 is PAT. */
-        if (level == 1 || (e & PTEMU_PTE_PS))
-            break;
-        /* QEMU order marks a non-leaf entry once it passed P and reserved
-         * bits; the leaf only after the rights check, like the default. */
-        if (set_a_now && !(e & PTEMU_PTE_A)) {
-            if (!ptemu_or8(c->mem, epa, (uint8_t)PTEMU_PTE_A)) {
-                cause = PTEMU_CAUSE_EPT;
-                break;
-            }
-            ents[n - 1] = e | PTEMU_PTE_A;
-        }
-        table = e & addr_mask;
-        level--;
-    }
+    /* The usual case (plain memory, A/D after the checks) as a loop of its
+     * own, free of the tests for the others. */
+    if (plain && !set_a_now)
+        cause = walk_levels(c, va, 1, 0, &level, table, &rights, epas, ents, rights_at, &n, &e);
+    else
+        cause = walk_levels(c, va, plain, set_a_now, &level, table, &rights, epas, ents,
+                            rights_at, &n, &e);
     for (uint32_t i = 0; entries && i < n; i++) {
         o->entry_pa[i] = epas[i];
         o->entry[i] = ents[i];
