@@ -98,9 +98,10 @@ static PTEMU_INLINE uint32_t oldest_way_n(const uint64_t *stamp, const uint32_t 
     uint32_t v = 0;
     PTEMU_UNROLL
     for (uint32_t w = 1; w < ways; w++) {
-        const int older = stamp[w] < oldest;
-        oldest = older ? stamp[w] : oldest;
-        v = older ? w : v;
+        /* Masks, so that the compiler cannot turn the selects into branches. */
+        const uint64_t older = (uint64_t)0 - (uint64_t)(stamp[w] < oldest);
+        oldest ^= (oldest ^ stamp[w]) & older;
+        v ^= (v ^ w) & (uint32_t)older;
     }
     return v;
 }

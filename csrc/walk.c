@@ -81,14 +81,10 @@ void ptemu_ctx_init(ptemu_ctx *c, const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tl
  * I/D only when instruction fetches can be told apart (NXE or SMEP). */
 static inline uint32_t access_bits(const ptemu_ctx *c, uint32_t access, uint32_t flags)
 {
-    uint32_t ec = 0;
-    if (access == PTEMU_ACC_WRITE)
-        ec |= PTEMU_PF_W;
-    if (flags & PTEMU_IN_USER)
-        ec |= PTEMU_PF_U;
-    if (access == PTEMU_ACC_FETCH && (c->nxe || c->smep))
-        ec |= PTEMU_PF_I;
-    return ec;
+    /* Products, not branches: the access kind of a stream is unpredictable. */
+    return (uint32_t)(access == PTEMU_ACC_WRITE) * PTEMU_PF_W |
+           (uint32_t)((flags & PTEMU_IN_USER) != 0) * PTEMU_PF_U |
+           (uint32_t)(access == PTEMU_ACC_FETCH && (c->nxe | c->smep)) * PTEMU_PF_I;
 }
 
 /*
@@ -248,7 +244,8 @@ static PTEMU_INLINE uint64_t hit_pa(const ptemu_tlb_hit *h, uint64_t va)
 static PTEMU_INLINE uint32_t walk_levels(const ptemu_ctx *c, uint64_t va, const int plain,
                                          const int set_a_now, uint32_t *level_io, uint64_t table,
                                          uint32_t *rights_io, uint64_t *epas, uint64_t *ents,
-                                         uint32_t *rights_at, uint32_t *n_out, uint64_t *e_out)
+                                         uint32_t *rights_at, uint32_t *n_out, uint64_t *e_out,
+                                         uint64_t *and_out)
 {
     /* Locals, so that stores (A-bit byte stores may alias anything) cannot
      * force reloads of the context. */
@@ -258,7 +255,7 @@ static PTEMU_INLINE uint32_t walk_levels(const ptemu_ctx *c, uint64_t va, const 
     const uint64_t psize = mem->size;
     const uint64_t addr_mask = c->addr_mask, nx_mask = c->nx_mask;
     uint32_t level = *level_io, rights = *rights_io, n = 0, cause = PTEMU_CAUSE_NONE;
-    uint64_t e = 0;
+    uint64_t e = 0, and_all = ~0ULL;
     for (;;) {
         uint64_t epa = table + ((va >> ptemu_level_shift(level)) & 511) * 8;
         if (plain) {
@@ -274,6 +271,7 @@ static PTEMU_INLINE uint32_t walk_levels(const ptemu_ctx *c, uint64_t va, const 
         epas[n] = epa;
         ents[n] = e;
         n++;
+        and_all &= e;
         if (!(e & PTEMU_PTE_P)) {
             cause = PTEMU_CAUSE_NOT_PRESENT;
             break;
@@ -307,6 +305,7 @@ static PTEMU_INLINE uint32_t walk_levels(const ptemu_ctx *c, uint64_t va, const 
     *rights_io = rights;
     *n_out = n;
     *e_out = e;
+    *and_out = and_all;     /* the AND of the entries as read */
     return cause;
 }
 
@@ -373,14 +372,15 @@ static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uin
     uint64_t epas[PTEMU_MAX_LEVELS], ents[PTEMU_MAX_LEVELS];
     uint32_t rights_at[PTEMU_MAX_LEVELS];   /* combined rights down to entry i */
     uint32_t n = 0, cause;
-    uint64_t e = 0;
+    uint64_t e = 0, and_all;
     /* The usual case (plain memory, A/D after the checks) as a loop of its
      * own, free of the tests for the others. */
     if (plain && !set_a_now)
-        cause = walk_levels(c, va, 1, 0, &level, table, &rights, epas, ents, rights_at, &n, &e);
+        cause = walk_levels(c, va, 1, 0, &level, table, &rights, epas, ents, rights_at, &n, &e,
+                            &and_all);
     else
         cause = walk_levels(c, va, plain, set_a_now, &level, table, &rights, epas, ents,
-                            rights_at, &n, &e);
+                            rights_at, &n, &e, &and_all);
     for (uint32_t i = 0; entries && i < n; i++) {
         o->entry_pa[i] = epas[i];
         o->entry[i] = ents[i];
@@ -413,7 +413,10 @@ static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uin
     if (!(flags & PTEMU_IN_NO_AD)) {
         /* 4.8: every check has passed; now set A everywhere and D in the
          * leaf on a write.  Entries were in bounds when loaded. */
-        for (uint32_t i = 0; i < n; i++) {
+        /* Usually every A is set already: one test for all of them (an
+         * entry whose A the eager order set counts as clear here, and the
+         * loop then finds it set). */
+        for (uint32_t i = 0; !(and_all & PTEMU_PTE_A) && i < n; i++) {
             if (!(ents[i] & PTEMU_PTE_A)) {
                 if (!ptemu_or8(c->mem, epas[i], (uint8_t)PTEMU_PTE_A))
                     return ept_exit_fault(f, ept, va);

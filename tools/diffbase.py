@@ -60,10 +60,41 @@ def _va(rng, la57):
 def _program(seed, out):
     import numpy as np
     import ptemu
+    import ptemu.pagetable
     rng = np.random.default_rng(seed)
     mem = ptemu.PhysicalMemory(MEM)
-    mem.array.view(np.uint64)[:] = _memory(rng, np, ptemu)
     la57 = rng.random() < 0.2
+    if rng.random() < 0.25:
+        # raw random words: walks into anything (faults of every kind)
+        mem.array.view(np.uint64)[:] = _memory(rng, np, ptemu)
+        root = int(rng.integers(0, MEM >> 12)) << 12
+        pool = [_va(rng, la57) for _ in range(48)]
+    else:
+        # well-formed tables with random leaf rights, A/D, sizes and keys
+        b = ptemu.pagetable.PageTableBuilder(mem, la57=la57, table_start=MEM // 2)
+        pool = []
+        for _ in range(int(rng.integers(8, 64))):
+            size = int(rng.choice([4096, 4096, 4096, 2 << 20, 1 << 30]))
+            va = _va(rng, la57) & ~(size - 1) & ((1 << (56 if la57 else 47)) - 1)
+            fl = ptemu.PTE_P
+            for bitv, p in ((ptemu.PTE_W, 0.8), (ptemu.PTE_U, 0.7), (ptemu.PTE_A, 0.7),
+                            (ptemu.PTE_D, 0.6), (ptemu.PTE_G, 0.3), (1 << 63, 0.15)):
+                if rng.random() < p:
+                    fl |= bitv
+            tfl = ptemu.PTE_P | ptemu.PTE_W | ptemu.PTE_U
+            if rng.random() < 0.3:
+                tfl |= ptemu.PTE_A
+            if rng.random() < 0.1:
+                tfl &= ~ptemu.PTE_W
+            try:
+                b.map(va, int(rng.integers(0, 1 << 20)) * size % (1 << 40), page_size=size,
+                      flags=fl, table_flags=tfl,
+                      pkey=int(rng.integers(0, 16)) if rng.random() < 0.3 else 0)
+            except ptemu.InvalidInput:
+                continue
+            for _ in range(3):
+                pool.append(va | int(rng.integers(0, size)) & ~7)
+        root = b.cr3
     cr4 = ptemu.CR4_PAE | (ptemu.CR4_LA57 if la57 else 0)
     for bitv, p in ((ptemu.CR4_PGE, 0.5), (ptemu.CR4_SMEP, 0.3), (ptemu.CR4_SMAP, 0.3),
                     (ptemu.CR4_PKE, 0.2)):
@@ -71,18 +102,18 @@ def _program(seed, out):
             cr4 |= bitv
     cr0 = ptemu.CR0_PG | ptemu.CR0_PE | (ptemu.CR0_WP if rng.random() < 0.7 else 0)
     efer = ptemu.EFER_LME | ptemu.EFER_LMA | (ptemu.EFER_NXE if rng.random() < 0.7 else 0)
-    cpu = ptemu.CpuState(cr0=cr0, cr3=int(rng.integers(0, MEM >> 12)) << 12, cr4=cr4,
+    cpu = ptemu.CpuState(cr0=cr0, cr3=root, cr4=cr4,
                          efer=efer, cpl=int(rng.choice([0, 3])), ac=bool(rng.random() < 0.3),
-                         pkru=int(rng.integers(0, 1 << 32)), maxphyaddr=int(rng.choice([36, 46, 52])),
+                         pkru=int(rng.integers(0, 1 << 32)), maxphyaddr=int(rng.choice([46, 52])),
                          eager_accessed=bool(rng.random() < 0.15))
     kind = rng.integers(0, 3)
     tlb = (ptemu.Tlb.default() if kind == 0 else ptemu.Tlb.simple(entries=16, ways=4)
            if kind == 1 else None)
     mmu = ptemu.Mmu(mem, cpu, tlb)
-    pool = [_va(rng, la57) for _ in range(48)]
+    pool = pool or [_va(rng, la57)]
 
     def pick():
-        return pool[int(rng.integers(0, len(pool)))] if rng.random() < 0.7 else _va(rng, la57)
+        return pool[int(rng.integers(0, len(pool)))] if rng.random() < 0.9 else _va(rng, la57)
 
     def state():
         h = hashlib.sha1(mem.array.tobytes())
@@ -130,10 +161,14 @@ def _program(seed, out):
             tr["access"] = rng.integers(0, 3, size=n)
             tr["user"] = rng.random(n) < 0.6
             pa = np.zeros(n, dtype=np.uint64)
-            r = mmu.run(tr, pa=pa)
-            res = ("run", r.index, r.vector, r.error_code, r.cr2, r.cause, pa.tolist())
+            stops, start = [], 0
+            while start < n:     # on past each fault, as a kernel handling it would
+                r = mmu.run(tr, start=start, pa=pa)
+                stops.append((r.index, r.vector, r.error_code, r.cr2, r.cause))
+                start = r.index + 1
+            res = ("run", stops, pa.tolist())
         elif op < 0.9:
-            v = int(rng.integers(0, MEM >> 12)) << 12
+            v = root if rng.random() < 0.7 else int(rng.integers(0, MEM >> 12)) << 12
             try:
                 mmu.write_cr3(v)
                 res = ("cr3", v)
