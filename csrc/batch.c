@@ -4,6 +4,8 @@
  * benchmarks measure the full walker against.  Nothing here allocates; the
  * walk context is derived once per call.
  */
+#include <time.h>
+
 #include "ptemu.h"
 
 /*
@@ -142,28 +144,199 @@ static PTEMU_NOINLINE int translate_one_slow(const ptemu_ctx *c, uint64_t va, ui
                   : translate_one(c, va, acc, flags, pa, vector, error_code, 0);
 }
 
+/*
+ * quick_walk() for QUICK_LANES addresses at once, level by level: the loads
+ * of one level are independent and in flight together -- what keeps walks
+ * whose tables sit in DRAM from waiting on one load at a time (a hardware
+ * walker keeps several walks outstanding for the same reason).  It costs
+ * more instructions than quick_walk() one address at a time, which is the
+ * better choice where the tables sit in cache; quick_loop() measures both.
+ * ok[l] = 1 with pa[l] exactly where quick_walk() gives them.
+ */
+#define QUICK_LANES 4
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8
+/* Unrolled whole, so that the lanes' state stays in registers. */
+#define QUICK_UNROLL _Pragma("GCC unroll 8")
+#else
+#define QUICK_UNROLL
+#endif
+
+static PTEMU_INLINE void quick_group(const ptemu_ctx *c, const quick *q, const uint32_t levels,
+                                     const uint64_t *va, const uint32_t *acc, uint64_t *pa,
+                                     int *ok)
+{
+    const uint32_t cb = levels == 5 ? 57 : 48;
+    uint64_t table[QUICK_LANES], all[QUICK_LANES], any[QUICK_LANES], leaf[QUICK_LANES];
+    uint32_t leaf_level[QUICK_LANES];
+    int walking[QUICK_LANES];
+    QUICK_UNROLL
+    for (uint32_t l = 0; l < QUICK_LANES; l++) {
+        walking[l] = acc[l] <= PTEMU_ACC_FETCH &&
+                     (uint64_t)((int64_t)(va[l] << (64 - cb)) >> (64 - cb)) == va[l];
+        table[l] = q->top;
+        all[l] = ~0ULL;
+        any[l] = 0;
+        leaf[l] = 0;
+        leaf_level[l] = 0;
+    }
+    QUICK_UNROLL
+    for (uint32_t level = levels; level >= 1; level--) {
+        const uint32_t shift = ptemu_level_shift(level);
+        QUICK_UNROLL
+        for (uint32_t l = 0; l < QUICK_LANES; l++) {
+            if (!walking[l])
+                continue;
+            const uint64_t epa = table[l] + ((va[l] >> shift) & 511) * 8;
+            uint64_t e;
+            if (epa > q->lim) {
+                walking[l] = 0;
+                continue;
+            }
+            memcpy(&e, q->base + epa, 8);
+            all[l] &= e;
+            any[l] |= e;
+            if (level == 1) {
+                walking[l] = 0;
+                if ((e & q->leaf_mask[1][acc[l]]) == q->leaf_want[acc[l]]) {
+                    leaf[l] = e;
+                    leaf_level[l] = 1;
+                }
+                continue;
+            }
+            if ((e & q->table_mask[level]) != q->table_want) {
+                /* as in quick_walk(): a large leaf, or the full walk's case */
+                walking[l] = 0;
+                if (level <= 3 && (e & PTEMU_PTE_PS) &&
+                    (e & q->leaf_mask[level][acc[l]]) == q->leaf_want[acc[l]]) {
+                    leaf[l] = e;
+                    leaf_level[l] = level;
+                }
+                continue;
+            }
+            table[l] = e & q->addr_mask;
+        }
+    }
+    QUICK_UNROLL
+    for (uint32_t l = 0; l < QUICK_LANES; l++) {
+        ok[l] = 0;
+        if (!leaf_level[l])
+            continue;
+        const uint64_t e = leaf[l];
+        const uint32_t rights = (uint32_t)(all[l] & (PTEMU_TE_W | PTEMU_TE_U)) |
+                                (uint32_t)((any[l] & q->nx_mask) >> 63);
+        if (c->rtab[acc[l]][q->mode][rights] ||
+            (q->keys && keys_check(c, acc[l], q->mode, rights,
+                                   (uint32_t)(e >> PTEMU_PTE_PKEY_SHIFT) & 15, 0)))
+            continue;
+        const uint64_t off = (1ULL << ptemu_level_shift(leaf_level[l])) - 1;
+        pa[l] = (e & q->addr_mask & ~off) | (va[l] & off);
+        ok[l] = 1;
+    }
+}
+
+/* One address of quick_loop(): its quick result, or the full walk. */
+static PTEMU_INLINE uint64_t quick_store(const ptemu_ctx *c, uint64_t k, uint64_t va,
+                                         uint32_t acc, uint32_t flags, int ok, uint64_t p,
+                                         uint64_t *pa, uint8_t *vector, uint32_t *error_code,
+                                         const int zeroed)
+{
+    if (ok) {
+        pa[k] = p;
+        if (!zeroed) {
+            vector[k] = 0;
+            error_code[k] = 0;
+        }
+        return 0;
+    }
+    return (uint64_t)translate_one_slow(c, va, acc, flags, &pa[k], &vector[k], &error_code[k],
+                                        zeroed);
+}
+
+/* Addresses [i, end) one at a time (grouped = 0) or QUICK_LANES at a time.
+ * The addresses a group declines take the full walk after it, in index
+ * order.  Quick results do not depend on what those full walks write (A/D
+ * bits only, which a quick walk needs set and which stay set), so the
+ * results are those of one address after another either way. */
+static PTEMU_INLINE uint64_t quick_range(const ptemu_ctx *c, const quick *q, const uint32_t levels,
+                                         const int grouped, const uint64_t *va,
+                                         const uint8_t *access, uint32_t access_all,
+                                         uint32_t flags, uint64_t i, uint64_t end, uint64_t *pa,
+                                         uint8_t *vector, uint32_t *error_code, const int zeroed)
+{
+    uint64_t faults = 0;
+    for (; grouped && i + QUICK_LANES <= end; i += QUICK_LANES) {
+        uint32_t acc[QUICK_LANES];
+        uint64_t p[QUICK_LANES];
+        int ok[QUICK_LANES];
+        for (uint32_t l = 0; l < QUICK_LANES; l++)
+            acc[l] = access ? access[i + l] : access_all;
+        quick_group(c, q, levels, va + i, acc, p, ok);
+        for (uint32_t l = 0; l < QUICK_LANES; l++)
+            faults += quick_store(c, i + l, va[i + l], acc[l], flags, ok[l], p[l], pa, vector,
+                                  error_code, zeroed);
+    }
+    for (; i < end; i++) {
+        const uint32_t acc = access ? access[i] : access_all;
+        uint64_t p = 0;
+        const int ok = acc <= PTEMU_ACC_FETCH && quick_walk(c, q, levels, va[i], acc, &p);
+        faults += quick_store(c, i, va[i], acc, flags, ok, p, pa, vector, error_code, zeroed);
+    }
+    return faults;
+}
+
+/*
+ * Which is faster -- one address at a time (fewest instructions: tables in
+ * cache) or grouped (most loads in flight: tables in DRAM) -- depends on the
+ * CPU, its caches and the image, so a long batch times both on a chunk each
+ * and takes the faster for the next QUICK_REPROBE chunks.  Only the speed
+ * depends on the choice, never a result.  Short batches go grouped (which
+ * runs both walks: the groups, then the remainder one by one).
+ */
+#define QUICK_CHUNK 4096
+#define QUICK_REPROBE 64
+
+static inline uint64_t quick_clock_ns(void)
+{
+#if defined(CLOCK_MONOTONIC)
+    struct timespec ts;
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) == 0)
+        return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+#endif
+    return 0;
+}
+
 static PTEMU_INLINE uint64_t quick_loop(const ptemu_ctx *c, const quick *q, const uint32_t levels,
                                         const uint64_t *va, const uint8_t *access,
                                         uint32_t access_all, uint32_t flags, uint64_t n,
                                         uint64_t *pa, uint8_t *vector, uint32_t *error_code,
                                         const int zeroed)
 {
-    uint64_t faults = 0;
-    for (uint64_t i = 0; i < n; i++) {
-        const uint32_t acc = access ? access[i] : access_all;
-        uint64_t p;
-        if (acc <= PTEMU_ACC_FETCH && quick_walk(c, q, levels, va[i], acc, &p)) {
-            pa[i] = p;
-            if (!zeroed) {
-                vector[i] = 0;
-                error_code[i] = 0;
-            }
-        } else {
-            faults += translate_one_slow(c, va[i], acc, flags, &pa[i], &vector[i],
-                                         &error_code[i], zeroed);
+#define QUICK_RANGE(g, from, to) \
+    quick_range(c, q, levels, g, va, access, access_all, flags, from, to, pa, vector, \
+                error_code, zeroed)
+    uint64_t faults = 0, i = 0;
+    int grouped = 1;
+    uint32_t until_probe = 0;
+    while (i < n) {
+        if (!until_probe && n - i >= 2 * QUICK_CHUNK) {
+            const uint64_t t0 = quick_clock_ns();
+            faults += QUICK_RANGE(0, i, i + QUICK_CHUNK);
+            const uint64_t t1 = quick_clock_ns();
+            faults += QUICK_RANGE(1, i + QUICK_CHUNK, i + 2 * QUICK_CHUNK);
+            const uint64_t t2 = quick_clock_ns();
+            grouped = t2 - t1 < t1 - t0;
+            i += 2 * QUICK_CHUNK;
+            until_probe = QUICK_REPROBE;
+            continue;
         }
+        const uint64_t end = n - i < QUICK_CHUNK ? n : i + QUICK_CHUNK;
+        faults += grouped ? QUICK_RANGE(1, i, end) : QUICK_RANGE(0, i, end);
+        i = end;
+        if (until_probe)
+            until_probe--;
     }
     return faults;
+#undef QUICK_RANGE
 }
 
 static uint64_t translate_many_ctx(const ptemu_ctx *c, const ptemu_cpu *cpu, const uint64_t *va,
