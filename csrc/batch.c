@@ -153,13 +153,7 @@ static PTEMU_NOINLINE int translate_one_slow(const ptemu_ctx *c, uint64_t va, ui
  * better choice where the tables sit in cache; quick_loop() measures both.
  * ok[l] = 1 with pa[l] exactly where quick_walk() gives them.
  */
-#define QUICK_LANES 4
-#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8
-/* Unrolled whole, so that the lanes' state stays in registers. */
-#define QUICK_UNROLL _Pragma("GCC unroll 8")
-#else
-#define QUICK_UNROLL
-#endif
+#define QUICK_LANES 8
 
 static PTEMU_INLINE void quick_group(const ptemu_ctx *c, const quick *q, const uint32_t levels,
                                      const uint64_t *va, const uint32_t *acc, uint64_t *pa,
@@ -169,7 +163,6 @@ static PTEMU_INLINE void quick_group(const ptemu_ctx *c, const quick *q, const u
     uint64_t table[QUICK_LANES], all[QUICK_LANES], any[QUICK_LANES], leaf[QUICK_LANES];
     uint32_t leaf_level[QUICK_LANES];
     int walking[QUICK_LANES];
-    QUICK_UNROLL
     for (uint32_t l = 0; l < QUICK_LANES; l++) {
         walking[l] = acc[l] <= PTEMU_ACC_FETCH &&
                      (uint64_t)((int64_t)(va[l] << (64 - cb)) >> (64 - cb)) == va[l];
@@ -179,10 +172,8 @@ static PTEMU_INLINE void quick_group(const ptemu_ctx *c, const quick *q, const u
         leaf[l] = 0;
         leaf_level[l] = 0;
     }
-    QUICK_UNROLL
     for (uint32_t level = levels; level >= 1; level--) {
         const uint32_t shift = ptemu_level_shift(level);
-        QUICK_UNROLL
         for (uint32_t l = 0; l < QUICK_LANES; l++) {
             if (!walking[l])
                 continue;
@@ -216,7 +207,6 @@ static PTEMU_INLINE void quick_group(const ptemu_ctx *c, const quick *q, const u
             table[l] = e & q->addr_mask;
         }
     }
-    QUICK_UNROLL
     for (uint32_t l = 0; l < QUICK_LANES; l++) {
         ok[l] = 0;
         if (!leaf_level[l])
@@ -315,16 +305,21 @@ static PTEMU_INLINE uint64_t quick_loop(const ptemu_ctx *c, const quick *q, cons
     quick_range(c, q, levels, g, va, access, access_all, flags, from, to, pa, vector, \
                 error_code, zeroed)
     uint64_t faults = 0, i = 0;
-    int grouped = 1;
+    int grouped = 1, first = 0;
     uint32_t until_probe = 0;
     while (i < n) {
         if (!until_probe && n - i >= 2 * QUICK_CHUNK) {
+            /* Each strategy times one chunk; which goes first alternates,
+             * since the first may pay for caches the second finds warm. */
             const uint64_t t0 = quick_clock_ns();
-            faults += QUICK_RANGE(0, i, i + QUICK_CHUNK);
+            faults += first ? QUICK_RANGE(1, i, i + QUICK_CHUNK)
+                            : QUICK_RANGE(0, i, i + QUICK_CHUNK);
             const uint64_t t1 = quick_clock_ns();
-            faults += QUICK_RANGE(1, i + QUICK_CHUNK, i + 2 * QUICK_CHUNK);
+            faults += first ? QUICK_RANGE(0, i + QUICK_CHUNK, i + 2 * QUICK_CHUNK)
+                            : QUICK_RANGE(1, i + QUICK_CHUNK, i + 2 * QUICK_CHUNK);
             const uint64_t t2 = quick_clock_ns();
-            grouped = t2 - t1 < t1 - t0;
+            grouped = first ? t1 - t0 < t2 - t1 : t2 - t1 < t1 - t0;
+            first = !first;
             i += 2 * QUICK_CHUNK;
             until_probe = QUICK_REPROBE;
             continue;
