@@ -4,108 +4,112 @@
  * benchmarks measure the full walker against.  Nothing here allocates; the
  * walk context is derived once per call.
  */
+#include <time.h>
+
 #include "ptemu.h"
 
-/* Addresses walked together by the fast path of translate_many. */
-#define PTEMU_GROUP 8
-
 /*
- * The common case of a batch without TLB on plain (or sparse) memory, with no side
- * effect: the walk succeeds and every A bit (and D for a write) is already
- * set, so nothing is written.  ok[l] = 1 with pa[l] for each such address;
- * ok[l] = 0 sends it to the full walk -- any fault, any A/D to set -- which
- * gives the exact answer, so this path can only be faster, never different.
+ * The common case of translate_many without TLB on plain memory, with no
+ * side effect: the walk succeeds and every A bit (and D for a write) is
+ * already set, so nothing is written.  quick_walk() returns 1 with *pa for
+ * such an address; 0 sends it to the full walk -- any fault, any A/D to set
+ * -- which gives the exact answer, so this path can only be faster, never
+ * different.  Addresses are taken in index order, each seeing the A/D bits
+ * the full walks before it set: the results are those of walking them one
+ * by one.
  *
- * A walk is a chain of dependent loads; walking up to PTEMU_GROUP addresses
- * level by level puts the independent loads of one level in flight together
- * (as a hardware page walker with several walks outstanding does).
- *
- * Order: these walks write nothing, and the full walks that follow (in
- * index order) write only A/D bits, which no result here depends on except
- * to turn "something to write" into "nothing to write" -- an address this
- * path declined then gets the same answer from the full walk.  So results
- * equal walking the addresses one by one.
+ * One test per level does the work of three: P=1, A=1 (when A/D are
+ * updated) and no reserved bit, as (e & mask) == want (SDM 4.5.4, 4.8).  A
+ * loop of short independent walks lets the core overlap the loads of
+ * several addresses by itself, as a hardware walker with several walks
+ * outstanding does.
  */
-static PTEMU_INLINE void fast_walk_group(const ptemu_ctx *c, const uint8_t *base, uint64_t size,
-                                         const uint64_t *va, const uint8_t *access,
-                                         uint32_t access_all, uint32_t flags, uint32_t m,
-                                         uint64_t *pa, uint8_t *ok)
-{
-    /* Per address: the next table; the AND and the OR of the entries read
-     * (R/W, U/S and A must be 1 in all -- their AND; XD in any -- the OR,
-     * SDM 4.6, 4.8); the leaf and its level (0: no leaf reached). */
-    uint64_t table[PTEMU_GROUP], all[PTEMU_GROUP], any_bits[PTEMU_GROUP], ent[PTEMU_GROUP];
-    uint32_t leaf_level[PTEMU_GROUP];
-    uint8_t walking[PTEMU_GROUP];
-    const uint64_t addr_mask = c->addr_mask;
-    int more = 0;
+typedef struct quick {
+    const uint8_t *base;
+    uint64_t lim;               /* last valid entry address: memory size - 8 */
+    uint64_t top, addr_mask, nx_mask;
+    uint64_t table_mask[6];     /* by level: reserved bits of a table entry, P, A, PS */
+    uint64_t table_want;        /* P, and A when A/D are updated */
+    uint64_t leaf_mask[4][3];   /* by level and access kind: reserved bits of the
+                                   leaf form, P, A, and D for a write */
+    uint64_t leaf_want[3];
+    uint32_t mode;              /* flags & (USER|IMPLICIT): the rights table's row */
+    uint32_t keys;              /* CR4.PKE or CR4.PKS: the key check runs */
+} quick;
 
-    for (uint32_t l = 0; l < m; l++) {
-        uint32_t acc = access ? access[l] : access_all;
-        ok[l] = 0;
-        walking[l] = acc <= PTEMU_ACC_FETCH && ptemu_canonical(c, va[l]);
-        more |= walking[l];
-        table[l] = c->top_table;
-        all[l] = ~0ULL;
-        any_bits[l] = 0;
-        leaf_level[l] = 0;
+static void quick_of(const ptemu_ctx *c, uint32_t flags, quick *q)
+{
+    const uint64_t a = (flags & PTEMU_IN_NO_AD) ? 0 : PTEMU_PTE_A;
+    q->base = c->mem->base;
+    q->lim = c->mem->size - 8;      /* size >= 8: see the caller */
+    q->top = c->top_table;
+    q->addr_mask = c->addr_mask;
+    q->nx_mask = c->nx_mask;
+    q->table_want = PTEMU_PTE_P | a;
+    for (uint32_t l = 1; l <= 5; l++)
+        q->table_mask[l] = c->rsvd[l][0] | PTEMU_PTE_P | a | PTEMU_PTE_PS;
+    for (uint32_t acc = 0; acc < 3; acc++) {
+        const uint64_t d = (acc == PTEMU_ACC_WRITE && a) ? PTEMU_PTE_D : 0;
+        q->leaf_want[acc] = PTEMU_PTE_P | a | d;
+        /* level 1: bit 7 is PAT; 2 and 3: the large-page form */
+        q->leaf_mask[1][acc] = c->rsvd[1][0] | PTEMU_PTE_P | a | d;
+        q->leaf_mask[2][acc] = c->rsvd[2][1] | PTEMU_PTE_P | a | d;
+        q->leaf_mask[3][acc] = c->rsvd[3][1] | PTEMU_PTE_P | a | d;
     }
-    for (uint32_t level = c->levels; level >= 1 && more; level--) {
-        const uint32_t shift = ptemu_level_shift(level);
-        const uint64_t rsvd_table = c->rsvd[level][0], rsvd_large = c->rsvd[level][1];
-        more = 0;
-        for (uint32_t l = 0; l < m; l++) {
-            if (!walking[l])
-                continue;
-            uint64_t epa = table[l] + ((va[l] >> shift) & 511) * 8, e;
-            const uint8_t *p = base + epa;
-            walking[l] = 0;
-            /* Sparse memory (size 0) looks the word up in its segment map
-             * on this refusing side only (physmap.c). */
-            if (size < 8 || epa > size - 8) {
-                p = c->mem->nseg ? ptemu_physmap_word(c->mem, epa) : 0;
-                if (!p)
-                    continue;
-            }
-            memcpy(&e, p, 8);
-            if (!(e & PTEMU_PTE_P) || (e & ((e & PTEMU_PTE_PS) ? rsvd_large : rsvd_table)))
-                continue;
-            all[l] &= e;
-            any_bits[l] |= e;
-            if (level == 1 || (e & PTEMU_PTE_PS)) {
-                ent[l] = e;
-                leaf_level[l] = level;
-                continue;
-            }
-            table[l] = e & addr_mask;
-            walking[l] = 1;
-            more = 1;
-        }
-    }
-    for (uint32_t l = 0; l < m; l++) {
-        if (!leaf_level[l])
-            continue;
-        uint32_t acc = access ? access[l] : access_all;
-        uint64_t e = ent[l];
-        /* PTEMU_TE_W/U sit at the entry's R/W and U/S bits; XD lands on
-         * PTEMU_TE_NX (bit 0). */
-        uint32_t rights = (uint32_t)(all[l] & (PTEMU_TE_W | PTEMU_TE_U)) |
-                          (uint32_t)((any_bits[l] & c->nx_mask) >> 63);
-        uint64_t need = PTEMU_PTE_A | (acc == PTEMU_ACC_WRITE ? PTEMU_PTE_D : 0);
-        /* D is the leaf's own bit; A must be set in every entry. */
-        uint64_t have = (all[l] & PTEMU_PTE_A) | (e & PTEMU_PTE_D);
-        if (((have & need) != need && !(flags & PTEMU_IN_NO_AD)) ||
-            rights_check(c, acc, flags, rights, (uint32_t)(e >> PTEMU_PTE_PKEY_SHIFT) & 15))
-            continue;
-        uint64_t sz = 1ULL << ptemu_level_shift(leaf_level[l]);
-        pa[l] = (e & addr_mask & ~(sz - 1)) | (va[l] & (sz - 1));
-        ok[l] = 1;
-    }
+    q->mode = flags & (PTEMU_IN_USER | PTEMU_IN_IMPLICIT);
+    q->keys = c->pke | c->pks;
 }
 
-/* One address of a batch through the full translation; 1 when it faulted. */
-static inline int translate_one(const ptemu_ctx *c, uint64_t va, uint32_t acc, uint32_t flags,
-                                uint64_t *pa, uint8_t *vector, uint32_t *error_code)
+/* levels is a constant at each call, so the level loop unrolls. */
+static PTEMU_INLINE int quick_walk(const ptemu_ctx *c, const quick *q, const uint32_t levels,
+                                   uint64_t va, uint32_t acc, uint64_t *pa)
+{
+    const uint32_t cb = levels == 5 ? 57 : 48;
+    if ((uint64_t)((int64_t)(va << (64 - cb)) >> (64 - cb)) != va)
+        return 0;
+    uint64_t table = q->top, all = ~0ULL, any = 0, e = 0;
+    uint32_t level = levels;
+    for (;; level--) {
+        const uint64_t epa = table + ((va >> ptemu_level_shift(level)) & 511) * 8;
+        if (epa > q->lim)
+            return 0;
+        memcpy(&e, q->base + epa, 8);
+        all &= e;
+        any |= e;
+        if (level == 1) {
+            if ((e & q->leaf_mask[1][acc]) != q->leaf_want[acc])
+                return 0;
+            break;
+        }
+        if ((e & q->table_mask[level]) != q->table_want) {
+            /* Not a plain table entry: a large leaf (PS in a PDPTE or PDE),
+             * or anything the full walk must look at. */
+            if (level > 3 || !(e & PTEMU_PTE_PS) ||
+                (e & q->leaf_mask[level][acc]) != q->leaf_want[acc])
+                return 0;
+            break;
+        }
+        table = e & q->addr_mask;
+    }
+    /* 4.6: R/W and U/S ANDed (at the PTEMU_TE_W/U bit positions), XD ORed
+     * (bit 63 onto PTEMU_TE_NX). */
+    const uint32_t rights = (uint32_t)(all & (PTEMU_TE_W | PTEMU_TE_U)) |
+                            (uint32_t)((any & q->nx_mask) >> 63);
+    if (c->rtab[acc][q->mode][rights] ||
+        (q->keys && keys_check(c, acc, q->mode, rights,
+                               (uint32_t)(e >> PTEMU_PTE_PKEY_SHIFT) & 15, 0)))
+        return 0;
+    const uint64_t off = (1ULL << ptemu_level_shift(level)) - 1;
+    *pa = (e & q->addr_mask & ~off) | (va & off);
+    return 1;
+}
+
+/* One address of a batch through the full translation; 1 when it faulted.
+ * zeroed: vector and error_code are known to hold 0, written only on a
+ * fault. */
+static PTEMU_INLINE int translate_one(const ptemu_ctx *c, uint64_t va, uint32_t acc,
+                                      uint32_t flags, uint64_t *pa, uint8_t *vector,
+                                      uint32_t *error_code, const int zeroed)
 {
     ptemu_walk_out o;
     ptemu_fault f;
@@ -118,8 +122,10 @@ static inline int translate_one(const ptemu_ctx *c, uint64_t va, uint32_t acc, u
     }
     if (r == PTEMU_OK) {
         *pa = o.pa;
-        *vector = 0;
-        *error_code = 0;
+        if (!zeroed) {
+            *vector = 0;
+            *error_code = 0;
+        }
         return 0;
     }
     *pa = 0;
@@ -128,39 +134,253 @@ static inline int translate_one(const ptemu_ctx *c, uint64_t va, uint32_t acc, u
     return 1;
 }
 
+/* The full walk of one address, out of line: keeps the quick loop's
+ * registers. */
+static PTEMU_NOINLINE int translate_one_slow(const ptemu_ctx *c, uint64_t va, uint32_t acc,
+                                             uint32_t flags, uint64_t *pa, uint8_t *vector,
+                                             uint32_t *error_code, int zeroed)
+{
+    return zeroed ? translate_one(c, va, acc, flags, pa, vector, error_code, 1)
+                  : translate_one(c, va, acc, flags, pa, vector, error_code, 0);
+}
+
+/*
+ * quick_walk() for QUICK_LANES addresses at once, level by level: the loads
+ * of one level are independent and in flight together -- what keeps walks
+ * whose tables sit in DRAM from waiting on one load at a time (a hardware
+ * walker keeps several walks outstanding for the same reason).  It costs
+ * more instructions than quick_walk() one address at a time, which is the
+ * better choice where the tables sit in cache; quick_loop() measures both.
+ * ok[l] = 1 with pa[l] exactly where quick_walk() gives them.
+ */
+#define QUICK_LANES 8
+
+static PTEMU_INLINE void quick_group(const ptemu_ctx *c, const quick *q, const uint32_t levels,
+                                     const uint64_t *va, const uint32_t *acc, uint64_t *pa,
+                                     int *ok)
+{
+    const uint32_t cb = levels == 5 ? 57 : 48;
+    uint64_t table[QUICK_LANES], all[QUICK_LANES], any[QUICK_LANES], leaf[QUICK_LANES];
+    uint32_t leaf_level[QUICK_LANES];
+    int walking[QUICK_LANES];
+    for (uint32_t l = 0; l < QUICK_LANES; l++) {
+        walking[l] = acc[l] <= PTEMU_ACC_FETCH &&
+                     (uint64_t)((int64_t)(va[l] << (64 - cb)) >> (64 - cb)) == va[l];
+        table[l] = q->top;
+        all[l] = ~0ULL;
+        any[l] = 0;
+        leaf[l] = 0;
+        leaf_level[l] = 0;
+    }
+    for (uint32_t level = levels; level >= 1; level--) {
+        const uint32_t shift = ptemu_level_shift(level);
+        for (uint32_t l = 0; l < QUICK_LANES; l++) {
+            if (!walking[l])
+                continue;
+            const uint64_t epa = table[l] + ((va[l] >> shift) & 511) * 8;
+            uint64_t e;
+            if (epa > q->lim) {
+                walking[l] = 0;
+                continue;
+            }
+            memcpy(&e, q->base + epa, 8);
+            all[l] &= e;
+            any[l] |= e;
+            if (level == 1) {
+                walking[l] = 0;
+                if ((e & q->leaf_mask[1][acc[l]]) == q->leaf_want[acc[l]]) {
+                    leaf[l] = e;
+                    leaf_level[l] = 1;
+                }
+                continue;
+            }
+            if ((e & q->table_mask[level]) != q->table_want) {
+                /* as in quick_walk(): a large leaf, or the full walk's case */
+                walking[l] = 0;
+                if (level <= 3 && (e & PTEMU_PTE_PS) &&
+                    (e & q->leaf_mask[level][acc[l]]) == q->leaf_want[acc[l]]) {
+                    leaf[l] = e;
+                    leaf_level[l] = level;
+                }
+                continue;
+            }
+            table[l] = e & q->addr_mask;
+        }
+    }
+    for (uint32_t l = 0; l < QUICK_LANES; l++) {
+        ok[l] = 0;
+        if (!leaf_level[l])
+            continue;
+        const uint64_t e = leaf[l];
+        const uint32_t rights = (uint32_t)(all[l] & (PTEMU_TE_W | PTEMU_TE_U)) |
+                                (uint32_t)((any[l] & q->nx_mask) >> 63);
+        if (c->rtab[acc[l]][q->mode][rights] ||
+            (q->keys && keys_check(c, acc[l], q->mode, rights,
+                                   (uint32_t)(e >> PTEMU_PTE_PKEY_SHIFT) & 15, 0)))
+            continue;
+        const uint64_t off = (1ULL << ptemu_level_shift(leaf_level[l])) - 1;
+        pa[l] = (e & q->addr_mask & ~off) | (va[l] & off);
+        ok[l] = 1;
+    }
+}
+
+/* One address of quick_loop(): its quick result, or the full walk. */
+static PTEMU_INLINE uint64_t quick_store(const ptemu_ctx *c, uint64_t k, uint64_t va,
+                                         uint32_t acc, uint32_t flags, int ok, uint64_t p,
+                                         uint64_t *pa, uint8_t *vector, uint32_t *error_code,
+                                         const int zeroed)
+{
+    if (ok) {
+        pa[k] = p;
+        if (!zeroed) {
+            vector[k] = 0;
+            error_code[k] = 0;
+        }
+        return 0;
+    }
+    return (uint64_t)translate_one_slow(c, va, acc, flags, &pa[k], &vector[k], &error_code[k],
+                                        zeroed);
+}
+
+/* Addresses [i, end) one at a time (grouped = 0) or QUICK_LANES at a time.
+ * The addresses a group declines take the full walk after it, in index
+ * order.  Quick results do not depend on what those full walks write (A/D
+ * bits only, which a quick walk needs set and which stay set), so the
+ * results are those of one address after another either way. */
+static PTEMU_INLINE uint64_t quick_range(const ptemu_ctx *c, const quick *q, const uint32_t levels,
+                                         const int grouped, const uint64_t *va,
+                                         const uint8_t *access, uint32_t access_all,
+                                         uint32_t flags, uint64_t i, uint64_t end, uint64_t *pa,
+                                         uint8_t *vector, uint32_t *error_code, const int zeroed)
+{
+    uint64_t faults = 0;
+    for (; grouped && i + QUICK_LANES <= end; i += QUICK_LANES) {
+        uint32_t acc[QUICK_LANES];
+        uint64_t p[QUICK_LANES];
+        int ok[QUICK_LANES];
+        for (uint32_t l = 0; l < QUICK_LANES; l++)
+            acc[l] = access ? access[i + l] : access_all;
+        quick_group(c, q, levels, va + i, acc, p, ok);
+        for (uint32_t l = 0; l < QUICK_LANES; l++)
+            faults += quick_store(c, i + l, va[i + l], acc[l], flags, ok[l], p[l], pa, vector,
+                                  error_code, zeroed);
+    }
+    for (; i < end; i++) {
+        const uint32_t acc = access ? access[i] : access_all;
+        uint64_t p = 0;
+        const int ok = acc <= PTEMU_ACC_FETCH && quick_walk(c, q, levels, va[i], acc, &p);
+        faults += quick_store(c, i, va[i], acc, flags, ok, p, pa, vector, error_code, zeroed);
+    }
+    return faults;
+}
+
+/*
+ * Which is faster -- one address at a time (fewest instructions: tables in
+ * cache) or grouped (most loads in flight: tables in DRAM) -- depends on the
+ * CPU, its caches and the image, so a long batch times both on a chunk each
+ * and takes the faster for the next QUICK_REPROBE chunks.  Only the speed
+ * depends on the choice, never a result.  Short batches go grouped (which
+ * runs both walks: the groups, then the remainder one by one).
+ */
+#define QUICK_CHUNK 4096
+#define QUICK_REPROBE 64
+
+static inline uint64_t quick_clock_ns(void)
+{
+#if defined(CLOCK_MONOTONIC)
+    struct timespec ts;
+    if (clock_gettime(CLOCK_MONOTONIC, &ts) == 0)
+        return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+#endif
+    return 0;
+}
+
+static PTEMU_INLINE uint64_t quick_loop(const ptemu_ctx *c, const quick *q, const uint32_t levels,
+                                        const uint64_t *va, const uint8_t *access,
+                                        uint32_t access_all, uint32_t flags, uint64_t n,
+                                        uint64_t *pa, uint8_t *vector, uint32_t *error_code,
+                                        const int zeroed)
+{
+#define QUICK_RANGE(g, from, to) \
+    quick_range(c, q, levels, g, va, access, access_all, flags, from, to, pa, vector, \
+                error_code, zeroed)
+    uint64_t faults = 0, i = 0;
+    int grouped = 1, first = 0;
+    uint32_t until_probe = 0;
+    while (i < n) {
+        if (!until_probe && n - i >= 2 * QUICK_CHUNK) {
+            /* Each strategy times one chunk; which goes first alternates,
+             * since the first may pay for caches the second finds warm. */
+            const uint64_t t0 = quick_clock_ns();
+            faults += first ? QUICK_RANGE(1, i, i + QUICK_CHUNK)
+                            : QUICK_RANGE(0, i, i + QUICK_CHUNK);
+            const uint64_t t1 = quick_clock_ns();
+            faults += first ? QUICK_RANGE(0, i + QUICK_CHUNK, i + 2 * QUICK_CHUNK)
+                            : QUICK_RANGE(1, i + QUICK_CHUNK, i + 2 * QUICK_CHUNK);
+            const uint64_t t2 = quick_clock_ns();
+            grouped = first ? t1 - t0 < t2 - t1 : t2 - t1 < t1 - t0;
+            first = !first;
+            i += 2 * QUICK_CHUNK;
+            until_probe = QUICK_REPROBE;
+            continue;
+        }
+        const uint64_t end = n - i < QUICK_CHUNK ? n : i + QUICK_CHUNK;
+        faults += grouped ? QUICK_RANGE(1, i, end) : QUICK_RANGE(0, i, end);
+        i = end;
+        if (until_probe)
+            until_probe--;
+    }
+    return faults;
+#undef QUICK_RANGE
+}
+
+static uint64_t translate_many_ctx(const ptemu_ctx *c, const ptemu_cpu *cpu, const uint64_t *va,
+                                   const uint8_t *access, uint32_t access_all, uint32_t flags,
+                                   uint64_t n, uint64_t *pa, uint8_t *vector,
+                                   uint32_t *error_code, int zeroed)
+{
+    uint64_t faults = 0;
+    const ptemu_mem *mem = c->mem;
+    flags = ptemu_resolve_flags(cpu, flags);
+    if (c->tlb || mem->frames || mem->ept || !c->levels || c->eager_a || mem->size < 8) {
+        for (uint64_t i = 0; i < n; i++)
+            faults += translate_one_slow(c, va[i], access ? access[i] : access_all, flags,
+                                         &pa[i], &vector[i], &error_code[i], zeroed);
+        return faults;
+    }
+    quick q;
+    quick_of(c, flags, &q);
+    if (c->levels == 5)
+        return zeroed ? quick_loop(c, &q, 5, va, access, access_all, flags, n, pa, vector,
+                                   error_code, 1)
+                      : quick_loop(c, &q, 5, va, access, access_all, flags, n, pa, vector,
+                                   error_code, 0);
+    return zeroed ? quick_loop(c, &q, 4, va, access, access_all, flags, n, pa, vector,
+                               error_code, 1)
+                  : quick_loop(c, &q, 4, va, access, access_all, flags, n, pa, vector,
+                               error_code, 0);
+}
+
 uint64_t ptemu_translate_many(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
                               const uint64_t *va, const uint8_t *access,
                               uint32_t access_all, uint32_t flags, uint64_t n,
                               uint64_t *pa, uint8_t *vector, uint32_t *error_code)
 {
     ptemu_ctx c;
-    uint64_t faults = 0;
     ptemu_ctx_init(&c, cpu, mem, tlb);
     ptemu_ctx_tables(&c);
-    flags = ptemu_resolve_flags(cpu, flags);
-    if (tlb || mem->frames || mem->ept || !c.levels || c.eager_a) {
-        for (uint64_t i = 0; i < n; i++)
-            faults += translate_one(&c, va[i], access ? access[i] : access_all, flags, &pa[i],
-                                    &vector[i], &error_code[i]);
-        return faults;
-    }
-    for (uint64_t i = 0; i < n; i += PTEMU_GROUP) {
-        uint32_t m = n - i < PTEMU_GROUP ? (uint32_t)(n - i) : PTEMU_GROUP;
-        uint8_t ok[PTEMU_GROUP];
-        fast_walk_group(&c, mem->base, mem->size, va + i, access ? access + i : NULL, access_all,
-                        flags, m, pa + i, ok);
-        for (uint32_t l = 0; l < m; l++) {
-            uint64_t k = i + l;
-            if (ok[l]) {
-                vector[k] = 0;
-                error_code[k] = 0;
-            } else {
-                faults += translate_one(&c, va[k], access ? access[k] : access_all, flags,
-                                        &pa[k], &vector[k], &error_code[k]);
-            }
-        }
-    }
-    return faults;
+    return translate_many_ctx(&c, cpu, va, access, access_all, flags, n, pa, vector,
+                              error_code, 0);
+}
+
+uint64_t ptemu_mmu_translate_many(ptemu_mmu *m, const uint64_t *va, const uint8_t *access,
+                                  uint32_t access_all, uint32_t flags, uint64_t n,
+                                  uint64_t *pa, uint8_t *vector, uint32_t *error_code)
+{
+    ptemu_ctx scratch;
+    const ptemu_ctx *c = ptemu_mmu_ctx(m, &scratch, 1);
+    return translate_many_ctx(c, m->cpu, va, access, access_all, flags, n, pa, vector,
+                              error_code, 1);
 }
 
 /*
@@ -225,13 +445,12 @@ static PTEMU_NOINLINE int run_slow(const ptemu_ctx *c, uint64_t va, uint32_t acc
     return r;
 }
 
-uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
-                   const ptemu_trace_rec *trace, uint64_t n, uint64_t start,
-                   uint64_t *pa, ptemu_fault *fault)
+static uint64_t run_ctx(const ptemu_ctx *cp, const ptemu_trace_rec *trace, uint64_t n,
+                        uint64_t start, uint64_t *pa, ptemu_fault *fault)
 {
-    ptemu_ctx c;
-    ptemu_ctx_init(&c, cpu, mem, tlb);
-    ptemu_ctx_tables(&c);
+    const ptemu_ctx c = *cp;
+    ptemu_mem *const mem = c.mem;
+    ptemu_tlb *const tlb = c.tlb;
     /* With paging on, a TLB and no EPT, the loop takes the common hit --
      * in the first array probed, usable as it is -- itself.  Everything
      * else goes to the one translation path (run_slow), told how far the
@@ -291,6 +510,23 @@ uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
             return i;
     }
     return n;
+}
+
+uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
+                   const ptemu_trace_rec *trace, uint64_t n, uint64_t start,
+                   uint64_t *pa, ptemu_fault *fault)
+{
+    ptemu_ctx c;
+    ptemu_ctx_init(&c, cpu, mem, tlb);
+    ptemu_ctx_tables(&c);
+    return run_ctx(&c, trace, n, start, pa, fault);
+}
+
+uint64_t ptemu_mmu_run(ptemu_mmu *m, const ptemu_trace_rec *trace, uint64_t n,
+                       uint64_t start, uint64_t *pa)
+{
+    ptemu_ctx scratch;
+    return run_ctx(ptemu_mmu_ctx(m, &scratch, 1), trace, n, start, pa, &m->fault);
 }
 
 /*

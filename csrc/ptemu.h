@@ -65,6 +65,11 @@ int  ptemu_ctx_translate(const ptemu_ctx *c, uint64_t va, uint32_t access, uint3
 
 void ptemu_ctx_tables(ptemu_ctx *c);
 
+/* The context for a call through an Mmu handle: its cache, derived again
+ * (with the rights table) when m->cpu, m->mem or m->tlb changed since; with
+ * no cache, derived into *scratch, with the rights table when tables is 1. */
+const ptemu_ctx *ptemu_mmu_ctx(ptemu_mmu *m, ptemu_ctx *scratch, int tables);
+
 uint32_t ptemu_resolve_flags(const ptemu_cpu *cpu, uint32_t flags);
 
 /* SDM 4.5.1 / 3.3.7.1: bits 63:47 (63:56) must all equal bit 47 (56). */

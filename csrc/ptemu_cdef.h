@@ -295,6 +295,14 @@ typedef struct ptemu_trace_rec {
     uint8_t  pad[6];
 } ptemu_trace_rec;
 
+/* The walk context (ptemu.h: ptemu_ctx, with its rights table) an Mmu keeps
+ * between calls, with the ptemu_cpu contents and the mem and tlb pointers it
+ * was derived from: a call whose state differs in any byte derives it
+ * again, so a stale context is never used.  Opaque to Python. */
+typedef struct ptemu_ctx_cache {
+    uint64_t opaque[72];
+} ptemu_ctx_cache;
+
 /* An Mmu's handle: what one scalar call needs behind one pointer (a cffi
  * call costs per argument), and the result slots it fills. */
 typedef struct ptemu_mmu {
@@ -303,6 +311,7 @@ typedef struct ptemu_mmu {
     ptemu_tlb *tlb;         /* NULL: no TLB */
     ptemu_walk_out *out;    /* Python-owned (a bytearray it unpacks in one go) */
     ptemu_fault fault;
+    ptemu_ctx_cache *cache; /* NULL: the context is derived on every call */
 } ptemu_mmu;
 
 /* ---- Functions ------------------------------------------------------------ */
@@ -314,6 +323,17 @@ int ptemu_abi_version(void);
 /* Scalar translation through an Mmu handle: fills m->out or m->fault and
  * returns PTEMU_OK, PTEMU_VEC_GP or PTEMU_VEC_PF. */
 int ptemu_mmu_translate(ptemu_mmu *m, uint64_t va, uint32_t access, uint32_t flags);
+
+/* translate_many and run through an Mmu handle (its cache, if any):
+ * ptemu_mmu_translate_many writes vector[i] and error_code[i] only for the
+ * addresses that fault -- the caller passes them zero-filled -- and pa[i]
+ * for every address (0 on a fault); ptemu_mmu_run reports the fault in
+ * m->fault.  Otherwise as ptemu_translate_many and ptemu_run below. */
+uint64_t ptemu_mmu_translate_many(ptemu_mmu *m, const uint64_t *va, const uint8_t *access,
+                                  uint32_t access_all, uint32_t flags, uint64_t n,
+                                  uint64_t *pa, uint8_t *vector, uint32_t *error_code);
+uint64_t ptemu_mmu_run(ptemu_mmu *m, const ptemu_trace_rec *trace, uint64_t n,
+                       uint64_t start, uint64_t *pa);
 
 /* Translate one access.  tlb may be NULL.  Returns PTEMU_OK (out filled),
  * PTEMU_VEC_GP or PTEMU_VEC_PF (fault filled; out holds the entries read). */

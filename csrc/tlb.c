@@ -48,11 +48,31 @@ static inline uint64_t key_of(uint64_t tag, uint32_t size)
 
 static inline uint32_t key_size(uint64_t key) { return (uint32_t)(key >> 1) & 3u; }
 
+/* The associativities of real TLB and paging-structure-cache arrays, as
+ * constants: at each of them the compiler unrolls the loop over the ways of
+ * a set (a compare and a branch per way, which a probe that misses
+ * predicts well); any other count takes the loop as written. */
+#if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 8
+#define PTEMU_UNROLL _Pragma("GCC unroll 16")
+#else
+#define PTEMU_UNROLL
+#endif
+#define PTEMU_BY_WAYS(ways, EXPR)                                             \
+    switch (ways) {                                                           \
+    case 2:  { const uint32_t W_ = 2;  EXPR; }                                \
+    case 4:  { const uint32_t W_ = 4;  EXPR; }                                \
+    case 8:  { const uint32_t W_ = 8;  EXPR; }                                \
+    case 12: { const uint32_t W_ = 12; EXPR; }                                \
+    case 16: { const uint32_t W_ = 16; EXPR; }                                \
+    default: { const uint32_t W_ = (ways); EXPR; }                            \
+    }
+
 /* The first way of a set (row: its key run) that holds key for this PCID
  * -- or for any PCID when its data has global_bit set -- or -1. */
-static PTEMU_INLINE int find_way(const uint64_t *row, uint32_t ways, uint64_t key,
-                                 uint32_t pcid, uint64_t global_bit)
+static PTEMU_INLINE int find_way_n(const uint64_t *row, const uint32_t ways, uint64_t key,
+                                   uint32_t pcid, uint64_t global_bit)
 {
+    PTEMU_UNROLL
     for (uint32_t w = 0; w < ways; w++) {
         if (row[w] != key)
             continue;
@@ -61,6 +81,34 @@ static PTEMU_INLINE int find_way(const uint64_t *row, uint32_t ways, uint64_t ke
             return (int)w;
     }
     return -1;
+}
+
+static PTEMU_INLINE int find_way(const uint64_t *row, uint32_t ways, uint64_t key,
+                                 uint32_t pcid, uint64_t global_bit)
+{
+    PTEMU_BY_WAYS(ways, return find_way_n(row, W_, key, pcid, global_bit))
+}
+
+/* The least recently used way of a set: the smallest stamp, the first one
+ * on a tie (an invalid way has stamp 0, so it is taken first).  Selects,
+ * not branches: which way is oldest is unpredictable. */
+static PTEMU_INLINE uint32_t oldest_way_n(const uint64_t *stamp, const uint32_t ways)
+{
+    uint64_t oldest = stamp[0];
+    uint32_t v = 0;
+    PTEMU_UNROLL
+    for (uint32_t w = 1; w < ways; w++) {
+        /* Masks, so that the compiler cannot turn the selects into branches. */
+        const uint64_t older = (uint64_t)0 - (uint64_t)(stamp[w] < oldest);
+        oldest ^= (oldest ^ stamp[w]) & older;
+        v ^= (v ^ w) & (uint32_t)older;
+    }
+    return v;
+}
+
+static PTEMU_INLINE uint32_t oldest_way(const uint64_t *stamp, uint32_t ways)
+{
+    PTEMU_BY_WAYS(ways, return oldest_way_n(stamp, W_))
 }
 
 /* find_way() for a probe that usually hits (the first-level one; ways <=
@@ -199,16 +247,7 @@ static PTEMU_INLINE uint64_t *array_fill(ptemu_tlb_array *a, uint64_t key, uint6
             goto install;
         }
     }
-    {
-        /* Selects, not branches: which way is oldest is unpredictable. */
-        const uint64_t *stamp = row + ways;
-        uint64_t oldest = stamp[0];
-        for (uint32_t w = 1; w < ways; w++) {
-            const int older = stamp[w] < oldest;
-            oldest = older ? stamp[w] : oldest;
-            v = older ? w : v;
-        }
-    }
+    v = oldest_way(row + ways, ways);
     if (row[v])
         a->evictions++;
 install:

@@ -81,14 +81,10 @@ void ptemu_ctx_init(ptemu_ctx *c, const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tl
  * I/D only when instruction fetches can be told apart (NXE or SMEP). */
 static inline uint32_t access_bits(const ptemu_ctx *c, uint32_t access, uint32_t flags)
 {
-    uint32_t ec = 0;
-    if (access == PTEMU_ACC_WRITE)
-        ec |= PTEMU_PF_W;
-    if (flags & PTEMU_IN_USER)
-        ec |= PTEMU_PF_U;
-    if (access == PTEMU_ACC_FETCH && (c->nxe || c->smep))
-        ec |= PTEMU_PF_I;
-    return ec;
+    /* Products, not branches: the access kind of a stream is unpredictable. */
+    return (uint32_t)(access == PTEMU_ACC_WRITE) * PTEMU_PF_W |
+           (uint32_t)((flags & PTEMU_IN_USER) != 0) * PTEMU_PF_U |
+           (uint32_t)(access == PTEMU_ACC_FETCH && (c->nxe | c->smep)) * PTEMU_PF_I;
 }
 
 /*
@@ -240,6 +236,79 @@ static PTEMU_INLINE uint64_t hit_pa(const ptemu_tlb_hit *h, uint64_t va)
     return ptemu_td_base(h->data) | (va & ((1ULL << ptemu_level_shift(h->size + 1u)) - 1));
 }
 
+/* The level loop of a walk from `*level` at `table`: the entries read go
+ * to epas[]/ents[] (*n of them), the rights combined down to each to
+ * rights_at[]; returns PTEMU_CAUSE_NONE with the leaf in *e and its level
+ * in *level, or why the walk stopped there.  plain and set_a_now are
+ * constants at each call, so each call site gets its own loop. */
+static PTEMU_INLINE uint32_t walk_levels(const ptemu_ctx *c, uint64_t va, const int plain,
+                                         const int set_a_now, uint32_t *level_io, uint64_t table,
+                                         uint32_t *rights_io, uint64_t *epas, uint64_t *ents,
+                                         uint32_t *rights_at, uint32_t *n_out, uint64_t *e_out,
+                                         uint64_t *and_out)
+{
+    /* Locals, so that stores (A-bit byte stores may alias anything) cannot
+     * force reloads of the context. */
+    const ptemu_mem *mem = c->mem;
+    const ptemu_ept *ept = mem->ept;
+    const uint8_t *pbase = mem->base;
+    const uint64_t psize = mem->size;
+    const uint64_t addr_mask = c->addr_mask, nx_mask = c->nx_mask;
+    uint32_t level = *level_io, rights = *rights_io, n = 0, cause = PTEMU_CAUSE_NONE;
+    uint64_t e = 0, and_all = ~0ULL;
+    for (;;) {
+        uint64_t epa = table + ((va >> ptemu_level_shift(level)) & 511) * 8;
+        if (plain) {
+            if (psize < 8 || epa > psize - 8) {
+                cause = PTEMU_CAUSE_BUS;
+                break;
+            }
+            memcpy(&e, pbase + epa, 8);
+        } else if (!ptemu_load64(mem, epa, &e)) {
+            cause = ept && ept->pending ? PTEMU_CAUSE_EPT : PTEMU_CAUSE_BUS;
+            break;
+        }
+        epas[n] = epa;
+        ents[n] = e;
+        n++;
+        and_all &= e;
+        if (!(e & PTEMU_PTE_P)) {
+            cause = PTEMU_CAUSE_NOT_PRESENT;
+            break;
+        }
+        if (e & c->rsvd[level][(e >> 7) & 1]) {
+            cause = PTEMU_CAUSE_RSVD;
+            break;
+        }
+        /* 4.6: R/W and U/S ANDed over levels (their bit positions are
+         * PTEMU_TE_W/U), XD ORed (bit 63 lands on PTEMU_TE_NX = bit 0). */
+        rights &= (uint32_t)e | ~(uint32_t)(PTEMU_TE_W | PTEMU_TE_U);
+        rights |= (uint32_t)((e & nx_mask) >> 63);
+        rights_at[n - 1] = rights;
+        /* PS in PML4E/PML5E was rejected above as reserved; at level 1
+         * bit 7 is PAT. */
+        if (level == 1 || (e & PTEMU_PTE_PS))
+            break;
+        /* QEMU order marks a non-leaf entry once it passed P and reserved
+         * bits; the leaf only after the rights check, like the default. */
+        if (set_a_now && !(e & PTEMU_PTE_A)) {
+            if (!ptemu_or8(c->mem, epa, (uint8_t)PTEMU_PTE_A)) {
+                cause = PTEMU_CAUSE_EPT;
+                break;
+            }
+            ents[n - 1] = e | PTEMU_PTE_A;
+        }
+        table = e & addr_mask;
+        level--;
+    }
+    *level_io = level;
+    *rights_io = rights;
+    *n_out = n;
+    *e_out = e;
+    *and_out = and_all;     /* the AND of the entries as read */
+    return cause;
+}
+
 /*
  * A translation once the TLB was probed: hit is what ptemu_tlb_lookup()
  * found for this access (hit->way NULL: a miss, or no TLB), so that batch loops
@@ -294,64 +363,24 @@ static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uin
         ptemu_psc_lookup(tlb, va, c->pcid, c->levels, &level, &table, &rights);
     const uint32_t first_level = level;
 
-    /* Locals, so that stores into *o (or A-bit byte stores, which may alias
-     * anything) cannot force reloads of the context.  Plain memory -- no
-     * frame table, no EPT, no segment map -- is read directly with the same
-     * bounds check as ptemu_word(). */
+    /* Plain memory -- no frame table, no EPT, no segment map -- is read
+     * directly with the same bounds check as ptemu_word(). */
     const ptemu_mem *mem = c->mem;
     const int plain = !mem->frames && !mem->ept && !mem->nseg;
-    const uint8_t *pbase = mem->base;
-    const uint64_t psize = mem->size;
-    const uint64_t addr_mask = c->addr_mask, nx_mask = c->nx_mask;
+    const uint64_t addr_mask = c->addr_mask;
     const int set_a_now = c->eager_a && !(flags & PTEMU_IN_NO_AD);
     uint64_t epas[PTEMU_MAX_LEVELS], ents[PTEMU_MAX_LEVELS];
     uint32_t rights_at[PTEMU_MAX_LEVELS];   /* combined rights down to entry i */
-    uint32_t n = 0, cause = PTEMU_CAUSE_NONE;
-    uint64_t e = 0;
-    for (;;) {
-        uint64_t epa = table + ((va >> ptemu_level_shift(level)) & 511) * 8;
-        if (plain) {
-            if (psize < 8 || epa > psize - 8) {
-                cause = PTEMU_CAUSE_BUS;
-                break;
-            }
-            memcpy(&e, pbase + epa, 8);
-        } else if (!ptemu_load64(mem, epa, &e)) {
-            cause = ept && ept->pending ? PTEMU_CAUSE_EPT : PTEMU_CAUSE_BUS;
-            break;
-        }
-        epas[n] = epa;
-        ents[n] = e;
-        n++;
-        if (!(e & PTEMU_PTE_P)) {
-            cause = PTEMU_CAUSE_NOT_PRESENT;
-            break;
-        }
-        if (e & c->rsvd[level][(e >> 7) & 1]) {
-            cause = PTEMU_CAUSE_RSVD;
-            break;
-        }
-        /* 4.6: R/W and U/S ANDed over levels (their bit positions are
-         * PTEMU_TE_W/U), XD ORed (bit 63 lands on PTEMU_TE_NX = bit 0). */
-        rights &= (uint32_t)e | ~(uint32_t)(PTEMU_TE_W | PTEMU_TE_U);
-        rights |= (uint32_t)((e & nx_mask) >> 63);
-        rights_at[n - 1] = rights;
-        /* PS in PML4E/PML5E was rejected above as reserved; at level 1
-         * bit 7 is PAT. */
-        if (level == 1 || (e & PTEMU_PTE_PS))
-            break;
-        /* QEMU order marks a non-leaf entry once it passed P and reserved
-         * bits; the leaf only after the rights check, like the default. */
-        if (set_a_now && !(e & PTEMU_PTE_A)) {
-            if (!ptemu_or8(c->mem, epa, (uint8_t)PTEMU_PTE_A)) {
-                cause = PTEMU_CAUSE_EPT;
-                break;
-            }
-            ents[n - 1] = e | PTEMU_PTE_A;
-        }
-        table = e & addr_mask;
-        level--;
-    }
+    uint32_t n = 0, cause;
+    uint64_t e = 0, and_all;
+    /* The usual case (plain memory, A/D after the checks) as a loop of its
+     * own, free of the tests for the others. */
+    if (plain && !set_a_now)
+        cause = walk_levels(c, va, 1, 0, &level, table, &rights, epas, ents, rights_at, &n, &e,
+                            &and_all);
+    else
+        cause = walk_levels(c, va, plain, set_a_now, &level, table, &rights, epas, ents,
+                            rights_at, &n, &e, &and_all);
     for (uint32_t i = 0; entries && i < n; i++) {
         o->entry_pa[i] = epas[i];
         o->entry[i] = ents[i];
@@ -384,7 +413,10 @@ static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uin
     if (!(flags & PTEMU_IN_NO_AD)) {
         /* 4.8: every check has passed; now set A everywhere and D in the
          * leaf on a write.  Entries were in bounds when loaded. */
-        for (uint32_t i = 0; i < n; i++) {
+        /* Usually every A is set already: one test for all of them (an
+         * entry whose A the eager order set counts as clear here, and the
+         * loop then finds it set). */
+        for (uint32_t i = 0; !(and_all & PTEMU_PTE_A) && i < n; i++) {
             if (!(ents[i] & PTEMU_PTE_A)) {
                 if (!ptemu_or8(c->mem, epas[i], (uint8_t)PTEMU_PTE_A))
                     return ept_exit_fault(f, ept, va);
@@ -521,13 +553,53 @@ int ptemu_translate(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
                                out, fault);
 }
 
+/* What ptemu_ctx_cache holds: the key the context was derived from, then
+ * the context. */
+typedef struct ctx_cached {
+    uint64_t  cpu[sizeof(ptemu_cpu) / 8];   /* the ptemu_cpu, word by word */
+    ptemu_mem *mem;
+    ptemu_tlb *tlb;
+    uint64_t  valid;
+    ptemu_ctx ctx;
+} ctx_cached;
+
+_Static_assert(sizeof(ctx_cached) <= sizeof(ptemu_ctx_cache), "ptemu_ctx_cache too small");
+_Static_assert(sizeof(ptemu_cpu) % 8 == 0, "ptemu_cpu has whole words");
+
+const ptemu_ctx *ptemu_mmu_ctx(ptemu_mmu *m, ptemu_ctx *scratch, int tables)
+{
+    if (!m->cache) {
+        ptemu_ctx_init(scratch, m->cpu, m->mem, m->tlb);
+        if (tables)
+            ptemu_ctx_tables(scratch);
+        return scratch;
+    }
+    ctx_cached *cc = (ctx_cached *)(void *)m->cache;
+    uint64_t cpu[sizeof(ptemu_cpu) / 8], diff = 0;
+    memcpy(cpu, m->cpu, sizeof cpu);
+    /* Every byte of the state, so that no field a walk reads can go stale
+     * (the mode bits, CR3's table and PCID, PKRU, AC, MAXPHYADDR...). */
+    for (size_t i = 0; i < sizeof cpu / 8; i++)
+        diff |= cpu[i] ^ cc->cpu[i];
+    if (diff | !cc->valid | (cc->mem != m->mem) | (cc->tlb != m->tlb)) {
+        ptemu_ctx_init(&cc->ctx, m->cpu, m->mem, m->tlb);
+        ptemu_ctx_tables(&cc->ctx);
+        memcpy(cc->cpu, cpu, sizeof cpu);
+        cc->mem = m->mem;
+        cc->tlb = m->tlb;
+        cc->valid = 1;
+    }
+    return &cc->ctx;
+}
+
 int ptemu_mmu_translate(ptemu_mmu *m, uint64_t va, uint32_t access, uint32_t flags)
 {
-    ptemu_walk_in in;
-    in.va = va;
-    in.access = access;
-    in.flags = flags;
-    return ptemu_translate(m->cpu, m->mem, m->tlb, &in, m->out, &m->fault);
+    if (access > PTEMU_ACC_FETCH)   /* as ptemu_translate() */
+        return ptemu_set_fault(&m->fault, PTEMU_VEC_GP, 0, 0, PTEMU_CAUSE_NONE, 0);
+    ptemu_ctx scratch;
+    const ptemu_ctx *c = ptemu_mmu_ctx(m, &scratch, 0);
+    return ptemu_ctx_translate(c, va, access, ptemu_resolve_flags(m->cpu, flags), m->out,
+                               &m->fault);
 }
 
 int ptemu_abi_version(void)

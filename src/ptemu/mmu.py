@@ -323,6 +323,9 @@ class Mapping:
 
 
 _mmu_translate = lib.ptemu_mmu_translate
+_mmu_translate_many = lib.ptemu_mmu_translate_many
+_mmu_run = lib.ptemu_mmu_run
+_from_buffer = ffi.from_buffer
 _unpack_out = _OUT.unpack_from
 _ACC = dict(ACCESS_CODES)
 _USER_FLAGS = {None: lib.PTEMU_IN_CPL, True: lib.PTEMU_IN_USER, False: 0}
@@ -361,6 +364,10 @@ class Mmu:
         self._outbuf = bytearray(_OUT.size)
         self._out_c = ffi.from_buffer("ptemu_walk_out *", self._outbuf)
         self._m.out = self._out_c
+        # The walk context and its rights table, kept until the CPU state
+        # (any byte of cpu._c), the memory or the TLB changes: C compares.
+        self._cache = ffi.new("ptemu_ctx_cache *")
+        self._m.cache = self._cache
         self._fault = ffi.addressof(self._m[0], "fault")
         self._ept_c = memory._c.ept if memory._c.ept != ffi.NULL else None
 
@@ -399,7 +406,9 @@ class Mmu:
             raise InvalidInput("user must be None, True or False, not %r" % (user,)) from None
         if r:
             self._raise(r, va)
-        return _new_translation(Translation, _unpack_out(self._outbuf))
+        # Translation(tuple): type(...) reaches tuple's constructor directly,
+        # about half the work of tuple.__new__(Translation, ...) in CPython.
+        return Translation(_unpack_out(self._outbuf))
 
     def walk_entries(self, va, access="r", user=None):
         """A side-effect-free walk: (entries, Translation or the fault).
@@ -445,13 +454,13 @@ class Mmu:
             acc_arr = ffi.from_buffer("uint8_t[]", access)
         flags = self._user_flag(user) | (0 if update_ad else lib.PTEMU_IN_NO_AD)
         pa = np.empty(n, dtype=np.uint64)
-        vector = np.empty(n, dtype=np.uint8)
-        ec = np.empty(n, dtype=np.uint32)
-        lib.ptemu_translate_many(self.cpu._c, self._mem_c, self._tlb_c,
-                                 ffi.from_buffer("uint64_t[]", vas), acc_arr, acc_all, flags, n,
-                                 ffi.from_buffer("uint64_t[]", pa),
-                                 ffi.from_buffer("uint8_t[]", vector),
-                                 ffi.from_buffer("uint32_t[]", ec))
+        # Zero-filled (untouched pages until a fault writes one): C writes
+        # vector and error_code only for the addresses that fault.
+        vector = np.zeros(n, dtype=np.uint8)
+        ec = np.zeros(n, dtype=np.uint32)
+        _mmu_translate_many(self._m, _from_buffer("uint64_t[]", vas), acc_arr, acc_all, flags, n,
+                            _from_buffer("uint64_t[]", pa), _from_buffer("uint8_t[]", vector),
+                            _from_buffer("uint32_t[]", ec))
         return BatchResult(pa, vector, ec)
 
     def run(self, trace, start=0, pa=None):
@@ -472,8 +481,7 @@ class Mmu:
             check_array(pa, np.uint64, "pa", writable=True, length=n)
             pa_ptr = ffi.from_buffer("uint64_t[]", pa, require_writable=True)
         f = self._fault
-        idx = lib.ptemu_run(self.cpu._c, self._mem_c, self._tlb_c,
-                            ffi.from_buffer("ptemu_trace_rec[]", trace), n, start, pa_ptr, f)
+        idx = _mmu_run(self._m, _from_buffer("ptemu_trace_rec[]", trace), n, start, pa_ptr)
         if idx == n:
             return RunResult(n, 0, 0, 0, "none", None)
         va = int(trace["va"][idx])
