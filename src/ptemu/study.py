@@ -550,15 +550,7 @@ def _machine(mode, guest_bytes, tlb, ept_levels):
     if mode == "paravirt":
         return hv.create_vm(guest_bytes, paging="paravirt", tlb=tlb)
     if mode == "nested":
-        if ept_levels in (None, 4):
-            return hv.create_vm(guest_bytes, paging="nested", tlb=tlb)
-        try:
-            return hv.create_vm(guest_bytes, paging="nested", tlb=tlb, ept_levels=ept_levels)
-        except TypeError:
-            # create_vm does not forward ept_levels (yet): the nested module's
-            # constructor, which create_vm itself calls, takes it.
-            from ptemu.hypervisor.nested import create_nested_vm
-            return create_nested_vm(hv, guest_bytes, tlb=tlb, ept_levels=ept_levels)
+        return hv.create_vm(guest_bytes, paging="nested", tlb=tlb, ept_levels=ept_levels or 4)
     raise StudyError("unknown mode %r (known: %s)" % (mode, ", ".join(MODES)))
 
 
