@@ -45,12 +45,13 @@ def boot(mem=MEM, **kw):
 def mappings(machine, cr3):
     """{va: Mapping} of the tables at cr3, read from guest memory by ptemu's own
     enumeration (no kernel code involved)."""
-    mmu = Mmu(machine.phys, CpuState.long_mode(cr3=cr3))
+    la57 = bool(machine.vcpu.cpu.cr4 & ptemu.CR4_LA57)      # the guest's paging depth
+    mmu = Mmu(machine.phys, CpuState.long_mode(cr3=cr3, la57=la57))
     return {m.va: m for m in mmu.mappings()}
 
 
 def user_maps(machine, cr3):
-    return {va: m for va, m in mappings(machine, cr3).items() if va < 1 << 47}
+    return {va: m for va, m in mappings(machine, cr3).items() if va < 1 << 63}
 
 
 def trace(*recs):
@@ -175,10 +176,11 @@ class TestNativeMachine:
 # ---------------------------------------------------------------------------
 # Boot: the direct map lives in guest memory
 # ---------------------------------------------------------------------------
+@pytest.mark.parametrize("levels", [4, 5])
 @pytest.mark.parametrize("dm", [1 << 21, PAGE])
-def test_direct_map_in_guest_memory(dm):
+def test_direct_map_in_guest_memory(dm, levels):
     size = (3 << 20) + 16 * PAGE              # not a multiple of 2 MiB: the tail is 4 KiB
-    m, k = boot(size, direct_map_page_size=dm)
+    m, k = boot(size, direct_map_page_size=dm, levels=levels)
     maps = mappings(m, m.vcpu.cpu.cr3)
     assert m.vcpu.cpu.cr3 == k.kernel_top
     covered = 0
@@ -700,3 +702,134 @@ def test_four_k_direct_map_kernel_works():
     top = k.procs[c].cr3
     mp = mappings(m, k.kernel_top)[DIRECT_MAP + top]
     assert mp.page_size == PAGE and mp.flags & (A | D) == A | D
+
+
+# ---------------------------------------------------------------------------
+# 5-level paging (Kernel(levels=5): CR4.LA57, a PML5 top table; SDM 4.5)
+# ---------------------------------------------------------------------------
+#: A user address only 5-level paging reaches: bits 56:48 (the PML5 index)
+#: = 0xf0 = 240, every lower index 0.  Non-canonical with 48-bit addresses.
+HIGH = 0x00f0000000000000
+
+
+def _five_level_machine(mode, ept_levels=4):
+    if mode == "native":
+        return NativeMachine(MEM)
+    hv = ptemu.Hypervisor(64 << 20)
+    if mode == "nested":
+        return hv.create_vm(MEM, paging="nested", ept_levels=ept_levels)
+    return hv.create_vm(MEM, paging="shadow" if mode == "unsync" else mode,
+                        unsync=mode == "unsync")
+
+
+def test_5level_boot_puts_the_direct_map_under_pml5_slot_511():
+    """SDM 4.5: with CR4.LA57 the top table is a PML5 indexed by bits 56:48.
+    DIRECT_MAP = 0xffff888000000000 has bits 56:48 = 0x1ff (511) and bits
+    47:39 = 0x111 (273): the PML5's one kernel entry is slot 511, which
+    points at a PML4 whose slot 273 holds the PDPT the 4-level kernel puts
+    straight in its top table."""
+    m4, k4 = boot(levels=4)
+    m5, k5 = boot(levels=5)
+    assert not m4.vcpu.cpu.cr4 & ptemu.CR4_LA57 and m5.vcpu.cpu.cr4 & ptemu.CR4_LA57
+    assert m4.vcpu.cpu.levels == 4 and m5.vcpu.cpu.levels == 5
+    top4 = np.frombuffer(m4.phys.read(k4.kernel_top, PAGE), "<u8")
+    top5 = np.frombuffer(m5.phys.read(k5.kernel_top, PAGE), "<u8")
+    assert np.flatnonzero(top4).tolist() == [273]
+    assert np.flatnonzero(top5).tolist() == [511]
+    assert int(top5[511]) & 0xFFF & ~A == P | W           # a kernel table entry
+    pml4 = np.frombuffer(m5.phys.read(int(top5[511]) & ADDR, PAGE), "<u8")
+    assert np.flatnonzero(pml4).tolist() == [273]
+    # Below the PML4 the two kernels built the same PDPT (same contents).
+    pdpt4 = m4.phys.read(int(top4[273]) & ADDR, PAGE)
+    pdpt5 = m5.phys.read(int(pml4[273]) & ADDR, PAGE)
+    strip = lambda b: (np.frombuffer(b, "<u8") & ~np.uint64(A | ADDR)).tolist()
+    assert strip(pdpt4) == strip(pdpt5)
+    # One more table at boot: the PML4 under the PML5.
+    assert k5.boot_frames == k4.boot_frames + 1
+    # A cold supervisor load through the 2 MiB direct map reads PML5E, PML4E,
+    # PDPTE, PDE: 4 entries (3 with 4-level paging).
+    for m, k, refs in ((m4, k4, 3), (m5, k5, 4)):
+        m.vcpu.tlb.flush_all()
+        w0 = m.vcpu.tlb.stats.walk_refs
+        m.vcpu.load_u64(DIRECT_MAP + k.zero_frame)
+        assert m.vcpu.tlb.stats.walk_refs - w0 == refs
+
+
+@pytest.mark.parametrize("mode, ept_levels, refs", [
+    ("native", 4, 5), ("shadow", 4, 5), ("unsync", 4, 5), ("paravirt", 4, 5),
+    ("nested", 4, 29), ("nested", 5, 35)])
+def test_5level_guest_uses_its_pml5_entry_on_every_machine(mode, ept_levels, refs):
+    """A 5-level guest on each machine kind: a user page at HIGH (PML5 slot
+    240) is mapped by the fault handler through a user PML5 entry, which the
+    walk marks accessed (SDM 4.8: A in every paging-structure entry used).
+    A cold TLB miss reads 5 entries on the native machine and on shadow
+    tables (the shadow root is a 5-level page: SDM 4.5); nested, each of
+    the 5 guest entries and the data address take an EPT walk:
+    (5+1)(4+1)-1 = 29 references on a 4-level EPT, (5+1)(5+1)-1 = 35 on a
+    5-level one."""
+    m = _five_level_machine(mode, ept_levels)
+    k = Kernel(m, levels=5)
+    pid = k.spawn()
+    assert k.mmap(pid, 2 * PAGE, "rw", addr=HIGH) == HIGH
+    k.store(pid, HIGH + 8, 0xfeed)
+    assert k.load(pid, HIGH + 8) == 0xfeed
+    top = k.procs[pid].cr3
+    pml5e = m.phys.read_u64(top + 8 * 240)
+    assert pml5e & (P | W | U | A) == P | W | U | A
+    pml4e = m.phys.read_u64((pml5e & ADDR) + 0)       # PML4 index 0 (bits 47:39 of HIGH)
+    assert pml4e & (P | U | A) == P | U | A
+    leaf = k.pte(pid, HIGH)
+    assert leaf & (P | W | U | A | D) == P | W | U | A | D
+    assert m.phys.read_u64((leaf & ADDR) + 8) == 0xfeed
+    if mode != "native" and mode != "nested":
+        sh = m.vcpu.shadow
+        assert sh.levels == 5 and sh.root.level == 5 and sh.root.gfn == top >> 12
+        assert m.vcpu.real_cpu.cr4 & ptemu.CR4_LA57
+        assert 240 in sh.root.children                  # the shadow of the PML5 entry
+    tlb = m.vcpu.tlb
+    tlb.flush_all()
+    w0, r0 = tlb.stats.walks, tlb.stats.walk_refs
+    assert k.load(pid, HIGH + 8) == 0xfeed
+    assert (tlb.stats.walks - w0, tlb.stats.walk_refs - r0) == (1, refs)
+    # Past the 5-level user half (bit 56 set, not sign-extended): #GP, SIGSEGV.
+    with pytest.raises(SegmentationFault) as exc:
+        k.load(pid, 1 << 56)
+    assert exc.value.error_code == 0
+
+
+def test_5level_pml5_entry_is_the_one_the_walk_reads():
+    """Clearing the user PML5 entry (and nothing else) makes the page at
+    HIGH not present: #PF with P=0, U=1 (SDM 4.5, 4.7); restored, it maps
+    the same frame again.  Read by a fresh MMU with no TLB (no cached
+    translation can answer for it)."""
+    m, k = boot(levels=5)
+    pid = k.spawn()
+    k.mmap(pid, PAGE, "rw", addr=HIGH)
+    k.store(pid, HIGH, 1)
+    top = k.procs[pid].cr3
+    cpu = CpuState.long_mode(cr3=top, la57=True)
+    cpu.cpl = 3
+    mmu = Mmu(m.phys, cpu)
+    frame = k.pte(pid, HIGH) & ADDR
+    assert mmu.translate(HIGH).pa == frame
+    e = m.phys.read_u64(top + 8 * 240)
+    m.phys.write_u64(top + 8 * 240, 0)
+    with pytest.raises(PageFault) as pf:
+        Mmu(m.phys, cpu).translate(HIGH)
+    assert pf.value.error_code == PF_U and pf.value.cr2 == HIGH
+    m.phys.write_u64(top + 8 * 240, e)
+    assert Mmu(m.phys, cpu).translate(HIGH).pa == frame
+    # The same address is no user address for a 4-level kernel (it leaves
+    # the 48-bit lower half), nor 1 << 56 for a 5-level one.
+    m4, k4 = boot(levels=4)
+    p4 = k4.spawn()
+    with pytest.raises(InvalidInput, match="user half"):
+        k4.mmap(p4, PAGE, "rw", addr=HIGH)
+    with pytest.raises(InvalidInput, match="user half"):
+        k.mmap(pid, PAGE, "rw", addr=1 << 56)
+
+
+@pytest.mark.parametrize("levels", [3, 6, True, "5", None])
+def test_kernel_levels_checked(levels):
+    with pytest.raises(InvalidInput, match="levels must be 4 or 5"):
+        Kernel(NativeMachine(MEM), levels=levels)

@@ -17,6 +17,10 @@ on the machine under test.  Compared:
   (fork, exit, exec, munmap, mprotect, context switch);
 * all of guest-physical memory at the end (after a final CR3 load).
 
+Every test runs a 4-level and a 5-level guest (Kernel(levels=5): CR4.LA57,
+a PML5 top table, SDM 4.5), whose ops also map and touch memory above 47
+bits (canonical only with LA57), under a 5-level EPT in nested mode.
+
 The reference must be right too: the native machine with the TLB is also
 checked against the same machine with no TLB at all (if the kernel missed
 an invalidation, a stale translation would make them differ).
@@ -52,7 +56,7 @@ except Exception as exc:   # pragma: no cover - depends on the other helper's pr
     _HV_ERROR = "%s: %s" % (type(exc).__name__, exc)
 
 
-def make_machine(mode, mem=GUEST_MEM, **vm_kw):
+def make_machine(mode, mem=GUEST_MEM, ept_levels=4, **vm_kw):
     if mode == "native":
         return NativeMachine(mem)
     if mode == "native-notlb":
@@ -67,7 +71,7 @@ def make_machine(mode, mem=GUEST_MEM, **vm_kw):
     if mode == "nested":
         # EPT: the shadow MMU's options (prefetch, prev_roots, shadow_limit)
         # have no meaning here.
-        return hv.create_vm(mem, paging="nested")
+        return hv.create_vm(mem, paging="nested", ept_levels=ept_levels)
     raise ValueError(mode)
 
 
@@ -105,6 +109,8 @@ class OpGenerator:
         elif vmas and r < inside + (1 - inside) * 0.66:
             v = rng.choice(vmas)           # just past the end: a guard page or a neighbour
             va = v.end + rng.randrange(4) * PAGE + rng.randrange(512) * 8
+        elif k.levels == 5 and rng.random() < 0.5:
+            va = rng.randrange(1 << 57) & ~7      # PML5 slots 1..511: LA57 (or #GP) only
         else:
             va = rng.randrange(1 << 44) & ~7
         self._remember(pid, va)
@@ -143,7 +149,11 @@ class OpGenerator:
         if r < 0.20:
             return ("exec", pid)
         if r < 0.27:
-            return ("mmap", pid, rng.randrange(1, 48) * PAGE, rng.choice(PROTS))
+            op = ("mmap", pid, rng.randrange(1, 48) * PAGE, rng.choice(PROTS))
+            if k.levels == 5 and rng.random() < 0.3:
+                # above the 47-bit user half: a user PML5 entry other than slot 0
+                op += (rng.randrange(1 << 47 >> 12, 1 << 56 >> 12) << 12,)
+            return op
         if r < 0.33:
             rg = self._pick_range(k, pid, rng)
             return ("munmap", pid) + rg if rg else ("switch", pid)
@@ -302,6 +312,10 @@ CONFIGS = [(dict(), dict()),
             dict(prefetch=True, prev_roots=1, shadow_limit=48))]
 
 
+#: Guest paging depths: 4-level, and 5-level (on a 5-level EPT when nested).
+LEVELS = [4, 5]
+
+
 def _reference(seed, nops, paravirt, kw):
     rng = random.Random(seed)
     return play(NativeMachine(GUEST_MEM), rng=rng, nops=nops, paravirt=paravirt, **kw)
@@ -310,10 +324,12 @@ def _reference(seed, nops, paravirt, kw):
 # ---------------------------------------------------------------------------
 # The reference itself: the TLB is invisible when the kernel invalidates right
 # ---------------------------------------------------------------------------
+@pytest.mark.parametrize("levels", LEVELS, ids=["4-level", "5-level"])
 @pytest.mark.parametrize("paravirt", [False, True], ids=["stores", "hypercalls"])
-def test_native_tlb_is_invisible(paravirt):
-    ref = _reference(1234, NOPS, paravirt, {})
-    got = play(make_machine("native-notlb"), ops=list(ref[0]), paravirt=paravirt)
+def test_native_tlb_is_invisible(paravirt, levels):
+    ref = _reference(1234, NOPS, paravirt, {"levels": levels})
+    got = play(make_machine("native-notlb"), ops=list(ref[0]), paravirt=paravirt,
+               levels=levels)
     assert_same(ref, got, "native without TLB")
     # the sequence did exercise the kernel
     kinds = {op[0] for op in ref[0]}
@@ -321,6 +337,10 @@ def test_native_tlb_is_invisible(paravirt):
             "run"} <= kinds
     assert any(isinstance(o, tuple) and o[0] == "SIGSEGV" for o in ref[1])
     assert len(ref[3]) > 50
+    if levels == 5:
+        # the sequence reached past the 4-level user half (mmap above 47 bits)
+        assert any(op[0] == "mmap" and len(op) == 5 and isinstance(out, int)
+                   and out >= 1 << 47 for op, out in zip(ref[0], ref[1]))
 
 
 def test_a_missing_invlpg_is_caught():
@@ -342,14 +362,16 @@ def test_a_missing_invlpg_is_caught():
 # ---------------------------------------------------------------------------
 # Native versus each hypervisor mode
 # ---------------------------------------------------------------------------
+@pytest.mark.parametrize("levels", LEVELS, ids=["4-level", "5-level"])
 @pytest.mark.parametrize("cfg", range(len(CONFIGS)), ids=["default", "dm4K-prefetch-limit"])
 @pytest.mark.parametrize("mode", MODES)
-def test_invisible_seeded(mode, cfg):
+def test_invisible_seeded(mode, cfg, levels):
     paravirt = mode == "paravirt"
     kernel_kw, vm_kw = CONFIGS[cfg]
+    kernel_kw = dict(kernel_kw, levels=levels)
     for s in range(NSEEDS):
         seed = 1000 * (cfg + 1) + s
-        machine = make_machine(mode, **vm_kw)
+        machine = make_machine(mode, ept_levels=levels, **vm_kw)
         ref = _reference(seed, NOPS, paravirt, kernel_kw)
         got = play(machine, ops=list(ref[0]), paravirt=paravirt, **kernel_kw)
         assert_same(ref, got, "%s (seed %d)" % (mode, seed))
@@ -361,6 +383,7 @@ KERNEL_VARIANTS = st.fixed_dictionaries({}, optional={
     "flush_ceiling": st.sampled_from([0, 2, 33]),
     "zap_on_exit": st.booleans(),
     "batch": st.sampled_from([1, 7, 512]),
+    "levels": st.sampled_from(LEVELS),
 })
 VM_VARIANTS = st.fixed_dictionaries({}, optional={
     "prefetch": st.booleans(),

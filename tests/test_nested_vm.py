@@ -86,22 +86,43 @@ def test_exits_only_on_first_touch_no_cr3_or_invlpg_exits(vm):
     assert vm.stats["exit_ept_violation"] == first                     # no exit for it
 
 
-def test_two_d_walk_costs_24_references_against_4(vm):
-    """A cold TLB miss walks 4 guest entries, each behind a 4-level EPT walk,
-    and the data address too: 24 references (Bhargava et al.)."""
+@pytest.mark.parametrize("ept_levels, refs", [(4, 24), (5, 29)])
+def test_two_d_walk_costs_24_or_29_references_against_4(ept_levels, refs):
+    """A cold TLB miss walks 4 guest entries, each behind an EPT walk, and the
+    data address too: 4 x 5 + 4 = 24 references on a 4-level EPT (Bhargava
+    et al.), 4 x 6 + 5 = 29 on a 5-level one, which create_vm(ept_levels=5)
+    builds (EPTP bits 5:3 = walk length - 1, SDM Vol. 3C 29.3.2 / 25.6.11)."""
+    vm = Hypervisor(HOST).create_vm(GUEST, paging="nested", ept_levels=ept_levels)
+    assert vm.ept.levels == ept_levels
+    assert (vm.ept.eptp >> 3) & 7 == ept_levels - 1
     b = guest_tables(vm)
     b.map(0x7000, 0x20000, flags=FL)
     vm.vcpu.write_cr3(b.cr3)
     vm.vcpu.load_u64(0x7000)            # backs the data frame
     vm.vcpu.tlb.flush_all()
     t = vm.vcpu.mmu.translate(0x7000)
-    assert t.mem_refs == 24
+    assert t.mem_refs == refs
     from ptemu.guest import NativeMachine
     native = NativeMachine(GUEST, tlb=False)
     nb = PageTableBuilder(native.phys, table_start=0x1000, table_end=0x10000)
     nb.map(0x7000, 0x20000, flags=FL)
     native.vcpu.write_cr3(nb.cr3)
     assert native.vcpu.mmu.translate(0x7000).mem_refs == 4
+
+
+@pytest.mark.parametrize("kw", [{"ept_levels": 3}, {"ept_levels": 6}, {"ept_levels": True},
+                                {"ept_levels": "5"}, {"ept_levels": 5, "paging": "shadow"},
+                                {"ept_levels": 5, "paging": "paravirt"}])
+def test_create_vm_ept_levels_checked(kw):
+    """ept_levels is 4 or 5 and only for nested paging: anything else is
+    InvalidInput before any host frame is taken."""
+    hv = Hypervisor(HOST)
+    free = len(hv._free)
+    kw = dict(kw)
+    paging = kw.pop("paging", "nested")
+    with pytest.raises(ptemu.InvalidInput, match="ept_levels"):
+        hv.create_vm(GUEST, paging=paging, **kw)
+    assert len(hv._free) == free and not hv.vms
 
 
 def test_run_resumes_after_ept_exits_and_stops_at_guest_fault(vm):

@@ -711,3 +711,45 @@ def test_wp0_supervisor_write_with_pkru_wd_is_allowed(how):
     assert vm.phys.read_u64(g.entry_pa(0x7000, 1)) & D    # the write set D (SDM 4.8)
     assert vm.stats["pf_emulate"] >= 1
     assert audit(vm) == []
+
+
+@pytest.mark.parametrize("unsync", [False, True], ids=["sync", "unsync"])
+@pytest.mark.parametrize("fast_paths", [True, False], ids=["fast", "python"])
+def test_five_level_guest_kernel_keeps_the_shadows_coherent(fast_paths, unsync):
+    """A 5-level guest kernel (Kernel(levels=5), SDM 4.5) forking, breaking COW,
+    unmapping and exiting, with memory above 47 bits (PML5 slot 240): the
+    shadow root is a level-5 page of the guest's PML5, every invariant holds
+    (audit) in the C fast paths and the Python reference alike, and the values
+    the guest reads are those of the native machine."""
+    from ptemu.guest import Kernel, NativeMachine, SegmentationFault
+    high = 0x00f0000000000000
+    seen = []
+    for machine in (NativeMachine(8 << 20),
+                    Hypervisor(64 << 20).create_vm(8 << 20, unsync=unsync,
+                                                   fast_paths=fast_paths)):
+        k = Kernel(machine, levels=5)
+        a = k.spawn()
+        k.mmap(a, 8 * PAGE, "rw", addr=high)
+        for i in range(8):
+            k.store(a, high + i * PAGE, i + 1)
+        b = k.fork(a)
+        k.store(b, high + 3 * PAGE, 99)                 # COW break in the child
+        k.munmap(a, high + 6 * PAGE, 2 * PAGE)
+        got = [k.load(p, high + i * PAGE) for p in (a, b) for i in range(6)]
+        try:
+            k.load(a, high + 7 * PAGE)
+        except SegmentationFault as exc:
+            got.append(exc.error_code)
+        k.exit(b, 0)
+        k.wait(b)
+        got.append(k.load(a, high + 3 * PAGE))
+        seen.append(got)
+        if machine.paging == "shadow":
+            sh = machine.shadow
+            assert sh.levels == 5 and sh.root.level == 5
+            assert sh.root.gfn == k.procs[a].cr3 >> 12
+            assert 240 in sh.root.children
+            assert audit(machine) == []
+    assert seen[0] == seen[1]
+    assert seen[0][:6] == [1, 2, 3, 4, 5, 6] and seen[0][6:12] == [1, 2, 3, 99, 5, 6]
+    assert seen[0][12] == bits.PF_U and seen[0][13] == 4

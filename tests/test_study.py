@@ -477,12 +477,45 @@ def test_cli_missing_extra_is_one_line(monkeypatch, tmp_path, module, option, ex
     assert not list(tmp_path.iterdir())
 
 
-def test_guest_levels_5_refused_while_the_kernel_is_4_level():
-    if study._kernel_takes_levels():
-        pytest.skip("the guest kernel takes levels now")
+def test_guest_levels_5_runs_a_5_level_guest_in_every_mode():
+    """knobs.guest_levels = [4, 5]: the same workload on a 4-level and a
+    5-level guest kernel (CR4.LA57, SDM 4.5), every mode, with no
+    paging-structure caches.  The guest cannot tell: the same accesses and
+    guest page faults at either depth and in every mode.  A 1-D walk reads
+    at most one more entry (the PML5E: at most 5); a 2-D walk of a 5-level
+    guest reads at most (5+1)(m+1)-1 = 29 on a 4-level EPT and 35 on a
+    5-level one, and the fifth guest level costs up to m+1 more references
+    per walk (the entry and its EPT walk)."""
+    cfg = small_config(workloads=["tlb-miss"])
+    cfg["knobs"] = {"guest_levels": [4, 5], "ept_levels": [4, 5], "tlb": ["nopsc"]}
+    cfg["tlb"] = {"nopsc": {"arrays": [{"name": "tlb", "tier": 1, "kind": "unified",
+                                        "sizes": ["4K", "2M", "1G"], "entries": 64,
+                                        "ways": 4}]}}
+    res = run_study(cfg, jobs=1, progress=False)
+    by = {(r["mode"], r["guest_levels"], r["ept_levels"]): r for r in res.rows}
+    assert len(by) == len(res.rows) == 2 * (len(MODES) + 1)
+    assert res.config.guest_levels == [4, 5]
+    seen = {(r["accesses"], r["guest_page_faults"]) for r in res.rows}
+    assert len(seen) == 1 and seen.pop()[1] > 0
+    for mode in ("native", "shadow", "unsync", "paravirt"):
+        r4, r5 = by[mode, 4, None], by[mode, 5, None]
+        assert 1 <= r5["refs_per_walk"] <= 5 and r4["refs_per_walk"] <= 4
+        assert abs(r5["walks"] - r4["walks"]) <= 0.01 * r4["walks"]
+    n4, n5 = by["native", 4, None], by["native", 5, None]
+    assert n4["walks"] == n5["walks"]
+    # native: each walk reads the PML5E first, then what the 4-level one reads
+    assert 0.99 * n5["walks"] <= n5["walk_refs"] - n4["walk_refs"] <= n5["walks"]
+    for el, top in ((4, 29), (5, 35)):
+        r4, r5 = by["nested", 4, el], by["nested", 5, el]
+        assert r4["refs_per_walk"] <= (4 + 1) * (el + 1) - 1 < r5["refs_per_walk"] <= top
+        extra = r5["refs_per_walk"] - r4["refs_per_walk"]
+        assert 0.9 * (el + 1) <= extra <= el + 1
+
+
+def test_guest_levels_must_be_4_or_5():
     cfg = small_config(workloads=["fork"])
-    cfg["knobs"] = {"guest_levels": [5]}
-    with pytest.raises(StudyError, match="4-level paging only"):
+    cfg["knobs"] = {"guest_levels": [3]}
+    with pytest.raises(StudyError, match="guest_levels: 3 is not 4 or 5"):
         load_config(cfg)
 
 

@@ -349,9 +349,6 @@ class StudyConfig:
         for v in self.guest_levels:
             if v not in (4, 5):
                 raise StudyError("knobs.guest_levels: %d is not 4 or 5" % v)
-            if v == 5 and not _kernel_takes_levels():
-                raise StudyError("knobs.guest_levels = 5: the guest kernel "
-                                 "(ptemu.guest.Kernel) runs 4-level paging only")
         self.ept_levels = [_count(v, "knobs.ept_levels") for v in ept_levels]
         for v in self.ept_levels:
             if v not in (4, 5):
@@ -376,12 +373,6 @@ class StudyConfig:
                           "ept_levels": list(self.ept_levels), "tlb": list(self.tlbs)},
                 "tlb_specs": {k: v for k, v in self.tlb_specs.items() if k in self.tlbs},
                 "guest_memory_mib": self.guest_memory_mib}
-
-
-def _kernel_takes_levels():
-    import inspect
-    from ptemu.guest import Kernel
-    return "levels" in inspect.signature(Kernel.__init__).parameters
 
 
 def load_config(source=None, **overrides):
@@ -550,15 +541,7 @@ def _machine(mode, guest_bytes, tlb, ept_levels):
     if mode == "paravirt":
         return hv.create_vm(guest_bytes, paging="paravirt", tlb=tlb)
     if mode == "nested":
-        if ept_levels in (None, 4):
-            return hv.create_vm(guest_bytes, paging="nested", tlb=tlb)
-        try:
-            return hv.create_vm(guest_bytes, paging="nested", tlb=tlb, ept_levels=ept_levels)
-        except TypeError:
-            # create_vm does not forward ept_levels (yet): the nested module's
-            # constructor, which create_vm itself calls, takes it.
-            from ptemu.hypervisor.nested import create_nested_vm
-            return create_nested_vm(hv, guest_bytes, tlb=tlb, ept_levels=ept_levels)
+        return hv.create_vm(guest_bytes, paging="nested", tlb=tlb, ept_levels=ept_levels or 4)
     raise StudyError("unknown mode %r (known: %s)" % (mode, ", ".join(MODES)))
 
 
@@ -601,9 +584,6 @@ def run_cell(cell, progress=False, sink=None):
     from ptemu.workloads import make_workload, guest_memory_hint
     t0 = time.perf_counter()
     mode = cell["mode"]
-    if cell.get("guest_levels", 4) != 4 and not _kernel_takes_levels():
-        raise StudyError("guest_levels = %r: the guest kernel runs 4-level paging only"
-                         % cell["guest_levels"])
     try:
         w = make_workload(cell["workload"], accesses=cell["accesses"], seed=cell["seed"],
                           **cell["params"])
@@ -612,8 +592,7 @@ def run_cell(cell, progress=False, sink=None):
     guest = cell.get("guest_memory") or guest_memory_hint(w)
     tlb = build_tlb(cell["tlb_spec"])
     machine = _machine(mode, guest, tlb, cell.get("ept_levels"))
-    kw = {"levels": cell["guest_levels"]} if cell.get("guest_levels", 4) != 4 else {}
-    kernel = Kernel(machine, **kw)
+    kernel = Kernel(machine, levels=cell.get("guest_levels", 4))
     # The counts are the workload's: the kernel's boot (the direct map, written
     # with paging off) is left out.
     m0, k0, t_0 = _numbers(machine.stats), _numbers(kernel.stats), tlb.stats

@@ -11,7 +11,7 @@ from ptemu import bits
 from ptemu._native import InvalidInput, PageFault, GeneralProtection, check_u64, check_array
 from ptemu.mmu import TRACE_DTYPE
 from ptemu.guest.mm import (
-    PAGE, P, W, U, A, D, NX, ADDR, _U64, USER_TOP, PTE_COW, PTE_PROTNONE, GuestKernelError,
+    PAGE, P, W, U, A, D, NX, ADDR, _U64, PTE_COW, PTE_PROTNONE, GuestKernelError,
     SegmentationFault, _leaf_flags)
 
 __all__ = ["FaultHandler"]
@@ -48,7 +48,7 @@ class FaultHandler:
             raise GuestKernelError("kernel oops: supervisor #PF at %#x (error code %#x)"
                                    % (va, ec))
         write, fetch = ec & bits.PF_W, ec & bits.PF_I
-        vma = self._find_vma(proc, va) if va < USER_TOP else None
+        vma = self._find_vma(proc, va) if va < self.user_top else None
         if (vma is None or (write and "w" not in vma.prot)
                 or (fetch and "x" not in vma.prot) or not vma.prot):
             self._segv(proc, va, ec)

@@ -21,8 +21,17 @@ Guest virtual layout (4-level paging, as Linux x86-64)::
                                                supervisor-only, NX, 2 MiB
                                                or 4 KiB pages
 
-The kernel-half PML4 entries are copied into every process's top table, so
-all processes share the kernel's PDPT and below.
+With `levels=5` (CR4.LA57: 57-bit linear addresses, a PML5 top table, SDM
+4.5) the user half reaches 0x00ffffffffffffff (mmap below 47 bits unless
+asked, as Linux does) and the direct map stays at the same address, which
+is canonical at both widths: PML5 slot 511, then PML4 slot 273.  CR4.LA57
+cannot change in IA-32e mode (SDM 4.1.1: MOV CR4 #GP), so it is part of the
+state the kernel is entered in: the boot sets it in the vCPU's CpuState
+(plain assignment, the loader's work with paging off) before its first
+MOV CR3.
+
+The kernel-half top-table entries (256..511) are copied into every
+process's top table, so all processes share the kernel's tables below.
 
 What it does, Linux-style:
   * a guest-physical frame allocator with reference counts (LIFO free
@@ -59,9 +68,11 @@ from collections import defaultdict
 
 import numpy as np
 
+from ptemu import bits
 from ptemu._native import InvalidInput, check_u64
 from ptemu.guest.mm import (  # noqa: F401 (the names kernel.py has always exported)
-    PAGE, PS, DIRECT_MAP, USER_TOP, PTE_COW, PTE_PROTNONE, KERNEL_TABLE, KERNEL_DATA,
+    PAGE, PS, DIRECT_MAP, USER_TOP, USER_TOP_LA57, _DIRECT_SLOT5, PTE_COW, PTE_PROTNONE,
+    KERNEL_TABLE, KERNEL_DATA,
     DEFAULT_LAYOUT, _DIRECT_SLOT, GuestKernelError, GuestOutOfMemory, SegmentationFault,
     Vma, Process, _readers, _page_writers, AddressSpaces)
 from ptemu.guest.process import Processes
@@ -69,13 +80,14 @@ from ptemu.guest.vmas import Vmas
 from ptemu.guest.fault import FaultHandler
 
 __all__ = ["Kernel", "Process", "Vma", "SegmentationFault", "GuestKernelError",
-           "GuestOutOfMemory", "DIRECT_MAP", "USER_TOP", "PTE_COW", "PTE_PROTNONE",
-           "DEFAULT_LAYOUT"]
+           "GuestOutOfMemory", "DIRECT_MAP", "USER_TOP", "USER_TOP_LA57", "PTE_COW",
+           "PTE_PROTNONE", "DEFAULT_LAYOUT"]
 
 
 class Kernel(AddressSpaces, Processes, Vmas, FaultHandler):
     """A guest kernel on `machine` (see the module docstring).
 
+    levels: 4 (4-level paging) or 5 (5-level: CR4.LA57, a PML5 top table).
     direct_map_page_size: 2 MiB (default) or 4096 for the direct map.
     paravirt: use hypercalls for page-table updates and invalidations; the
       default is machine.paging == "paravirt" (True also works on a
@@ -94,7 +106,13 @@ class Kernel(AddressSpaces, Processes, Vmas, FaultHandler):
 
     def __init__(self, machine, *, direct_map_page_size=1 << 21, paravirt=None,
                  flush_ceiling=33, zero_page=True, zap_on_exit=True, batch=512,
-                 record_faults=False, store_streams=True):
+                 record_faults=False, store_streams=True, levels=4):
+        if isinstance(levels, bool) or levels not in (4, 5):
+            raise InvalidInput("levels must be 4 or 5 (5-level paging, CR4.LA57), not %r"
+                               % (levels,))
+        #: paging depth; the user half ends at user_top (SDM 4.5: 48- or 57-bit)
+        self.levels = levels
+        self.user_top = USER_TOP_LA57 if levels == 5 else USER_TOP
         self.machine = machine
         self.vcpu = machine.vcpu
         self.phys = machine.phys
@@ -137,8 +155,12 @@ class Kernel(AddressSpaces, Processes, Vmas, FaultHandler):
     def _boot(self, dm_size):
         phys = self.phys
         self.kernel_top = self._alloc_frame(table=True)
+        pml4 = self.kernel_top
+        if self.levels == 5:
+            pml4 = self._alloc_frame(table=True)
+            phys.write_u64(self.kernel_top + 8 * _DIRECT_SLOT5, pml4 | KERNEL_TABLE)
         pdpt = self._alloc_frame(table=True)
-        phys.write_u64(self.kernel_top + 8 * _DIRECT_SLOT, pdpt | KERNEL_TABLE)
+        phys.write_u64(pml4 + 8 * _DIRECT_SLOT, pdpt | KERNEL_TABLE)
         for gb in range(0, self.memory_bytes, 1 << 30):
             pd = self._alloc_frame(table=True)
             phys.write_u64(pdpt + 8 * (gb >> 30), pd | KERNEL_TABLE)
@@ -162,6 +184,11 @@ class Kernel(AddressSpaces, Processes, Vmas, FaultHandler):
         idle = Process(0, None, self.kernel_top)
         self.procs[0] = idle
         self.current = 0
+        # The paging mode the kernel is entered in (see the module docstring).
+        cpu = self.vcpu.cpu
+        la57 = bits.CR4_LA57 if self.levels == 5 else 0
+        if (cpu.cr4 & bits.CR4_LA57) != la57:
+            cpu.cr4 = (cpu.cr4 & ~bits.CR4_LA57) | la57
         self._load_cr3(self.kernel_top)
 
     def pte(self, pid, va):

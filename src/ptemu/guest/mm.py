@@ -15,15 +15,20 @@ from ptemu.memory import PhysicalMemory
 from ptemu.hypervisor.exits import STORE_DTYPE
 
 __all__ = ["AddressSpaces", "Process", "Vma", "SegmentationFault", "GuestKernelError",
-           "GuestOutOfMemory", "DIRECT_MAP", "USER_TOP", "PTE_COW", "PTE_PROTNONE",
-           "DEFAULT_LAYOUT"]
+           "GuestOutOfMemory", "DIRECT_MAP", "USER_TOP", "USER_TOP_LA57", "PTE_COW",
+           "PTE_PROTNONE", "DEFAULT_LAYOUT"]
 
 PAGE = 4096
 #: Base of the direct map of guest-physical memory (Linux page_offset_base).
 DIRECT_MAP = 0xffff888000000000
 #: The user half ends here (canonical lower half, 4-level).
 USER_TOP = 0x0000800000000000
+#: ... and here with 5-level paging (57-bit addresses, SDM 4.5).
+USER_TOP_LA57 = 0x0100000000000000
 _DIRECT_SLOT = (DIRECT_MAP >> 39) & 511        # 273
+#: The PML5 slot of the direct map with 5-level paging (bits 56:48 of a
+#: kernel address that is canonical at both widths: 511).
+_DIRECT_SLOT5 = (DIRECT_MAP >> 48) & 511
 
 P, W, U = bits.PTE_P, bits.PTE_W, bits.PTE_U
 A, D, PS, NX = bits.PTE_A, bits.PTE_D, bits.PTE_PS, bits.PTE_NX
@@ -307,7 +312,7 @@ class AddressSpaces:
         """Guest-physical address of va's level-1 entry; None if a table on
         the way is missing and create is False."""
         table = top
-        for level in (4, 3, 2):
+        for level in range(self.levels, 1, -1):
             epa = table + 8 * ((va >> (12 + 9 * (level - 1))) & 511)
             e = self._read(epa)
             if not e & P:
@@ -345,5 +350,5 @@ class AddressSpaces:
                 else:
                     rec(e & ADDR, level - 1, va)
 
-        rec(top, 4, 0)
+        rec(top, self.levels, 0)
         return out

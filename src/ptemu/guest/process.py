@@ -68,7 +68,7 @@ class Processes:
         child.cr3 = self._new_top()
         top = self._read_table(parent.cr3)
         for i in np.flatnonzero(top[:256] & np.uint64(P)).tolist():
-            sub = self._copy_table(int(top[i]) & ADDR, 3)
+            sub = self._copy_table(int(top[i]) & ADDR, self.levels - 1)
             self._write(child.cr3 + 8 * i, sub | USER_TABLE)
         # dup_mmap: the parent's writable entries just became read-only.
         self._flush_tlb()
@@ -106,7 +106,7 @@ class Processes:
         tables = []
         t = self._read_table(top)
         for i in np.flatnonzero(t[:256] & np.uint64(P)).tolist():
-            self._destroy_table(int(t[i]) & ADDR, 3, tables)
+            self._destroy_table(int(t[i]) & ADDR, self.levels - 1, tables)
         tables.append(top)
         self._sync()            # no pending update may land in a freed frame
         for gpa in tables:

@@ -9,7 +9,7 @@ import bisect
 
 from ptemu._native import InvalidInput, check_u64
 from ptemu.guest.mm import (
-    PAGE, P, W, NX, ADDR, _U64, USER_TOP, PTE_COW, PTE_PROTNONE, Vma, _check_prot)
+    PAGE, P, W, NX, ADDR, _U64, PTE_COW, PTE_PROTNONE, Vma, _check_prot)
 
 __all__ = ["Vmas"]
 
@@ -17,14 +17,13 @@ __all__ = ["Vmas"]
 class Vmas:
     """Kernel mixin: the VMA list of each process and its system calls."""
 
-    @staticmethod
-    def _check_range(start, length):
+    def _check_range(self, start, length):
         start = check_u64(start, "address")
         length = check_u64(length, "length")
         if start % PAGE or length % PAGE or not length:
             raise InvalidInput("address %#x and length %#x must be page aligned, length > 0"
                                % (start, length))
-        if start + length > USER_TOP:
+        if start + length > self.user_top:
             raise InvalidInput("range %#x+%#x leaves the user half" % (start, length))
         return start, start + length
 

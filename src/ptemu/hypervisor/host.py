@@ -80,7 +80,7 @@ class Hypervisor:
     # -- the VM registry ------------------------------------------------------------
     def create_vm(self, guest_memory_bytes, paging="shadow", unsync=False, prev_roots=3,
                   shadow_limit=None, prefetch=False, populate=False, tlb=None,
-                  fast_paths=True):
+                  fast_paths=True, ept_levels=4):
         """A new VM with `guest_memory_bytes` of guest-physical memory.
 
         paging: "shadow" (trap-and-emulate shadow page tables), "paravirt"
@@ -95,17 +95,26 @@ class Hypervisor:
         (default Tlb.default()).  fast_paths: run the common exits in C
         (csrc/shadow.c; docs/shadow-mmu.md "Fast paths"); False runs the
         all-Python reference.  Guest-visible results never depend on it.
+        ept_levels: 4 or 5, the EPT's page-walk length (EPTP bits 5:3, SDM
+        Vol. 3C 29.3.2; nested only).
         """
+        if (not isinstance(ept_levels, int) or isinstance(ept_levels, bool)
+                or ept_levels not in (4, 5)):
+            raise InvalidInput("ept_levels must be 4 or 5, not %r" % (ept_levels,))
         if paging == "nested":
             if unsync or shadow_limit is not None or prefetch or prev_roots != 3:
                 raise InvalidInput("unsync, prev_roots, shadow_limit and prefetch are shadow "
                                    "paging options; nested paging has no shadow pages")
             from ptemu.hypervisor.nested import create_nested_vm
-            return create_nested_vm(self, guest_memory_bytes, tlb=tlb, populate=populate)
+            return create_nested_vm(self, guest_memory_bytes, tlb=tlb, ept_levels=ept_levels,
+                                    populate=populate)
         if paging not in ("shadow", "paravirt"):
             raise InvalidInput("paging must be 'shadow', 'paravirt' or 'nested', not %r"
                                % (paging,))
         size = _check_guest_size(guest_memory_bytes)
+        if ept_levels != 4:
+            raise InvalidInput("ept_levels applies to nested paging only (a %s VM has no EPT)"
+                               % paging)
         if unsync and paging != "shadow":
             raise InvalidInput("unsync applies to shadow paging only")
         if (not isinstance(prev_roots, int) or isinstance(prev_roots, bool)
