@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import ptemu
-from bigimage import FULL, calibrated, calibration, record_ratio, tlb_trace
+from bigimage import FULL, ImageResults, calibrated, calibration, record_ratio, tlb_trace
 
 N = 10_000_000
 RESULTS = {}
@@ -32,20 +32,8 @@ def _traces(image):
     return TRACES
 
 
-class _Results:
-    """record_ratio's dict for one image: its keys prefixed with the image."""
-
-    def __init__(self, image):
-        self.name = image["name"]
-
-    def __contains__(self, k):
-        return (self.name, k) in RESULTS
-
-    def __getitem__(self, k):
-        return RESULTS[(self.name, k)]
-
-    def __setitem__(self, k, v):
-        RESULTS[(self.name, k)] = v
+def _Results(image):
+    return ImageResults(RESULTS, image)
 
 
 TARGETS = {"hit99": 50e6, "miss50": 20e6}

@@ -27,7 +27,7 @@ import pytest
 
 import ptemu
 from ptemu._native import ffi, lib
-from bigimage import calibrated, random_mapped, record_ratio
+from bigimage import ImageResults, calibrated, random_mapped, record_ratio
 
 N = 1_000_000
 N_VOL = 20_000
@@ -41,20 +41,8 @@ def _vas(image):
     return RESULTS[key]
 
 
-class _Results:
-    """record_ratio's dict for one image: its keys prefixed with the image."""
-
-    def __init__(self, image):
-        self.name = image["name"]
-
-    def __contains__(self, k):
-        return (self.name, k) in RESULTS
-
-    def __getitem__(self, k):
-        return RESULTS[(self.name, k)]
-
-    def __setitem__(self, k, v):
-        RESULTS[(self.name, k)] = v
+def _Results(image):
+    return ImageResults(RESULTS, image)
 
 
 def test_minimal_walk_baseline(benchmark, image):

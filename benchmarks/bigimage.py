@@ -211,3 +211,20 @@ def record_ratio(benchmark, results, name, baseline_name):
                 results[name + "@min"] / results[baseline_name + "@min"], 3)
         return ratio
     return None
+
+
+class ImageResults:
+    """record_ratio's dict for one image of a module's `results`: its keys
+    prefixed with the image's name, so that each image's figures stand apart."""
+
+    def __init__(self, results, image):
+        self.results, self.name = results, image["name"]
+
+    def __contains__(self, k):
+        return (self.name, k) in self.results
+
+    def __getitem__(self, k):
+        return self.results[(self.name, k)]
+
+    def __setitem__(self, k, v):
+        self.results[(self.name, k)] = v
