@@ -57,7 +57,6 @@
 
 /* ---- Exception vectors and walk results ---------------------------------- */
 #define PTEMU_OK            0
-#define PTEMU_VEC_EPT       48      /* a VM exit (EPT violation or misconfiguration) */
 #define PTEMU_VEC_GP        13
 #define PTEMU_VEC_PF        14
 
@@ -112,14 +111,15 @@
 #define PTEMU_FLUSH_INVLPG         4  /* page of va: PCID or global; PCID's PSCs */
 #define PTEMU_FLUSH_ADDR           5  /* page of va: PCID, not global; PCID's PSCs */
 
-/* Flush causes: index into ptemu_tlb.flushes */
-#define PTEMU_CAUSE_FL_CR3       0
-#define PTEMU_CAUSE_FL_CR4       1
-#define PTEMU_CAUSE_FL_CR0       2
-#define PTEMU_CAUSE_FL_INVLPG    3
-#define PTEMU_CAUSE_FL_INVPCID   4
-#define PTEMU_CAUSE_FL_PF        5
-#define PTEMU_CAUSE_FL_USER      6
+/* Why a flush happened: an index into ptemu_tlb.flushes.  Named apart from
+ * the fault causes (PTEMU_CAUSE_*), whose values they share. */
+#define PTEMU_FLUSHED_BY_CR3       0
+#define PTEMU_FLUSHED_BY_CR4       1
+#define PTEMU_FLUSHED_BY_CR0       2
+#define PTEMU_FLUSHED_BY_INVLPG    3
+#define PTEMU_FLUSHED_BY_INVPCID   4
+#define PTEMU_FLUSHED_BY_PF        5
+#define PTEMU_FLUSHED_BY_USER      6
 #define PTEMU_NFLUSH_CAUSES      7
 
 #define PTEMU_TLB_MAX_ARRAYS     8
@@ -225,7 +225,8 @@ typedef struct ptemu_walk_out {
 
 /* A fault, always assigned whole. */
 typedef struct ptemu_fault {
-    uint32_t vector;        /* PTEMU_VEC_GP or PTEMU_VEC_PF */
+    uint32_t vector;        /* PTEMU_VEC_GP or PTEMU_VEC_PF; with cause PTEMU_CAUSE_EPT
+                               (nested memory only) the EPT exit's PTEMU_EXIT_EPT_* */
     uint32_t error_code;
     uint64_t cr2;           /* the faulting address for #PF; 0 for #GP */
     uint32_t cause;         /* PTEMU_CAUSE_* */
@@ -284,7 +285,7 @@ typedef struct ptemu_tlb {
     uint64_t walk_refs;            /* memory references made by those walks */
     uint64_t dirty_rewalks;        /* hits on write with cached D=0 */
     uint64_t fault_invalidations;  /* #PF-triggered invalidations (SDM 4.10.4.1) */
-    uint64_t flushes[7];           /* by PTEMU_CAUSE_FL_* */
+    uint64_t flushes[PTEMU_NFLUSH_CAUSES]; /* by PTEMU_FLUSHED_BY_* */
 } ptemu_tlb;
 
 /* One record of an access trace: numpy TRACE_DTYPE with align=True. */

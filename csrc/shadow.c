@@ -327,7 +327,7 @@ static int shadow_fast_pt_write(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tlb *
             ctx->pte_updated++;
     }
     if (flush) {
-        ptemu_tlb_flush(tlb, PTEMU_FLUSH_ALL, 0, 0, PTEMU_CAUSE_FL_USER);
+        ptemu_tlb_flush(tlb, PTEMU_FLUSH_ALL, 0, 0, PTEMU_FLUSHED_BY_USER);
         ctx->tlb_flush++;
     }
     ctx->pf_emulate++;
@@ -417,9 +417,9 @@ int ptemu_shadow_invlpg(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, const ptemu_cpu 
     }
     uint32_t pcid = (cpu->cr4 & PTEMU_CR4_PCIDE) ? (uint32_t)(cpu->cr3 & 0xfff) : 0;
     if (tlb) {
-        ptemu_tlb_flush(tlb, PTEMU_FLUSH_INVLPG, pcid, va, PTEMU_CAUSE_FL_INVLPG);
+        ptemu_tlb_flush(tlb, PTEMU_FLUSH_INVLPG, pcid, va, PTEMU_FLUSHED_BY_INVLPG);
         if (flush) {        /* a lowered or moved spte: the whole real TLB, once */
-            ptemu_tlb_flush(tlb, PTEMU_FLUSH_ALL, 0, 0, PTEMU_CAUSE_FL_USER);
+            ptemu_tlb_flush(tlb, PTEMU_FLUSH_ALL, 0, 0, PTEMU_FLUSHED_BY_USER);
             ctx->tlb_flush++;
         }
     }
@@ -498,6 +498,6 @@ load:
     /* The guest's MOV CR3 flush (SDM 4.10.4.1) on the real TLB: the non-global
      * entries and paging-structure caches of the PCID. */
     if (!noflush && tlb)
-        ptemu_tlb_flush(tlb, PTEMU_FLUSH_PCID, pcid, 0, PTEMU_CAUSE_FL_CR3);
+        ptemu_tlb_flush(tlb, PTEMU_FLUSH_PCID, pcid, 0, PTEMU_FLUSHED_BY_CR3);
     return ret;
 }

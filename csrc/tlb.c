@@ -473,7 +473,7 @@ void ptemu_tlb_flush(ptemu_tlb *t, uint32_t kind, uint32_t pcid, uint64_t va, ui
 {
     if (cause < PTEMU_NFLUSH_CAUSES)
         t->flushes[cause]++;
-    if (cause == PTEMU_CAUSE_FL_PF)
+    if (cause == PTEMU_FLUSHED_BY_PF)
         t->fault_invalidations++;
     uint32_t n = t->narrays < PTEMU_TLB_MAX_ARRAYS ? t->narrays : PTEMU_TLB_MAX_ARRAYS;
     for (uint32_t i = 0; i < n; i++) {

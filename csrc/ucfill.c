@@ -119,10 +119,10 @@ static void apply_invlpg(ptemu_uc_link *l, const ptemu_uc_tail *t, uint64_t end)
                 ea += vals[form ? 3 : 1] << t->scale;
             if (canonical(ea, cpu->cr4) && l->tlb)
                 ptemu_tlb_flush(l->tlb, PTEMU_FLUSH_INVLPG, pcid_of(cpu->cr3, cpu->cr4), ea,
-                                PTEMU_CAUSE_FL_INVLPG);
+                                PTEMU_FLUSHED_BY_INVLPG);
         }
     } else {
-        link_tlb_flush(l, PTEMU_FLUSH_ALL, 0, PTEMU_CAUSE_FL_INVLPG);
+        link_tlb_flush(l, PTEMU_FLUSH_ALL, 0, PTEMU_FLUSHED_BY_INVLPG);
     }
     l->events[PTEMU_UC_EV_INVLPG]++;
     ptemu_uc_flush(l);
@@ -175,7 +175,7 @@ static int sync_state(ptemu_uc_link *l, int done)
     if (cr0 != l->seen[0]) {
         l->events[PTEMU_UC_EV_CR0]++;
         if ((cpu->cr0 & PTEMU_CR0_PG) && !(cr0 & PTEMU_CR0_PG)) {
-            link_tlb_flush(l, PTEMU_FLUSH_ALL, 0, PTEMU_CAUSE_FL_CR0);
+            link_tlb_flush(l, PTEMU_FLUSH_ALL, 0, PTEMU_FLUSHED_BY_CR0);
             uc_flush_needed = 1;
         }
         cpu->cr0 = cr0;
@@ -186,10 +186,10 @@ static int sync_state(ptemu_uc_link *l, int done)
         uint64_t old = cpu->cr4, changed = old ^ cr4;
         l->events[PTEMU_UC_EV_CR4]++;
         if ((changed & PTEMU_CR4_PGE) || ((old & PTEMU_CR4_PCIDE) && !(cr4 & PTEMU_CR4_PCIDE))) {
-            link_tlb_flush(l, PTEMU_FLUSH_ALL, 0, PTEMU_CAUSE_FL_CR4);
+            link_tlb_flush(l, PTEMU_FLUSH_ALL, 0, PTEMU_FLUSHED_BY_CR4);
             uc_flush_needed = 1;
         } else if ((changed & PTEMU_CR4_PAE) || ((cr4 & PTEMU_CR4_SMEP) && !(old & PTEMU_CR4_SMEP))) {
-            link_tlb_flush(l, PTEMU_FLUSH_PCID_ALL, pcid_of(cpu->cr3, old), PTEMU_CAUSE_FL_CR4);
+            link_tlb_flush(l, PTEMU_FLUSH_PCID_ALL, pcid_of(cpu->cr3, old), PTEMU_FLUSHED_BY_CR4);
             uc_flush_needed = 1;
         }
         cpu->cr4 = cr4;
@@ -204,7 +204,7 @@ static int sync_state(ptemu_uc_link *l, int done)
         l->events[cr3 != l->seen[1] ? PTEMU_UC_EV_CR3 : PTEMU_UC_EV_CR3_SAME]++;
         cpu->cr3 = value;
         if (!noflush) {
-            link_tlb_flush(l, PTEMU_FLUSH_PCID, pcid_of(value, cr4), PTEMU_CAUSE_FL_CR3);
+            link_tlb_flush(l, PTEMU_FLUSH_PCID, pcid_of(value, cr4), PTEMU_FLUSHED_BY_CR3);
             uc_flush_needed = 1;
         }
         l->seen[1] = cr3;

@@ -196,7 +196,7 @@ static inline int page_fault(const ptemu_ctx *c, ptemu_fault *f, uint64_t va,
      * and the paging-structure-cache entries of the current PCID, so a fault
      * caused only by stale cached state does not recur. */
     if (c->tlb)
-        ptemu_tlb_flush(c->tlb, PTEMU_FLUSH_INVLPG, c->pcid, va, PTEMU_CAUSE_FL_PF);
+        ptemu_tlb_flush(c->tlb, PTEMU_FLUSH_INVLPG, c->pcid, va, PTEMU_FLUSHED_BY_PF);
     return PTEMU_VEC_PF;
 }
 

@@ -519,7 +519,7 @@ class Mmu:
         self.cpu._c.cr3 = value
         if not noflush:
             pcid = value & bits.CR3_PCID_MASK if pcide else 0
-            self._flush(lib.PTEMU_FLUSH_PCID, pcid, 0, lib.PTEMU_CAUSE_FL_CR3)
+            self._flush(lib.PTEMU_FLUSH_PCID, pcid, 0, lib.PTEMU_FLUSHED_BY_CR3)
 
     def write_cr4(self, value):
         """MOV to CR4 with the flushes of SDM 4.10.4.1: changing PGE or
@@ -543,9 +543,9 @@ class Mmu:
         cpu.cr4 = value
         changed = old ^ value
         if changed & bits.CR4_PGE or (old & bits.CR4_PCIDE and not value & bits.CR4_PCIDE):
-            self._flush(lib.PTEMU_FLUSH_ALL, 0, 0, lib.PTEMU_CAUSE_FL_CR4)
+            self._flush(lib.PTEMU_FLUSH_ALL, 0, 0, lib.PTEMU_FLUSHED_BY_CR4)
         elif changed & bits.CR4_PAE or (value & bits.CR4_SMEP and not old & bits.CR4_SMEP):
-            self._flush(lib.PTEMU_FLUSH_PCID_ALL, old_pcid, 0, lib.PTEMU_CAUSE_FL_CR4)
+            self._flush(lib.PTEMU_FLUSH_PCID_ALL, old_pcid, 0, lib.PTEMU_FLUSHED_BY_CR4)
 
     def write_cr0(self, value):
         """MOV to CR0: clearing PG flushes everything (SDM 4.10.4.1)."""
@@ -566,7 +566,7 @@ class Mmu:
                                     "needs CR4.PAE")
         cpu.cr0 = value
         if old & bits.CR0_PG and not value & bits.CR0_PG:
-            self._flush(lib.PTEMU_FLUSH_ALL, 0, 0, lib.PTEMU_CAUSE_FL_CR0)
+            self._flush(lib.PTEMU_FLUSH_ALL, 0, 0, lib.PTEMU_FLUSHED_BY_CR0)
 
     def _canonical(self, va):
         width = 57 if self.cpu._c.cr4 & bits.CR4_LA57 else 48
@@ -579,7 +579,7 @@ class Mmu:
         address is a no-op, as on hardware."""
         va = check_u64(va, "virtual address")
         if self._canonical(va):
-            self._flush(lib.PTEMU_FLUSH_INVLPG, self.cpu.pcid, va, lib.PTEMU_CAUSE_FL_INVLPG)
+            self._flush(lib.PTEMU_FLUSH_INVLPG, self.cpu.pcid, va, lib.PTEMU_FLUSHED_BY_INVLPG)
 
     def invpcid(self, kind, pcid, va=0):
         """INVPCID type 0 (address, not globals), 1 (one PCID, not globals),
@@ -595,7 +595,7 @@ class Mmu:
             raise GeneralProtection(message="#GP(0): PCID %#x with CR4.PCIDE=0" % pcid)
         if kind == 0 and not self._canonical(va):
             raise GeneralProtection(va)
-        cause = lib.PTEMU_CAUSE_FL_INVPCID
+        cause = lib.PTEMU_FLUSHED_BY_INVPCID
         if kind == 0:
             self._flush(lib.PTEMU_FLUSH_ADDR, pcid, va, cause)
         elif kind == 1:

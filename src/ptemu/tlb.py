@@ -164,7 +164,7 @@ class Tlb:
 
     def flush_all(self):
         """Drop everything (not an architectural event; counted as 'user')."""
-        lib.ptemu_tlb_flush(self._c, lib.PTEMU_FLUSH_ALL, 0, 0, lib.PTEMU_CAUSE_FL_USER)
+        lib.ptemu_tlb_flush(self._c, lib.PTEMU_FLUSH_ALL, 0, 0, lib.PTEMU_FLUSHED_BY_USER)
 
     @property
     def decoded(self):

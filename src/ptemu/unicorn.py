@@ -236,7 +236,7 @@ class UnicornLink:
         """Drop everything cached: ptemu's TLB (globals too) and Unicorn's."""
         if self.mmu.tlb is not None:
             lib.ptemu_tlb_flush(self.mmu._tlb_c, lib.PTEMU_FLUSH_ALL, 0, 0,
-                                lib.PTEMU_CAUSE_FL_USER)
+                                lib.PTEMU_FLUSHED_BY_USER)
         self._uc_flush()
 
     def _uc_flush(self):
