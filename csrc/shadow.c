@@ -104,7 +104,7 @@ static int shadow_fast_fill(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t va,
         slot->l1_gfn != w.entry_pa[w.nentries - 1] >> 12 || slot->npath > 5)
         return 0;                          /* the path must be built: Python */
     uint64_t hpa = ctx->p2m[gfn];
-    if (hpa == PTEMU_NO_FRAME)
+    if (hpa == PTEMU_NO_FRAME || (hpa >> 12) >= ctx->nhost)
         return 0;                          /* backing a frame is Python's */
     uint64_t spte = ptemu_make_leaf_spte(hpa, w.rights, w.leaf & ctx->leaf_copy,
                                          (w.leaf & PTEMU_PTE_D) != 0, ctx->wp[gfn]);
@@ -198,6 +198,8 @@ static uint64_t spte_from_gpte(const ptemu_shadow_ctx *ctx, uint8_t spi, uint64_
     uint64_t gfn = (gpte & ctx->amask) >> 12;
     if (gfn >= ctx->nframes || ctx->p2m[gfn] == PTEMU_NO_FRAME)
         return 0;                         /* outside the VM, or not backed yet */
+    if ((ctx->p2m[gfn] >> 12) >= ctx->nhost)
+        return 0;                         /* never: set_spte indexes h2g with it */
     uint32_t acc = (spi & PTEMU_SPI_ACC_MASK) &
                    (((uint32_t)gpte & (PTEMU_TE_W | PTEMU_TE_U)) | PTEMU_TE_NX);
     if ((spi & PTEMU_SPI_NXE) && (gpte & PTEMU_PTE_NX))
@@ -233,7 +235,7 @@ static int set_spte(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t addr, uint6
         if (f < ctx->nhost && ctx->h2g[f] != PTEMU_NO_FRAME)
             rmap_log(ctx, ctx->h2g[f] | PTEMU_RMAP_REMOVE, addr);
     }
-    if (new)
+    if (new)            /* new is spte_from_gpte's: its frame is below nhost */
         rmap_log(ctx, ctx->h2g[(new & SPTE_FRAME) >> 12], addr);
     ptemu_mem_store64(hmem, addr, new);
     return 1;
@@ -436,7 +438,9 @@ int ptemu_shadow_cr3(ptemu_shadow_ctx *ctx, ptemu_cpu *g, ptemu_cpu *real, ptemu
     if (!(ctx->enabled & PTEMU_FP_CR3) || !ctx->root_key)
         return 0;
     uint32_t pcide = (g->cr4 & PTEMU_CR4_PCIDE) != 0;
-    uint32_t m = g->maxphyaddr ? g->maxphyaddr : 52;
+    uint32_t m = g->maxphyaddr;
+    if (m < 13 || m > 52)               /* as ptemu_ctx_init: no shift below is UB */
+        m = 52;
     /* SDM 4.5.2 / 2.5: bits 62:MAXPHYADDR are reserved, and bit 63 too unless
      * CR4.PCIDE=1 (then it asks not to flush and is not stored): #GP, Python. */
     uint64_t rsvd = ((1ULL << 63) - 1) & ~((1ULL << m) - 1);
