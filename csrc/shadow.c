@@ -285,7 +285,7 @@ static int fill_is_noop(const ptemu_shadow_ctx *ctx, ptemu_mmu *m, uint64_t va,
 static int shadow_fast_pt_write(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tlb *tlb,
                                 uint64_t va, uint64_t value)
 {
-    if (ctx->allow_unsync || !ctx->role_wp || !ctx->hash_room || *ctx->host_free < 7)
+    if (ctx->allow_unsync || !ctx->role_wp || !ctx->hash_room || *ctx->host_free < PTEMU_FILL_MIN_FREE)
         return 0;
     ptemu_walk_in in = { va, PTEMU_ACC_WRITE, PTEMU_IN_CPL | PTEMU_IN_NO_AD };
     ptemu_walk_out w;
@@ -311,7 +311,7 @@ static int shadow_fast_pt_write(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tlb *
         /* Level 1 only (a store into an upper table unlinks: Python), and the
          * third emulated write without a use zaps the page (flooding). */
         if (f >= ctx->nhost || (ctx->sp_info[f] & (PTEMU_SPI_DIRECT | (7 << PTEMU_SPI_LEVEL_SHIFT)))
-                                   != (1 << PTEMU_SPI_LEVEL_SHIFT) || ctx->flood[f] + 1 >= 3)
+                                   != (1 << PTEMU_SPI_LEVEL_SHIFT) || ctx->flood[f] + 1 >= PTEMU_FLOOD_ZAP)
             return 0;
     }
     uint64_t old, at = hpa + (gpa & 0xfff);
@@ -417,7 +417,7 @@ int ptemu_shadow_invlpg(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, const ptemu_cpu 
             }
         }
     }
-    uint32_t pcid = (cpu->cr4 & PTEMU_CR4_PCIDE) ? (uint32_t)(cpu->cr3 & 0xfff) : 0;
+    uint32_t pcid = (cpu->cr4 & PTEMU_CR4_PCIDE) ? (uint32_t)(cpu->cr3 & PTEMU_CR3_PCID_MASK) : 0;
     if (tlb) {
         ptemu_tlb_flush(tlb, PTEMU_FLUSH_INVLPG, pcid, va, PTEMU_CAUSE_FL_INVLPG);
         if (flush) {        /* a lowered or moved spte: the whole real TLB, once */
@@ -463,7 +463,7 @@ int ptemu_shadow_cr3(ptemu_shadow_ctx *ctx, ptemu_cpu *g, ptemu_cpu *real, ptemu
              * needs no page made -- nor room, under no memory pressure. */
             uint64_t gfn = (cr3 & ctx->amask) >> 12;
             if (gfn >= ctx->nframes || ctx->top_key[gfn] != key || !ctx->hash_room ||
-                *ctx->host_free < 7)
+                *ctx->host_free < PTEMU_FILL_MIN_FREE)
                 return 0;               /* a new root, or room to make: Python */
             if (ctx->prev_max) {        /* the old root to the front, the list kept short */
                 uint32_t keep = n < ctx->prev_max ? n : ctx->prev_max - 1;
@@ -497,7 +497,7 @@ int ptemu_shadow_cr3(ptemu_shadow_ctx *ctx, ptemu_cpu *g, ptemu_cpu *real, ptemu
     }
 load:
     g->cr3 = cr3;
-    uint32_t pcid = pcide ? (uint32_t)(cr3 & 0xfff) : 0;
+    uint32_t pcid = pcide ? (uint32_t)(cr3 & PTEMU_CR3_PCID_MASK) : 0;
     real->cr3 = ctx->root_hpa | pcid;
     /* The guest's MOV CR3 flush (SDM 4.10.4.1) on the real TLB: the non-global
      * entries and paging-structure caches of the PCID. */
