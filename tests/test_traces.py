@@ -511,6 +511,9 @@ def test_record_of_a_cmd_that_never_ran_writes_nothing(tmp_path, capsys):
 
 
 @needs_valgrind
+@pytest.mark.skipif(os.environ.get("PTEMU_SANITIZED") == "1",
+                    reason="a child interpreter with the sanitized extension needs the "
+                    "ASan runtime preloaded, and valgrind under it must not have it")
 def test_record_progress_is_tqdm_on_a_terminal_only(tmp_path):
     """Recording shows the same tqdm progress as a study (ptemu._files), on
     stderr when it is a terminal (a pty with a size here) and not when it is
