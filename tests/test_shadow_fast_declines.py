@@ -105,3 +105,29 @@ def test_a_p2m_entry_outside_host_memory_is_never_mapped_by_c():
         assert sh.fast.rmap_log_len == 1 and sh.rmap_log[0] & lib.PTEMU_RMAP_REMOVE
     finally:
         sh.p2m[50] = saved
+
+
+def test_supervisor_stores_under_guest_cr0_wp_0_go_to_python():
+    """SDM 4.6.1: with CR0.WP=0 a supervisor write ignores R/W.  The real CPU
+    keeps WP=1 (so that write protection holds), so such a write exits and is
+    emulated: policy, never a fast fill or a fast table store (ctx.role_wp)."""
+    from ptemu import bits
+    vms = pair()
+    for vm, g in vms:
+        for i in range(2):
+            g.map(VA + i * PAGE, (40 + i) * PAGE, P | A | D)         # read-only data
+        g.map(0x50000000, g.table_of(VA), P | A | D)                # its table, read-only
+        vc = vm.vcpu
+        vc.write_cr3(g.root)
+        vc.write_cr0(vc.cpu.cr0 & ~bits.CR0_WP)
+        vc.load_u64(VA)
+        vc.load_u64(0x50000000)
+        vc.store_u64(VA + 8, 0x1234)                                # R/W=0, allowed
+        vc.store_u64(0x50000000 + 8 * 1, (50 * PAGE) | P | A | D)   # a table store
+        vc.invlpg(VA + PAGE)
+        assert vc.load_u64(VA + 8) == 0x1234
+        assert vc.load_u64(VA + PAGE) == 0xD0000 + 50
+    (fast, _), (ref, _) = vms
+    assert fast.stats["fast_pf_emulate"] == 0
+    assert fast.stats["pf_emulate"] == ref.stats["pf_emulate"] >= 2
+    same(fast, ref)
