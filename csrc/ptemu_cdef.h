@@ -547,6 +547,12 @@ void ptemu_uc_flush(ptemu_uc_link *link);
 #define PTEMU_SPI_LEVEL_SHIFT   4     /* bits 6:4 its level; 0: no shadow page here */
 #define PTEMU_SPI_NXE           0x80  /* made under EFER.NXE=1 (bit 63 is XD) */
 #define PTEMU_GFN_SPS           4     /* shadow pages per guest frame C looks at */
+/* Policy numbers C and shadow.py share (typed once, here): the emulated write
+ * to a page's table that zaps it when no use came in between (KVM
+ * write_flooding_count), and the free host frames below which a fill makes
+ * room first (a fill creates at most one page per level). */
+#define PTEMU_FLOOD_ZAP         3
+#define PTEMU_FILL_MIN_FREE     7
 /* rmap_log words: (gfn | PTEMU_RMAP_REMOVE, spte host address) */
 #define PTEMU_RMAP_REMOVE       0x8000000000000000
 

@@ -104,7 +104,7 @@ static int shadow_fast_fill(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t va,
         slot->l1_gfn != w.entry_pa[w.nentries - 1] >> 12 || slot->npath > 5)
         return 0;                          /* the path must be built: Python */
     uint64_t hpa = ctx->p2m[gfn];
-    if (hpa == PTEMU_NO_FRAME)
+    if (hpa == PTEMU_NO_FRAME || (hpa >> 12) >= ctx->nhost)
         return 0;                          /* backing a frame is Python's */
     uint64_t spte = ptemu_make_leaf_spte(hpa, w.rights, w.leaf & ctx->leaf_copy,
                                          (w.leaf & PTEMU_PTE_D) != 0, ctx->wp[gfn]);
@@ -198,6 +198,8 @@ static uint64_t spte_from_gpte(const ptemu_shadow_ctx *ctx, uint8_t spi, uint64_
     uint64_t gfn = (gpte & ctx->amask) >> 12;
     if (gfn >= ctx->nframes || ctx->p2m[gfn] == PTEMU_NO_FRAME)
         return 0;                         /* outside the VM, or not backed yet */
+    if ((ctx->p2m[gfn] >> 12) >= ctx->nhost)
+        return 0;                         /* never: set_spte indexes h2g with it */
     uint32_t acc = (spi & PTEMU_SPI_ACC_MASK) &
                    (((uint32_t)gpte & (PTEMU_TE_W | PTEMU_TE_U)) | PTEMU_TE_NX);
     if ((spi & PTEMU_SPI_NXE) && (gpte & PTEMU_PTE_NX))
@@ -233,7 +235,7 @@ static int set_spte(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t addr, uint6
         if (f < ctx->nhost && ctx->h2g[f] != PTEMU_NO_FRAME)
             rmap_log(ctx, ctx->h2g[f] | PTEMU_RMAP_REMOVE, addr);
     }
-    if (new)
+    if (new)            /* new is spte_from_gpte's: its frame is below nhost */
         rmap_log(ctx, ctx->h2g[(new & SPTE_FRAME) >> 12], addr);
     ptemu_mem_store64(hmem, addr, new);
     return 1;
@@ -283,7 +285,7 @@ static int fill_is_noop(const ptemu_shadow_ctx *ctx, ptemu_mmu *m, uint64_t va,
 static int shadow_fast_pt_write(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tlb *tlb,
                                 uint64_t va, uint64_t value)
 {
-    if (ctx->allow_unsync || !ctx->role_wp || !ctx->hash_room || *ctx->host_free < 7)
+    if (ctx->allow_unsync || !ctx->role_wp || !ctx->hash_room || *ctx->host_free < PTEMU_FILL_MIN_FREE)
         return 0;
     ptemu_walk_in in = { va, PTEMU_ACC_WRITE, PTEMU_IN_CPL | PTEMU_IN_NO_AD };
     ptemu_walk_out w;
@@ -309,7 +311,7 @@ static int shadow_fast_pt_write(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tlb *
         /* Level 1 only (a store into an upper table unlinks: Python), and the
          * third emulated write without a use zaps the page (flooding). */
         if (f >= ctx->nhost || (ctx->sp_info[f] & (PTEMU_SPI_DIRECT | (7 << PTEMU_SPI_LEVEL_SHIFT)))
-                                   != (1 << PTEMU_SPI_LEVEL_SHIFT) || ctx->flood[f] + 1 >= 3)
+                                   != (1 << PTEMU_SPI_LEVEL_SHIFT) || ctx->flood[f] + 1 >= PTEMU_FLOOD_ZAP)
             return 0;
     }
     uint64_t old, at = hpa + (gpa & 0xfff);
@@ -415,7 +417,7 @@ int ptemu_shadow_invlpg(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, const ptemu_cpu 
             }
         }
     }
-    uint32_t pcid = (cpu->cr4 & PTEMU_CR4_PCIDE) ? (uint32_t)(cpu->cr3 & 0xfff) : 0;
+    uint32_t pcid = (cpu->cr4 & PTEMU_CR4_PCIDE) ? (uint32_t)(cpu->cr3 & PTEMU_CR3_PCID_MASK) : 0;
     if (tlb) {
         ptemu_tlb_flush(tlb, PTEMU_FLUSH_INVLPG, pcid, va, PTEMU_FLUSHED_BY_INVLPG);
         if (flush) {        /* a lowered or moved spte: the whole real TLB, once */
@@ -436,7 +438,9 @@ int ptemu_shadow_cr3(ptemu_shadow_ctx *ctx, ptemu_cpu *g, ptemu_cpu *real, ptemu
     if (!(ctx->enabled & PTEMU_FP_CR3) || !ctx->root_key)
         return 0;
     uint32_t pcide = (g->cr4 & PTEMU_CR4_PCIDE) != 0;
-    uint32_t m = g->maxphyaddr ? g->maxphyaddr : 52;
+    uint32_t m = g->maxphyaddr;
+    if (m < 13 || m > 52)               /* as ptemu_ctx_init: no shift below is UB */
+        m = 52;
     /* SDM 4.5.2 / 2.5: bits 62:MAXPHYADDR are reserved, and bit 63 too unless
      * CR4.PCIDE=1 (then it asks not to flush and is not stored): #GP, Python. */
     uint64_t rsvd = ((1ULL << 63) - 1) & ~((1ULL << m) - 1);
@@ -459,7 +463,7 @@ int ptemu_shadow_cr3(ptemu_shadow_ctx *ctx, ptemu_cpu *g, ptemu_cpu *real, ptemu
              * needs no page made -- nor room, under no memory pressure. */
             uint64_t gfn = (cr3 & ctx->amask) >> 12;
             if (gfn >= ctx->nframes || ctx->top_key[gfn] != key || !ctx->hash_room ||
-                *ctx->host_free < 7)
+                *ctx->host_free < PTEMU_FILL_MIN_FREE)
                 return 0;               /* a new root, or room to make: Python */
             if (ctx->prev_max) {        /* the old root to the front, the list kept short */
                 uint32_t keep = n < ctx->prev_max ? n : ctx->prev_max - 1;
@@ -493,7 +497,7 @@ int ptemu_shadow_cr3(ptemu_shadow_ctx *ctx, ptemu_cpu *g, ptemu_cpu *real, ptemu
     }
 load:
     g->cr3 = cr3;
-    uint32_t pcid = pcide ? (uint32_t)(cr3 & 0xfff) : 0;
+    uint32_t pcid = pcide ? (uint32_t)(cr3 & PTEMU_CR3_PCID_MASK) : 0;
     real->cr3 = ctx->root_hpa | pcid;
     /* The guest's MOV CR3 flush (SDM 4.10.4.1) on the real TLB: the non-global
      * entries and paging-structure caches of the PCID. */

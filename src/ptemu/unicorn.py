@@ -15,7 +15,7 @@ Needs Unicorn 2.1 (`pip install "ptemu[unicorn]"`).
 import ctypes
 
 from ptemu import bits
-from ptemu._native import ffi, lib, InvalidInput, GeneralProtection, fault_from_c
+from ptemu._native import ffi, lib, InvalidInput, GeneralProtection, fault_from_c, check_layout
 from ptemu.mmu import Mmu
 
 __all__ = ["attach", "load_cpu_state", "UnicornLink", "MISSING"]
@@ -42,11 +42,11 @@ _LINK_ATTR = "_ptemu_link"
 _REGS = {lib.PTEMU_UC_R_CR0: "CR0", lib.PTEMU_UC_R_CR3: "CR3", lib.PTEMU_UC_R_CR4: "CR4",
          lib.PTEMU_UC_R_CS: "CS", lib.PTEMU_UC_R_RFLAGS: "RFLAGS",
          lib.PTEMU_UC_R_EFER: "MSR", lib.PTEMU_UC_R_RIP: "RIP"}
-assert sorted(_REGS) == list(range(lib.PTEMU_UC_NREGS))
+check_layout(sorted(_REGS) == list(range(lib.PTEMU_UC_NREGS)), "ptemu_uc_link.regs slots")
 _EVENTS = {lib.PTEMU_UC_EV_CR0: "cr0", lib.PTEMU_UC_EV_CR3: "cr3", lib.PTEMU_UC_EV_CR4: "cr4",
            lib.PTEMU_UC_EV_EFER: "efer", lib.PTEMU_UC_EV_CR3_SAME: "cr3_same",
            lib.PTEMU_UC_EV_INVLPG: "invlpg"}
-assert sorted(_EVENTS) == list(range(lib.PTEMU_UC_NEVENTS))
+check_layout(sorted(_EVENTS) == list(range(lib.PTEMU_UC_NEVENTS)), "ptemu_uc_link.events slots")
 _GPRS = ("RAX", "RCX", "RDX", "RBX", "RSP", "RBP", "RSI", "RDI",
          "R8", "R9", "R10", "R11", "R12", "R13", "R14", "R15")
 

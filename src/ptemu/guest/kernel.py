@@ -119,7 +119,7 @@ class Kernel(AddressSpaces, Processes, Vmas, FaultHandler):
         if direct_map_page_size not in (PAGE, 1 << 21):
             raise InvalidInput("direct_map_page_size must be 4096 or 2 MiB")
         if paravirt is None:
-            paravirt = getattr(machine, "paging", "native") == "paravirt"
+            paravirt = machine.paging == "paravirt"        # (the machine contract)
         self.paravirt = bool(paravirt)
         if not isinstance(flush_ceiling, int) or flush_ceiling < 0:
             raise InvalidInput("flush_ceiling must be a non-negative int")
@@ -132,8 +132,9 @@ class Kernel(AddressSpaces, Processes, Vmas, FaultHandler):
         self.stats = defaultdict(int)
         self.fault_log = [] if record_faults else None
         self._pending = []                 # page-table writes not yet done (see _sync)
-        #: page-table stores go out as store streams (a machine that has them)
-        self._streams = store_streams and hasattr(self.vcpu, "store_stream")
+        #: page-table stores go out as store streams (vcpu.store_stream: every
+        #: machine of docs/machine-contract.md has them)
+        self._streams = bool(store_streams)
         size = int(machine.memory_bytes)
         if size % PAGE or size < 64 * PAGE:
             raise InvalidInput("guest memory must be at least 64 pages and whole pages")

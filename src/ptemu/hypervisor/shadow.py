@@ -72,6 +72,9 @@ RMAP_REMOVE = lib.PTEMU_RMAP_REMOVE
 GFN_SPS = lib.PTEMU_GFN_SPS
 SPI_DIRECT, SPI_LEVEL_SHIFT, SPI_NXE = (lib.PTEMU_SPI_DIRECT, lib.PTEMU_SPI_LEVEL_SHIFT,
                                         lib.PTEMU_SPI_NXE)
+#: The emulated write without a use in between that zaps a page (flooding), and
+#: the free host frames below which a fill makes room first: shared with C.
+FLOOD_ZAP, FILL_MIN_FREE = lib.PTEMU_FLOOD_ZAP, lib.PTEMU_FILL_MIN_FREE
 
 
 def make_leaf_spte(hpa, acc, copy_bits, dirty, protected):
@@ -426,7 +429,7 @@ class ShadowMmu:
         """Before a fill that may create pages (KVM make_mmu_pages_available: on
         the slow path only, never where the fast path would have done)."""
         if (self.limit is not None and len(self.hash) + 5 > self.limit) or \
-                self.hv.free_frames < 7:
+                self.hv.free_frames < FILL_MIN_FREE:
             self.reserve(self.levels)
 
     def reserve(self, n):
@@ -879,7 +882,7 @@ class ShadowMmu:
             if flood and (sp.level > 1 or not self.allow_unsync):
                 f = self.flood[sp.hpa >> 12] + 1
                 self.flood[sp.hpa >> 12] = f
-                if f >= 3:
+                if f >= FLOOD_ZAP:
                     st["mmu_flooded"] += 1
                     self.zap(sp)
                     continue
