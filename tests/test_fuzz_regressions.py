@@ -120,6 +120,35 @@ def test_hostile_run_wp0_pkru_wd_is_allowed():
 # ---------------------------------------------------------------------------
 # The harnesses still run, and their oracles bite
 # ---------------------------------------------------------------------------
+def test_walker_sparse_table_across_the_end_of_a_segments_file_bytes():
+    """fuzz_walker op_sparse, 2026-12-01 (CI's 60 s run): an ELF-style segment
+    at pa 0 of 12 KiB whose file holds only 12284 bytes (p_filesz < p_memsz,
+    the rest reads as zeros) has its page table at 0x2000..0x2fff crossing
+    from the file bytes into the zero tail.  Every word of that table is in
+    memory, so mappings() must list what it maps (SDM 4.5: a 1 GiB leaf in
+    the PDPT), as it does for the same bytes laid out plainly; it skipped
+    the table instead."""
+    plain = ptemu.PhysicalMemory(3 * PAGE)
+    plain.write_u64(0x0000, 0x1000 | P | W)            # PML4[0] -> PDPT at 0x1000
+    plain.write_u64(0x1000, 0x2000 | P | W)            # PDPT[0] -> PD at 0x2000
+    plain.write_u64(0x2000, 0x0 | P | W | ptemu.PTE_PS)   # PD[0]: 2 MiB page at 0
+    plain.write_u64(0x2ff8, 0x200000 | P | ptemu.PTE_PS)  # PD[511]: its last 4 bytes
+    file = plain.array[:12284].copy()                  # ... beyond the file's end:
+    segs = [(0, 0, 12284, 3 * PAGE)]                   # the high half reads as 0
+    sp = ptemu.PhysicalMemory._from_segments("<test>", segs, _file=file)
+    assert sp.read_u64(0x2ff8) == 0x200000 | P | ptemu.PTE_PS     # low half in the file
+    cpu = ptemu.CpuState.long_mode(cr3=0)
+    got = list(ptemu.Mmu(sp, cpu).mappings())
+    assert [(m.va, m.pa, m.page_size) for m in got] == [
+        (0, 0, 2 << 20), (511 << 21, 0x200000, 2 << 20)]
+    assert got == list(ptemu.Mmu(plain, cpu).mappings())
+    assert sp.table(0x2000)[511] == 0x200000 | P | ptemu.PTE_PS
+    # A table with a hole in it is still not wholly in memory.
+    holed = ptemu.PhysicalMemory._from_segments("<test>", [(0, 0, 0x2800, 0x2800)],
+                                                _file=plain.array[:0x2800].copy())
+    assert holed.table(0x2000) is None
+
+
 def test_walker_harness_runs_clean_on_fixed_inputs():
     rng = random.Random(20261124)
     for _ in range(150):

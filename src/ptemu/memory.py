@@ -347,15 +347,28 @@ class PhysicalMemory:
         return None if f == self.NO_FRAME else f + (pa & 0xFFF)
 
     def table(self, pa):
-        """The 4 KiB-aligned table at pa as 512 uint64 (a live numpy view), or None
-        when it is not wholly inside memory."""
+        """The 4 KiB-aligned table at pa as 512 uint64 (a live numpy view; a copy
+        for a table of sparse memory that crosses from one part into the next),
+        or None when it is not wholly inside memory."""
         if pa % 4096:
             raise InvalidInput("a table address must be 4 KiB aligned, not %#x" % pa)
         if self._segments is not None:
-            _i, seg = self._segment_at(pa)
-            if seg is None or pa + 4096 > seg.pa + seg.size:
+            i, seg = self._segment_at(pa)
+            if seg is None:
                 return None
-            return seg.array[pa - seg.pa:pa - seg.pa + 4096].view(np.uint64)
+            if pa + 4096 <= seg.pa + seg.size:
+                return seg.array[pa - seg.pa:pa - seg.pa + 4096].view(np.uint64)
+            # The table runs on into the next part -- the zero tail of an ELF
+            # segment whose file bytes end inside it, or an adjacent range:
+            # whole if the parts leave no gap up to its end, and then read
+            # through the C core's bounds check (a copy, not a live view).
+            end, segs = seg.pa + seg.size, self._segments
+            while end < pa + 4096:
+                i += 1
+                if i == len(segs) or segs[i].pa != end:
+                    return None
+                end += segs[i].size
+            return self.gather_u64(np.arange(pa, pa + 4096, 8, dtype=np.uint64))
         off = self._host_offset(pa)
         buf = self._array if self.host is None else self.host._array
         if off is None or off + 4096 > len(buf):
