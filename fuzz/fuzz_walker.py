@@ -652,8 +652,30 @@ def _sparse_layout(inp, size):
     return segs, off
 
 
+def _parts(segs):
+    """The runs of bytes the C core sees for `segs` (PhysicalMemory._from_segments's
+    rule): a segment's file part up to the word boundary at or below its end, then
+    its zero tail as a part of its own; file parts back to back in memory and in
+    the file are one run."""
+    parts = []
+    for a, off, fs, m in segs:
+        if m > fs:
+            split = max(a, (a + fs) & ~7)
+            fs = split - a
+        if fs:
+            if parts and parts[-1][2] is not None and parts[-1][0] + parts[-1][1] == a \
+                    and parts[-1][2] + parts[-1][1] == off:
+                parts[-1] = (parts[-1][0], parts[-1][1] + fs, parts[-1][2])
+            else:
+                parts.append((a, fs, off))
+        if m > fs:
+            parts.append((a + fs, m - fs, None))
+    return parts
+
+
 def _inside_one(segs, pa):
-    return any(a <= pa and pa + 8 <= a + m for a, _o, _f, m in segs)
+    """A word is in memory when all its 8 bytes lie in one run (physmap.c)."""
+    return any(a <= pa and pa + 8 <= a + n for a, n, _off in _parts(segs))
 
 
 def op_sparse(inp, ctx):

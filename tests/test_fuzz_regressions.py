@@ -149,6 +149,26 @@ def test_walker_sparse_table_across_the_end_of_a_segments_file_bytes():
     assert holed.table(0x2000) is None
 
 
+def test_walker_sparse_oracle_knows_back_to_back_segments_are_one_run():
+    """fuzz_walker op_sparse's oracle, 2026-12-01: segments (0, 0, 4, 4) and
+    (4, 4, ...) lie back to back in memory and in the file, so the word at 0
+    is memory (the image reader makes them one run) -- the oracle called it
+    a hole and flagged a correct walk.  A word across a zero-tail split or
+    into a hole is still outside."""
+    segs = [(0, 0, 4, 4), (4, 4, 3572, 3572), (3576, 3599, 520, 520)]
+    assert fuzz_walker._inside_one(segs, 0)
+    assert not fuzz_walker._inside_one(segs, 3572)        # file parts not back to back
+    file = np.arange(4200, dtype=np.uint64).astype(np.uint8)
+    sp = ptemu.PhysicalMemory._from_segments("<test>", segs, _file=file)
+    assert sp.gather_u64(np.array([0, 3568, 3576], dtype=np.uint64)).tolist() == [
+        int.from_bytes(bytes(file[0:8]), "little"),
+        int.from_bytes(bytes(file[3568:3576]), "little"),
+        int.from_bytes(bytes(file[3599:3607]), "little")]
+    assert sp.gather_u64(np.array([3572], dtype=np.uint64)).tolist() == [0]
+    assert not fuzz_walker._inside_one([(0, 0, 12, 16)], 4)  # across the zero-tail split
+    assert fuzz_walker._inside_one([(0, 0, 12, 16)], 8)      # the tail holds bytes 8..11
+
+
 def test_walker_harness_runs_clean_on_fixed_inputs():
     rng = random.Random(20261124)
     for _ in range(150):
