@@ -37,18 +37,25 @@ class PhysicalMemory:
             size = check_u64(size, "memory size")
             self._check_size(size)
             _array = np.zeros(size, dtype=np.uint8)
+        self._blank(_path, "raw" if _path else None)
         self._array = _array
-        self.path = _path
-        self.frames = None
-        self.host = None
-        self.ept = None
-        self._segments = None
-        self.cpus = []
-        self.format = "raw" if _path else None
-        self._c = ffi.new("ptemu_mem *")
         self._keep = ffi.from_buffer("uint8_t[]", _array, require_writable=True)
         self._c.base = self._keep
         self._c.size = len(_array)
+
+    def _blank(self, path=None, fmt=None):
+        """Every attribute at its default and a zeroed ptemu_mem: what each
+        constructor starts from before it sets its own kind's fields."""
+        self._array = None
+        self.path = path
+        self.host = None
+        self.frames = None
+        self.ept = None
+        self._segments = None
+        self.cpus = []
+        self.format = fmt
+        self._c = ffi.new("ptemu_mem *")
+        return self
 
     @classmethod
     def view(cls, host, frames):
@@ -71,16 +78,9 @@ class PhysicalMemory:
             raise InvalidInput("frames must be 4 KiB aligned offsets inside host memory")
         if host._segments is not None:
             raise InvalidInput("a view needs a plain PhysicalMemory as host, not a sparse image")
-        self = cls.__new__(cls)
-        self._array = None
-        self.path = None
+        self = cls.__new__(cls)._blank()
         self.host = host
         self.frames = frames
-        self.ept = None
-        self._segments = None
-        self.cpus = []
-        self.format = None
-        self._c = ffi.new("ptemu_mem *")
         self._keep = (host._keep, ffi.from_buffer("uint64_t[]", frames))
         self._c.base = host._c.base
         self._c.size = host._c.size
@@ -213,20 +213,12 @@ class PhysicalMemory:
             if memsz > filesz:
                 parts.append((pa + filesz, memsz - filesz, zeros, False, z))
                 z += memsz - filesz
-        self = cls.__new__(cls)
-        self._array = None
-        self.path = path
-        self.host = None
-        self.frames = None
-        self.ept = None
-        self.cpus = []
-        self.format = fmt
+        self = cls.__new__(cls)._blank(path, fmt)
         self._filemap = filemap
         self._segments = [Segment(pa, n, arr[o:o + n], backed) for pa, n, arr, backed, o in parts]
         # The C core trusts host..host+size: each array must hold its segment.
         if any(len(seg.array) != seg.size for seg in self._segments):
             raise InvalidInput("image %s: a range does not fit its backing" % path)
-        self._c = ffi.new("ptemu_mem *")
         segs = ffi.new("ptemu_seg[]", len(parts))
         bufs = [ffi.from_buffer("uint8_t[]", seg.array, require_writable=True)
                 for seg in self._segments]
@@ -249,17 +241,10 @@ class PhysicalMemory:
         by the EPT in host memory; an EPT violation is a VM exit (EptViolation)."""
         size = check_u64(size, "guest memory size")
         cls._check_size(size)
-        self = cls.__new__(cls)
-        self._array = None
-        self.path = None
+        self = cls.__new__(cls)._blank()
         self.host = ept.host
-        self.frames = None
         self.ept = ept
-        self._segments = None
-        self.cpus = []
-        self.format = None
         self._nested_size = size
-        self._c = ffi.new("ptemu_mem *")
         self._keep = (ept.host._keep, ept._c)
         self._c.base = ept.host._c.base
         self._c.size = ept.host._c.size
