@@ -20,7 +20,12 @@ _SIZE_BITS = {"4K": 1 << lib.PTEMU_SIZE_4K, "2M": 1 << lib.PTEMU_SIZE_2M,
 _KIND_BITS = {"data": lib.PTEMU_KIND_DATA, "fetch": lib.PTEMU_KIND_FETCH,
               "unified": lib.PTEMU_KIND_DATA | lib.PTEMU_KIND_FETCH}
 _ACCESS = ("read", "write", "fetch")
-FLUSH_CAUSES = ("cr3", "cr4", "cr0", "invlpg", "invpcid", "page_fault", "user")
+# The stats' names of the flush causes, indexed by their C value (PTEMU_FLUSHED_BY_*).
+_FLUSH_CAUSE_NAMES = {lib.PTEMU_FLUSHED_BY_CR3: "cr3", lib.PTEMU_FLUSHED_BY_CR4: "cr4",
+                      lib.PTEMU_FLUSHED_BY_CR0: "cr0", lib.PTEMU_FLUSHED_BY_INVLPG: "invlpg",
+                      lib.PTEMU_FLUSHED_BY_INVPCID: "invpcid",
+                      lib.PTEMU_FLUSHED_BY_PF: "page_fault", lib.PTEMU_FLUSHED_BY_USER: "user"}
+FLUSH_CAUSES = tuple(_FLUSH_CAUSE_NAMES[i] for i in range(lib.PTEMU_NFLUSH_CAUSES))
 PSC_NAMES = {2: "pde", 3: "pdpte", 4: "pml4e", 5: "pml5e"}
 
 
