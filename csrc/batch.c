@@ -92,7 +92,7 @@ static PTEMU_INLINE int quick_walk(const ptemu_ctx *c, const quick *q, const uin
         table = e & q->addr_mask;
     }
     /* 4.6: R/W and U/S ANDed (at the PTEMU_TE_W/U bit positions), XD ORed
-     * (bit 63 onto PTEMU_TE_NX). */
+     * (bit 63 onto PTEMU_TE_NX): the coincidences ptemu.h asserts. */
     const uint32_t rights = (uint32_t)(all & (PTEMU_TE_W | PTEMU_TE_U)) |
                             (uint32_t)((any & q->nx_mask) >> 63);
     if (c->rtab[acc][q->mode][rights] ||

@@ -24,6 +24,25 @@
 #endif
 
 /*
+ * The bit coincidences the core relies on, checked here where every file
+ * sees them (SDM 4.6, tables 4-14 .. 4-20):
+ *   - R/W and U/S of an entry sit at PTEMU_TE_W/U: walk.c ANDs the rights
+ *     over the levels with `rights &= e`, batch.c indexes its rights table
+ *     with `all & (TE_W | TE_U)`, shadow.c builds sptes from TE rights;
+ *   - XD (bit 63) shifted down is PTEMU_TE_NX: walk.c and batch.c OR
+ *     `(e & nx_mask) >> 63` into the rights;
+ *   - a leaf's D is PTEMU_TE_D (shadow.c);
+ *   - the #PF error code's W/U bits sit where the entry's R/W, U/S do
+ *     (shadow.c).
+ */
+_Static_assert(PTEMU_TE_W == PTEMU_PTE_W, "TE_W must sit at the R/W bit");
+_Static_assert(PTEMU_TE_U == PTEMU_PTE_U, "TE_U must sit at the U/S bit");
+_Static_assert((PTEMU_PTE_NX >> 63) == PTEMU_TE_NX, "XD >> 63 must be TE_NX");
+_Static_assert(PTEMU_TE_D == PTEMU_PTE_D, "TE_D must sit at the D bit");
+_Static_assert(PTEMU_PF_W == PTEMU_PTE_W && PTEMU_PF_U == PTEMU_PTE_U,
+               "#PF error code W/U bits sit where the entry's R/W, U/S do");
+
+/*
  * Everything a walk needs, derived once from ptemu_cpu per call (or per
  * batch): the walk itself then touches no control register.
  */

@@ -47,17 +47,8 @@
  */
 #include "ptemu.h"
 
-/* The bit coincidences the walk relies on: R/W and U/S of an entry are the
- * PTEMU_TE_W/U rights bits (walk.c ANDs `rights &= e` over the levels,
- * batch.c indexes its rights table with them), XD (bit 63) shifted down is
- * PTEMU_TE_NX, and a leaf's D is PTEMU_TE_D.  This file builds sptes from
- * TE rights with the same identities (SDM 4.6, tables 4-14..4-20). */
-_Static_assert(PTEMU_TE_W == PTEMU_PTE_W, "TE_W must sit at the R/W bit");
-_Static_assert(PTEMU_TE_U == PTEMU_PTE_U, "TE_U must sit at the U/S bit");
-_Static_assert((PTEMU_PTE_NX >> 63) == PTEMU_TE_NX, "XD >> 63 must be TE_NX");
-_Static_assert(PTEMU_TE_D == PTEMU_PTE_D, "TE_D must sit at the D bit");
-_Static_assert(PTEMU_PF_W == PTEMU_PTE_W && PTEMU_PF_U == PTEMU_PTE_U,
-               "#PF error code W/U bits sit where the entry's R/W, U/S do");
+/* sptes are built from TE rights by the bit identities ptemu.h asserts
+ * (TE_W/U at R/W and U/S, XD >> 63 = TE_NX, TE_D at D; SDM 4.6). */
 
 #define SPTE_FRAME   0x000ffffffffff000ULL
 #define SPTE_WIDEN   (PTEMU_PTE_A | PTEMU_PTE_W | PTEMU_PTE_D)

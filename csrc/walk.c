@@ -281,7 +281,8 @@ static PTEMU_INLINE uint32_t walk_levels(const ptemu_ctx *c, uint64_t va, const 
             break;
         }
         /* 4.6: R/W and U/S ANDed over levels (their bit positions are
-         * PTEMU_TE_W/U), XD ORed (bit 63 lands on PTEMU_TE_NX = bit 0). */
+         * PTEMU_TE_W/U), XD ORed (bit 63 lands on PTEMU_TE_NX = bit 0);
+         * ptemu.h asserts both coincidences. */
         rights &= (uint32_t)e | ~(uint32_t)(PTEMU_TE_W | PTEMU_TE_U);
         rights |= (uint32_t)((e & nx_mask) >> 63);
         rights_at[n - 1] = rights;
