@@ -104,12 +104,14 @@ static PTEMU_INLINE int quick_walk(const ptemu_ctx *c, const quick *q, const uin
     return 1;
 }
 
-/* One address of a batch through the full translation; 1 when it faulted.
- * zeroed: vector and error_code are known to hold 0, written only on a
- * fault. */
+/* One address of a batch through the full translation; 1 when it faulted
+ * (or exited).  zeroed: vector, exit_reason and error_code are known to hold
+ * 0, written only on a fault.  exit_reason may be NULL where the memory has
+ * no EPT (no exit can happen; the caller zeroes the array). */
 static PTEMU_INLINE int translate_one(const ptemu_ctx *c, uint64_t va, uint32_t acc,
                                       uint32_t flags, uint64_t *pa, uint8_t *vector,
-                                      uint32_t *error_code, const int zeroed)
+                                      uint16_t *exit_reason, uint32_t *error_code,
+                                      const int zeroed)
 {
     ptemu_walk_out o;
     ptemu_fault f;
@@ -124,12 +126,16 @@ static PTEMU_INLINE int translate_one(const ptemu_ctx *c, uint64_t va, uint32_t 
         *pa = o.pa;
         if (!zeroed) {
             *vector = 0;
+            if (exit_reason)
+                *exit_reason = 0;
             *error_code = 0;
         }
         return 0;
     }
     *pa = 0;
     *vector = (uint8_t)f.vector;
+    if (exit_reason)
+        *exit_reason = (uint16_t)f.exit_reason;
     *error_code = f.error_code;
     return 1;
 }
@@ -138,10 +144,11 @@ static PTEMU_INLINE int translate_one(const ptemu_ctx *c, uint64_t va, uint32_t 
  * registers. */
 static PTEMU_NOINLINE int translate_one_slow(const ptemu_ctx *c, uint64_t va, uint32_t acc,
                                              uint32_t flags, uint64_t *pa, uint8_t *vector,
-                                             uint32_t *error_code, int zeroed)
+                                             uint16_t *exit_reason, uint32_t *error_code,
+                                             int zeroed)
 {
-    return zeroed ? translate_one(c, va, acc, flags, pa, vector, error_code, 1)
-                  : translate_one(c, va, acc, flags, pa, vector, error_code, 0);
+    return zeroed ? translate_one(c, va, acc, flags, pa, vector, exit_reason, error_code, 1)
+                  : translate_one(c, va, acc, flags, pa, vector, exit_reason, error_code, 0);
 }
 
 /*
@@ -238,8 +245,9 @@ static PTEMU_INLINE uint64_t quick_store(const ptemu_ctx *c, uint64_t k, uint64_
         }
         return 0;
     }
-    return (uint64_t)translate_one_slow(c, va, acc, flags, &pa[k], &vector[k], &error_code[k],
-                                        zeroed);
+    /* No EPT on the quick path (translate_many_ctx): no exit reason. */
+    return (uint64_t)translate_one_slow(c, va, acc, flags, &pa[k], &vector[k], NULL,
+                                        &error_code[k], zeroed);
 }
 
 /* Addresses [i, end) one at a time (grouped = 0) or QUICK_LANES at a time.
@@ -337,7 +345,7 @@ static PTEMU_INLINE uint64_t quick_loop(const ptemu_ctx *c, const quick *q, cons
 static uint64_t translate_many_ctx(const ptemu_ctx *c, const ptemu_cpu *cpu, const uint64_t *va,
                                    const uint8_t *access, uint32_t access_all, uint32_t flags,
                                    uint64_t n, uint64_t *pa, uint8_t *vector,
-                                   uint32_t *error_code, int zeroed)
+                                   uint16_t *exit_reason, uint32_t *error_code, int zeroed)
 {
     uint64_t faults = 0;
     const ptemu_mem *mem = c->mem;
@@ -345,9 +353,14 @@ static uint64_t translate_many_ctx(const ptemu_ctx *c, const ptemu_cpu *cpu, con
     if (c->tlb || mem->frames || mem->ept || !c->levels || c->eager_a || mem->size < 8) {
         for (uint64_t i = 0; i < n; i++)
             faults += translate_one_slow(c, va[i], access ? access[i] : access_all, flags,
-                                         &pa[i], &vector[i], &error_code[i], zeroed);
+                                         &pa[i], &vector[i], &exit_reason[i], &error_code[i],
+                                         zeroed);
         return faults;
     }
+    /* Memory with no EPT from here on: the quick loops never write an exit
+     * reason, and none can be nonzero. */
+    if (!zeroed && n)
+        memset(exit_reason, 0, n * sizeof *exit_reason);
     quick q;
     quick_of(c, flags, &q);
     if (c->levels == 5)
@@ -364,23 +377,25 @@ static uint64_t translate_many_ctx(const ptemu_ctx *c, const ptemu_cpu *cpu, con
 uint64_t ptemu_translate_many(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
                               const uint64_t *va, const uint8_t *access,
                               uint32_t access_all, uint32_t flags, uint64_t n,
-                              uint64_t *pa, uint8_t *vector, uint32_t *error_code)
+                              uint64_t *pa, uint8_t *vector, uint16_t *exit_reason,
+                              uint32_t *error_code)
 {
     ptemu_ctx c;
     ptemu_ctx_init(&c, cpu, mem, tlb);
     ptemu_ctx_tables(&c);
     return translate_many_ctx(&c, cpu, va, access, access_all, flags, n, pa, vector,
-                              error_code, 0);
+                              exit_reason, error_code, 0);
 }
 
 uint64_t ptemu_mmu_translate_many(ptemu_mmu *m, const uint64_t *va, const uint8_t *access,
                                   uint32_t access_all, uint32_t flags, uint64_t n,
-                                  uint64_t *pa, uint8_t *vector, uint32_t *error_code)
+                                  uint64_t *pa, uint8_t *vector, uint16_t *exit_reason,
+                                  uint32_t *error_code)
 {
     ptemu_ctx scratch;
     const ptemu_ctx *c = ptemu_mmu_ctx(m, &scratch, 1);
     return translate_many_ctx(c, m->cpu, va, access, access_all, flags, n, pa, vector,
-                              error_code, 1);
+                              exit_reason, error_code, 1);
 }
 
 /*

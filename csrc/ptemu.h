@@ -192,8 +192,8 @@ static inline uint32_t ptemu_ctz64(uint64_t m)
  * also log2 of the region one entry at that level maps. */
 static inline uint32_t ptemu_level_shift(uint32_t level) { return 12u + 9u * (level - 1u); }
 
-/* A fault is assigned whole, so no stale field of an earlier one survives;
- * returns the vector. */
+/* A fault is assigned whole, so no stale field of an earlier one survives
+ * (an exception: no exit reason); returns the vector. */
 static inline int ptemu_set_fault(ptemu_fault *f, uint32_t vector, uint32_t error_code,
                                   uint64_t cr2, uint32_t cause, uint32_t level)
 {
@@ -203,8 +203,27 @@ static inline int ptemu_set_fault(ptemu_fault *f, uint32_t vector, uint32_t erro
     nf.cr2 = cr2;
     nf.cause = cause;
     nf.level = level;
+    nf.exit_reason = 0;
+    nf.pad = 0;
     *f = nf;
     return (int)vector;
+}
+
+/* A VM exit instead of a fault (an EPT violation or misconfiguration that
+ * ept.c recorded in x), assigned whole the same way: no exception vector,
+ * the exit reason in its own field; returns PTEMU_VEC_EXIT. */
+static inline int ptemu_set_ept_exit(ptemu_fault *f, const ptemu_ept *x, uint64_t va)
+{
+    ptemu_fault nf;
+    nf.vector = PTEMU_VEC_EXIT;
+    nf.error_code = (uint32_t)x->exit_qual;
+    nf.cr2 = va;
+    nf.cause = PTEMU_CAUSE_EPT;
+    nf.level = x->exit_level;
+    nf.exit_reason = x->exit_reason;
+    nf.pad = 0;
+    *f = nf;
+    return PTEMU_VEC_EXIT;
 }
 
 /* ept.c: an EPT walk, and the host location of a guest-physical word. */

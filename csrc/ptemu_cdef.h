@@ -56,9 +56,16 @@
 #define PTEMU_PF_SGX        0x8000
 
 /* ---- Exception vectors and walk results ---------------------------------- */
+/* A walk returns PTEMU_OK or the vector it leaves in ptemu_fault.vector; the
+ * batch loops store the same value per address.  PTEMU_VEC_EXIT is no
+ * exception: the access caused a VM exit the guest does not see (an EPT
+ * violation or misconfiguration, nested paging only), whose basic exit
+ * reason is in ptemu_fault.exit_reason.  It is not 0, so "0 = translated"
+ * holds for every result, and not a vector the walk can raise. */
 #define PTEMU_OK            0
 #define PTEMU_VEC_GP        13
 #define PTEMU_VEC_PF        14
+#define PTEMU_VEC_EXIT      0xff
 
 /* Why a walk faulted (ptemu_fault.cause); finer than the error code. */
 #define PTEMU_CAUSE_NONE        0
@@ -158,7 +165,7 @@ typedef struct ptemu_mem {
 #define PTEMU_EPTP_WALK4      0x018   /* bits 5:3 = page-walk length - 1 = 3 */
 #define PTEMU_EPTP_WALK5      0x020   /* ... = 4 */
 #define PTEMU_EPTP_AD         0x040   /* bit 6: EPT accessed and dirty flags */
-/* Exit reasons (SDM Vol. 3D appendix C) */
+/* Basic exit reasons (SDM Vol. 3D appendix C; ptemu_fault.exit_reason) */
 #define PTEMU_EXIT_EPT_VIOLATION 48
 #define PTEMU_EXIT_EPT_MISCONFIG 49
 /* EPT-violation exit qualification (SDM Vol. 3C table 28-7) */
@@ -225,12 +232,16 @@ typedef struct ptemu_walk_out {
 
 /* A fault, always assigned whole. */
 typedef struct ptemu_fault {
-    uint32_t vector;        /* PTEMU_VEC_GP or PTEMU_VEC_PF; with cause PTEMU_CAUSE_EPT
-                               (nested memory only) the EPT exit's PTEMU_EXIT_EPT_* */
-    uint32_t error_code;
-    uint64_t cr2;           /* the faulting address for #PF; 0 for #GP */
+    uint32_t vector;        /* PTEMU_VEC_GP or PTEMU_VEC_PF; PTEMU_VEC_EXIT for an
+                               EPT exit (cause PTEMU_CAUSE_EPT, nested memory only) */
+    uint32_t error_code;    /* #PF: SDM 4.7; #GP: 0; EPT exit: the exit qualification
+                               (SDM Vol. 3C table 28-7; 0 for a misconfiguration) */
+    uint64_t cr2;           /* the faulting address for #PF and EPT exits; 0 for #GP */
     uint32_t cause;         /* PTEMU_CAUSE_* */
-    uint32_t level;         /* level of the entry at fault (0: none / rights) */
+    uint32_t level;         /* level of the entry at fault (0: none / rights); EPT
+                               exits: the EPT level */
+    uint32_t exit_reason;   /* PTEMU_EXIT_EPT_* with PTEMU_VEC_EXIT, else 0 */
+    uint32_t pad;
 } ptemu_fault;
 
 /* A TLB or paging-structure-cache array keeps its entries as three words
@@ -318,36 +329,43 @@ typedef struct ptemu_mmu {
 /* ---- Functions ------------------------------------------------------------ */
 
 /* The layout version of this header; _native checks it against the build. */
-#define PTEMU_ABI_VERSION 7
+#define PTEMU_ABI_VERSION 8
 int ptemu_abi_version(void);
 
 /* Scalar translation through an Mmu handle: fills m->out or m->fault and
- * returns PTEMU_OK, PTEMU_VEC_GP or PTEMU_VEC_PF. */
+ * returns PTEMU_OK, PTEMU_VEC_GP, PTEMU_VEC_PF or PTEMU_VEC_EXIT. */
 int ptemu_mmu_translate(ptemu_mmu *m, uint64_t va, uint32_t access, uint32_t flags);
 
 /* translate_many and run through an Mmu handle (its cache, if any):
- * ptemu_mmu_translate_many writes vector[i] and error_code[i] only for the
- * addresses that fault -- the caller passes them zero-filled -- and pa[i]
- * for every address (0 on a fault); ptemu_mmu_run reports the fault in
- * m->fault.  Otherwise as ptemu_translate_many and ptemu_run below. */
+ * ptemu_mmu_translate_many writes vector[i], exit_reason[i] and
+ * error_code[i] only for the addresses that fault -- the caller passes them
+ * zero-filled -- and pa[i] for every address (0 on a fault); ptemu_mmu_run
+ * reports the fault in m->fault.  Otherwise as ptemu_translate_many and
+ * ptemu_run below. */
 uint64_t ptemu_mmu_translate_many(ptemu_mmu *m, const uint64_t *va, const uint8_t *access,
                                   uint32_t access_all, uint32_t flags, uint64_t n,
-                                  uint64_t *pa, uint8_t *vector, uint32_t *error_code);
+                                  uint64_t *pa, uint8_t *vector, uint16_t *exit_reason,
+                                  uint32_t *error_code);
 uint64_t ptemu_mmu_run(ptemu_mmu *m, const ptemu_trace_rec *trace, uint64_t n,
                        uint64_t start, uint64_t *pa);
 
 /* Translate one access.  tlb may be NULL.  Returns PTEMU_OK (out filled),
- * PTEMU_VEC_GP or PTEMU_VEC_PF (fault filled; out holds the entries read). */
+ * PTEMU_VEC_GP, PTEMU_VEC_PF or PTEMU_VEC_EXIT (fault filled; out holds the
+ * entries read). */
 int ptemu_translate(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
                     const ptemu_walk_in *in, ptemu_walk_out *out, ptemu_fault *fault);
 
 /* Translate n addresses.  access: per-element array (may be NULL, then
- * access_all is used).  flags: PTEMU_IN_* for all.  Outputs: pa, vector,
- * error_code (each n long).  Returns the number of faults. */
+ * access_all is used).  flags: PTEMU_IN_* for all.  Outputs, each n long:
+ * pa (0 on a fault), vector (0 translated, or ptemu_fault.vector),
+ * exit_reason (ptemu_fault.exit_reason: 0 unless vector is PTEMU_VEC_EXIT),
+ * error_code (ptemu_fault.error_code).  Returns the number of faults and
+ * exits. */
 uint64_t ptemu_translate_many(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
                               const uint64_t *va, const uint8_t *access,
                               uint32_t access_all, uint32_t flags, uint64_t n,
-                              uint64_t *pa, uint8_t *vector, uint32_t *error_code);
+                              uint64_t *pa, uint8_t *vector, uint16_t *exit_reason,
+                              uint32_t *error_code);
 
 /* Run trace[start:n] through TLB and walker; A/D bits set.  pa may be NULL.
  * Returns the index of the first faulting access (fault filled), or n. */

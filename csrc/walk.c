@@ -200,12 +200,12 @@ static inline int page_fault(const ptemu_ctx *c, ptemu_fault *f, uint64_t va,
     return PTEMU_VEC_PF;
 }
 
-/* A VM exit for the EPT, recorded by ept.c; the guest sees nothing. */
+/* A VM exit for the EPT, recorded by ept.c; the guest sees nothing, so no
+ * vector: PTEMU_VEC_EXIT, and the exit reason (48 violation, 49
+ * misconfiguration) in fault.exit_reason. */
 static int ept_exit_fault(ptemu_fault *f, const ptemu_ept *x, uint64_t va)
 {
-    /* The exit reason is the vector: 48 violation, 49 misconfiguration. */
-    return ptemu_set_fault(f, x->exit_reason, (uint32_t)x->exit_qual, va, PTEMU_CAUSE_EPT,
-                           x->exit_level);
+    return ptemu_set_ept_exit(f, x, va);
 }
 
 /* Every outcome reports what the walk read: nothing yet. */

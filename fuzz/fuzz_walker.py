@@ -9,10 +9,12 @@ refuse), an optional TLB of some geometry, and then a short program of
 operations: translate, walk_entries, translate_many (valid and malformed
 arrays), run (traces, start, pa outputs -- read-only too), MOV CR0/CR3/CR4,
 INVLPG, INVPCID, stores into the tables, register assignments, TLB flushes,
-mappings(); and sparse layouts (op_sparse): the same memory cut into
+mappings(); sparse layouts (op_sparse): the same memory cut into
 segments with holes between them, at arbitrary (unaligned) offsets of one
 buffer standing for an image file, with zero-filled tails -- the segment map
-of csrc/physmap.c.
+of csrc/physmap.c; and the same memory as guest-physical memory behind an
+EPT (op_nested) whose entries may be missing, lack rights or be
+misconfigured -- the 2-D walk of csrc/ept.c.
 
 Oracles, checked on every input:
   * no crash and no sanitizer report (run it under tools/sanitize.sh);
@@ -20,9 +22,10 @@ Oracles, checked on every input:
     ptemu.GeneralProtection -- anything else is a finding;
   * a call refused with InvalidInput changed neither memory nor the TLB
     (valid entries and statistics);
-  * results are well formed (vector 0/13/14, pa of a fault 0, page offset
-    preserved, run's index in range), a probe (update_ad=False) writes no
-    memory, translate_many agrees with translate element by element;
+  * results are well formed (vector 0/13/14 and exit_reason 0 -- nothing
+    exits without an EPT --, pa of a fault 0, page offset preserved, run's
+    index in range), a probe (update_ad=False) writes no memory,
+    translate_many agrees with translate element by element;
   * agreement with the pure-Python reference walker tests/refwalk.py on a
     TLB-less walk (pa, page size, level, #GP/#PF and error code, and the
     memory after the A/D updates), when the state is one refwalk models;
@@ -31,7 +34,14 @@ Oracles, checked on every input:
     segment, and the bus fault (#PF P|RSVD, cause "outside-memory", at that
     level) where the plain walk read one that does not; translate_many and
     run agree with the scalar walk; with word-aligned boundaries the listings
-    (mappings, info tlb, info mem) are equal.
+    (mappings, info tlb, info mem) are equal;
+  * nested memory: vector is 0, 13, 14 or PTEMU_VEC_EXIT, exit_reason is
+    48/49 exactly where vector is PTEMU_VEC_EXIT (an EPT exit is never read
+    as a translation or as an exception), translate_many equals translate
+    (EptExit included), run stops at an exit with its reason; a nested
+    translation or #PF is the plain walk's, its pa the EPT's host address of
+    the plain pa, and with every frame mapped RWX a plain translation inside
+    memory translates nested too.
 
 Run:  python fuzz/fuzz_walker.py -max_total_time=60 [CORPUS_DIR]
       tools/sanitize.sh --run python fuzz/fuzz_walker.py ...   (under ASan/UBSan)
@@ -54,10 +64,13 @@ except ImportError:  # pragma: no cover - refwalk is part of the test suite
 
 import ptemu  # noqa: E402
 from ptemu import bits  # noqa: E402
-from ptemu._native import ffi as _ffi  # noqa: E402
+from ptemu._native import ffi as _ffi, lib as _lib, EptExit  # noqa: E402
+from ptemu.ept import Ept  # noqa: E402
 
 DOCUMENTED = (ptemu.InvalidInput, ptemu.PageFault, ptemu.GeneralProtection)
 FAULTS = (ptemu.PageFault, ptemu.GeneralProtection)
+VEC_GP, VEC_PF, VEC_EXIT = ptemu.GeneralProtection.vector, ptemu.PageFault.vector, _lib.PTEMU_VEC_EXIT
+EXIT_REASONS = (_lib.PTEMU_EXIT_EPT_VIOLATION, _lib.PTEMU_EXIT_EPT_MISCONFIG)
 
 PAGE = 4096
 SIZES = (0x1000, 0x2000, 0x3000, 0x4000, 0x6000, 0x8000)
@@ -405,15 +418,18 @@ def op_translate_many(inp, ctx):
     if bad:
         raise Finding("translate_many accepted a malformed vas array")
     m = len(res.pa)
-    if not (len(res.vector) == len(res.error_code) == m == n):
+    if not (len(res.vector) == len(res.error_code) == len(res.exit_reason) == m == n):
         raise Finding("translate_many result lengths")
-    if res.pa.dtype != np.uint64 or res.vector.dtype != np.uint8 or res.error_code.dtype != np.uint32:
+    if res.pa.dtype != np.uint64 or res.vector.dtype != np.uint8 or \
+            res.error_code.dtype != np.uint32 or res.exit_reason.dtype != np.uint16:
         raise Finding("translate_many result dtypes")
-    if not np.isin(res.vector, (0, 13, 14)).all():
+    if not np.isin(res.vector, (0, VEC_GP, VEC_PF)).all():
         raise Finding("vector outside 0/13/14: %r" % res.vector)
+    if res.exit_reason.any():
+        raise Finding("an exit reason without an EPT: %r" % res.exit_reason)
     if (res.pa[res.vector != 0] != 0).any() or (res.error_code[res.vector == 0] != 0).any():
         raise Finding("a fault with a pa, or a translation with an error code")
-    if (res.error_code[res.vector == 13] != 0).any():
+    if (res.error_code[res.vector == VEC_GP] != 0).any():
         raise Finding("#GP with a non-zero error code")
     for v in res.vector.tolist():
         _feedback(16 | v & 15)
@@ -473,10 +489,12 @@ def op_run(inp, ctx):
         raise Finding("run accepted bad arguments (start %r, pa %r)" % (start, p))
     if not start <= res.index <= n:
         raise Finding("run index %d outside %d..%d" % (res.index, start, n))
+    if res.exit_reason:
+        raise Finding("run reported an exit reason without an EPT: %r" % (res,))
     if res.index < n:
-        if res.vector not in (13, 14) or not isinstance(res.fault, FAULTS):
+        if res.vector not in (VEC_GP, VEC_PF) or not isinstance(res.fault, FAULTS):
             raise Finding("run stopped without a fault: %r" % (res,))
-        if res.vector == 14 and res.cr2 != int(trace["va"][res.index]):
+        if res.vector == VEC_PF and res.cr2 != int(trace["va"][res.index]):
             raise Finding("run's CR2 %#x is not the faulting va" % res.cr2)
         _note_fault(res.fault)
     elif res.vector != 0:
@@ -773,6 +791,100 @@ def op_sparse(inp, ctx):
             raise Finding("mappings() of sparse memory differ from plain (segments %r)" % segs)
 
 
+NESTED_TABLES = 8          # EPT table frames: one per level for guest memory this small
+
+
+def _host_frame(g, npages):
+    """Host frame of guest frame g: reversed, so a skipped EPT lands wrong."""
+    return npages - 1 - g
+
+
+def _outcome(mmu, va, acc):
+    """(vector, exit_reason, pa, error_code) of one probe translate()."""
+    try:
+        return (0, 0, mmu.translate(va, acc, update_ad=False).pa, 0)
+    except EptExit as exc:
+        if exc.vector != VEC_EXIT or exc.exit_reason not in EXIT_REASONS:
+            raise Finding("EptExit with vector %r, exit reason %r" % (exc.vector, exc.exit_reason))
+        return (VEC_EXIT, exc.exit_reason, 0, exc.qualification & 0xffffffff)
+    except ptemu.GeneralProtection:
+        return (VEC_GP, 0, 0, 0)
+    except ptemu.PageFault as exc:
+        return (VEC_PF, 0, 0, exc.error_code)
+
+
+def op_nested(inp, ctx):
+    """The memory as guest-physical memory behind an EPT; see the module
+    docstring's oracle."""
+    plain = ctx.mem
+    size = plain.size
+    if size % PAGE:
+        return
+    npages = size // PAGE
+    host = ptemu.PhysicalMemory(size + NESTED_TABLES * PAGE)
+    ept = Ept(host, size, size + NESTED_TABLES * PAGE, levels=5 if inp.bool() else 4,
+              ad=inp.bool())
+    all_rwx = True
+    for g in range(npages):
+        ctl = inp.u8()
+        hpa = _host_frame(g, npages) * PAGE
+        host.array[hpa:hpa + PAGE] = plain.array[g * PAGE:(g + 1) * PAGE]
+        if ctl < 0xc0:                                  # mapped RWX, write-back
+            ept.map(g * PAGE, hpa)
+            continue
+        all_rwx = False
+        if ctl < 0xf0:                                  # fewer rights (010b, 110b misconfigure)
+            ept.map(g * PAGE, hpa, rwx=ctl & 7)
+        elif ctl < 0xff:                                # a reserved memory type: misconfigured
+            ept.map(g * PAGE, hpa, memtype=7)
+        # 0xff: not mapped at all
+    gmem = ptemu.PhysicalMemory.nested(ept, size)
+    cpu = ctx.cpu
+    m_n, m_p = ptemu.Mmu(gmem, cpu), ptemu.Mmu(plain, cpu)
+    vas = [_va(inp, ctx) for _ in range(1 + inp.below(6))]
+    acc = ACCESSES[inp.below(3)]
+    res = m_n.translate_many(np.array(vas, dtype=np.uint64), acc, update_ad=False)
+    if not np.isin(res.vector, (0, VEC_GP, VEC_PF, VEC_EXIT)).all():
+        raise Finding("nested vector outside 0/13/14/VEC_EXIT: %r" % res.vector)
+    if ((res.exit_reason != 0) != (res.vector == VEC_EXIT)).any() or \
+            not np.isin(res.exit_reason, (0,) + EXIT_REASONS).all():
+        raise Finding("exit reasons %r for vectors %r" % (res.exit_reason, res.vector))
+    if (res.ok != ((res.vector == 0) & (res.exit_reason == 0))).any() or \
+            (res.pa[~res.ok] != 0).any():
+        raise Finding("an exit or fault read as a translation: %r" % (res,))
+    for k, va in enumerate(vas):
+        got = _outcome(m_n, va, acc)
+        want = (int(res.vector[k]), int(res.exit_reason[k]), int(res.pa[k]),
+                int(res.error_code[k]))
+        if got != want:
+            raise Finding("nested translate_many[%d] %r != translate %r for va %#x"
+                          % (k, want, got, va))
+        _feedback(32 | got[1] & 1 | (got[0] == VEC_PF) << 1)
+        ref = _outcome(m_p, va, acc)
+        if got[0] == 0:
+            if ref[0] != 0 or ept.host_address(ref[2]) != got[2]:
+                raise Finding("va %#x %s: nested pa %#x, plain %r (EPT of it %r)"
+                              % (va, acc, got[2], ref, ref[0] == 0 and ept.host_address(ref[2])))
+        elif got[0] == VEC_PF and ref != got:
+            raise Finding("va %#x %s: nested #PF %r, plain %r" % (va, acc, got, ref))
+        elif all_rwx and ref[0] == 0 and ref[2] < size:
+            raise Finding("va %#x %s: plain translates to %#x inside memory, every frame "
+                          "mapped RWX, nested %r" % (va, acc, ref[2], got))
+    trace = np.zeros(len(vas), dtype=TRACE)
+    trace["va"] = vas
+    trace["access"] = ACCESSES.index(acc)
+    run = ptemu.Mmu(gmem, cpu, ptemu.Tlb.default() if inp.bool() else None).run(trace)
+    if run.index == len(vas):
+        if run.vector or run.exit_reason or run.fault is not None:
+            raise Finding("nested run completed with %r" % (run,))
+    elif run.vector == VEC_EXIT:
+        if not isinstance(run.fault, EptExit) or run.exit_reason != run.fault.exit_reason:
+            raise Finding("nested run stopped at an exit: %r" % (run,))
+    elif run.vector not in (VEC_GP, VEC_PF) or run.exit_reason or \
+            not isinstance(run.fault, FAULTS):
+        raise Finding("nested run stopped with %r" % (run,))
+
+
 def _instrument_ops():
     g = globals()
     for name in [n for n in g if n.startswith("op_") or n.startswith("_") and n[1:2].islower()
@@ -785,7 +897,7 @@ _instrument_ops()
 
 OPS = (op_translate, op_translate, op_translate, op_translate_many, op_run, op_cr3, op_cr4,
        op_cr0, op_invlpg, op_invpcid, op_store, op_assign, op_tlb, op_walk_entries,
-       op_mappings, op_reference, op_reference, op_translate_many, op_sparse)
+       op_mappings, op_reference, op_reference, op_translate_many, op_sparse, op_nested)
 
 
 @instrumented

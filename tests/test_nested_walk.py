@@ -17,14 +17,16 @@ G4..G1.  Unless a test says otherwise the guest's entries have A (and the
 leaf D) already set, so that no guest A/D write takes part.
 
 Qualification bits are typed from table 28-7, EPT bits from tables
-29-1..29-6, not taken from ptemu's constants.
+29-1..29-6 and exit reasons from Vol. 3D appendix C, not taken from
+ptemu's constants.  The one ptemu convention used, VEC_EXIT, is what the
+vector field reads for an EPT exit (no exception: the guest sees none).
 """
 import numpy as np
 import pytest
 
 import ptemu
 from ptemu import CpuState, Mmu, PhysicalMemory, Tlb, TRACE_DTYPE
-from ptemu._native import EptExit, EptMisconfig, EptViolation
+from ptemu._native import EptExit, EptMisconfig, EptViolation, ffi, lib
 from ptemu.ept import Ept
 from ptemu.pagetable import PageTableBuilder
 
@@ -51,6 +53,10 @@ G4, G3, G2, G1 = 0x1000 + 0 * 8, 0x2000 + 1 * 8, 0x3000 + 3 * 8, 0x4000 + 1 * 8
 GUEST_TABLE_PAGES = (0x1000, 0x2000, 0x3000, 0x4000)
 DATA = 0x20_0000                 # guest-physical frame of VA
 VA2, DATA2 = 0x0000_0000_4060_2000, 0x20_1000   # the next PTE, same guest PT
+
+# Basic exit reasons (SDM Vol. 3D appendix C).
+EXIT_EPT_VIOLATION, EXIT_EPT_MISCONFIG = 48, 49
+VEC_EXIT = lib.PTEMU_VEC_EXIT    # ptemu's vector field for an exit: not 0 and not an exception
 
 TBL_A = P | W | U | A            # guest non-leaf entries, A preset
 LEAF_AD = P | W | A | D          # guest leaf, A and D preset
@@ -274,7 +280,8 @@ def test_ept_violation_on_guest_table_read(level, table_page, entry_gpa):
     assert v.qualification == Q_READ | Q_GLA_VALID
     assert v.gpa == entry_gpa
     assert v.gla == VA + 0x30
-    assert v.reason == 48
+    assert v.exit_reason == v.reason == EXIT_EPT_VIOLATION
+    assert v.vector == VEC_EXIT
 
 
 def test_ept_permission_violation_on_guest_table_read():
@@ -322,7 +329,7 @@ def test_ept_misconfig_on_guest_table():
     epa = e.ept.entry_pa(0x4000, 1)
     e.host.write_u64(epa, e.host.read_u64(epa) & ~0x38 | 7 << 3)
     m = ept_exit(e.mmu, VA, cls=EptMisconfig)
-    assert m.reason == 49
+    assert m.exit_reason == EXIT_EPT_MISCONFIG
     assert m.qualification == 0
     assert m.gpa == G1
 
@@ -486,28 +493,103 @@ def test_write_after_ept_change_rewalks():
 # ------------------------------------------------------- batch and stream ----
 
 def test_translate_many_reports_ept_exits():
-    """translate_many under nested paging (API.md): vector 48 with the
-    qualification in error_code for an EPT violation, 14 for the guest's
-    #PF, 0 with the host address otherwise."""
+    """translate_many under nested paging (API.md): an EPT violation is no
+    exception the guest sees -- vector VEC_EXIT (never 0: `ok` is False),
+    exit_reason 48 (SDM Vol. 3D appendix C), the qualification in
+    error_code, pa 0; the guest's #PF is vector 14 with exit_reason 0; a
+    translation is vector 0, exit_reason 0, the host address."""
     e = setup()
     e.b.map(VA2, DATA2, flags=LEAF_AD, table_flags=TBL_A)
     e.ept.unmap(DATA2)
     va3 = 0x0000_0000_4060_3000                  # guest PTE not present
     r = e.mmu.translate_many(np.array([VA + 1, VA2 + 2, va3], dtype=np.uint64), "r")
-    assert r.vector.tolist() == [0, 48, 14]
-    assert int(r.pa[0]) == hpa_4k(DATA) + 1
+    assert r.vector.tolist() == [0, VEC_EXIT, 14]
+    assert r.exit_reason.dtype == np.uint16
+    assert r.exit_reason.tolist() == [0, EXIT_EPT_VIOLATION, 0]
+    assert r.ok.tolist() == [True, False, False]
+    assert r.pa.tolist() == [hpa_4k(DATA) + 1, 0, 0]
     assert int(r.error_code[1]) == Q_READ | Q_GLA_VALID | Q_TRANSLATED
     assert int(r.error_code[2]) == 0
 
 
 def test_translate_many_misconfig():
     """An EPT misconfiguration in a batch is an EPT exit too, told apart by
-    its exit reason as the vector: 49 (SDM Vol. 3D appendix C), qualification
-    0 (SDM 28.2.1: not saved for misconfigurations)."""
+    its exit reason: 49 (SDM Vol. 3D appendix C), qualification 0 (SDM
+    28.2.1: not saved for misconfigurations)."""
     e = setup()
     ept_rights(e, DATA, EW)                      # 010b
     r = e.mmu.translate_many(np.array([VA], dtype=np.uint64), "r")
-    assert (int(r.vector[0]), int(r.error_code[0])) == (49, 0)
+    assert (int(r.vector[0]), int(r.exit_reason[0]), int(r.error_code[0])) == (
+        VEC_EXIT, EXIT_EPT_MISCONFIG, 0)
+    assert not r.ok[0]
+
+
+def test_vector_is_an_exception_vector_or_the_exit_marker():
+    """Over a batch mixing every outcome, vector holds 0 (translated), 13,
+    14 (the guest's exceptions, SDM Vol. 3A 6.15) or VEC_EXIT, and
+    exit_reason is nonzero exactly where vector is VEC_EXIT: no exit reason
+    is ever read as a vector, nor an exit as a translation."""
+    e = setup()
+    e.b.map(VA2, DATA2, flags=LEAF_AD, table_flags=TBL_A)
+    e.ept.unmap(DATA2)
+    ept_rights(e, 0x3000, X)                     # guest PD page: the PDE read needs R
+    vas = np.array([VA, VA2, 0x0000_8000_0000_0000, 0x0000_0000_8000_0000, VA + 8],
+                   dtype=np.uint64)
+    r = e.mmu.translate_many(vas, "r")
+    assert set(r.vector.tolist()) <= {0, 13, 14, VEC_EXIT}
+    assert VEC_EXIT not in (0, 13, 14, EXIT_EPT_VIOLATION, EXIT_EPT_MISCONFIG)
+    assert ((r.exit_reason != 0) == (r.vector == VEC_EXIT)).all()
+    assert (r.ok == ((r.vector == 0) & (r.exit_reason == 0))).all()
+    assert r.vector[2] == 13                     # not canonical: #GP before any walk
+    assert r.exit_reason[0] == EXIT_EPT_VIOLATION    # the PD page is execute-only
+
+
+def test_c_fault_record_keeps_vector_and_exit_reason_apart():
+    """ptemu_fault (csrc/ptemu_cdef.h) as C fills it: an EPT exit has vector
+    VEC_EXIT, exit_reason 48, cause EPT, CR2 the linear address, the
+    qualification as error code; a #PF assigned into the same record
+    afterwards leaves no exit reason behind (a fault is assigned whole)."""
+    e = setup()
+    e.ept.unmap(DATA)
+    f = ffi.new("ptemu_fault *")
+    out = ffi.new("ptemu_walk_out *")
+    w = ffi.new("ptemu_walk_in *", {"va": VA + 0x18, "access": 0, "flags": 0})
+    r = lib.ptemu_translate(e.cpu._c, e.gmem._c, ffi.NULL, w, out, f)
+    assert (r, f.vector, f.exit_reason, f.cause) == (
+        VEC_EXIT, VEC_EXIT, EXIT_EPT_VIOLATION, lib.PTEMU_CAUSE_EPT)
+    assert (f.cr2, f.error_code) == (VA + 0x18, Q_READ | Q_GLA_VALID | Q_TRANSLATED)
+    e.b.set_entry(VA, 1, 0)                      # now the guest's own #PF
+    r = lib.ptemu_translate(e.cpu._c, e.gmem._c, ffi.NULL, w, out, f)
+    assert (r, f.vector, f.exit_reason, f.error_code) == (14, 14, 0, 0)
+
+
+@pytest.mark.parametrize("nested", [True, False])
+def test_c_batch_writes_every_output_when_not_zeroed(nested):
+    """ptemu_translate_many (the entry point that does not take zero-filled
+    outputs) writes vector, exit_reason, error_code and pa for every address,
+    on the nested path and on the quick path of plain memory alike."""
+    e = setup()
+    e.b.map(VA2, DATA2, flags=LEAF_AD, table_flags=TBL_A)
+    e.ept.unmap(DATA2)
+    if nested:
+        mem_c, want_vec, want_reason = e.gmem._c, [0, VEC_EXIT, 14], [0, EXIT_EPT_VIOLATION, 0]
+        want_pa0 = hpa_4k(DATA)
+    else:                                        # the guest's tables, read as plain memory
+        plain = PhysicalMemory(GUEST_SIZE)
+        for page in GUEST_TABLE_PAGES:
+            plain.write(page, e.gmem.read(page, 4096))
+        mem_c, want_vec, want_reason, want_pa0 = plain._c, [0, 0, 14], [0, 0, 0], DATA
+    vas = np.array([VA, VA2, 0x0000_0000_4060_3000], dtype=np.uint64)
+    pa = np.full(3, 0x5a5a, dtype=np.uint64)
+    vec = np.full(3, 0xa5, dtype=np.uint8)
+    reason = np.full(3, 0xa5a5, dtype=np.uint16)
+    ec = np.full(3, 0xa5a5a5a5, dtype=np.uint32)
+    lib.ptemu_translate_many(e.cpu._c, mem_c, ffi.NULL, ffi.from_buffer("uint64_t[]", vas),
+                             ffi.NULL, 0, 0, 3, ffi.from_buffer("uint64_t[]", pa),
+                             ffi.from_buffer("uint8_t[]", vec), ffi.from_buffer("uint16_t[]", reason),
+                             ffi.from_buffer("uint32_t[]", ec))
+    assert vec.tolist() == want_vec and reason.tolist() == want_reason
+    assert int(pa[0]) == want_pa0 and int(pa[2]) == 0 and int(ec[0]) == 0
 
 
 def test_run_stops_at_ept_exit():
@@ -523,7 +605,8 @@ def test_run_stops_at_ept_exit():
     pa = np.zeros(4, dtype=np.uint64)
     res = e.mmu.run(trace, pa=pa)
     assert res.index == 2
-    assert res.vector == 48
+    assert (res.vector, res.exit_reason) == (VEC_EXIT, EXIT_EPT_VIOLATION)
+    assert not res.completed
     assert isinstance(res.fault, EptViolation)
     assert res.fault.gpa == DATA2 + 0x10
     assert res.error_code == res.fault.qualification == (

@@ -20,7 +20,7 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
         "with `pip install .` (nothing is compiled at import time)") from exc
 
 # The header the extension was built from must be the one this code expects.
-ABI_VERSION = 7
+ABI_VERSION = 8
 if lib.ptemu_abi_version() != ABI_VERSION or lib.PTEMU_ABI_VERSION != ABI_VERSION:
     raise ImportError("ptemu._native_c was built from another csrc/ (ABI %d, expected %d); "
                       "reinstall ptemu" % (lib.ptemu_abi_version(), ABI_VERSION))
@@ -95,10 +95,14 @@ class GeneralProtection(MmuFault):
 class EptExit(MmuFault):
     """A VM exit caused by the EPT during a guest access (nested paging): the
     guest sees nothing; the hypervisor handles it and resumes.
-    `.gpa` the guest-physical address, `.gla` the guest-linear address,
-    `.qualification` (SDM Vol. 3C table 28-7), `.level` the EPT level."""
+    `.exit_reason` the basic exit reason (SDM Vol. 3D appendix C: 48 or 49;
+    `.reason` is the same), `.gpa` the guest-physical address, `.gla` the
+    guest-linear address, `.qualification` (SDM Vol. 3C table 28-7),
+    `.level` the EPT level.  `.vector` is PTEMU_VEC_EXIT, not an exception
+    vector: a VM exit delivers no exception to the guest."""
 
-    reason = None
+    vector = lib.PTEMU_VEC_EXIT
+    exit_reason = reason = None
 
     def __init__(self, gpa, gla, qualification, level, message=None):
         self.gpa = gpa
@@ -113,21 +117,27 @@ class EptExit(MmuFault):
 
 class EptViolation(EptExit):
     """Exit reason 48: not present in the EPT, or an access the EPT forbids."""
-    vector = 48
-    reason = 48
+    exit_reason = reason = lib.PTEMU_EXIT_EPT_VIOLATION
     kind = "EPT violation"
 
 
 class EptMisconfig(EptExit):
     """Exit reason 49: an EPT entry with W but not R, reserved bits, or a
     reserved memory type."""
-    vector = 49
-    reason = 49
+    exit_reason = reason = lib.PTEMU_EXIT_EPT_MISCONFIG
     kind = "EPT misconfiguration"
 
 
+_EPT_EXIT_CLASSES = {cls.exit_reason: cls for cls in (EptViolation, EptMisconfig)}
+
+
 def ept_exit_from_c(ept_c, gla):
-    cls = EptMisconfig if ept_c.exit_reason == lib.PTEMU_EXIT_EPT_MISCONFIG else EptViolation
+    """The EptExit the exit recorded in a ptemu_ept stands for (gla: the
+    guest-linear address, 0 outside a guest walk)."""
+    try:
+        cls = _EPT_EXIT_CLASSES[ept_c.exit_reason]
+    except KeyError:
+        raise PtemuError("unknown EPT exit reason %d" % ept_c.exit_reason) from None
     return cls(int(ept_c.exit_gpa), gla, int(ept_c.exit_qual), int(ept_c.exit_level))
 
 
@@ -147,16 +157,22 @@ def decode_error_code(ec):
     return out
 
 
-_EPT_EXITS = (lib.PTEMU_EXIT_EPT_VIOLATION, lib.PTEMU_EXIT_EPT_MISCONFIG)
-_VEC_GP, _CAUSE_NONCANON, _CAUSE_BUS = lib.PTEMU_VEC_GP, lib.PTEMU_CAUSE_NONCANON, lib.PTEMU_CAUSE_BUS
+_VEC_GP, _VEC_EXIT = lib.PTEMU_VEC_GP, lib.PTEMU_VEC_EXIT
+_CAUSE_NONCANON, _CAUSE_BUS = lib.PTEMU_CAUSE_NONCANON, lib.PTEMU_CAUSE_BUS
 
 
 def fault_from_c(f, memory_size=None, ept_c=None):
-    """Turn a filled ptemu_fault into the exception it stands for."""
+    """Turn a filled ptemu_fault into the exception it stands for: PageFault,
+    GeneralProtection (None for a non-canonical address: the caller knows
+    the va), or for an EPT exit (vector PTEMU_VEC_EXIT) the EptExit that
+    ept_c, the memory's ptemu_ept, recorded."""
     fcause = f.cause
     cause = _CAUSE_NAMES.get(fcause, "unknown")
     vector = f.vector
-    if vector in _EPT_EXITS and ept_c is not None:
+    if vector == _VEC_EXIT:
+        if ept_c is None:
+            raise PtemuError("an EPT exit (reason %d) from memory whose EPT state was not "
+                             "given" % f.exit_reason)
         return ept_exit_from_c(ept_c, int(f.cr2))
     if vector == _VEC_GP:
         if fcause == _CAUSE_NONCANON:

@@ -264,26 +264,35 @@ _new_translation = tuple.__new__
 
 @dataclass
 class BatchResult:
-    """translate_many: pa (uint64), vector (uint8: 0, 13 or 14; 48 for an EPT
-    exit under nested paging, the qualification in error_code), error_code (uint32)."""
+    """translate_many: pa (uint64, 0 where not translated), vector (uint8: 0
+    translated, 13 #GP, 14 #PF), error_code (uint32), exit_reason (uint16: 0,
+    or under nested paging an EPT exit's basic exit reason, 48 violation / 49
+    misconfiguration, SDM Vol. 3D appendix C).  An EPT exit is no exception
+    the guest sees: its vector is PTEMU_VEC_EXIT (255) -- never 0, so `vector
+    == 0` means translated -- and error_code holds the exit qualification."""
     pa: np.ndarray
     vector: np.ndarray
     error_code: np.ndarray
+    exit_reason: np.ndarray
 
     @property
     def ok(self):
+        """True exactly where the address translated (no fault, no EPT exit)."""
         return self.vector == 0
 
 
 @dataclass
 class RunResult:
-    """mmu.run: index of the first faulting access (== len(trace) if none)."""
+    """mmu.run: index of the first faulting access (== len(trace) if none);
+    vector, error_code and exit_reason as in BatchResult (an EPT exit:
+    vector PTEMU_VEC_EXIT, exit_reason 48/49, fault the EptExit)."""
     index: int
     vector: int
     error_code: int
     cr2: int
     cause: str
     fault: object  # the exception the faulting access stands for, or None
+    exit_reason: int = 0
 
     @property
     def completed(self):
@@ -455,13 +464,14 @@ class Mmu:
         flags = self._user_flag(user) | (0 if update_ad else lib.PTEMU_IN_NO_AD)
         pa = np.empty(n, dtype=np.uint64)
         # Zero-filled (untouched pages until a fault writes one): C writes
-        # vector and error_code only for the addresses that fault.
+        # vector, exit_reason and error_code only for the addresses that fault.
         vector = np.zeros(n, dtype=np.uint8)
         ec = np.zeros(n, dtype=np.uint32)
+        reason = np.zeros(n, dtype=np.uint16)
         _mmu_translate_many(self._m, _from_buffer("uint64_t[]", vas), acc_arr, acc_all, flags, n,
                             _from_buffer("uint64_t[]", pa), _from_buffer("uint8_t[]", vector),
-                            _from_buffer("uint32_t[]", ec))
-        return BatchResult(pa, vector, ec)
+                            _from_buffer("uint16_t[]", reason), _from_buffer("uint32_t[]", ec))
+        return BatchResult(pa, vector, ec, reason)
 
     def run(self, trace, start=0, pa=None):
         """Run trace[start:] through TLB and walker until the first fault.
@@ -490,7 +500,7 @@ class Mmu:
             return RunResult(int(idx), 13, 0, 0, "non-canonical", exc)
         exc = fault_from_c(f, self.memory.size, self._ept_c)
         return RunResult(int(idx), int(f.vector), int(f.error_code), int(f.cr2),
-                         getattr(exc, "cause", "ept"), exc)
+                         getattr(exc, "cause", "ept"), exc, int(f.exit_reason))
 
     # -- architectural events (SDM 4.10.4.1) ----------------------------------
     def _flush(self, kind, pcid, va, cause):

@@ -32,7 +32,7 @@ __all__ = ["NestedVM", "NestedVcpu", "NestedPhys", "create_nested_vm"]
 
 PAGE = 4096
 NO_FRAME = PhysicalMemory.NO_FRAME
-_EPT_EXIT_REASONS = (lib.PTEMU_EXIT_EPT_VIOLATION, lib.PTEMU_EXIT_EPT_MISCONFIG)
+_VEC_EXIT = lib.PTEMU_VEC_EXIT      # ptemu_fault.vector of an EPT exit (not an exception)
 
 
 def create_nested_vm(hypervisor, guest_memory_bytes, tlb=None, ept_levels=4, ept_ad=False,
@@ -244,7 +244,7 @@ class NestedVcpu(NoExitControl):
             if idx == n:
                 st["guest_accesses"] += n - first
                 return RunResult(n, 0, 0, 0, "none", None)
-            if f.vector in _EPT_EXIT_REASONS:
+            if f.vector == _VEC_EXIT:       # an EPT exit: handled here, the guest sees none
                 tries = tries + 1 if idx == last else 0
                 if tries > 8:
                     raise ShadowMmuError("no progress on trace[%d]" % idx)
