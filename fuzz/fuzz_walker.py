@@ -310,10 +310,10 @@ class Ctx:
     def snapshot(self):
         """Memory, the whole TLB (counters and every entry) and the CPU
         state, as bytes."""
-        parts = [self.mem.array.tobytes(), bytes(_ffi.buffer(self.cpu._c))]
+        parts = [self.mem.array.tobytes(), bytes(_ffi.buffer(self.cpu.c_handle))]
         tlb = self.tlb
         if tlb is not None:
-            parts.append(bytes(_ffi.buffer(tlb._c)))
+            parts.append(bytes(_ffi.buffer(tlb.c_handle)))
             parts.extend(bytes(_ffi.buffer(k)) for k in tlb._keep)
         return parts
 

@@ -554,13 +554,31 @@ def test_c_fault_record_keeps_vector_and_exit_reason_apart():
     f = ffi.new("ptemu_fault *")
     out = ffi.new("ptemu_walk_out *")
     w = ffi.new("ptemu_walk_in *", {"va": VA + 0x18, "access": 0, "flags": 0})
-    r = lib.ptemu_translate(e.cpu._c, e.gmem._c, ffi.NULL, w, out, f)
+    r = lib.ptemu_translate(e.cpu.c_handle, e.gmem.c_handle, ffi.NULL, w, out, f)
     assert (r, f.vector, f.exit_reason, f.cause) == (
         VEC_EXIT, VEC_EXIT, EXIT_EPT_VIOLATION, lib.PTEMU_CAUSE_EPT)
     assert (f.cr2, f.error_code) == (VA + 0x18, Q_READ | Q_GLA_VALID | Q_TRANSLATED)
     e.b.set_entry(VA, 1, 0)                      # now the guest's own #PF
-    r = lib.ptemu_translate(e.cpu._c, e.gmem._c, ffi.NULL, w, out, f)
+    r = lib.ptemu_translate(e.cpu.c_handle, e.gmem.c_handle, ffi.NULL, w, out, f)
     assert (r, f.vector, f.exit_reason, f.error_code) == (14, 14, 0, 0)
+
+
+def test_c_handles_are_the_structs_the_wrappers_use():
+    """The C-level tests here pass `c_handle`s: each is the wrapper's own
+    struct (a change through the wrapper shows in it, and C reads it)."""
+    e = setup(tlb=Tlb.simple())
+    assert ffi.typeof(e.cpu.c_handle) is ffi.typeof("ptemu_cpu *")
+    assert ffi.typeof(e.gmem.c_handle) is ffi.typeof("ptemu_mem *")
+    assert ffi.typeof(e.tlb.c_handle) is ffi.typeof("ptemu_tlb *")
+    assert ffi.typeof(e.ept.c_handle) is ffi.typeof("ptemu_ept *")
+    e.cpu.cr3 = 0x2000
+    assert e.cpu.c_handle.cr3 == 0x2000
+    assert e.gmem.c_handle.ept == e.ept.c_handle
+    walks = e.tlb.stats.walks
+    e.cpu.cr3 = e.b.cr3
+    e.mmu.translate(VA)
+    assert e.tlb.c_handle.walks == e.tlb.stats.walks == walks + 1
+    assert e.ept.c_handle.walks == e.ept.walks > 0
 
 
 @pytest.mark.parametrize("nested", [True, False])
@@ -572,19 +590,19 @@ def test_c_batch_writes_every_output_when_not_zeroed(nested):
     e.b.map(VA2, DATA2, flags=LEAF_AD, table_flags=TBL_A)
     e.ept.unmap(DATA2)
     if nested:
-        mem_c, want_vec, want_reason = e.gmem._c, [0, VEC_EXIT, 14], [0, EXIT_EPT_VIOLATION, 0]
+        mem_c, want_vec, want_reason = e.gmem.c_handle, [0, VEC_EXIT, 14], [0, EXIT_EPT_VIOLATION, 0]
         want_pa0 = hpa_4k(DATA)
     else:                                        # the guest's tables, read as plain memory
         plain = PhysicalMemory(GUEST_SIZE)
         for page in GUEST_TABLE_PAGES:
             plain.write(page, e.gmem.read(page, 4096))
-        mem_c, want_vec, want_reason, want_pa0 = plain._c, [0, 0, 14], [0, 0, 0], DATA
+        mem_c, want_vec, want_reason, want_pa0 = plain.c_handle, [0, 0, 14], [0, 0, 0], DATA
     vas = np.array([VA, VA2, 0x0000_0000_4060_3000], dtype=np.uint64)
     pa = np.full(3, 0x5a5a, dtype=np.uint64)
     vec = np.full(3, 0xa5, dtype=np.uint8)
     reason = np.full(3, 0xa5a5, dtype=np.uint16)
     ec = np.full(3, 0xa5a5a5a5, dtype=np.uint32)
-    lib.ptemu_translate_many(e.cpu._c, mem_c, ffi.NULL, ffi.from_buffer("uint64_t[]", vas),
+    lib.ptemu_translate_many(e.cpu.c_handle, mem_c, ffi.NULL, ffi.from_buffer("uint64_t[]", vas),
                              ffi.NULL, 0, 0, 3, ffi.from_buffer("uint64_t[]", pa),
                              ffi.from_buffer("uint8_t[]", vec), ffi.from_buffer("uint16_t[]", reason),
                              ffi.from_buffer("uint32_t[]", ec))

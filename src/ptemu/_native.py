@@ -6,6 +6,10 @@ a named record (`GuestWalk`, the `Translation` layout `WALK_OUT`) -- and
 constants come from `lib`, never typed twice.  Modules above this floor may
 hold `ffi`/`lib` to *call* C (allocate a struct, pass a buffer), but they
 never read a C output by position.
+
+A wrapper that owns a C struct (CpuState, PhysicalMemory, Tlb, Ept) hands it
+to another layer as its `c_handle` property (the cffi pointer, alive as long
+as the wrapper); its `_c` is its own business.
 """
 import struct
 from operator import itemgetter as _itemgetter
@@ -322,7 +326,7 @@ def table_gpa_of_fault(buf, cr3, amask):
 
 class WalkHandle:
     """A ptemu_mmu handle of its own over C structs owned elsewhere (a CpuState's,
-    a memory's, a Tlb's `_c`): `c` to pass to ptemu_mmu_translate, `out` the
+    a memory's, a Tlb's `c_handle`): `c` to pass to ptemu_mmu_translate, `out` the
     walk output buffer (decode_walk / walk_pa), `fault` the fault it fills.
     For layers that run their own translations (the vCPU's guest walks)
     without reaching into an Mmu."""

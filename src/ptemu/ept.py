@@ -63,6 +63,12 @@ class Ept:
                         | (lib.PTEMU_EPTP_AD if ad else 0))
 
     @property
+    def c_handle(self):
+        """The `ptemu_ept *` of this vCPU's EPT state, to pass to C entry points
+        (it lives as long as this object); `fault_from_c` reads its last exit."""
+        return self._c
+
+    @property
     def eptp(self):
         return int(self._c.eptp)
 

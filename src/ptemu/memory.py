@@ -252,6 +252,12 @@ class PhysicalMemory:
         return self
 
     @property
+    def c_handle(self):
+        """The `ptemu_mem *` describing this memory, to pass to C entry points
+        (it and the buffers it points into live as long as this object)."""
+        return self._c
+
+    @property
     def sparse(self):
         """True for a sparse image (ranges with holes, csrc/physmap.c)."""
         return self._segments is not None

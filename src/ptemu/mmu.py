@@ -156,6 +156,13 @@ class CpuState:
     del _get
 
     @property
+    def c_handle(self):
+        """The `ptemu_cpu *` this state lives in, to pass to C entry points
+        (it lives as long as this object).  Assignments through it skip the
+        checks above: change the state through the attributes."""
+        return self._c
+
+    @property
     def ac(self):
         return bool(self._c.ac)
 

@@ -172,6 +172,12 @@ class Tlb:
         lib.ptemu_tlb_flush(self._c, lib.PTEMU_FLUSH_ALL, 0, 0, lib.PTEMU_FLUSHED_BY_USER)
 
     @property
+    def c_handle(self):
+        """The `ptemu_tlb *` of this TLB, to pass to C entry points (it and its
+        arrays live as long as this object); `stats` and `decoded` read it."""
+        return self._c
+
+    @property
     def decoded(self):
         """For inspection: the ptemu_tlb with decoded entries: `.arr[i].e[j]`
         and `.psc[level].e[j]` have key, stamp, base, pcid, size, flags, pkey;

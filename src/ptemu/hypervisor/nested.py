@@ -124,7 +124,7 @@ class NestedVM:
         st["exits"] = st["exit_ept_violation"] + st["exit_ept_misconfig"]
         st["ept_walks"] = self.ept.walks
         st["ept_walk_refs"] = self.ept.refs
-        t = self.vcpu.tlb._c
+        t = self.vcpu.tlb.c_handle
         st["walks"] = int(t.walks)
         st["walk_refs"] = int(t.walk_refs)
         return st
@@ -235,12 +235,12 @@ class NestedVcpu(NoExitControl):
             raise InvalidInput("start %d is past the end of the trace (%d)" % (i, n))
         tp = ffi.from_buffer("ptemu_trace_rec[]", trace)
         f = self._fault
-        mem_c, tlb_c = self.vm.gmem._c, self.tlb._c
+        mem_c, tlb_c = self.vm.gmem.c_handle, self.tlb.c_handle
         st = self._stats
         first = i
         last, tries = -1, 0
         while True:
-            idx = int(lib.ptemu_run(self.cpu._c, mem_c, tlb_c, tp, n, i, ffi.NULL, f))
+            idx = int(lib.ptemu_run(self.cpu.c_handle, mem_c, tlb_c, tp, n, i, ffi.NULL, f))
             if idx == n:
                 st["guest_accesses"] += n - first
                 return RunResult(n, 0, 0, 0, "none", None)
@@ -249,7 +249,7 @@ class NestedVcpu(NoExitControl):
                 if tries > 8:
                     raise ShadowMmuError("no progress on trace[%d]" % idx)
                 last = i = idx
-                self.vm.ept_exit(fault_from_c(f, self.vm.memory_bytes, self.vm.ept._c))
+                self.vm.ept_exit(fault_from_c(f, self.vm.memory_bytes, self.vm.ept.c_handle))
                 continue
             st["guest_accesses"] += idx - first
             if f.vector == lib.PTEMU_VEC_GP:

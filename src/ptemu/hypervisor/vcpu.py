@@ -92,16 +92,16 @@ class VCpu:
         self.mmu = Mmu(vm.hypervisor.host, self.real_cpu, tlb)
         #: Walks of the guest's own tables (over the p2m view, no TLB).
         self.guest_mmu = Mmu(vm.view, self.cpu)
-        self._rcpu = self.real_cpu._c
-        self._hmem = vm.hypervisor.host._c
-        self._rtlb = tlb._c
+        self._rcpu = self.real_cpu.c_handle
+        self._hmem = vm.hypervisor.host.c_handle
+        self._rtlb = tlb.c_handle
         real = WalkHandle(self._rcpu, self._hmem, self._rtlb)     # scalar accesses
         self._rm, self._rbuf = real.c, real.out
-        guest = WalkHandle(self.cpu._c, vm.view._c)                # the guest's walks
+        guest = WalkHandle(self.cpu.c_handle, vm.view.c_handle)    # the guest's walks
         self._gm, self._gbuf, self._gfault = guest.c, guest.out, guest.fault
         self._handles = (real, guest)
         self._rfault = ffi.new("ptemu_fault *")                   # run()'s exits
-        self._cpu_bytes = ffi.buffer(self.cpu._c)
+        self._cpu_bytes = ffi.buffer(self.cpu.c_handle)
         self._seen = None
         self._destroyed = False
         self._paging = True
@@ -121,8 +121,8 @@ class VCpu:
                            if self.fast_paths else 0)
         if self._fast_bits:
             ctx = vm.shadow.fast
-            ctx.gcpu = self.cpu._c
-            ctx.gmem = vm.view._c
+            ctx.gcpu = self.cpu.c_handle
+            ctx.gmem = vm.view.c_handle
             self._fast = ctx
         self._switch_fast_paths()
 
