@@ -2,7 +2,8 @@
 
 The rule (DESIGN.md, "Rules of the Python layer"): every C *result* is decoded
 here, once -- a fault into an exception (`fault_from_c`), a walk output into
-a named record (`GuestWalk`, the `Translation` layout `WALK_OUT`) -- and
+a named record (`GuestWalk`; the `Translation` layout `WALK_OUT` and its
+entries, `walk_out_entries`) -- and
 constants come from `lib`, never typed twice.  Modules above this floor may
 hold `ffi`/`lib` to *call* C (allocate a struct, pass a buffer), but they
 never read a C output by position.
@@ -32,7 +33,7 @@ if lib.ptemu_abi_version() != ABI_VERSION or lib.PTEMU_ABI_VERSION != ABI_VERSIO
 __all__ = ["ffi", "lib", "PtemuError", "InvalidInput", "ImageError", "MmuFault",
            "PageFault", "GeneralProtection", "EptExit", "EptViolation", "EptMisconfig", "check_u64", "check_array",
            "fault_from_c", "ACCESS_CODES", "GuestWalk", "decode_walk", "walk_pa", "WALK_OUT",
-           "WALK_ENTRIES", "check_layout"]
+           "WALK_ENTRIES", "walk_out_entries", "check_layout"]
 
 U64_MAX = (1 << 64) - 1
 
@@ -245,6 +246,25 @@ WALK_ENTRIES = struct.Struct("<10Q")
 check_layout(WALK_OUT.size == ffi.sizeof("ptemu_walk_out"), "sizeof(ptemu_walk_out)")
 check_layout(ffi.offsetof("ptemu_walk_out", "entry_pa") == 56, "ptemu_walk_out.entry_pa")
 check_layout(ffi.offsetof("ptemu_walk_out", "pa") == 8, "ptemu_walk_out.pa")
+
+_WO_NENTRIES, _WO_ENTRIES = 6, 10       # nentries and the entry words in a WALK_OUT tuple
+_NLEVELS = lib.PTEMU_MAX_LEVELS         # entry_pa[] and entry[] are this long
+_unpack_entries = WALK_ENTRIES.unpack
+
+
+def walk_out_entries(w):
+    """(entry_pa, value) of every entry the walk read, top first, from a walk
+    output as WALK_OUT unpacks it (mmu.Translation is that tuple)."""
+    n = w[_WO_NENTRIES]
+    words = _unpack_entries(w[_WO_ENTRIES])
+    return list(zip(words[:n], words[_NLEVELS:_NLEVELS + n]))
+
+
+_probe = ffi.new("ptemu_walk_out *", {"nentries": 2, "entry_pa": [1, 2, 3, 4, 5],
+                                      "entry": [6, 7, 8, 9, 10]})
+check_layout(walk_out_entries(WALK_OUT.unpack(ffi.buffer(_probe))) == [(1, 6), (2, 7)],
+             "ptemu_walk_out.nentries/entry_pa/entry")
+del _probe
 
 # The same struct unpacked word by word for the hypervisor's guest walks.
 _GUEST_WALK = struct.Struct("<4Q6I10Q")

@@ -13,7 +13,7 @@ import numpy as np
 from ptemu import bits
 from ptemu._native import (ffi, lib, InvalidInput, PageFault, GeneralProtection,
                            check_u64, check_array, fault_from_c, ACCESS_CODES, U64_MAX,
-                           WALK_OUT, WALK_ENTRIES, check_layout)
+                           WALK_OUT, walk_out_entries, check_layout)
 from ptemu.memory import PhysicalMemory
 from ptemu.tlb import Tlb
 
@@ -205,7 +205,6 @@ class CpuState:
 
 # ptemu_walk_out in one struct.unpack_from: the layout is _native's (WALK_OUT).
 _OUT = WALK_OUT
-_ENTRIES = WALK_ENTRIES
 
 
 def _field(i, doc):
@@ -244,9 +243,7 @@ class Translation(tuple):
 
     @property
     def entries(self):
-        n = self[6]
-        words = _ENTRIES.unpack(self[10])
-        return list(zip(words[:n], words[5:5 + n]))
+        return walk_out_entries(self)
 
     @property
     def writable(self):
