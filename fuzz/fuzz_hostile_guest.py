@@ -244,7 +244,7 @@ def st_run(inp, w):
     for i in range(n):
         trace[i] = (_va(inp), inp.below(3), inp.u8() & 3 == 3)
     res = w.vm.vcpu.run(trace, inp.u8() % (n + 1))
-    if res.index < n and res.vector not in (13, 14):
+    if res.index < n and res.vector not in (ptemu.GeneralProtection.vector, ptemu.PageFault.vector):
         raise Finding("run stopped at %d with vector %r" % (res.index, res.vector))
 
 

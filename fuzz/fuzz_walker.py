@@ -69,7 +69,8 @@ from ptemu.ept import Ept  # noqa: E402
 
 DOCUMENTED = (ptemu.InvalidInput, ptemu.PageFault, ptemu.GeneralProtection)
 FAULTS = (ptemu.PageFault, ptemu.GeneralProtection)
-VEC_GP, VEC_PF, VEC_EXIT = ptemu.GeneralProtection.vector, ptemu.PageFault.vector, _lib.PTEMU_VEC_EXIT
+VEC_GP, VEC_PF = ptemu.GeneralProtection.vector, ptemu.PageFault.vector
+VEC_EXIT = _lib.PTEMU_VEC_EXIT          # an EPT exit's vector field: no exception
 EXIT_REASONS = (_lib.PTEMU_EXIT_EPT_VIOLATION, _lib.PTEMU_EXIT_EPT_MISCONFIG)
 
 PAGE = 4096
@@ -447,9 +448,9 @@ def op_translate_many(inp, ctx):
                     t = ctx.mmu.translate(va, accs[i], user, update_ad=False)
                     got = (0, t.pa, 0)
                 except ptemu.PageFault as exc:
-                    got = (14, 0, exc.error_code)
+                    got = (VEC_PF, 0, exc.error_code)
                 except ptemu.GeneralProtection:
-                    got = (13, 0, 0)
+                    got = (VEC_GP, 0, 0)
                 want = (int(res.vector[i]), int(res.pa[i]), int(res.error_code[i]))
                 if got != want:
                     raise Finding("translate_many[%d] %r != translate %r for va %#x"

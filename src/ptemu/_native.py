@@ -73,7 +73,7 @@ class PageFault(MmuFault):
     ("not-present", "reserved-bit", "protection", "outside-memory") and
     `.level` at which paging level (0 for rights checks)."""
 
-    vector = 14
+    vector = lib.PTEMU_VEC_PF
 
     def __init__(self, va, error_code, cause="not-present", level=0, message=None):
         self.va = va
@@ -88,7 +88,7 @@ class PageFault(MmuFault):
 class GeneralProtection(MmuFault):
     """#GP(0), e.g. a non-canonical address: no walk, CR2 unchanged."""
 
-    vector = 13
+    vector = lib.PTEMU_VEC_GP
 
     def __init__(self, va=None, message=None, error_code=0):
         self.va = va

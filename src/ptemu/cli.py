@@ -158,14 +158,15 @@ def walk_record(mmu, va, access="r", user=False):
     try:
         entries, result = mmu.walk_entries(va, access, user)
     except GeneralProtection:
-        rec["fault"] = {"vector": 13, "error_code": 0, "cause": "non-canonical"}
+        rec["fault"] = {"vector": GeneralProtection.vector, "error_code": 0,
+                        "cause": "non-canonical"}
         return rec
     # Without a TLB the walk starts at the top level and reads down.
     rec["entries"] = [{"level": level, "pa": epa, "value": value}
                       for level, (epa, value) in zip(range(levels, 0, -1), entries)]
     if isinstance(result, MmuFault):
-        rec["fault"] = {"vector": 14, "error_code": result.error_code, "cause": result.cause,
-                        "level": result.level}
+        rec["fault"] = {"vector": result.vector, "error_code": result.error_code,
+                        "cause": result.cause, "level": result.level}
     else:
         rec["pa"] = result.pa
         if levels:
@@ -183,7 +184,7 @@ def print_walk(mmu, va, out, access="r", user=False):
         va, _ACCESS_NAMES[access], "user" if user else "supervisor",
         "%d-level paging" % levels if levels else "paging off"))
     fault = rec.get("fault")
-    if fault and fault["vector"] == 13:
+    if fault and fault["vector"] == GeneralProtection.vector:
         out.write("  => #GP(0): %#x is not canonical for %d-level paging (no walk)\n"
                   % (va, levels))
         return rec

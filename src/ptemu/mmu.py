@@ -501,7 +501,7 @@ class Mmu:
         va = int(trace["va"][idx])
         if f.vector == lib.PTEMU_VEC_GP:
             exc = GeneralProtection(va)
-            return RunResult(int(idx), 13, 0, 0, "non-canonical", exc)
+            return RunResult(int(idx), exc.vector, 0, 0, "non-canonical", exc)
         exc = fault_from_c(f, self.memory.size, self._ept_c)
         return RunResult(int(idx), int(f.vector), int(f.error_code), int(f.cr2),
                          getattr(exc, "cause", "ept"), exc, int(f.exit_reason))
