@@ -203,7 +203,7 @@ static inline int page_fault(const ptemu_ctx *c, ptemu_fault *f, uint64_t va,
 /* A VM exit for the EPT, recorded by ept.c; the guest sees nothing, so no
  * vector: PTEMU_VEC_EXIT, and the exit reason (48 violation, 49
  * misconfiguration) in fault.exit_reason. */
-static int ept_exit_fault(ptemu_fault *f, const ptemu_ept *x, uint64_t va)
+static PTEMU_NOINLINE int ept_exit_fault(ptemu_fault *f, const ptemu_ept *x, uint64_t va)
 {
     return ptemu_set_ept_exit(f, x, va);
 }
