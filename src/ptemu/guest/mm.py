@@ -7,6 +7,8 @@ guest memory and change ONLY by guest stores through the direct map
 they are read side-effect free (`_read`, `_read_table`).  Invalidations are
 the guest's own: MOV CR3, INVLPG (or their hypercalls).
 """
+import sys
+
 import numpy as np
 
 from ptemu import bits
@@ -138,6 +140,12 @@ def _readers(phys):
     if isinstance(phys, PhysicalMemory):
         if phys.frames is None and phys.array is not None:
             words = phys.array.view("<u8")
+            if sys.byteorder == "little":
+                # A memoryview gives an entry as an int at a third of the cost
+                # of a numpy scalar.
+                entries = memoryview(phys.array).cast("Q")
+                return (lambda gpa: entries[gpa >> 3],
+                        lambda gpa: words[gpa >> 3:(gpa >> 3) + 512].copy())
             return (lambda gpa: int(words[gpa >> 3]),
                     lambda gpa: words[gpa >> 3:(gpa >> 3) + 512].copy())
         table = phys.table
@@ -206,6 +214,36 @@ class AddressSpaces:
             self._free.append(fn)
             self.stats["frame_free"] += 1
 
+    @staticmethod
+    def _frame_numbers(gpas):
+        """The frame numbers of the uint64 array gpas, and whether they are distinct."""
+        fns = (gpas >> np.uint64(12)).astype(np.intp)
+        s = np.sort(fns)
+        return fns, not (s[1:] == s[:-1]).any()
+
+    def _get_many(self, gpas):
+        """_get for each frame of the uint64 array gpas."""
+        fns, distinct = self._frame_numbers(gpas)
+        if distinct:
+            self.refcount[fns] += 1
+        else:
+            np.add.at(self.refcount, fns, 1)
+
+    def _put_many(self, gpas):
+        """_put for each frame of the uint64 array gpas, in order (the frames
+        freed join the free list in that order)."""
+        fns, distinct = self._frame_numbers(gpas)
+        rc = self.refcount[fns] - 1
+        if not distinct or (rc < 0).any():
+            for gpa in gpas.tolist():       # a frame twice, or freed twice: one by one
+                self._put(gpa)
+            return
+        self.refcount[fns] = rc
+        freed = fns[rc == 0].tolist()
+        if freed:
+            self._free.extend(freed)
+            self.stats["frame_free"] += len(freed)
+
     def _free_table(self, gpa):
         self._table_frames.discard(gpa)
         self.refcount[gpa // PAGE] = 0
@@ -218,49 +256,53 @@ class AddressSpaces:
         only at a store that traps).  Before anything reads the tables, loads
         CR3, invalidates or runs user code, so the order of events the
         machine sees is that of one store at a time."""
-        if self._pending:
-            batch, self._pending = self._pending, []
-            if self.paravirt:
-                self.vcpu.hypercall("mmu_update", batch)
-                self.stats["mmu_update_batches"] += 1
+        values = self._pending_value
+        if not values:
+            return
+        at = self._pending_at
+        self._pending_at, self._pending_value = [], []
+        if self.paravirt:
+            self.vcpu.hypercall("mmu_update", list(zip(at, values)))
+            self.stats["mmu_update_batches"] += 1
+            return
+        try:
+            if len(values) < STREAM_MIN:
+                # A few stores (a demand fault's one PTE): plain stores
+                # cost less than making a stream.
+                store = self.vcpu.store_u64
+                for va, value in zip(at, values):
+                    store(va, value)
                 return
-            try:
-                if len(batch) < STREAM_MIN:
-                    # A few stores (a demand fault's one PTE): plain stores
-                    # cost less than making a stream.
-                    store = self.vcpu.store_u64
-                    for va, value in batch:
-                        store(va, value)
-                    return
-                self.stats["store_streams"] += 1
-                self.vcpu.store_stream(np.array(batch, dtype=STORE_DTYPE))
-            except MmuFault as exc:
-                raise GuestKernelError("kernel oops: a store to the direct map at %#x "
-                                       "faulted: %s" % (getattr(exc, "va", 0) or 0, exc)) \
-                    from exc
+            self.stats["store_streams"] += 1
+            stream = np.empty(len(values), dtype=STORE_DTYPE)
+            stream["va"] = at
+            stream["value"] = values
+            self.vcpu.store_stream(stream)
+        except MmuFault as exc:
+            raise GuestKernelError("kernel oops: a store to the direct map at %#x "
+                                   "faulted: %s" % (getattr(exc, "va", 0) or 0, exc)) from exc
 
     def _read(self, gpa):
-        if self._pending:
+        if self._pending_value:
             self._sync()
         return self._peek(gpa)
 
     def _read_table(self, gpa):
         """A copy of the table at gpa as 512 uint64."""
-        if self._pending:
+        if self._pending_value:
             self._sync()
         return self._peek_table(gpa)
 
     def _write(self, gpa, value):
-        """Change one page-table entry the way the guest must."""
+        """Change one page-table entry the way the guest must: queued for the
+        next _sync (an mmu_update batch or a store stream, done at once when
+        it is full), or one store through the direct map."""
         self.stats["pte_write"] += 1
-        if self.paravirt:
-            self._pending.append((gpa, value))
-            if len(self._pending) >= self.batch:
-                self._sync()
-            return
-        if self._streams:
-            self._pending.append((DIRECT_MAP + gpa, value))
-            if len(self._pending) >= STREAM_MAX:
+        if self._deferred:
+            self._pending_at.append(self._pending_base + gpa)
+            values = self._pending_value
+            values.append(value)
+            if len(values) >= self._pending_max:
                 self._sync()
             return
         try:
@@ -268,6 +310,30 @@ class AddressSpaces:
         except MmuFault as exc:
             raise GuestKernelError("kernel oops: a store to the direct map at %#x faulted: %s"
                                    % (DIRECT_MAP + gpa, exc)) from exc
+
+    def _write_many(self, gpas, values):
+        """_write(gpa, value) for each pair of the uint64 arrays gpas and values,
+        in order, queued in bulk: the batches and streams break where one
+        _write at a time would break them."""
+        n = len(values)
+        if not n:
+            return
+        if not self._deferred:
+            for gpa, value in zip(gpas.tolist(), values.tolist()):
+                self._write(gpa, value)
+            return
+        self.stats["pte_write"] += n
+        at = (gpas + np.uint64(self._pending_base)).tolist()
+        values = values.tolist()
+        cap = self._pending_max
+        i = 0
+        while i < n:
+            j = min(n, i + cap - len(self._pending_value))
+            self._pending_at.extend(at[i:j])
+            self._pending_value.extend(values[i:j])
+            if len(self._pending_value) >= cap:
+                self._sync()
+            i = j
 
     def _load_cr3(self, cr3):
         self._sync()
@@ -312,9 +378,12 @@ class AddressSpaces:
         """Guest-physical address of va's level-1 entry; None if a table on
         the way is missing and create is False."""
         table = top
-        for level in range(self.levels, 1, -1):
-            epa = table + 8 * ((va >> (12 + 9 * (level - 1))) & 511)
-            e = self._read(epa)
+        peek = self._peek
+        for shift in self._table_shifts:
+            epa = table + 8 * ((va >> shift) & 511)
+            if self._pending_value:
+                self._sync()
+            e = peek(epa)
             if not e & P:
                 if not create:
                     return None
