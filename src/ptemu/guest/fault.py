@@ -135,7 +135,7 @@ class FaultHandler:
                 exc.index = start
                 exc.fault = r.fault
                 raise
-            if self._pending_value:
+            if self._npending:
                 self._sync()
             handled += 1
         return handled

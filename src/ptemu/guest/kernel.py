@@ -136,13 +136,17 @@ class Kernel(AddressSpaces, Processes, Vmas, FaultHandler):
         #: page-table stores go out as store streams (vcpu.store_stream: every
         #: machine of docs/machine-contract.md has them)
         self._streams = bool(store_streams)
-        # Page-table writes not yet done (see _sync): where each goes (the
-        # entry's gpa for mmu_update, its direct-map address for a store) and
-        # its value; at most _pending_max of them.
+        # Page-table writes not yet done (see _sync), at most _pending_max of
+        # them, in order: chunks (where each goes -- the entry's gpa for
+        # mmu_update, its direct-map address for a store -- and its value, as
+        # two uint64 arrays or two lists), then the single writes since the
+        # last chunk (two lists).
         self._deferred = self.paravirt or self._streams
         self._pending_base = 0 if self.paravirt else DIRECT_MAP
         self._pending_max = batch if self.paravirt else STREAM_MAX
+        self._pending_chunks = []
         self._pending_at, self._pending_value = [], []
+        self._npending = 0
         size = int(machine.memory_bytes)
         if size % PAGE or size < 64 * PAGE:
             raise InvalidInput("guest memory must be at least 64 pages and whole pages")

@@ -163,10 +163,10 @@ def _page_writers(machine):
     phys = machine.phys
     if getattr(machine, "paging", None) == "native" and isinstance(phys, PhysicalMemory) \
             and phys.frames is None and phys.array is not None:
-        mem = phys.array
+        mem = memoryview(phys.array)      # (a memoryview slice copies as memcpy does)
 
         def clear_page(gpa):
-            mem[gpa:gpa + PAGE] = 0
+            mem[gpa:gpa + PAGE] = _ZERO_PAGE
 
         def copy_page(dst, src):
             mem[dst:dst + PAGE] = mem[src:src + PAGE]
@@ -178,6 +178,11 @@ def _page_writers(machine):
     def copy_page(dst, src):
         phys.write(dst, phys.read(src, PAGE))
     return clear_page, copy_page
+
+
+def _ints(seq):
+    """A pending chunk's addresses or values as Python ints."""
+    return seq if isinstance(seq, list) else seq.tolist()
 
 
 class AddressSpaces:
@@ -256,40 +261,51 @@ class AddressSpaces:
         only at a store that traps).  Before anything reads the tables, loads
         CR3, invalidates or runs user code, so the order of events the
         machine sees is that of one store at a time."""
-        values = self._pending_value
-        if not values:
+        n = self._npending
+        if not n:
             return
-        at = self._pending_at
-        self._pending_at, self._pending_value = [], []
+        chunks = self._pending_chunks
+        if self._pending_value:
+            chunks.append((self._pending_at, self._pending_value))
+        self._pending_chunks, self._pending_at, self._pending_value = [], [], []
+        self._npending = 0
         if self.paravirt:
-            self.vcpu.hypercall("mmu_update", list(zip(at, values)))
+            pairs = []
+            for at, values in chunks:
+                pairs.extend(zip(_ints(at), _ints(values)))
+            self.vcpu.hypercall("mmu_update", pairs)
             self.stats["mmu_update_batches"] += 1
             return
         try:
-            if len(values) < STREAM_MIN:
+            if n < STREAM_MIN:
                 # A few stores (a demand fault's one PTE): plain stores
                 # cost less than making a stream.
                 store = self.vcpu.store_u64
-                for va, value in zip(at, values):
-                    store(va, value)
+                for at, values in chunks:
+                    for va, value in zip(_ints(at), _ints(values)):
+                        store(va, value)
                 return
             self.stats["store_streams"] += 1
-            stream = np.empty(len(values), dtype=STORE_DTYPE)
-            stream["va"] = at
-            stream["value"] = values
+            stream = np.empty(n, dtype=STORE_DTYPE)
+            k = 0
+            for at, values in chunks:
+                m = len(values)
+                stream["va"][k:k + m] = at
+                stream["value"][k:k + m] = values
+                k += m
             self.vcpu.store_stream(stream)
         except MmuFault as exc:
             raise GuestKernelError("kernel oops: a store to the direct map at %#x "
                                    "faulted: %s" % (getattr(exc, "va", 0) or 0, exc)) from exc
 
     def _read(self, gpa):
-        if self._pending_value:
+        if self._npending:
             self._sync()
         return self._peek(gpa)
 
     def _read_table(self, gpa):
         """A copy of the table at gpa as 512 uint64."""
-        if self._pending_value:
+        if self._npending:
             self._sync()
         return self._peek_table(gpa)
 
@@ -300,9 +316,9 @@ class AddressSpaces:
         self.stats["pte_write"] += 1
         if self._deferred:
             self._pending_at.append(self._pending_base + gpa)
-            values = self._pending_value
-            values.append(value)
-            if len(values) >= self._pending_max:
+            self._pending_value.append(value)
+            self._npending += 1
+            if self._npending >= self._pending_max:
                 self._sync()
             return
         try:
@@ -313,8 +329,8 @@ class AddressSpaces:
 
     def _write_many(self, gpas, values):
         """_write(gpa, value) for each pair of the uint64 arrays gpas and values,
-        in order, queued in bulk: the batches and streams break where one
-        _write at a time would break them."""
+        in order, queued as array chunks: the batches and streams break where
+        one _write at a time would break them."""
         n = len(values)
         if not n:
             return
@@ -323,15 +339,17 @@ class AddressSpaces:
                 self._write(gpa, value)
             return
         self.stats["pte_write"] += n
-        at = (gpas + np.uint64(self._pending_base)).tolist()
-        values = values.tolist()
+        at = gpas + np.uint64(self._pending_base)
         cap = self._pending_max
         i = 0
         while i < n:
-            j = min(n, i + cap - len(self._pending_value))
-            self._pending_at.extend(at[i:j])
-            self._pending_value.extend(values[i:j])
-            if len(self._pending_value) >= cap:
+            if self._pending_value:         # the single writes before these
+                self._pending_chunks.append((self._pending_at, self._pending_value))
+                self._pending_at, self._pending_value = [], []
+            j = min(n, i + cap - self._npending)
+            self._pending_chunks.append((at[i:j], values[i:j]))
+            self._npending += j - i
+            if self._npending >= cap:
                 self._sync()
             i = j
 
@@ -381,8 +399,8 @@ class AddressSpaces:
         peek = self._peek
         for shift in self._table_shifts:
             epa = table + 8 * ((va >> shift) & 511)
-            if self._pending_value:
-                self._sync()
+            if self._npending:
+                self._sync()        # (a table made on the way: its entry first)
             e = peek(epa)
             if not e & P:
                 if not create:
