@@ -159,9 +159,11 @@ class Kernel(AddressSpaces, Processes, Vmas, FaultHandler):
         self.refcount[0] = 1
         self._free = list(range(self.nframes - 1, 0, -1))   # pop() gives the lowest
         self._table_frames = set()          # frames holding live page tables
+        #: top table -> {va >> 21: its level-1 table} (see _pte_addr)
+        self._l1_tables = {}
         self.procs = {}
         self._next_pid = 1
-        self._peek, self._peek_table = _readers(self.phys)
+        self._entry, self._peek_table = _readers(self.phys)
         self._clear_page, self._copy_page = _page_writers(machine)
         self._boot(direct_map_page_size)
 

@@ -135,23 +135,24 @@ def _leaf_flags(prot):
 
 
 def _readers(phys):
-    """(read one u64, read one table) of guest-physical memory, side-effect
-    free: straight from the backing array when phys is a PhysicalMemory."""
+    """(read entry i, read one table) of guest-physical memory, side-effect
+    free: entry i is the u64 at gpa 8*i; straight from the backing array when
+    phys is a PhysicalMemory."""
     if isinstance(phys, PhysicalMemory):
         if phys.frames is None and phys.array is not None:
             words = phys.array.view("<u8")
             if sys.byteorder == "little":
-                # A memoryview gives an entry as an int at a third of the cost
-                # of a numpy scalar.
-                entries = memoryview(phys.array).cast("Q")
-                return (lambda gpa: entries[gpa >> 3],
+                # A memoryview's item is an int, read in C: a third of the cost
+                # of a numpy scalar made into one.
+                return (memoryview(phys.array).cast("Q").__getitem__,
                         lambda gpa: words[gpa >> 3:(gpa >> 3) + 512].copy())
-            return (lambda gpa: int(words[gpa >> 3]),
+            return (lambda i: int(words[i]),
                     lambda gpa: words[gpa >> 3:(gpa >> 3) + 512].copy())
         table = phys.table
-        return (lambda gpa: int(table(gpa & ~0xFFF)[(gpa & 0xFFF) >> 3]),
+        return (lambda i: int(table((i << 3) & ~0xFFF)[i & 511]),
                 lambda gpa: table(gpa).copy())
-    return (phys.read_u64,
+    read_u64 = phys.read_u64
+    return (lambda i: read_u64(i << 3),
             lambda gpa: np.frombuffer(phys.read(gpa, PAGE), dtype="<u8"))
 
 
@@ -178,6 +179,12 @@ def _page_writers(machine):
     def copy_page(dst, src):
         phys.write(dst, phys.read(src, PAGE))
     return clear_page, copy_page
+
+
+def _oops(exc):
+    """The kernel's own store through the direct map faulted."""
+    return GuestKernelError("kernel oops: a store to the direct map at %#x faulted: %s"
+                            % (getattr(exc, "va", 0) or 0, exc))
 
 
 def _ints(seq):
@@ -264,27 +271,30 @@ class AddressSpaces:
         n = self._npending
         if not n:
             return
-        chunks = self._pending_chunks
-        if self._pending_value:
-            chunks.append((self._pending_at, self._pending_value))
+        chunks, tail = self._pending_chunks, (self._pending_at, self._pending_value)
         self._pending_chunks, self._pending_at, self._pending_value = [], [], []
         self._npending = 0
+        if tail[1]:
+            chunks.append(tail)
         if self.paravirt:
             pairs = []
             for at, values in chunks:
                 pairs.extend(zip(_ints(at), _ints(values)))
             self.vcpu.hypercall("mmu_update", pairs)
             self.stats["mmu_update_batches"] += 1
-            return
-        try:
-            if n < STREAM_MIN:
-                # A few stores (a demand fault's one PTE): plain stores
-                # cost less than making a stream.
-                store = self.vcpu.store_u64
+        elif n < STREAM_MIN:
+            # A few stores (a fault's one PTE): plain stores cost less than
+            # making a stream.
+            store = self.vcpu.store_u64
+            try:
                 for at, values in chunks:
-                    for va, value in zip(_ints(at), _ints(values)):
+                    if at.__class__ is not list:
+                        at, values = at.tolist(), values.tolist()
+                    for va, value in zip(at, values):
                         store(va, value)
-                return
+            except MmuFault as exc:
+                raise _oops(exc) from exc
+        else:
             self.stats["store_streams"] += 1
             stream = np.empty(n, dtype=STORE_DTYPE)
             k = 0
@@ -293,15 +303,15 @@ class AddressSpaces:
                 stream["va"][k:k + m] = at
                 stream["value"][k:k + m] = values
                 k += m
-            self.vcpu.store_stream(stream)
-        except MmuFault as exc:
-            raise GuestKernelError("kernel oops: a store to the direct map at %#x "
-                                   "faulted: %s" % (getattr(exc, "va", 0) or 0, exc)) from exc
+            try:
+                self.vcpu.store_stream(stream)
+            except MmuFault as exc:
+                raise _oops(exc) from exc
 
     def _read(self, gpa):
         if self._npending:
             self._sync()
-        return self._peek(gpa)
+        return self._entry(gpa >> 3)
 
     def _read_table(self, gpa):
         """A copy of the table at gpa as 512 uint64."""
@@ -324,8 +334,7 @@ class AddressSpaces:
         try:
             self.vcpu.store_u64(DIRECT_MAP + gpa, value)
         except MmuFault as exc:
-            raise GuestKernelError("kernel oops: a store to the direct map at %#x faulted: %s"
-                                   % (DIRECT_MAP + gpa, exc)) from exc
+            raise _oops(exc) from exc
 
     def _write_many(self, gpas, values):
         """_write(gpa, value) for each pair of the uint64 arrays gpas and values,
@@ -394,23 +403,33 @@ class AddressSpaces:
 
     def _pte_addr(self, top, va, create):
         """Guest-physical address of va's level-1 entry; None if a table on
-        the way is missing and create is False."""
+        the way is missing and create is False.  The level-1 table found is
+        remembered (until the address space is torn down: the kernel never
+        changes or removes an entry above level 1 of a live one)."""
+        if self._npending:
+            self._sync()
+        known = self._l1_tables.get(top)
+        if known is not None:
+            table = known.get(va >> 21)
+            if table is not None:
+                return table + 8 * ((va >> 12) & 511)
         table = top
-        peek = self._peek
+        entry = self._entry
         for shift in self._table_shifts:
-            epa = table + 8 * ((va >> shift) & 511)
+            i = (va >> shift) & 511
             if self._npending:
                 self._sync()        # (a table made on the way: its entry first)
-            e = peek(epa)
+            e = entry((table >> 3) + i)
             if not e & P:
                 if not create:
                     return None
                 new = self._alloc_frame(table=True)
-                self._write(epa, new | USER_TABLE)
+                self._write(table + 8 * i, new | USER_TABLE)
                 e = new
             elif e & PS:
                 raise GuestKernelError("user half holds a large page at %#x" % va)
             table = e & ADDR
+        self._l1_tables.setdefault(top, {})[va >> 21] = table
         return table + 8 * ((va >> 12) & 511)
 
     def _leaves(self, top, start, end):

@@ -39,37 +39,28 @@ HYPERCALLS = ("mmu_update", "new_baseptr", "invlpg", "flush_tlb")
 _translate_c = lib.ptemu_mmu_translate
 _mmu_run = lib.ptemu_mmu_run
 _IN_CPL = lib.PTEMU_IN_CPL
+_ACC_WRITE = ACCESS_CODES["w"]
 _VEC_GP = lib.PTEMU_VEC_GP
-
-
-class _FaultSnapshot:
-    """The fields of a filled ptemu_fault that fault_from_c reads, copied out
-    (the vCPU's fault struct is refilled by the next run)."""
-
-    __slots__ = ("vector", "cause", "cr2", "error_code", "level")
-
-    def __init__(self, vector, cause, cr2, error_code, level):
-        self.vector, self.cause, self.cr2 = vector, cause, cr2
-        self.error_code, self.level = error_code, level
 
 
 class _FaultRunResult(RunResult):
     """The RunResult of a run that stopped at a #PF, whose `cause` and `fault`
-    (the PageFault) are made when first asked for: a guest kernel resuming
-    after each fault it handles needs only the index, error code and CR2."""
+    (the PageFault) are made when first asked for, from a copy of the fault
+    struct's bytes (the vCPU's struct is refilled by the next run): a guest
+    kernel resuming after each fault it handles needs only the index, error
+    code and CR2."""
 
-    def __init__(self, index, f, memory_size):
-        self.index = index
-        self.vector, self.error_code, self.cr2 = f.vector, f.error_code, f.cr2
-        self._cause_code, self._level = f.cause, f.level
+    def __init__(self, index, vector, f, f_bytes, memory_size):
+        self.index, self.vector, self.error_code, self.cr2 = index, vector, f.error_code, f.cr2
+        self._f_bytes = f_bytes
         self._memory_size = memory_size
         self._exc = None
 
     @property
     def fault(self):
         if self._exc is None:
-            f = _FaultSnapshot(self.vector, self._cause_code, self.cr2, self.error_code,
-                               self._level)
+            f = ffi.new("ptemu_fault *")
+            ffi.memmove(f, self._f_bytes, len(self._f_bytes))
             self._exc = fault_from_c(f, self._memory_size)
         return self._exc
 
@@ -104,6 +95,7 @@ class NativeVcpu(NoExitControl):
                                   tlb._c if tlb is not None else None)
         self._ctx_cache = ffi.new("ptemu_ctx_cache *")
         self._stream.c.cache = self._ctx_cache
+        self._fault_bytes = ffi.buffer(self._stream.fault)
         self._checked_trace = None      # the last trace run() checked (kept alive)
         self._trace_c = None
 
@@ -133,11 +125,15 @@ class NativeVcpu(NoExitControl):
             check_u64(va, "virtual address")                     # raises the clear error
             raise
         if r:
-            if r == _VEC_GP:
-                raise GeneralProtection(va)
-            self._stats["page_fault"] += 1
-            raise fault_from_c(h.fault, self._memory_size)
+            self._data_fault(r, va)
         return walk_pa(h.out)
+
+    def _data_fault(self, r, va):
+        """Raise the fault of a data access's walk that returned r."""
+        if r == _VEC_GP:
+            raise GeneralProtection(va)
+        self._stats["page_fault"] += 1
+        raise fault_from_c(self._stream.fault, self._memory_size)
 
     def load_u64(self, va):
         """An 8-byte load at va (8-aligned); the value in guest memory."""
@@ -147,7 +143,23 @@ class NativeVcpu(NoExitControl):
 
     def store_u64(self, va, value):
         """An 8-byte store at va (8-aligned)."""
-        pa = self._data_pa(va, "w")
+        # _data_pa(va, "w"), written out: the guest kernel's page-table stores
+        # all come here.
+        try:
+            misaligned = va & 7
+        except TypeError:
+            misaligned = check_u64(va, "virtual address") & 7   # raises the clear error
+        if misaligned:
+            raise InvalidInput("load_u64/store_u64 need an 8-byte aligned address, not %#x" % va)
+        h = self._stream
+        try:
+            r = _translate_c(h.c, va, _ACC_WRITE, _IN_CPL)
+        except (TypeError, OverflowError):
+            check_u64(va, "virtual address")                     # raises the clear error
+            raise
+        if r:
+            self._data_fault(r, va)
+        pa = walk_pa(h.out)
         try:
             ok = lib.ptemu_mem_store64(self._mem_c, pa, value)
         except (TypeError, OverflowError):
@@ -197,7 +209,8 @@ class NativeVcpu(NoExitControl):
         st["guest_accesses"] += idx - start
         if idx == n:
             return RunResult(n, 0, 0, 0, "none", None)
-        if f.vector == _VEC_GP:
+        vector = f.vector
+        if vector == _VEC_GP:
             if f.cause == lib.PTEMU_CAUSE_NONE:
                 raise InvalidInput("trace[%d]: access code %d is not 0 (read), 1 (write) or "
                                    "2 (fetch)" % (idx, int(trace["access"][idx])))
@@ -205,7 +218,7 @@ class NativeVcpu(NoExitControl):
             return RunResult(idx, GeneralProtection.vector, 0, 0, "non-canonical",
                              GeneralProtection(int(trace["va"][idx])))
         st["page_fault"] += 1
-        return _FaultRunResult(idx, f, self._memory_size)
+        return _FaultRunResult(idx, vector, f, self._fault_bytes[:], self._memory_size)
 
     # -- paravirtual operations, performed directly -----------------------------
     def hypercall(self, op, *args):

@@ -67,7 +67,7 @@ class Processes:
         self._next_pid += 1
         child.cr3 = self._new_top()
         top = self._read_table(parent.cr3)
-        for i in np.flatnonzero(top[:256] & np.uint64(P)).tolist():
+        for i in (top[:256] & np.uint64(P)).nonzero()[0].tolist():
             sub = self._copy_table(int(top[i]) & ADDR, self.levels - 1)
             self._write(child.cr3 + 8 * i, sub | USER_TABLE)
         # dup_mmap: the parent's writable entries just became read-only.
@@ -83,7 +83,7 @@ class Processes:
         if level == 1:
             self._copy_ptes(t, src, dst)
         else:
-            for i in np.flatnonzero(t & np.uint64(P)).tolist():
+            for i in (t & np.uint64(P)).nonzero()[0].tolist():
                 sub = self._copy_table(int(t[i]) & ADDR, level - 1)
                 self._write(dst + 8 * i, sub | USER_TABLE)
         return dst
@@ -94,7 +94,7 @@ class Processes:
         that changes it) and, with A clear, in the new table at dst; each frame
         but the zero page gains a reference.  In entry order: per entry, the
         store to src, then the one to dst."""
-        i = np.flatnonzero(t & np.uint64(P | PTE_PROTNONE))
+        i = (t & np.uint64(P | PTE_PROTNONE)).nonzero()[0]
         e = t[i]
         frame = e & np.uint64(ADDR)
         has = ((e & np.uint64(P)) != 0) | (frame != 0)
@@ -122,9 +122,10 @@ class Processes:
         switch away from it flushed its translations)."""
         tables = []
         t = self._read_table(top)
-        for i in np.flatnonzero(t[:256] & np.uint64(P)).tolist():
+        for i in (t[:256] & np.uint64(P)).nonzero()[0].tolist():
             self._destroy_table(int(t[i]) & ADDR, self.levels - 1, tables)
         tables.append(top)
+        self._l1_tables.pop(top, None)
         self._sync()            # no pending update may land in a freed frame
         for gpa in tables:
             self._free_table(gpa)
@@ -134,7 +135,7 @@ class Processes:
         if level == 1:
             self._zap_ptes(t, table)
         else:
-            for i in np.flatnonzero(t & np.uint64(P)).tolist():
+            for i in (t & np.uint64(P)).nonzero()[0].tolist():
                 self._destroy_table(int(t[i]) & ADDR, level - 1, tables)
         tables.append(table)
 
@@ -142,7 +143,7 @@ class Processes:
         """zap_pte_range: each entry with a frame (present or PROT_NONE) of the
         level-1 table t at `table` is cleared by a store (if zap_on_exit) and
         drops its reference to the frame (the zero page aside)."""
-        i = np.flatnonzero(t & np.uint64(P | PTE_PROTNONE))
+        i = (t & np.uint64(P | PTE_PROTNONE)).nonzero()[0]
         e = t[i]
         frame = e & np.uint64(ADDR)
         has = ((e & np.uint64(P)) != 0) | (frame != 0)
