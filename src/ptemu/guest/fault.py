@@ -17,6 +17,10 @@ from ptemu.guest.mm import (
 __all__ = ["FaultHandler"]
 
 _VEC_PF = PageFault.vector
+_PF_W, _PF_I, _PF_U, _PF_RSVD = bits.PF_W, bits.PF_I, bits.PF_U, bits.PF_RSVD
+#: What the #PF handler did -> its counter.
+_KIND_COUNTER = {kind: "pf_" + kind for kind in
+                 ("zero_page", "demand_zero", "cow_copy", "cow_reuse", "spurious")}
 
 
 class FaultHandler:
@@ -28,12 +32,15 @@ class FaultHandler:
         Returns what it did: "zero_page", "demand_zero", "cow_copy",
         "cow_reuse" or "spurious"; raises SegmentationFault otherwise.
         """
-        proc = self._proc(pid)
+        return self._handle_fault(self._proc(pid), va, error_code)
+
+    def _handle_fault(self, proc, va, error_code):
         if self.fault_log is not None:
-            self.fault_log.append((pid, va, error_code))
-        self.stats["page_fault"] += 1
+            self.fault_log.append((proc.pid, va, error_code))
+        stats = self.stats
+        stats["page_fault"] += 1
         kind = self._fault(proc, va, error_code)
-        self.stats["pf_" + kind] += 1
+        stats[_KIND_COUNTER[kind]] += 1
         return kind
 
     def _segv(self, proc, va, ec):
@@ -41,13 +48,13 @@ class FaultHandler:
         raise SegmentationFault(proc.pid, PageFault(va, ec))
 
     def _fault(self, proc, va, ec):
-        if ec & bits.PF_RSVD:
+        if ec & _PF_RSVD:
             raise GuestKernelError("pid %d: reserved bit set in a page-table entry for %#x "
                                    "(error code %#x)" % (proc.pid, va, ec))
-        if not ec & bits.PF_U:
+        if not ec & _PF_U:
             raise GuestKernelError("kernel oops: supervisor #PF at %#x (error code %#x)"
                                    % (va, ec))
-        write, fetch = ec & bits.PF_W, ec & bits.PF_I
+        write, fetch = ec & _PF_W, ec & _PF_I
         vma = self._find_vma(proc, va) if va < self.user_top else None
         if (vma is None or (write and "w" not in vma.prot)
                 or (fetch and "x" not in vma.prot) or not vma.prot):
@@ -95,37 +102,41 @@ class FaultHandler:
         """Run trace[start:] (TRACE_DTYPE, user accesses) as pid; every true
         fault goes to the #PF handler and the access is retried.  Returns
         the number of faults handled; SegmentationFault stops the run."""
-        self._proc(pid)                 # an unknown pid is refused here
+        proc = self._proc(pid)          # an unknown pid is refused here
         trace = check_array(trace, TRACE_DTYPE, "trace")
         n = len(trace)
         self._enter_user(pid)
         run = self.vcpu.run
+        stats = self.stats
         handled = 0
-        last = (-1, 0)
-        repeats = 0
+        last, last_ec, repeats = -1, 0, 0
         while start < n:
             r = run(trace, start)
-            self.stats["user_accesses"] += r.index - start
-            if r.index >= n:
+            index = r.index
+            stats["user_accesses"] += index - start
+            if index >= n:
                 break
-            start = r.index
+            start = index
             if r.vector != _VEC_PF:
-                self.stats["segv"] += 1
+                stats["segv"] += 1
                 raise SegmentationFault(pid, r.fault, start)
-            key = (start, r.error_code)
-            repeats = repeats + 1 if key == last else 0
-            last = key
-            if repeats >= 3:
-                raise GuestKernelError("pid %d: the fault at trace index %d (%#x, error code "
-                                       "%#x) does not go away" % (pid, start, r.cr2,
-                                                                  r.error_code))
+            ec = r.error_code
+            if start == last and ec == last_ec:
+                repeats += 1
+                if repeats >= 3:
+                    raise GuestKernelError("pid %d: the fault at trace index %d (%#x, error "
+                                           "code %#x) does not go away" % (pid, start, r.cr2,
+                                                                           ec))
+            else:
+                last, last_ec, repeats = start, ec, 0
             try:
-                self.handle_fault(pid, r.cr2, r.error_code)
+                self._handle_fault(proc, r.cr2, ec)
             except SegmentationFault as exc:
                 exc.index = start
                 exc.fault = r.fault
                 raise
-            self._sync()
+            if self._npending:
+                self._sync()
             handled += 1
         return handled
 

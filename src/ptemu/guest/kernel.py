@@ -74,7 +74,7 @@ from ptemu.guest.mm import (  # noqa: F401 (the names kernel.py has always expor
     PAGE, PS, DIRECT_MAP, USER_TOP, USER_TOP_LA57, _DIRECT_SLOT5, PTE_COW, PTE_PROTNONE,
     KERNEL_TABLE, KERNEL_DATA,
     DEFAULT_LAYOUT, _DIRECT_SLOT, GuestKernelError, GuestOutOfMemory, SegmentationFault,
-    Vma, Process, _readers, _page_writers, AddressSpaces)
+    Vma, Process, _readers, _page_writers, AddressSpaces, STREAM_MAX)
 from ptemu.guest.process import Processes
 from ptemu.guest.vmas import Vmas
 from ptemu.guest.fault import FaultHandler
@@ -113,6 +113,8 @@ class Kernel(AddressSpaces, Processes, Vmas, FaultHandler):
         #: paging depth; the user half ends at user_top (SDM 4.5: 48- or 57-bit)
         self.levels = levels
         self.user_top = USER_TOP_LA57 if levels == 5 else USER_TOP
+        # The index shift of each table level above level 1, top first.
+        self._table_shifts = tuple(12 + 9 * (level - 1) for level in range(levels, 1, -1))
         self.machine = machine
         self.vcpu = machine.vcpu
         self.phys = machine.phys
@@ -131,10 +133,20 @@ class Kernel(AddressSpaces, Processes, Vmas, FaultHandler):
         self.batch = batch
         self.stats = defaultdict(int)
         self.fault_log = [] if record_faults else None
-        self._pending = []                 # page-table writes not yet done (see _sync)
         #: page-table stores go out as store streams (vcpu.store_stream: every
         #: machine of docs/machine-contract.md has them)
         self._streams = bool(store_streams)
+        # Page-table writes not yet done (see _sync), at most _pending_max of
+        # them, in order: chunks (where each goes -- the entry's gpa for
+        # mmu_update, its direct-map address for a store -- and its value, as
+        # two uint64 arrays or two lists), then the single writes since the
+        # last chunk (two lists).
+        self._deferred = self.paravirt or self._streams
+        self._pending_base = 0 if self.paravirt else DIRECT_MAP
+        self._pending_max = batch if self.paravirt else STREAM_MAX
+        self._pending_chunks = []
+        self._pending_at, self._pending_value = [], []
+        self._npending = 0
         size = int(machine.memory_bytes)
         if size % PAGE or size < 64 * PAGE:
             raise InvalidInput("guest memory must be at least 64 pages and whole pages")
@@ -147,9 +159,11 @@ class Kernel(AddressSpaces, Processes, Vmas, FaultHandler):
         self.refcount[0] = 1
         self._free = list(range(self.nframes - 1, 0, -1))   # pop() gives the lowest
         self._table_frames = set()          # frames holding live page tables
+        #: top table -> {va >> 21: its level-1 table} (see _pte_addr)
+        self._l1_tables = {}
         self.procs = {}
         self._next_pid = 1
-        self._peek, self._peek_table = _readers(self.phys)
+        self._entry, self._peek_table = _readers(self.phys)
         self._clear_page, self._copy_page = _page_writers(machine)
         self._boot(direct_map_page_size)
 

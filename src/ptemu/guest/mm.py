@@ -7,6 +7,8 @@ guest memory and change ONLY by guest stores through the direct map
 they are read side-effect free (`_read`, `_read_table`).  Invalidations are
 the guest's own: MOV CR3, INVLPG (or their hypercalls).
 """
+import sys
+
 import numpy as np
 
 from ptemu import bits
@@ -133,17 +135,24 @@ def _leaf_flags(prot):
 
 
 def _readers(phys):
-    """(read one u64, read one table) of guest-physical memory, side-effect
-    free: straight from the backing array when phys is a PhysicalMemory."""
+    """(read entry i, read one table) of guest-physical memory, side-effect
+    free: entry i is the u64 at gpa 8*i; straight from the backing array when
+    phys is a PhysicalMemory."""
     if isinstance(phys, PhysicalMemory):
         if phys.frames is None and phys.array is not None:
             words = phys.array.view("<u8")
-            return (lambda gpa: int(words[gpa >> 3]),
+            if sys.byteorder == "little":
+                # A memoryview's item is an int, read in C: a third of the cost
+                # of a numpy scalar made into one.
+                return (memoryview(phys.array).cast("Q").__getitem__,
+                        lambda gpa: words[gpa >> 3:(gpa >> 3) + 512].copy())
+            return (lambda i: int(words[i]),
                     lambda gpa: words[gpa >> 3:(gpa >> 3) + 512].copy())
         table = phys.table
-        return (lambda gpa: int(table(gpa & ~0xFFF)[(gpa & 0xFFF) >> 3]),
+        return (lambda i: int(table((i << 3) & ~0xFFF)[i & 511]),
                 lambda gpa: table(gpa).copy())
-    return (phys.read_u64,
+    read_u64 = phys.read_u64
+    return (lambda i: read_u64(i << 3),
             lambda gpa: np.frombuffer(phys.read(gpa, PAGE), dtype="<u8"))
 
 
@@ -155,10 +164,10 @@ def _page_writers(machine):
     phys = machine.phys
     if getattr(machine, "paging", None) == "native" and isinstance(phys, PhysicalMemory) \
             and phys.frames is None and phys.array is not None:
-        mem = phys.array
+        mem = memoryview(phys.array)      # (a memoryview slice copies as memcpy does)
 
         def clear_page(gpa):
-            mem[gpa:gpa + PAGE] = 0
+            mem[gpa:gpa + PAGE] = _ZERO_PAGE
 
         def copy_page(dst, src):
             mem[dst:dst + PAGE] = mem[src:src + PAGE]
@@ -170,6 +179,17 @@ def _page_writers(machine):
     def copy_page(dst, src):
         phys.write(dst, phys.read(src, PAGE))
     return clear_page, copy_page
+
+
+def _oops(exc):
+    """The kernel's own store through the direct map faulted."""
+    return GuestKernelError("kernel oops: a store to the direct map at %#x faulted: %s"
+                            % (getattr(exc, "va", 0) or 0, exc))
+
+
+def _ints(seq):
+    """A pending chunk's addresses or values as Python ints."""
+    return seq if isinstance(seq, list) else seq.tolist()
 
 
 class AddressSpaces:
@@ -206,6 +226,36 @@ class AddressSpaces:
             self._free.append(fn)
             self.stats["frame_free"] += 1
 
+    @staticmethod
+    def _frame_numbers(gpas):
+        """The frame numbers of the uint64 array gpas, and whether they are distinct."""
+        fns = (gpas >> np.uint64(12)).astype(np.intp)
+        s = np.sort(fns)
+        return fns, not (s[1:] == s[:-1]).any()
+
+    def _get_many(self, gpas):
+        """_get for each frame of the uint64 array gpas."""
+        fns, distinct = self._frame_numbers(gpas)
+        if distinct:
+            self.refcount[fns] += 1
+        else:
+            np.add.at(self.refcount, fns, 1)
+
+    def _put_many(self, gpas):
+        """_put for each frame of the uint64 array gpas, in order (the frames
+        freed join the free list in that order)."""
+        fns, distinct = self._frame_numbers(gpas)
+        rc = self.refcount[fns] - 1
+        if not distinct or (rc < 0).any():
+            for gpa in gpas.tolist():       # a frame twice, or freed twice: one by one
+                self._put(gpa)
+            return
+        self.refcount[fns] = rc
+        freed = fns[rc == 0].tolist()
+        if freed:
+            self._free.extend(freed)
+            self.stats["frame_free"] += len(freed)
+
     def _free_table(self, gpa):
         self._table_frames.discard(gpa)
         self.refcount[gpa // PAGE] = 0
@@ -218,56 +268,99 @@ class AddressSpaces:
         only at a store that traps).  Before anything reads the tables, loads
         CR3, invalidates or runs user code, so the order of events the
         machine sees is that of one store at a time."""
-        if self._pending:
-            batch, self._pending = self._pending, []
-            if self.paravirt:
-                self.vcpu.hypercall("mmu_update", batch)
-                self.stats["mmu_update_batches"] += 1
-                return
+        n = self._npending
+        if not n:
+            return
+        chunks, tail = self._pending_chunks, (self._pending_at, self._pending_value)
+        self._pending_chunks, self._pending_at, self._pending_value = [], [], []
+        self._npending = 0
+        if tail[1]:
+            chunks.append(tail)
+        if self.paravirt:
+            pairs = []
+            for at, values in chunks:
+                pairs.extend(zip(_ints(at), _ints(values)))
+            self.vcpu.hypercall("mmu_update", pairs)
+            self.stats["mmu_update_batches"] += 1
+        elif n < STREAM_MIN:
+            # A few stores (a fault's one PTE): plain stores cost less than
+            # making a stream.
+            store = self.vcpu.store_u64
             try:
-                if len(batch) < STREAM_MIN:
-                    # A few stores (a demand fault's one PTE): plain stores
-                    # cost less than making a stream.
-                    store = self.vcpu.store_u64
-                    for va, value in batch:
+                for at, values in chunks:
+                    if at.__class__ is not list:
+                        at, values = at.tolist(), values.tolist()
+                    for va, value in zip(at, values):
                         store(va, value)
-                    return
-                self.stats["store_streams"] += 1
-                self.vcpu.store_stream(np.array(batch, dtype=STORE_DTYPE))
             except MmuFault as exc:
-                raise GuestKernelError("kernel oops: a store to the direct map at %#x "
-                                       "faulted: %s" % (getattr(exc, "va", 0) or 0, exc)) \
-                    from exc
+                raise _oops(exc) from exc
+        else:
+            self.stats["store_streams"] += 1
+            stream = np.empty(n, dtype=STORE_DTYPE)
+            k = 0
+            for at, values in chunks:
+                m = len(values)
+                stream["va"][k:k + m] = at
+                stream["value"][k:k + m] = values
+                k += m
+            try:
+                self.vcpu.store_stream(stream)
+            except MmuFault as exc:
+                raise _oops(exc) from exc
 
     def _read(self, gpa):
-        if self._pending:
+        if self._npending:
             self._sync()
-        return self._peek(gpa)
+        return self._entry(gpa >> 3)
 
     def _read_table(self, gpa):
         """A copy of the table at gpa as 512 uint64."""
-        if self._pending:
+        if self._npending:
             self._sync()
         return self._peek_table(gpa)
 
     def _write(self, gpa, value):
-        """Change one page-table entry the way the guest must."""
+        """Change one page-table entry the way the guest must: queued for the
+        next _sync (an mmu_update batch or a store stream, done at once when
+        it is full), or one store through the direct map."""
         self.stats["pte_write"] += 1
-        if self.paravirt:
-            self._pending.append((gpa, value))
-            if len(self._pending) >= self.batch:
-                self._sync()
-            return
-        if self._streams:
-            self._pending.append((DIRECT_MAP + gpa, value))
-            if len(self._pending) >= STREAM_MAX:
+        if self._deferred:
+            self._pending_at.append(self._pending_base + gpa)
+            self._pending_value.append(value)
+            self._npending += 1
+            if self._npending >= self._pending_max:
                 self._sync()
             return
         try:
             self.vcpu.store_u64(DIRECT_MAP + gpa, value)
         except MmuFault as exc:
-            raise GuestKernelError("kernel oops: a store to the direct map at %#x faulted: %s"
-                                   % (DIRECT_MAP + gpa, exc)) from exc
+            raise _oops(exc) from exc
+
+    def _write_many(self, gpas, values):
+        """_write(gpa, value) for each pair of the uint64 arrays gpas and values,
+        in order, queued as array chunks: the batches and streams break where
+        one _write at a time would break them."""
+        n = len(values)
+        if not n:
+            return
+        if not self._deferred:
+            for gpa, value in zip(gpas.tolist(), values.tolist()):
+                self._write(gpa, value)
+            return
+        self.stats["pte_write"] += n
+        at = gpas + np.uint64(self._pending_base)
+        cap = self._pending_max
+        i = 0
+        while i < n:
+            if self._pending_value:         # the single writes before these
+                self._pending_chunks.append((self._pending_at, self._pending_value))
+                self._pending_at, self._pending_value = [], []
+            j = min(n, i + cap - self._npending)
+            self._pending_chunks.append((at[i:j], values[i:j]))
+            self._npending += j - i
+            if self._npending >= cap:
+                self._sync()
+            i = j
 
     def _load_cr3(self, cr3):
         self._sync()
@@ -310,20 +403,33 @@ class AddressSpaces:
 
     def _pte_addr(self, top, va, create):
         """Guest-physical address of va's level-1 entry; None if a table on
-        the way is missing and create is False."""
+        the way is missing and create is False.  The level-1 table found is
+        remembered (until the address space is torn down: the kernel never
+        changes or removes an entry above level 1 of a live one)."""
+        if self._npending:
+            self._sync()
+        known = self._l1_tables.get(top)
+        if known is not None:
+            table = known.get(va >> 21)
+            if table is not None:
+                return table + 8 * ((va >> 12) & 511)
         table = top
-        for level in range(self.levels, 1, -1):
-            epa = table + 8 * ((va >> (12 + 9 * (level - 1))) & 511)
-            e = self._read(epa)
+        entry = self._entry
+        for shift in self._table_shifts:
+            i = (va >> shift) & 511
+            if self._npending:
+                self._sync()        # (a table made on the way: its entry first)
+            e = entry((table >> 3) + i)
             if not e & P:
                 if not create:
                     return None
                 new = self._alloc_frame(table=True)
-                self._write(epa, new | USER_TABLE)
+                self._write(table + 8 * i, new | USER_TABLE)
                 e = new
             elif e & PS:
                 raise GuestKernelError("user half holds a large page at %#x" % va)
             table = e & ADDR
+        self._l1_tables.setdefault(top, {})[va >> 21] = table
         return table + 8 * ((va >> 12) & 511)
 
     def _leaves(self, top, start, end):

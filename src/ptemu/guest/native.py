@@ -23,7 +23,7 @@ unchanged on this machine.
 from collections import defaultdict
 
 from ptemu._native import (ffi, lib, InvalidInput, PageFault, GeneralProtection, check_u64,
-                           check_array, fault_from_c, U64_MAX)
+                           check_array, fault_from_c, walk_pa, ACCESS_CODES, U64_MAX)
 from ptemu.memory import PhysicalMemory
 from ptemu.mmu import CpuState, Mmu, RunResult, TRACE_DTYPE
 from ptemu.tlb import Tlb
@@ -35,6 +35,38 @@ __all__ = ["NativeMachine", "NativeVcpu", "HYPERCALLS"]
 
 #: The paravirtual operations of the machine contract.
 HYPERCALLS = ("mmu_update", "new_baseptr", "invlpg", "flush_tlb")
+
+_translate_c = lib.ptemu_mmu_translate
+_mmu_run = lib.ptemu_mmu_run
+_IN_CPL = lib.PTEMU_IN_CPL
+_ACC_WRITE = ACCESS_CODES["w"]
+_VEC_GP = lib.PTEMU_VEC_GP
+
+
+class _FaultRunResult(RunResult):
+    """The RunResult of a run that stopped at a #PF, whose `cause` and `fault`
+    (the PageFault) are made when first asked for, from a copy of the fault
+    struct's bytes (the vCPU's struct is refilled by the next run): a guest
+    kernel resuming after each fault it handles needs only the index, error
+    code and CR2."""
+
+    def __init__(self, index, vector, f, f_bytes, memory_size):
+        self.index, self.vector, self.error_code, self.cr2 = index, vector, f.error_code, f.cr2
+        self._f_bytes = f_bytes
+        self._memory_size = memory_size
+        self._exc = None
+
+    @property
+    def fault(self):
+        if self._exc is None:
+            f = ffi.new("ptemu_fault *")
+            ffi.memmove(f, self._f_bytes, len(self._f_bytes))
+            self._exc = fault_from_c(f, self._memory_size)
+        return self._exc
+
+    @property
+    def cause(self):
+        return self.fault.cause
 
 
 class NativeVcpu(NoExitControl):
@@ -53,13 +85,17 @@ class NativeVcpu(NoExitControl):
         self.mmu = Mmu(machine.phys, self.cpu, tlb)
         self.tlb = tlb
         self._phys = machine.phys
+        self._memory_size = machine.phys.size
         self._mem_c = machine.phys._c
-        self._tlb_c = tlb._c if tlb is not None else ffi.NULL
         self._translate = self.mmu.translate
         self._val = ffi.new("uint64_t *")
-        self._fault = ffi.new("ptemu_fault *")
+        # The vCPU's own walks (scalar loads and stores, store streams): the
+        # Mmu's C entry point through a handle with a walk-context cache.
         self._stream = WalkHandle(self.cpu._c, self._mem_c,
                                   tlb._c if tlb is not None else None)
+        self._ctx_cache = ffi.new("ptemu_ctx_cache *")
+        self._stream.c.cache = self._ctx_cache
+        self._fault_bytes = ffi.buffer(self._stream.fault)
         self._checked_trace = None      # the last trace run() checked (kept alive)
         self._trace_c = None
 
@@ -74,17 +110,30 @@ class NativeVcpu(NoExitControl):
             raise
 
     def _data_pa(self, va, access):
+        """The physical address of an 8-byte data access at va (Mmu.translate's
+        walk, CPL-based user/supervisor, without building a Translation)."""
         try:
             misaligned = va & 7
         except TypeError:
             misaligned = check_u64(va, "virtual address") & 7   # raises the clear error
         if misaligned:
             raise InvalidInput("load_u64/store_u64 need an 8-byte aligned address, not %#x" % va)
+        h = self._stream
         try:
-            return self._translate(va, access)[1]
-        except PageFault:
-            self._stats["page_fault"] += 1
+            r = _translate_c(h.c, va, ACCESS_CODES[access], _IN_CPL)
+        except (TypeError, OverflowError):
+            check_u64(va, "virtual address")                     # raises the clear error
             raise
+        if r:
+            self._data_fault(r, va)
+        return walk_pa(h.out)
+
+    def _data_fault(self, r, va):
+        """Raise the fault of a data access's walk that returned r."""
+        if r == _VEC_GP:
+            raise GeneralProtection(va)
+        self._stats["page_fault"] += 1
+        raise fault_from_c(self._stream.fault, self._memory_size)
 
     def load_u64(self, va):
         """An 8-byte load at va (8-aligned); the value in guest memory."""
@@ -94,7 +143,23 @@ class NativeVcpu(NoExitControl):
 
     def store_u64(self, va, value):
         """An 8-byte store at va (8-aligned)."""
-        pa = self._data_pa(va, "w")
+        # _data_pa(va, "w"), written out: the guest kernel's page-table stores
+        # all come here.
+        try:
+            misaligned = va & 7
+        except TypeError:
+            misaligned = check_u64(va, "virtual address") & 7   # raises the clear error
+        if misaligned:
+            raise InvalidInput("load_u64/store_u64 need an 8-byte aligned address, not %#x" % va)
+        h = self._stream
+        try:
+            r = _translate_c(h.c, va, _ACC_WRITE, _IN_CPL)
+        except (TypeError, OverflowError):
+            check_u64(va, "virtual address")                     # raises the clear error
+            raise
+        if r:
+            self._data_fault(r, va)
+        pa = walk_pa(h.out)
         try:
             ok = lib.ptemu_mem_store64(self._mem_c, pa, value)
         except (TypeError, OverflowError):
@@ -137,14 +202,15 @@ class NativeVcpu(NoExitControl):
             start = check_u64(start, "start")
         if start > n:
             raise InvalidInput("start %d is past the end of the trace (%d)" % (start, n))
-        f = self._fault
-        idx = int(lib.ptemu_run(self.cpu._c, self._mem_c, self._tlb_c, self._trace_c, n, start,
-                                ffi.NULL, f))
+        h = self._stream
+        f = h.fault
+        idx = _mmu_run(h.c, self._trace_c, n, start, ffi.NULL)
         st = self._stats
         st["guest_accesses"] += idx - start
         if idx == n:
             return RunResult(n, 0, 0, 0, "none", None)
-        if f.vector == lib.PTEMU_VEC_GP:
+        vector = f.vector
+        if vector == _VEC_GP:
             if f.cause == lib.PTEMU_CAUSE_NONE:
                 raise InvalidInput("trace[%d]: access code %d is not 0 (read), 1 (write) or "
                                    "2 (fetch)" % (idx, int(trace["access"][idx])))
@@ -152,8 +218,7 @@ class NativeVcpu(NoExitControl):
             return RunResult(idx, GeneralProtection.vector, 0, 0, "non-canonical",
                              GeneralProtection(int(trace["va"][idx])))
         st["page_fault"] += 1
-        exc = fault_from_c(f, self._phys.size)
-        return RunResult(idx, int(f.vector), int(f.error_code), int(f.cr2), exc.cause, exc)
+        return _FaultRunResult(idx, vector, f, self._fault_bytes[:], self._memory_size)
 
     # -- paravirtual operations, performed directly -----------------------------
     def hypercall(self, op, *args):

@@ -67,7 +67,7 @@ class Processes:
         self._next_pid += 1
         child.cr3 = self._new_top()
         top = self._read_table(parent.cr3)
-        for i in np.flatnonzero(top[:256] & np.uint64(P)).tolist():
+        for i in (top[:256] & np.uint64(P)).nonzero()[0].tolist():
             sub = self._copy_table(int(top[i]) & ADDR, self.levels - 1)
             self._write(child.cr3 + 8 * i, sub | USER_TABLE)
         # dup_mmap: the parent's writable entries just became read-only.
@@ -81,33 +81,51 @@ class Processes:
         t = self._read_table(src)
         dst = self._alloc_frame(table=True)
         if level == 1:
-            mask = (t & np.uint64(P | PTE_PROTNONE)) != 0
-            for i in np.flatnonzero(mask).tolist():
-                e = int(t[i])
-                frame = e & ADDR
-                if not (e & P or frame):
-                    continue
-                shared = (e & ~W & _U64) | PTE_COW
-                if shared != e:
-                    self._write(src + 8 * i, shared)
-                self._write(dst + 8 * i, shared & ~A & _U64)
-                if frame != self.zero_frame:
-                    self._get(frame)
-                self.stats["fork_pte"] += 1
+            self._copy_ptes(t, src, dst)
         else:
-            for i in np.flatnonzero(t & np.uint64(P)).tolist():
+            for i in (t & np.uint64(P)).nonzero()[0].tolist():
                 sub = self._copy_table(int(t[i]) & ADDR, level - 1)
                 self._write(dst + 8 * i, sub | USER_TABLE)
         return dst
+
+    def _copy_ptes(self, t, src, dst):
+        """copy_pte_range: each entry with a frame (present or PROT_NONE) of the
+        level-1 table t at src becomes read-only + COW there (a store only where
+        that changes it) and, with A clear, in the new table at dst; each frame
+        but the zero page gains a reference.  In entry order: per entry, the
+        store to src, then the one to dst."""
+        i = (t & np.uint64(P | PTE_PROTNONE)).nonzero()[0]
+        e = t[i]
+        frame = e & np.uint64(ADDR)
+        has = ((e & np.uint64(P)) != 0) | (frame != 0)
+        i, e, frame = i[has], e[has], frame[has]
+        if not len(i):
+            return
+        shared = (e & np.uint64(~W & _U64)) | np.uint64(PTE_COW)
+        off = i.astype(np.uint64) * np.uint64(8)
+        # Two stores per entry, interleaved; the one to src only if it changes.
+        n = len(i)
+        at = np.empty(2 * n, dtype=np.uint64)
+        values = np.empty(2 * n, dtype=np.uint64)
+        keep = np.ones(2 * n, dtype=bool)
+        at[0::2] = off + np.uint64(src)
+        at[1::2] = off + np.uint64(dst)
+        values[0::2] = shared
+        values[1::2] = shared & np.uint64(~A & _U64)
+        keep[0::2] = shared != e
+        self._write_many(at[keep], values[keep])
+        self._get_many(frame[frame != np.uint64(self.zero_frame)])
+        self.stats["fork_pte"] += len(i)
 
     def _destroy_mm(self, top):
         """Tear down an address space that no CR3 holds any more (the CR3
         switch away from it flushed its translations)."""
         tables = []
         t = self._read_table(top)
-        for i in np.flatnonzero(t[:256] & np.uint64(P)).tolist():
+        for i in (t[:256] & np.uint64(P)).nonzero()[0].tolist():
             self._destroy_table(int(t[i]) & ADDR, self.levels - 1, tables)
         tables.append(top)
+        self._l1_tables.pop(top, None)
         self._sync()            # no pending update may land in a freed frame
         for gpa in tables:
             self._free_table(gpa)
@@ -115,19 +133,27 @@ class Processes:
     def _destroy_table(self, table, level, tables):
         t = self._read_table(table)
         if level == 1:
-            for i in np.flatnonzero(t & np.uint64(P | PTE_PROTNONE)).tolist():
-                e = int(t[i])
-                frame = e & ADDR
-                if not (e & P or frame):
-                    continue
-                if self.zap_on_exit:
-                    self._write(table + 8 * i, 0)
-                if frame != self.zero_frame:
-                    self._put(frame)
+            self._zap_ptes(t, table)
         else:
-            for i in np.flatnonzero(t & np.uint64(P)).tolist():
+            for i in (t & np.uint64(P)).nonzero()[0].tolist():
                 self._destroy_table(int(t[i]) & ADDR, level - 1, tables)
         tables.append(table)
+
+    def _zap_ptes(self, t, table):
+        """zap_pte_range: each entry with a frame (present or PROT_NONE) of the
+        level-1 table t at `table` is cleared by a store (if zap_on_exit) and
+        drops its reference to the frame (the zero page aside)."""
+        i = (t & np.uint64(P | PTE_PROTNONE)).nonzero()[0]
+        e = t[i]
+        frame = e & np.uint64(ADDR)
+        has = ((e & np.uint64(P)) != 0) | (frame != 0)
+        i, frame = i[has], frame[has]
+        if not len(i):
+            return
+        if self.zap_on_exit:
+            at = np.uint64(table) + i.astype(np.uint64) * np.uint64(8)
+            self._write_many(at, np.zeros(len(at), dtype=np.uint64))
+        self._put_many(frame[frame != np.uint64(self.zero_frame)])
 
     def exec(self, pid, layout=None):
         """Replace pid's address space by a fresh one with `layout`."""
