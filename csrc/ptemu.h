@@ -294,4 +294,13 @@ static inline void ptemu_or16(ptemu_mem *m, uint64_t pa, uint16_t bits)
     }
 }
 
+/* Shared helpers of the shadow fast paths (shadow.c), for paravirt.c: the
+ * spte a level-1 shadow page (sp_info spi) holds for gpte (shadow.py
+ * leaf_from_gpte), and the one leaf-spte writer (shadow.py set_spte: rmap
+ * changes to ctx->rmap_log, *flush when a translation was lowered or moved;
+ * the caller leaves room in the log for two entries). */
+uint64_t ptemu_shadow_spte_from_gpte(const ptemu_shadow_ctx *ctx, uint8_t spi, uint64_t gpte);
+int ptemu_shadow_set_spte(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t addr, uint64_t new,
+                          int *flush);
+
 #endif

@@ -13,3 +13,4 @@
 #include "physmap.c"
 #include "ucfill.c"
 #include "shadow.c"
+#include "paravirt.c"

@@ -693,3 +693,23 @@ uint64_t ptemu_store_stream(ptemu_mmu *m, const ptemu_store_rec *s, uint64_t n,
  * returns the index of the first store whose exit Python must handle, or n. */
 uint64_t ptemu_shadow_store_stream(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tlb *tlb,
                                    const ptemu_store_rec *s, uint64_t n, uint64_t start);
+/* ---- Paravirtual hypercall fast path (paravirt.c) ------------------------------
+ *
+ * The mmu_update hypercall of a paravirt VM (hypervisor/paravirt.py) for the
+ * common batch, over the shadow MMU's arrays above: validated whole, then
+ * applied with the shadow pages following; anything else declines and
+ * Python runs the batch from the start (nothing was written).              */
+#define PTEMU_FP_MMU_UPDATE     0x100 /* ptemu_shadow_ctx.enabled: mmu_update in C */
+#define PTEMU_PV_DECLINE        0     /* Python must do the batch (nothing written) */
+#define PTEMU_PV_DONE           1     /* applied */
+#define PTEMU_PV_DONE_FLUSH     2     /* applied; a spte was lowered or moved: flush */
+#define PTEMU_PV_LOG_FULL       3     /* declined: absorb the rmap log, then ask again */
+
+/* The batch items[0..2n) = (entry gpa, value) pairs of one mmu_update, into
+ * the tables of the VM whose shadow context is ctx (hmem: host memory).
+ * Returns PTEMU_PV_*; the counters it keeps are ctx's pte_write/pte_updated. */
+int ptemu_pv_mmu_update(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, const uint64_t *items,
+                        uint64_t n);
+/* The same for a batch of one (the kernel's demand-fault PTE). */
+int ptemu_pv_mmu_update1(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t gpa,
+                         uint64_t value);

@@ -496,3 +496,16 @@ load:
         ptemu_tlb_flush(tlb, PTEMU_FLUSH_PCID, pcid, 0, PTEMU_FLUSHED_BY_CR3);
     return ret;
 }
+
+/* ---- shared with paravirt.c (declared in ptemu.h) ----------------------------- */
+
+uint64_t ptemu_shadow_spte_from_gpte(const ptemu_shadow_ctx *ctx, uint8_t spi, uint64_t gpte)
+{
+    return spte_from_gpte(ctx, spi, gpte);
+}
+
+int ptemu_shadow_set_spte(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t addr, uint64_t new,
+                          int *flush)
+{
+    return set_spte(ctx, hmem, addr, new, flush);
+}

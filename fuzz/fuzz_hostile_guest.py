@@ -120,7 +120,9 @@ class World:
 
     def __init__(self, inp, fast_paths=True):
         ctl = inp.u8()
-        paging = "paravirt" if ctl & 7 == 7 else "shadow"
+        # (bits 0-1: a paravirt VM in a quarter of the worlds, with and without
+        # prefetch, bit 2 -- prefetch keeps the C fast paths off)
+        paging = "paravirt" if ctl & 3 == 3 else "shadow"
         unsync = paging == "shadow" and bool(ctl & 8)
         limit = (None, None, 8, 12)[ctl >> 4 & 3]
         spare = (64, 64, 24, 16)[ctl >> 6 & 3]     # host frames beyond guest memory
@@ -330,9 +332,67 @@ def st_probe(inp, w):
                                   int.from_bytes(after[epa:epa + 8], "little")))
 
 
+def _pv_value(inp):
+    """An entry value for mmu_update: a guest entry, mostly accessed (so that a
+    shadow of its table has an spte to follow), sometimes a large page or a
+    writable map of one of the guest's own page tables (Xen refuses those)."""
+    c = inp.u8()
+    v = _gpte(inp)
+    if c & 3:
+        v |= P | A
+    if c & 0x1c == 0x1c:
+        v = (v & ~ADDR) | (1 + inp.below(4)) * PAGE | P | W      # a page table, writable
+    if c & 0xe0 == 0xe0:
+        v |= PS
+    return v
+
+
+def _pv_item(inp):
+    """One item: an entry of the guest's tables, or a hostile address (past
+    memory, unaligned, wrapping), or an item of the wrong shape."""
+    c = inp.u8()
+    if c < 200:
+        gpa = _table_slot(inp)
+    elif c < 216:
+        gpa = inp.u64()                                         # anywhere
+    elif c < 232:
+        gpa = GUEST_FRAMES * PAGE - 64 + (c & 15) * 8           # around the end of memory
+    elif c < 248:
+        gpa = _table_slot(inp) | (c & 7)                        # unaligned
+    else:
+        gpa = _table_slot(inp)
+        v = _pv_value(inp)
+        return ([gpa, v], (gpa,), (gpa, v, 0), (gpa, True), (gpa, -1), (gpa, 1 << 64),
+                (gpa, float(v & 0xffff)), {"gpa": gpa})[c & 7]
+    return (gpa, _pv_value(inp))
+
+
+def st_mmu_update(inp, w):
+    """mmu_update batches, valid and hostile (csrc/paravirt.c validates the whole
+    batch and declines anything but the common case to paravirt.py): a few
+    entries or hundreds, as a list or a tuple."""
+    k = inp.u8()
+    n = 1 + (inp.below(8) if k & 3 else inp.u8() + (inp.u8() & 3) * 256)
+    items = [_pv_item(inp) for _ in range(n)]
+    w.vm.vcpu.hypercall("mmu_update", items if k & 4 else tuple(items))
+
+
+def st_pv_remap(inp, w):
+    """The guest kernel's paravirtual page-table work: accessed entries of the
+    boot PT rewritten one by one (remap, protect, unmap), then the invlpg
+    hypercall, then a use of the page."""
+    vcpu = w.vm.vcpu
+    slot = inp.below(GUEST_FRAMES)
+    v = (inp.below(GUEST_FRAMES) * PAGE | P | U | A
+         | (W | D if inp.bool() else 0)) if inp.u8() & 7 else 0
+    vcpu.hypercall("mmu_update", [(4 * PAGE + 8 * slot, v)])
+    vcpu.hypercall("invlpg", slot * PAGE)
+    vcpu.access(slot * PAGE, ACCESSES[inp.below(3)])
+
+
 STEPS_TABLE = (st_dma_pte, st_store_pte, st_store_pte, st_store, st_cr3, st_invlpg, st_access,
                st_access, st_load, st_run, st_cr, st_state, st_hypercall, st_probe, st_probe,
-               st_dma_pte, st_store_stream, st_store_stream)
+               st_dma_pte, st_store_stream, st_store_stream, st_mmu_update, st_pv_remap)
 
 
 # ---------------------------------------------------------------------------

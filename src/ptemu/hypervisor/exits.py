@@ -55,7 +55,7 @@ PF_OUTCOME_COUNTERS = ("pf_fixed", "pf_emulate", "pf_mmio", "pf_guest", "pf_spur
 #: The counters that say which path ran (csrc/shadow.c or Python): the only
 #: counters allowed to differ between fast_paths=True and fast_paths=False.
 FAST_COUNTERS = ("fast_pf_fixed", "fast_pf_spurious", "fast_pf_emulate", "fast_invlpg",
-                 "fast_cr3_write")
+                 "fast_cr3_write", "fast_mmu_update")
 
 #: Every counter a VM keeps, with what it counts.
 COUNTERS = {
@@ -79,6 +79,8 @@ COUNTERS = {
     "fast_invlpg": "of invlpg: INVLPGs (and invlpg hypercalls) done in C",
     "fast_cr3_write": "of cr3_write: CR3 loads (MOV CR3, new_baseptr, flush_tlb) to the "
                       "current or a cached root done in C",
+    "fast_mmu_update": "of hypercall_mmu_update: mmu_update batches done in C "
+                       "(csrc/paravirt.c)",
     "mmu_pte_write": "emulated or DMA writes to a shadowed guest page table",
     "mmu_pte_updated": "shadow leaf entries updated in place after such a write",
     "mmu_pde_zapped": "shadow non-leaf entries dropped after such a write",

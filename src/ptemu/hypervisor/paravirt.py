@@ -22,16 +22,42 @@ The guest's page-table frames stay read-only to the guest (the shadow
 write-protects them as in shadow mode): a plain store into one still traps
 and is emulated, as Xen's writable-page-table emulation does, so a guest
 that mixes both ways stays correct; it just pays the exit.
+
+Fast path (create_vm(fast_paths=True), the default): an mmu_update batch
+given as a list or tuple of (int, int) tuples goes to C first
+(csrc/paravirt.c, ptemu_pv_mmu_update), which validates it whole by the
+rules above and, when every item passes and every shadow page involved is
+one it can update (in sync, a level-1 page or a level-2+ page whose child
+stays), writes the entries and updates the sptes through the rmap as
+`vm.guest_write` -> `ShadowMmu.pte_written` do here.  Anything else it
+declines with nothing written, and the Python code below runs the batch
+from the start (and raises HypercallRejected where it refuses).  The
+counters are the same either way, but for `fast_mmu_update` (how many
+batches C did).  The other hypercalls use the shadow MMU's fast paths for
+INVLPG and CR3 loads (csrc/shadow.c) through the vCPU.
 """
+from itertools import chain
+
 from ptemu import bits
-from ptemu._native import InvalidInput, check_u64
+from ptemu._native import ffi, lib, InvalidInput, check_u64
 from ptemu.hypervisor.exits import HypercallRejected
 
-__all__ = ["hypercall", "validate_entry", "HYPERCALLS"]
+__all__ = ["hypercall", "validate_entry", "HYPERCALLS", "MMU_UPDATE_HANDLERS"]
 
 HYPERCALLS = ("mmu_update", "new_baseptr", "invlpg", "flush_tlb")
 _P, _W, _PS = bits.PTE_P, bits.PTE_W, bits.PTE_PS
 _U64_MAX = (1 << 64) - 1
+_FP_MMU_UPDATE = lib.PTEMU_FP_MMU_UPDATE
+_PV_DONE_FLUSH, _PV_LOG_FULL = lib.PTEMU_PV_DONE_FLUSH, lib.PTEMU_PV_LOG_FULL
+_pv_update, _pv_update1 = lib.ptemu_pv_mmu_update, lib.ptemu_pv_mmu_update1
+_TUPLE, _PAIR, _INT = {tuple}, {2}, {int}
+
+#: The Python handlers the mmu_update fast path stands in for (VCpu.FAST_PATH_HANDLERS):
+#: a subclass overriding one of them keeps the batch in Python.
+MMU_UPDATE_HANDLERS = (("VCpu", "hypercall"), ("VCpu", "hypercall_exit"),
+                       ("VirtualMachine", "guest_write"), ("ShadowMmu", "pte_written"),
+                       ("ShadowMmu", "leaf_from_gpte"), ("ShadowMmu", "set_spte"),
+                       ("ShadowMmu", "drop_spte"))
 
 
 def validate_entry(vm, gpa, value):
@@ -86,8 +112,62 @@ def mmu_update_items(args, size):
     return updates
 
 
+def _fast_mmu_update(vcpu, ctx, batch):
+    """The batch through C (csrc/paravirt.c): the number of entries written, or
+    None when C declined or the batch is not a list/tuple of (int, int)
+    tuples (then nothing was written, and the caller runs the Python path)."""
+    if batch.__class__ is not list and batch.__class__ is not tuple:
+        return None
+    n = len(batch)
+    if n == 1:
+        item = batch[0]
+        if item.__class__ is not tuple or len(item) != 2:
+            return None
+        gpa, value = item
+        if gpa.__class__ is not int or value.__class__ is not int or \
+                not 0 <= gpa <= _U64_MAX or not 0 <= value <= _U64_MAX:
+            return None
+        r = _pv_update1(ctx, vcpu._hmem, gpa, value)
+        if r == _PV_LOG_FULL:
+            vcpu.shadow.take_rmap_log()
+            r = _pv_update1(ctx, vcpu._hmem, gpa, value)
+    else:
+        # Shape and types checked at C speed; cffi refuses what is out of range.
+        if not n or set(map(type, batch)) != _TUPLE or set(map(len, batch)) != _PAIR:
+            return None
+        flat = list(chain.from_iterable(batch))
+        if set(map(type, flat)) != _INT:
+            return None
+        try:
+            items = ffi.new("uint64_t[]", flat)
+        except OverflowError:
+            return None
+        r = _pv_update(ctx, vcpu._hmem, items, n)
+        if r == _PV_LOG_FULL:
+            vcpu.shadow.take_rmap_log()
+            r = _pv_update(ctx, vcpu._hmem, items, n)
+    if not r or r == _PV_LOG_FULL:
+        return None
+    st = vcpu.vm.counters
+    st["exit_hypercall"] += 1
+    st["hypercall"] += 1
+    st["hypercall_mmu_update"] += 1
+    st["mmu_update_entries"] += n
+    st["fast_mmu_update"] += 1
+    if r == _PV_DONE_FLUSH:
+        vcpu.shadow.need_flush = True
+    vcpu.commit()          # one real-TLB flush for the whole batch, as below
+    return n
+
+
 def hypercall(vcpu, op, args):
     """Dispatch one hypercall of a paravirt VM (see the module docstring)."""
+    if op == "mmu_update" and len(args) == 1:
+        ctx = vcpu.shadow.fast
+        if ctx.enabled & _FP_MMU_UPDATE:
+            n = _fast_mmu_update(vcpu, ctx, args[0])
+            if n is not None:
+                return n
     st = vcpu.vm.counters
     st["exit_hypercall"] += 1
     st["hypercall"] += 1

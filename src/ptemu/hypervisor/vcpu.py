@@ -30,7 +30,7 @@ from ptemu.hypervisor.exits import (ExitRecord, GuestMemoryError, ShadowMmuError
                                     PF_EMULATE, PF_MMIO, PF_INJECT, PF_SPURIOUS,
                                     PF_OUTCOME_COUNTERS, check_stores)
 from ptemu.hypervisor.shadow import ShadowMmu, TE_W, R_WP
-from ptemu.hypervisor.paravirt import hypercall as _hypercall
+from ptemu.hypervisor.paravirt import hypercall as _hypercall, MMU_UPDATE_HANDLERS
 
 __all__ = ["VCpu"]
 
@@ -48,6 +48,7 @@ _FP_CR3 = lib.PTEMU_FP_CR3
 _shadow_cr3 = lib.ptemu_shadow_cr3
 _FP_HIDDEN_FAULT = lib.PTEMU_FP_HIDDEN_FAULT
 _FP_PT_WRITE = lib.PTEMU_FP_PT_WRITE
+_FP_MMU_UPDATE = lib.PTEMU_FP_MMU_UPDATE      # paravirt.py (csrc/paravirt.c)
 # A trace record: access kind at byte 8, user flag at byte 9 (ptemu_trace_rec).
 _REC = TRACE_DTYPE.itemsize
 _REC_ACCESS = TRACE_DTYPE.fields["access"][1]
@@ -116,7 +117,8 @@ class VCpu:
         # The fast paths (csrc/shadow.c) over the shadow MMU's structures:
         # None when off -- asked for, or a handler they stand in for is overridden.
         self._fast = None
-        self._fast_bits = ((_FP_HIDDEN_FAULT | _FP_PT_WRITE | _FP_INVLPG | _FP_CR3)
+        self._fast_bits = ((_FP_HIDDEN_FAULT | _FP_PT_WRITE | _FP_INVLPG | _FP_CR3
+                            | (_FP_MMU_UPDATE if vm.paging == "paravirt" else 0))
                            & ~self._handlers_overridden()
                            if self.fast_paths else 0)
         if self._fast_bits:
@@ -138,6 +140,7 @@ class VCpu:
         _FP_INVLPG: (("VCpu", "invlpg"), ("VCpu", "invlpg_exit"), ("ShadowMmu", "invlpg")),
         _FP_CR3: (("VCpu", "write_cr3"), ("VCpu", "cr3_write_exit"), ("ShadowMmu", "load_root"),
                   ("ShadowMmu", "sync_all")),
+        _FP_MMU_UPDATE: MMU_UPDATE_HANDLERS,
     }
 
     def _handlers_overridden(self):
