@@ -68,7 +68,7 @@ class NativeVcpu(NoExitControl):
         """One access at the current CPL (user iff CPL 3); the guest-physical
         address, or PageFault / GeneralProtection as the hardware raises."""
         try:
-            return self._translate(va, access)[1]
+            return self._translate(va, access).pa
         except PageFault:
             self._stats["page_fault"] += 1
             raise
@@ -81,7 +81,7 @@ class NativeVcpu(NoExitControl):
         if misaligned:
             raise InvalidInput("load_u64/store_u64 need an 8-byte aligned address, not %#x" % va)
         try:
-            return self._translate(va, access)[1]
+            return self._translate(va, access).pa
         except PageFault:
             self._stats["page_fault"] += 1
             raise
