@@ -324,6 +324,8 @@ typedef struct ptemu_mmu {
     ptemu_walk_out *out;    /* Python-owned (a bytearray it unpacks in one go) */
     ptemu_fault fault;
     ptemu_ctx_cache *cache; /* NULL: the context is derived on every call */
+    uint32_t access;        /* ptemu_mmu_translate_one(): its PTEMU_ACC_* ... */
+    uint32_t flags;         /* ... and PTEMU_IN_* (fixed per handle) */
 } ptemu_mmu;
 
 /* ---- Functions ------------------------------------------------------------ */
@@ -335,6 +337,15 @@ int ptemu_abi_version(void);
 /* Scalar translation through an Mmu handle: fills m->out or m->fault and
  * returns PTEMU_OK, PTEMU_VEC_GP, PTEMU_VEC_PF or PTEMU_VEC_EXIT. */
 int ptemu_mmu_translate(ptemu_mmu *m, uint64_t va, uint32_t access, uint32_t flags);
+
+/* The same with one argument, for Mmu.translate's common case: the address
+ * is m->out->va, which the caller writes there, the access m->access and
+ * the flags m->flags.  Returns the physical address, or 0 with m->fault
+ * filled -- unless m->fault.vector is 0: then 0 was the address.  A cffi
+ * call with one argument skips building and unpacking an argument tuple,
+ * the largest part of a four-argument call, and the address comes back
+ * without a decode (0, not all-ones: Python tests it for free). */
+uint64_t ptemu_mmu_translate_one(ptemu_mmu *m);
 
 /* translate_many and run through an Mmu handle (its cache, if any):
  * ptemu_mmu_translate_many writes vector[i], exit_reason[i] and

@@ -603,6 +603,65 @@ int ptemu_mmu_translate(ptemu_mmu *m, uint64_t va, uint32_t access, uint32_t fla
                                &m->fault);
 }
 
+/*
+ * The scalar common case without a TLB, on plain memory, A/D after the
+ * checks: walk_levels() reading only, straight into the output.  It writes
+ * nothing to memory, so anything it does not finish -- a fault, an A or D
+ * bit to set -- is left to the full walk, which reads the same entries again
+ * and decides; 1 when it finished (o filled as translate_looked_up() fills
+ * it), 0 to take the full walk.
+ */
+static PTEMU_INLINE int translate_quick(const ptemu_ctx *c, uint64_t va, uint32_t access,
+                                        uint32_t flags, ptemu_walk_out *o)
+{
+    uint32_t level = c->levels, rights = PTEMU_TE_W | PTEMU_TE_U, n;
+    uint32_t rights_at[PTEMU_MAX_LEVELS];
+    uint64_t e, and_all;
+    if (walk_levels(c, va, 1, 0, &level, c->top_table, &rights, o->entry_pa, o->entry,
+                    rights_at, &n, &e, &and_all) != PTEMU_CAUSE_NONE)
+        return 0;
+    if (rights_check(c, access, flags, rights, (uint32_t)(e >> PTEMU_PTE_PKEY_SHIFT) & 15))
+        return 0;
+    /* 4.8: A in every entry read, D in the leaf on a write: all set already? */
+    if (!(flags & PTEMU_IN_NO_AD) &&
+        (!(and_all & PTEMU_PTE_A) | ((access == PTEMU_ACC_WRITE) & !(e & PTEMU_PTE_D))))
+        return 0;
+    const uint64_t size = 1ULL << ptemu_level_shift(level);
+    o->pa = (e & c->addr_mask & ~(size - 1)) | (va & (size - 1));
+    o->page_size = size;
+    o->leaf = e;
+    o->level = level;
+    o->rights = rights;
+    o->nentries = n;
+    o->mem_refs = n;
+    o->tlb_hit = 0;
+    o->first_level = c->levels;
+    return 1;
+}
+
+uint64_t ptemu_mmu_translate_one(ptemu_mmu *m)
+{
+    ptemu_walk_out *o = m->out;
+    const uint64_t va = o->va;
+    const uint32_t access = m->access;
+    if (access > PTEMU_ACC_FETCH) {     /* as ptemu_translate() */
+        ptemu_set_fault(&m->fault, PTEMU_VEC_GP, 0, 0, PTEMU_CAUSE_NONE, 0);
+        return 0;
+    }
+    ptemu_ctx scratch;
+    const ptemu_ctx *c = ptemu_mmu_ctx(m, &scratch, 0);
+    const uint32_t flags = ptemu_resolve_flags(m->cpu, m->flags);
+    const ptemu_mem *mem = c->mem;
+    const int quick = !(c->tlb || c->eager_a || mem->frames || mem->ept || mem->nseg ||
+                        !c->levels) && ptemu_canonical(c, va);
+    if (!(quick && translate_quick(c, va, access, flags, o)) &&
+        ptemu_ctx_translate(c, va, access, flags, o, &m->fault) != PTEMU_OK)
+        return 0;
+    if (!o->pa)     /* a translation to 0: say "no fault", whole */
+        ptemu_set_fault(&m->fault, 0, 0, 0, PTEMU_CAUSE_NONE, 0);
+    return o->pa;
+}
+
 int ptemu_abi_version(void)
 {
     return PTEMU_ABI_VERSION;

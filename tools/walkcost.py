@@ -40,10 +40,11 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 OPS = ("minimal", "many", "run99", "run50", "scalar")
 ENTRY = {"minimal": "ptemu_minimal_walk_many", "many": "ptemu_translate_many",
-         "run99": "ptemu_run", "run50": "ptemu_run", "scalar": "ptemu_mmu_translate"}
-# With a cached walk context the batch calls may go through the Mmu entry points.
+         "run99": "ptemu_run", "run50": "ptemu_run", "scalar": "ptemu_mmu_translate_one"}
+# With a cached walk context the batch calls may go through the Mmu entry points
+# (and a scalar call with user or update_ad given through the four-argument one).
 ENTRY_ALT = {"many": "ptemu_mmu_translate_many", "run99": "ptemu_mmu_run",
-             "run50": "ptemu_mmu_run"}
+             "run50": "ptemu_mmu_run", "scalar": "ptemu_mmu_translate"}
 
 
 def _rdtsc():

@@ -33,7 +33,7 @@ if lib.ptemu_abi_version() != ABI_VERSION or lib.PTEMU_ABI_VERSION != ABI_VERSIO
 __all__ = ["ffi", "lib", "PtemuError", "InvalidInput", "ImageError", "MmuFault",
            "PageFault", "GeneralProtection", "EptExit", "EptViolation", "EptMisconfig", "check_u64", "check_array",
            "fault_from_c", "ACCESS_CODES", "GuestWalk", "decode_walk", "walk_pa", "WALK_OUT",
-           "WALK_ENTRIES", "walk_out_entries", "check_layout"]
+           "WALK_ENTRIES", "WALK_FIELDS", "WALK_VA_WORD", "walk_out_entries", "check_layout"]
 
 U64_MAX = (1 << 64) - 1
 
@@ -247,24 +247,25 @@ check_layout(WALK_OUT.size == ffi.sizeof("ptemu_walk_out"), "sizeof(ptemu_walk_o
 check_layout(ffi.offsetof("ptemu_walk_out", "entry_pa") == 56, "ptemu_walk_out.entry_pa")
 check_layout(ffi.offsetof("ptemu_walk_out", "pa") == 8, "ptemu_walk_out.pa")
 
-_WO_NENTRIES, _WO_ENTRIES = 6, 10       # nentries and the entry words in a WALK_OUT tuple
-_NLEVELS = lib.PTEMU_MAX_LEVELS         # entry_pa[] and entry[] are this long
-_unpack_entries = WALK_ENTRIES.unpack
+#: Translation (mmu.py) is a whole ptemu_walk_out as bytes, decoded a field at
+#: a time when asked: WALK_FIELDS[name](raw) -> (value,), at the C offset of
+#: each scalar field; walk_out_entries(raw) the (entry_pa, value) pairs read.
+WALK_FIELDS = {
+    name: struct.Struct("<%dx%s" % (f.offset, {4: "I", 8: "Q"}[ffi.sizeof(f.type)])).unpack_from
+    for name, f in ffi.typeof("ptemu_walk_out").fields if f.type.kind == "primitive"}
+#: Where Python writes the address ptemu_mmu_translate_one() reads: the index
+#: of ptemu_walk_out.va in the struct seen as uint64 words.
+WALK_VA_WORD = ffi.offsetof("ptemu_walk_out", "va") // 8
+check_layout(ffi.offsetof("ptemu_walk_out", "va") % 8 == 0, "ptemu_walk_out.va")
+_WALK_NENTRIES = WALK_FIELDS["nentries"]
+_WALK_EPA = struct.Struct("<%dx5Q" % ffi.offsetof("ptemu_walk_out", "entry_pa")).unpack_from
+_WALK_E = struct.Struct("<%dx5Q" % ffi.offsetof("ptemu_walk_out", "entry")).unpack_from
 
 
-def walk_out_entries(w):
-    """(entry_pa, value) of every entry the walk read, top first, from a walk
-    output as WALK_OUT unpacks it (mmu.Translation is that tuple)."""
-    n = w[_WO_NENTRIES]
-    words = _unpack_entries(w[_WO_ENTRIES])
-    return list(zip(words[:n], words[_NLEVELS:_NLEVELS + n]))
-
-
-_probe = ffi.new("ptemu_walk_out *", {"nentries": 2, "entry_pa": [1, 2, 3, 4, 5],
-                                      "entry": [6, 7, 8, 9, 10]})
-check_layout(walk_out_entries(WALK_OUT.unpack(ffi.buffer(_probe))) == [(1, 6), (2, 7)],
-             "ptemu_walk_out.nentries/entry_pa/entry")
-del _probe
+def walk_out_entries(raw):
+    """[(entry_pa, value), ...] of the entries a ptemu_walk_out (bytes) read, top first."""
+    n = _WALK_NENTRIES(raw)[0]
+    return list(zip(_WALK_EPA(raw)[:n], _WALK_E(raw)[:n]))
 
 # The same struct unpacked word by word for the hypervisor's guest walks.
 _GUEST_WALK = struct.Struct("<4Q6I10Q")

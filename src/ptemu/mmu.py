@@ -6,14 +6,14 @@ validated here, C result codes become exceptions in one place
 INVPCID) apply the TLB rules of SDM 4.10.4.
 """
 from dataclasses import dataclass
-from operator import itemgetter as _itemgetter
+from operator import attrgetter as _attrgetter
 
 import numpy as np
 
 from ptemu import bits
 from ptemu._native import (ffi, lib, InvalidInput, PageFault, GeneralProtection,
                            check_u64, check_array, fault_from_c, ACCESS_CODES, U64_MAX,
-                           WALK_OUT, walk_out_entries, check_layout)
+                           WALK_OUT, WALK_FIELDS, WALK_VA_WORD, walk_out_entries, check_layout)
 from ptemu.memory import PhysicalMemory
 from ptemu.tlb import Tlb
 
@@ -203,15 +203,23 @@ class CpuState:
                                               self.ac, self.pkru, self.pkrs, self.maxphyaddr))
 
 
-# ptemu_walk_out in one struct.unpack_from: the layout is _native's (WALK_OUT).
+# ptemu_walk_out, kept whole: its layout and decoders are _native's.
 _OUT = WALK_OUT
+_TE_W, _TE_U, _TE_NX = lib.PTEMU_TE_W, lib.PTEMU_TE_U, lib.PTEMU_TE_NX
 
 
-def _field(i, doc):
-    return property(_itemgetter(i), doc=doc)
+def _field(name, doc, conv=None):
+    get = WALK_FIELDS[name]
+    if conv is None:
+        def fget(self):
+            return get(self._out)[0]
+    else:
+        def fget(self):
+            return conv(get(self._out)[0])
+    return property(fget, doc=doc)
 
 
-class Translation(tuple):
+class Translation:
     """A successful translation: va, pa, page_size, level (1 PTE, 2 PDE,
     3 PDPTE; 0 with paging off), writable, user, executable (rights
     combined over all levels), leaf, tlb_hit, mem_refs, entries.
@@ -222,40 +230,40 @@ class Translation(tuple):
     hit it is empty and on a paging-structure-cache hit it starts lower
     (`first_level` says where).
 
-    (A tuple underneath, so that making one costs a single C-level call;
-    use the attributes, the tuple layout is not part of the API.)
+    (Underneath: pa, and a copy of the C output struct from which every
+    other attribute is decoded when read -- a scalar call is dominated by
+    making objects, so it makes as few as it can.  Read-only.)
     """
 
-    __slots__ = ()
+    __slots__ = ("_pa", "_out")
 
-    va = _field(0, "the virtual address")
-    pa = _field(1, "the physical address")
-    page_size = _field(2, "4096, 2 MiB or 1 GiB")
-    leaf = _field(3, "the leaf entry after the walk (0 on a TLB hit)")
-    level = _field(4, "level of the leaf entry")
-    rights = _field(5, "PTEMU_TE_W | PTEMU_TE_U | PTEMU_TE_NX combined over all levels")
-    mem_refs = _field(7, "memory references this translation made")
-    first_level = _field(9, "level of entries[0]")
-
-    @property
-    def tlb_hit(self):
-        return bool(self[8])
+    pa = property(_attrgetter("_pa"), doc="the physical address")
+    va = _field("va", "the virtual address")
+    page_size = _field("page_size", "4096, 2 MiB or 1 GiB")
+    leaf = _field("leaf", "the leaf entry after the walk (0 on a TLB hit)")
+    level = _field("level", "level of the leaf entry")
+    rights = _field("rights", "PTEMU_TE_W | PTEMU_TE_U | PTEMU_TE_NX combined over all levels")
+    mem_refs = _field("mem_refs", "memory references this translation made")
+    first_level = _field("first_level", "level of entries[0]")
+    tlb_hit = _field("tlb_hit", "True when a TLB entry answered", bool)
+    writable = _field("rights", "writable at every level", lambda r: bool(r & _TE_W))
+    user = _field("rights", "user-mode at every level", lambda r: bool(r & _TE_U))
+    executable = _field("rights", "no level has XD set", lambda r: not r & _TE_NX)
 
     @property
     def entries(self):
-        return walk_out_entries(self)
+        return walk_out_entries(self._out)
 
-    @property
-    def writable(self):
-        return bool(self[5] & lib.PTEMU_TE_W)
+    def __eq__(self, other):
+        if not isinstance(other, Translation):
+            return NotImplemented
+        return self._pa == other._pa and self._out == other._out
 
-    @property
-    def user(self):
-        return bool(self[5] & lib.PTEMU_TE_U)
+    def __hash__(self):
+        return hash((self._pa, self._out))
 
-    @property
-    def executable(self):
-        return not self[5] & lib.PTEMU_TE_NX
+    def __reduce__(self):
+        return (_translation, (self._pa, self._out))
 
     def __repr__(self):
         return "Translation(va=%#x, pa=%#x, page_size=%#x, level=%d, %s%s%s)" % (
@@ -263,7 +271,15 @@ class Translation(tuple):
             "U" if self.user else "S", "X" if self.executable else "-")
 
 
-_new_translation = tuple.__new__
+def _translation(pa, out):
+    """A Translation of pa and the walk output `out` (a copy is kept)."""
+    t = Translation()
+    t._pa = pa
+    t._out = bytes(out)
+    return t
+
+
+_WALK_PA = WALK_FIELDS["pa"]
 
 
 @dataclass
@@ -336,10 +352,11 @@ class Mapping:
 
 
 _mmu_translate = lib.ptemu_mmu_translate
+_mmu_translate_one = lib.ptemu_mmu_translate_one
+_new_translation = Translation
 _mmu_translate_many = lib.ptemu_mmu_translate_many
 _mmu_run = lib.ptemu_mmu_run
 _from_buffer = ffi.from_buffer
-_unpack_out = _OUT.unpack_from
 _ACC = dict(ACCESS_CODES)
 _USER_FLAGS = {None: lib.PTEMU_IN_CPL, True: lib.PTEMU_IN_USER, False: 0}
 _NO_AD = lib.PTEMU_IN_NO_AD
@@ -383,6 +400,19 @@ class Mmu:
         self._m.cache = self._cache
         self._fault = ffi.addressof(self._m[0], "fault")
         self._ept_c = memory._c.ept if memory._c.ept != ffi.NULL else None
+        # translate()'s common case (user=None, A/D on) calls C with one
+        # argument: a handle per access kind, its access and flags set here,
+        # sharing the output and the context cache; the address goes into
+        # the output's va word first.
+        self._one_h = ffi.new("ptemu_mmu[3]")
+        self._one = {}
+        for name, code in ACCESS_CODES.items():
+            h = self._one_h[code]
+            h.cpu, h.mem, h.tlb = cpu._c, memory._c, self._tlb_c
+            h.out, h.cache = self._out_c, self._cache
+            h.access, h.flags = code, lib.PTEMU_IN_CPL
+            self._one[name] = ffi.addressof(h)
+        self._out_words = memoryview(self._outbuf).cast("Q")
 
     # -- translation --------------------------------------------------------
     def _user_flag(self, user):
@@ -390,10 +420,11 @@ class Mmu:
             return lib.PTEMU_IN_CPL
         return lib.PTEMU_IN_USER if user else 0
 
-    def _raise(self, r, va):
+    def _raise(self, r, va, fault=None):
         if r == lib.PTEMU_VEC_GP:
             raise GeneralProtection(va)
-        raise fault_from_c(self._fault, self.memory.size, self._ept_c)
+        raise fault_from_c(self._fault if fault is None else fault, self.memory.size,
+                           self._ept_c)
 
     def translate(self, va, access="r", user=None, update_ad=True, implicit=False):
         """Translate one access; raises PageFault or GeneralProtection.
@@ -403,7 +434,26 @@ class Mmu:
         SMAP checks whatever RFLAGS.AC says.  update_ad=False probes: no A/D
         write, and the TLB is neither consulted nor filled.
         """
-        # The hot path leans on cffi's own conversion of va to uint64_t
+        if user is None and update_ad is True and implicit is False:
+            # The common case: one C call with one argument.  The store into
+            # the output's va word converts va as cffi would (ValueError,
+            # TypeError); any refusal takes the general path, which says why.
+            try:
+                h = self._one[access]
+                self._out_words[WALK_VA_WORD] = va
+            except (KeyError, TypeError, ValueError):
+                return self._translate(va, access, user, update_ad, implicit)
+            pa = _mmu_translate_one(h)
+            if not pa and h.fault.vector:
+                self._raise(h.fault.vector, va, ffi.addressof(h[0], "fault"))
+            t = _new_translation()
+            t._pa = pa
+            t._out = self._out_words.tobytes()
+            return t
+        return self._translate(va, access, user, update_ad, implicit)
+
+    def _translate(self, va, access, user, update_ad, implicit):
+        # The general case leans on cffi's own conversion of va to uint64_t
         # (OverflowError / TypeError) and on the lookup tables; the except
         # clause re-checks slowly to say exactly what was wrong.
         try:
@@ -419,9 +469,7 @@ class Mmu:
             raise InvalidInput("user must be None, True or False, not %r" % (user,)) from None
         if r:
             self._raise(r, va)
-        # Translation(tuple): type(...) reaches tuple's constructor directly,
-        # about half the work of tuple.__new__(Translation, ...) in CPython.
-        return Translation(_unpack_out(self._outbuf))
+        return _translation(_WALK_PA(self._outbuf)[0], self._outbuf)
 
     def walk_entries(self, va, access="r", user=None):
         """A side-effect-free walk: (entries, Translation or the fault).
@@ -432,7 +480,7 @@ class Mmu:
             t = self.translate(va, access, user, update_ad=False)
             return t.entries, t
         except PageFault as exc:
-            return _new_translation(Translation, _unpack_out(self._outbuf)).entries, exc
+            return walk_out_entries(self._outbuf), exc
 
     def _vas(self, vas):
         if isinstance(vas, np.ndarray):

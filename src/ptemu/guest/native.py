@@ -104,7 +104,7 @@ class NativeVcpu(NoExitControl):
         """One access at the current CPL (user iff CPL 3); the guest-physical
         address, or PageFault / GeneralProtection as the hardware raises."""
         try:
-            return self._translate(va, access)[1]
+            return self._translate(va, access).pa
         except PageFault:
             self._stats["page_fault"] += 1
             raise
