@@ -27,6 +27,11 @@
  *                            stamp[0 .. ways-1]   LRU clock at last use
  *                            data[0 .. ways-1]    PCID | base | pkey | flags
  *
+ * A lookup takes the steps ptemu_tlb_init derives from the geometry
+ * (ptemu_tlb.steps: each array in probe order at each page size it holds),
+ * testing the array's live bit for the size before it reads the set, so
+ * that arrays for sizes a workload never used cost a test and a counter.
+ *
  * Invariants: an array holds at most one valid entry per (tag, size, pcid);
  * fill() overwrites a match before it evicts anything.  An invalid entry has
  * key 0 and stamp 0, a valid one a stamp >= 1 (the clock counts from 1), so
@@ -170,7 +175,8 @@ static PTEMU_INLINE int find_way_hit(const uint64_t *row, uint32_t ways, uint64_
     for (; m; m &= m - 1) {
         const uint32_t w = ptemu_ctz64(m);
         const uint64_t data = row[2 * ways + w];
-        if (ptemu_td_pcid(data) == pcid || (data & global_bit))
+        /* | and not ||: one branch, taken nearly always (one PCID per key). */
+        if ((ptemu_td_pcid(data) == pcid) | ((data & global_bit) != 0))
             return (int)w;
     }
     return -1;
@@ -369,16 +375,16 @@ void ptemu_tlb_hot_of(ptemu_tlb *t, uint32_t access, ptemu_tlb_hot *hot)
     hot->stride = 3u * a->ways;
 }
 
-PTEMU_INLINE uint64_t *ptemu_tlb_hot_hit(ptemu_tlb *t, const ptemu_tlb_hot *hot, uint64_t va,
-                                         uint32_t access, uint32_t pcid, uint64_t *data)
+/* ptemu_tlb_hot_hit() for `ways` ways: a constant for the usual 4-way
+ * first-level data array, so that the stamp and data words of the way
+ * found are addressed from the set with no arithmetic on the count. */
+static PTEMU_INLINE uint64_t *hot_hit_n(ptemu_tlb *t, const ptemu_tlb_hot *hot,
+                                        ptemu_tlb_array *a, uint64_t va, uint32_t access,
+                                        uint32_t pcid, uint64_t *data, const uint32_t ways)
 {
-    ptemu_tlb_array *const a = hot->a;
-    if (!a || !(a->live & hot->live_bit))
-        return NULL;
-    const uint32_t ways = hot->ways;
     const uint64_t tag = va >> hot->shift;
     const uint64_t key = (tag << 3) | hot->key_low;
-    uint64_t *row = hot->slots + (size_t)(tag & hot->set_mask) * hot->stride;
+    uint64_t *row = hot->slots + (size_t)(tag & hot->set_mask) * (3u * ways);
     int w = find_way_hit(row, ways, key, pcid, PTEMU_TE_G);
     if (w < 0)
         return NULL;
@@ -389,6 +395,17 @@ PTEMU_INLINE uint64_t *ptemu_tlb_hot_hit(ptemu_tlb *t, const ptemu_tlb_hot *hot,
     t->l1_hits[access]++;
     *data = row[2 * ways + w];
     return &row[w];
+}
+
+PTEMU_INLINE uint64_t *ptemu_tlb_hot_hit(ptemu_tlb *t, const ptemu_tlb_hot *hot, uint64_t va,
+                                         uint32_t access, uint32_t pcid, uint64_t *data)
+{
+    ptemu_tlb_array *const a = hot->a;
+    if (!a || !(a->live & hot->live_bit))
+        return NULL;
+    if (hot->ways == 4)
+        return hot_hit_n(t, hot, a, va, access, pcid, data, 4);
+    return hot_hit_n(t, hot, a, va, access, pcid, data, hot->ways);
 }
 
 PTEMU_INLINE void ptemu_tlb_fill(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
