@@ -410,22 +410,24 @@ uint64_t ptemu_mmu_translate_many(ptemu_mmu *m, const uint64_t *va, const uint8_
 #define RUN_WINDOW_MISSES 4     /* prefetch in the next window when at least this many */
 
 /* Always inlined: as a call, GCC finds it free of side effects (a prefetch
- * is none) and drops it. */
-static PTEMU_INLINE void prefetch_leaf(const ptemu_ctx *c, const uint8_t *base, uint64_t size,
-                                       uint64_t va)
+ * is none) and drops it.  lim: memory size - 8 (the caller checked size >=
+ * 8), so that one compare bounds each load; levels is a constant at each
+ * call, so that the level loop unrolls. */
+static PTEMU_INLINE void prefetch_leaf(uint64_t top, uint64_t addr_mask, const uint32_t levels,
+                                       const uint8_t *base, uint64_t lim, uint64_t va)
 {
-    uint64_t table = c->top_table;
-    for (uint32_t level = c->levels; level > 1; level--) {
+    uint64_t table = top;
+    for (uint32_t level = levels; level > 1; level--) {
         uint64_t epa = table + ((va >> ptemu_level_shift(level)) & 511) * 8, e;
-        if (size < 8 || epa > size - 8)
+        if (epa > lim)
             return;
         memcpy(&e, base + epa, 8);
         if ((e & (PTEMU_PTE_P | PTEMU_PTE_PS)) != PTEMU_PTE_P)
             return;     /* not present, or a large page: no leaf table to go to */
-        table = e & c->addr_mask;
+        table = e & addr_mask;
     }
     uint64_t epa = table + ((va >> 12) & 511) * 8;
-    if (size >= 8 && epa <= size - 8)
+    if (epa <= lim)
         PTEMU_PREFETCH(base + epa);
 }
 
@@ -481,15 +483,23 @@ static uint64_t run_ctx(const ptemu_ctx *cp, const ptemu_trace_rec *trace, uint6
     /* What the hit path reads of the context, in a copy that no call sees,
      * so that the compiler may keep it in registers across the loop. */
     const ptemu_ctx hc = c;
-    const int can_prefetch = own_hits && !mem->frames;
+    /* Only plain memory of at least one entry is prefetched from (a frame
+     * table or a segment map would need their lookup first). */
+    const int can_prefetch = own_hits && !mem->frames && !mem->nseg && mem->size >= 8;
+    const uint8_t *const pbase = mem->base;
+    const uint64_t plim = mem->size - 8;
     uint32_t window_misses = 0, prefetching = 0;
     for (uint64_t i = start; i < n; i++) {
         if ((i & (RUN_WINDOW - 1)) == 0) {
             prefetching = can_prefetch && window_misses >= RUN_WINDOW_MISSES;
             window_misses = 0;
         }
-        if (prefetching && n - i > RUN_AHEAD)
-            prefetch_leaf(&hc, mem->base, mem->size, trace[i + RUN_AHEAD].va);
+        if (prefetching && n - i > RUN_AHEAD) {
+            if (hc.levels == 4)
+                prefetch_leaf(hc.top_table, hc.addr_mask, 4, pbase, plim, trace[i + RUN_AHEAD].va);
+            else
+                prefetch_leaf(hc.top_table, hc.addr_mask, 5, pbase, plim, trace[i + RUN_AHEAD].va);
+        }
         uint64_t va = trace[i].va;
         uint32_t acc = trace[i].access;
         if (acc > PTEMU_ACC_FETCH) {

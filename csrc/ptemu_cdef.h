@@ -277,6 +277,15 @@ typedef struct ptemu_tlb_array {
     uint64_t evictions;     /* fills that displaced a valid entry */
 } ptemu_tlb_array;
 
+/* One probe of a lookup (derived by ptemu_tlb_init): an array at one of its
+ * page sizes. */
+typedef struct ptemu_tlb_step {
+    uint8_t  arr;           /* index into ptemu_tlb.arr */
+    uint8_t  size;          /* PTEMU_SIZE_* */
+    uint8_t  shift;         /* of the tag: log2 of the page size */
+    uint8_t  last;          /* 1: the array's last size; a miss here is its miss */
+} ptemu_tlb_step;
+
 typedef struct ptemu_tlb {
     uint32_t narrays;
     uint32_t ready;                /* set by ptemu_tlb_init once geometry is final */
@@ -288,6 +297,10 @@ typedef struct ptemu_tlb {
     uint8_t  probe[2][8];
     uint8_t  nprobe[2];
     uint8_t  fill_at[2][2][3];     /* [kind][tier-1][size] */
+    /* The probes of a lookup, per access kind: probe[] expanded into one
+     * step per (array, size), in the order a lookup takes them. */
+    ptemu_tlb_step steps[2][24];
+    uint8_t  nsteps[2];
     uint64_t lookups[3];           /* by access kind */
     uint64_t l1_hits[3];
     uint64_t l2_hits[3];

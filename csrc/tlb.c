@@ -27,6 +27,11 @@
  *                            stamp[0 .. ways-1]   LRU clock at last use
  *                            data[0 .. ways-1]    PCID | base | pkey | flags
  *
+ * A lookup takes the steps ptemu_tlb_init derives from the geometry
+ * (ptemu_tlb.steps: each array in probe order at each page size it holds),
+ * testing the array's live bit for the size before it reads the set, so
+ * that arrays for sizes a workload never used cost a test and a counter.
+ *
  * Invariants: an array holds at most one valid entry per (tag, size, pcid);
  * fill() overwrites a match before it evicts anything.  An invalid entry has
  * key 0 and stamp 0, a valid one a stamp >= 1 (the clock counts from 1), so
@@ -57,48 +62,79 @@ static inline uint32_t key_size(uint64_t key) { return (uint32_t)(key >> 1) & 3u
 #else
 #define PTEMU_UNROLL
 #endif
-#define PTEMU_BY_WAYS(ways, EXPR)                                             \
-    switch (ways) {                                                           \
-    case 2:  { const uint32_t W_ = 2;  EXPR; }                                \
-    case 4:  { const uint32_t W_ = 4;  EXPR; }                                \
-    case 8:  { const uint32_t W_ = 8;  EXPR; }                                \
-    case 12: { const uint32_t W_ = 12; EXPR; }                                \
-    case 16: { const uint32_t W_ = 16; EXPR; }                                \
-    default: { const uint32_t W_ = (ways); EXPR; }                            \
-    }
+/* The usual associativities -- 4 (DTLB, PSCs), 12 (STLB), 2 (small PSCs)
+ * -- are constants at one call each, so that the compiler unrolls the loop
+ * over the ways of a set; any other count takes the loop as written (GCC
+ * unrolls only where the count is a constant: PTEMU_UNROLL on a loop of
+ * unknown count would add a jump into the unrolled body).  Tests, not a
+ * switch: GCC makes a switch a jump table, an indirect branch whose target
+ * alternates with the arrays a miss visits. */
+#define PTEMU_BY_WAYS(ways, FN, ...)                                          \
+    do {                                                                      \
+        const uint32_t ways_ = (ways);                                        \
+        if (ways_ == 4)       return FN##_n(__VA_ARGS__, 4);                  \
+        else if (ways_ == 12) return FN##_n(__VA_ARGS__, 12);                 \
+        else if (ways_ == 2)  return FN##_n(__VA_ARGS__, 2);                  \
+        return FN##_any(__VA_ARGS__, ways_);                                  \
+    } while (0)
 
 /* The first way of a set (row: its key run) that holds key for this PCID
- * -- or for any PCID when its data has global_bit set -- or -1. */
-static PTEMU_INLINE int find_way_n(const uint64_t *row, const uint32_t ways, uint64_t key,
-                                   uint32_t pcid, uint64_t global_bit)
+ * -- or for any PCID when its data has global_bit set -- or -1.  A compare
+ * and a branch per way: a probe that usually misses predicts them well. */
+#define FIND_WAY_BODY                                                         \
+    for (uint32_t w = 0; w < ways; w++) {                                     \
+        if (row[w] != key)                                                    \
+            continue;                                                         \
+        const uint64_t data = row[2 * ways + w];                              \
+        if (ptemu_td_pcid(data) == pcid || (data & global_bit))               \
+            return (int)w;                                                    \
+    }                                                                         \
+    return -1;
+
+static PTEMU_INLINE int find_way_n(const uint64_t *row, uint64_t key, uint32_t pcid,
+                                   uint64_t global_bit, const uint32_t ways)
 {
     PTEMU_UNROLL
-    for (uint32_t w = 0; w < ways; w++) {
-        if (row[w] != key)
-            continue;
-        const uint64_t data = row[2 * ways + w];
-        if (ptemu_td_pcid(data) == pcid || (data & global_bit))
-            return (int)w;
-    }
-    return -1;
+    FIND_WAY_BODY
+}
+
+static inline int find_way_any(const uint64_t *row, uint64_t key, uint32_t pcid,
+                               uint64_t global_bit, const uint32_t ways)
+{
+    FIND_WAY_BODY
 }
 
 static PTEMU_INLINE int find_way(const uint64_t *row, uint32_t ways, uint64_t key,
                                  uint32_t pcid, uint64_t global_bit)
 {
-    PTEMU_BY_WAYS(ways, return find_way_n(row, W_, key, pcid, global_bit))
+    PTEMU_BY_WAYS(ways, find_way, row, key, pcid, global_bit);
 }
 
 /* The least recently used way of a set: the smallest stamp, the first one
- * on a tie (an invalid way has stamp 0, so it is taken first).  Selects,
- * not branches: which way is oldest is unpredictable. */
+ * on a tie (an invalid way has stamp 0, so it is taken first).  Stamps are
+ * at most the array's clock; while it is below 2^60 (no run comes near:
+ * the clock counts uses) and ways <= 16, the smallest of stamp * 16 + way
+ * is exactly that way, found with one compare and one conditional move per
+ * way -- selects, not branches, since which way is oldest is
+ * unpredictable. */
 static PTEMU_INLINE uint32_t oldest_way_n(const uint64_t *stamp, const uint32_t ways)
+{
+    uint64_t best = stamp[0] << 4;
+    PTEMU_UNROLL
+    for (uint32_t w = 1; w < ways; w++) {
+        const uint64_t k = (stamp[w] << 4) | w;
+        best = k < best ? k : best;
+    }
+    return (uint32_t)best & 15u;
+}
+
+/* The same choice for any count and clock: the smallest stamp, kept with
+ * masks so that the compiler cannot turn the selects into branches. */
+static inline uint32_t oldest_way_any(const uint64_t *stamp, const uint32_t ways)
 {
     uint64_t oldest = stamp[0];
     uint32_t v = 0;
-    PTEMU_UNROLL
     for (uint32_t w = 1; w < ways; w++) {
-        /* Masks, so that the compiler cannot turn the selects into branches. */
         const uint64_t older = (uint64_t)0 - (uint64_t)(stamp[w] < oldest);
         oldest ^= (oldest ^ stamp[w]) & older;
         v ^= (v ^ w) & (uint32_t)older;
@@ -106,9 +142,13 @@ static PTEMU_INLINE uint32_t oldest_way_n(const uint64_t *stamp, const uint32_t 
     return v;
 }
 
-static PTEMU_INLINE uint32_t oldest_way(const uint64_t *stamp, uint32_t ways)
+/* The victim of a fill in a set of `a` (stamp: its stamp run). */
+static PTEMU_INLINE uint32_t oldest_way(const ptemu_tlb_array *a, const uint64_t *stamp,
+                                        uint32_t ways)
 {
-    PTEMU_BY_WAYS(ways, return oldest_way_n(stamp, W_))
+    if (a->clock >= (1ULL << 60))
+        return oldest_way_any(stamp, ways);
+    PTEMU_BY_WAYS(ways, oldest_way, stamp);
 }
 
 /* find_way() for a probe that usually hits (the first-level one; ways <=
@@ -135,7 +175,8 @@ static PTEMU_INLINE int find_way_hit(const uint64_t *row, uint32_t ways, uint64_
     for (; m; m &= m - 1) {
         const uint32_t w = ptemu_ctz64(m);
         const uint64_t data = row[2 * ways + w];
-        if (ptemu_td_pcid(data) == pcid || (data & global_bit))
+        /* | and not ||: one branch, taken nearly always (one PCID per key). */
+        if ((ptemu_td_pcid(data) == pcid) | ((data & global_bit) != 0))
             return (int)w;
     }
     return -1;
@@ -181,6 +222,8 @@ int ptemu_tlb_init(ptemu_tlb *t)
     for (uint32_t l = 0; l < 6; l++)
         if (t->psc[l].sets & (t->psc[l].sets - 1))
             return 0;
+    memset(t->steps, 0, sizeof t->steps);
+    memset(t->nsteps, 0, sizeof t->nsteps);
     for (uint32_t k = 0; k < 2; k++) {
         uint32_t kind = k ? PTEMU_KIND_FETCH : PTEMU_KIND_DATA;
         for (uint32_t tier = 1; tier <= 2; tier++) {
@@ -189,6 +232,13 @@ int ptemu_tlb_init(ptemu_tlb *t)
                 if (!a->sets || a->tier != tier || !(a->kinds & kind))
                     continue;
                 t->probe[k][t->nprobe[k]++] = (uint8_t)i;
+                for (uint32_t j = 0; j < a->nsizes; j++) {
+                    ptemu_tlb_step *st = &t->steps[k][t->nsteps[k]++];
+                    st->arr = (uint8_t)i;
+                    st->size = a->size_list[j];
+                    st->shift = (uint8_t)ptemu_level_shift(st->size + 1u);
+                    st->last = j + 1 == a->nsizes;
+                }
                 for (uint32_t s = 0; s < 3; s++)
                     if ((a->sizes & (1u << s)) && !t->fill_at[k][tier - 1][s])
                         t->fill_at[k][tier - 1][s] = (uint8_t)(i + 1);
@@ -199,38 +249,6 @@ int ptemu_tlb_init(ptemu_tlb *t)
     return 1;
 }
 
-/* Probe one array for va at the page sizes it holds (from the from-th of its
- * list on); on a hit, stamp the entry and describe it in *h. */
-static PTEMU_INLINE int probe(ptemu_tlb_array *a, uint64_t va, uint32_t pcid, uint32_t from,
-                              ptemu_tlb_hit *h)
-{
-    const uint32_t live = a->live;
-    if (!live)          /* empty, as arrays for page sizes a workload never uses */
-        return 0;
-    /* Everything read before the stamp store, which may alias any of it. */
-    uint64_t *const slots = a->slots;
-    const uint32_t ways = a->ways, nsizes = a->nsizes;
-    const uint64_t set_mask = a->sets - 1;
-    for (uint32_t k = from; k < nsizes; k++) {
-        uint32_t s = a->size_list[k];
-        if (!(live & (1u << s)))
-            continue;
-        uint64_t tag = va >> ptemu_level_shift(s + 1);
-        uint64_t key = key_of(tag, s);
-        uint64_t *row = slots + (size_t)(tag & set_mask) * 3u * ways;
-        int w = find_way(row, ways, key, pcid, PTEMU_TE_G);
-        if (w >= 0) {
-            row[ways + w] = ++a->clock;
-            h->way = &row[w];
-            h->data = row[2 * ways + w];
-            h->ways = ways;
-            h->size = s;
-            return 1;
-        }
-    }
-    return 0;
-}
-
 /* Install an entry in its set: over a matching one (same key and PCID),
  * else in the least recently used way (an invalid one if any).  absent:
  * the caller knows no entry matches, so only the stamps are read. */
@@ -239,18 +257,14 @@ static PTEMU_INLINE uint64_t *array_fill(ptemu_tlb_array *a, uint64_t key, uint6
 {
     const uint32_t ways = a->ways;
     uint64_t *row = row_of(a, key >> 3);
-    uint32_t v = 0;
-    if (!absent) {
-        int w = find_way(row, ways, key, ptemu_td_pcid(data), 0);
-        if (w >= 0) {
-            v = (uint32_t)w;
-            goto install;
-        }
+    uint32_t v;
+    int w;
+    if (!absent && (w = find_way(row, ways, key, ptemu_td_pcid(data), 0)) >= 0) {
+        v = (uint32_t)w;
+    } else {
+        v = oldest_way(a, row + ways, ways);
+        a->evictions += row[v] != 0;
     }
-    v = oldest_way(row + ways, ways);
-    if (row[v])
-        a->evictions++;
-install:
     a->live |= 1u << key_size(key);
     row[v] = key;
     row[ways + v] = ++a->clock;
@@ -265,36 +279,52 @@ static inline uint64_t data_of(uint32_t pcid, uint64_t base, uint32_t flags, uin
            ((uint64_t)(pkey & 15u) << PTEMU_TD_PKEY_SHIFT) | (flags & 0xffu);
 }
 
-/* ptemu_tlb_lookup() once the lookup is counted and the sizes of the first
- * array before its first_size-th are known to miss. */
+/* ptemu_tlb_lookup() once the lookup is counted, from the first-th of its
+ * steps on (the arrays in probe order, each at the page sizes it holds):
+ * one loop over (array, size) pairs derived by ptemu_tlb_init, so that a
+ * miss pays a live-bit test for each size a workload never used and one
+ * set probe for each it did. */
 static PTEMU_INLINE int lookup_from(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
-                                    uint32_t first_size, ptemu_tlb_hit *h)
+                                    uint32_t first, ptemu_tlb_hit *h)
 {
     h->way = NULL;
-    const uint32_t k = access == PTEMU_ACC_FETCH, nprobe = t->nprobe[k];
-    for (uint32_t i = 0; i < nprobe; i++) {
-        ptemu_tlb_array *a = &t->arr[t->probe[k][i]];
-        if (!probe(a, va, pcid, i ? 0 : first_size, h)) {
-            a->misses++;
-            continue;
+    const uint32_t k = access == PTEMU_ACC_FETCH, nsteps = t->nsteps[k];
+    const ptemu_tlb_step *const steps = t->steps[k];
+    for (uint32_t j = first; j < nsteps; j++) {
+        const ptemu_tlb_step st = steps[j];
+        ptemu_tlb_array *a = &t->arr[st.arr];
+        if (a->live & (1u << st.size)) {
+            const uint32_t ways = a->ways;
+            const uint64_t tag = va >> st.shift;
+            uint64_t *row = row_of(a, tag);
+            const int w = find_way(row, ways, key_of(tag, st.size), pcid, PTEMU_TE_G);
+            if (w >= 0) {
+                row[ways + w] = ++a->clock;
+                h->way = &row[w];
+                h->data = row[2 * ways + w];
+                h->ways = ways;
+                h->size = st.size;
+                a->hits++;
+                if (a->tier == 1) {
+                    t->l1_hits[access]++;
+                    return 1;
+                }
+                t->l2_hits[access]++;
+                /* Second-level hit: refill the first level, as the STLB
+                 * does, and answer with that copy.  The first level was
+                 * just probed for va and missed, so it holds no match for
+                 * the current PCID; an entry of another PCID (a global
+                 * one) may still meet one there. */
+                const uint32_t l1 = t->fill_at[k][0][st.size];
+                if (l1) {
+                    h->way = array_fill(&t->arr[l1 - 1], *h->way, h->data,
+                                        ptemu_td_pcid(h->data) == pcid);
+                    h->ways = t->arr[l1 - 1].ways;
+                }
+                return 1;
+            }
         }
-        a->hits++;
-        if (a->tier == 1) {
-            t->l1_hits[access]++;
-            return 1;
-        }
-        t->l2_hits[access]++;
-        /* Second-level hit: refill the first level, as the STLB does, and
-         * answer with that copy.  The first level was just probed for va
-         * and missed, so it holds no match for the current PCID; an entry
-         * of another PCID (a global one) may still meet one there. */
-        uint32_t l1 = t->fill_at[k][0][h->size];
-        if (l1) {
-            h->way = array_fill(&t->arr[l1 - 1], *h->way, h->data,
-                                ptemu_td_pcid(h->data) == pcid);
-            h->ways = t->arr[l1 - 1].ways;
-        }
-        return 1;
+        a->misses += st.last;   /* an array's miss: at the last of its sizes */
     }
     t->misses[access]++;
     return 0;
@@ -310,10 +340,17 @@ PTEMU_INLINE int ptemu_tlb_lookup(ptemu_tlb *t, uint64_t va, uint32_t access, ui
     return lookup_from(t, va, access, pcid, 0, h);
 }
 
-int ptemu_tlb_lookup_after_hot(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
-                               ptemu_tlb_hit *h)
+/* This, ptemu_tlb_fill and the PSC lookup and fill are inlined into the
+ * walk (unity build, ptemu_all.c): a miss makes each of them once or more,
+ * and as calls each paid for saving the caller's registers. */
+PTEMU_INLINE int ptemu_tlb_lookup_after_hot(ptemu_tlb *t, uint64_t va, uint32_t access,
+                                            uint32_t pcid, ptemu_tlb_hit *h)
 {
+    /* The hot probe was step 0; when that was its array's only size, the
+     * array has missed. */
+    const ptemu_tlb_step *st0 = &t->steps[access == PTEMU_ACC_FETCH][0];
     t->lookups[access]++;
+    t->arr[st0->arr].misses += st0->last;
     return lookup_from(t, va, access, pcid, 1, h);
 }
 
@@ -338,16 +375,16 @@ void ptemu_tlb_hot_of(ptemu_tlb *t, uint32_t access, ptemu_tlb_hot *hot)
     hot->stride = 3u * a->ways;
 }
 
-PTEMU_INLINE uint64_t *ptemu_tlb_hot_hit(ptemu_tlb *t, const ptemu_tlb_hot *hot, uint64_t va,
-                                         uint32_t access, uint32_t pcid, uint64_t *data)
+/* ptemu_tlb_hot_hit() for `ways` ways: a constant for the usual 4-way
+ * first-level data array, so that the stamp and data words of the way
+ * found are addressed from the set with no arithmetic on the count. */
+static PTEMU_INLINE uint64_t *hot_hit_n(ptemu_tlb *t, const ptemu_tlb_hot *hot,
+                                        ptemu_tlb_array *a, uint64_t va, uint32_t access,
+                                        uint32_t pcid, uint64_t *data, const uint32_t ways)
 {
-    ptemu_tlb_array *const a = hot->a;
-    if (!a || !(a->live & hot->live_bit))
-        return NULL;
-    const uint32_t ways = hot->ways;
     const uint64_t tag = va >> hot->shift;
     const uint64_t key = (tag << 3) | hot->key_low;
-    uint64_t *row = hot->slots + (size_t)(tag & hot->set_mask) * hot->stride;
+    uint64_t *row = hot->slots + (size_t)(tag & hot->set_mask) * (3u * ways);
     int w = find_way_hit(row, ways, key, pcid, PTEMU_TE_G);
     if (w < 0)
         return NULL;
@@ -360,8 +397,20 @@ PTEMU_INLINE uint64_t *ptemu_tlb_hot_hit(ptemu_tlb *t, const ptemu_tlb_hot *hot,
     return &row[w];
 }
 
-void ptemu_tlb_fill(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
-                    uint32_t size, uint64_t base, uint32_t flags, uint32_t pkey, int absent)
+PTEMU_INLINE uint64_t *ptemu_tlb_hot_hit(ptemu_tlb *t, const ptemu_tlb_hot *hot, uint64_t va,
+                                         uint32_t access, uint32_t pcid, uint64_t *data)
+{
+    ptemu_tlb_array *const a = hot->a;
+    if (!a || !(a->live & hot->live_bit))
+        return NULL;
+    if (hot->ways == 4)
+        return hot_hit_n(t, hot, a, va, access, pcid, data, 4);
+    return hot_hit_n(t, hot, a, va, access, pcid, data, hot->ways);
+}
+
+PTEMU_INLINE void ptemu_tlb_fill(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
+                                 uint32_t size, uint64_t base, uint32_t flags, uint32_t pkey,
+                                 int absent)
 {
     if (!t->ready && !ptemu_tlb_init(t))
         return;
@@ -375,8 +424,8 @@ void ptemu_tlb_fill(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
     }
 }
 
-int ptemu_psc_lookup(ptemu_tlb *t, uint64_t va, uint32_t pcid, uint32_t levels,
-                     uint32_t *level, uint64_t *table, uint32_t *rights)
+PTEMU_INLINE int ptemu_psc_lookup(ptemu_tlb *t, uint64_t va, uint32_t pcid, uint32_t levels,
+                                  uint32_t *level, uint64_t *table, uint32_t *rights)
 {
     /* Deepest first: a PDE-cache hit leaves only the PTE to read. */
     for (uint32_t l = 2; l <= levels && l <= 5; l++) {
@@ -402,8 +451,8 @@ int ptemu_psc_lookup(ptemu_tlb *t, uint64_t va, uint32_t pcid, uint32_t levels,
     return 0;
 }
 
-void ptemu_psc_fill(ptemu_tlb *t, uint32_t level, uint64_t va, uint32_t pcid,
-                    uint64_t table, uint32_t rights, int absent)
+PTEMU_INLINE void ptemu_psc_fill(ptemu_tlb *t, uint32_t level, uint64_t va, uint32_t pcid,
+                                 uint64_t table, uint32_t rights, int absent)
 {
     if (level < 2 || level > 5 || !t->psc[level].sets)
         return;

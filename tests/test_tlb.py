@@ -141,6 +141,40 @@ def test_lru_replacement_in_a_set():
     assert not mmu.translate(pages[1]).tlb_hit
 
 
+@pytest.mark.parametrize("ways", [1, 2, 3, 4, 8, 12, 16])
+@pytest.mark.parametrize("clock", [0, (1 << 60) - 40])
+def test_lru_victims_match_a_model(ways, clock):
+    """One fully associative set of each associativity the C core treats
+    apart (2, 4 and 12 unrolled, the rest looped), from a fresh clock and
+    from one that crosses 2^60 halfway -- where the victim search changes
+    form (csrc/tlb.c oldest_way): after each access exactly the pages a
+    least-recently-used list of `ways` holds are cached, in any order of
+    accesses."""
+    t = one_array(ways, ways, ("4K",))
+    t._c.arr[0].clock = clock
+    mem, pt, mmu = make(t)
+    pages = [BASE + k * 4096 for k in range(ways + 3)]
+    for k, va in enumerate(pages):
+        pt.map(va, 0x200000 + k * 4096, 4096, RW)
+    rng = np.random.default_rng(ways)
+    lru = []                                # least recently used first
+    evictions = 0
+    for step in range(80):
+        va = pages[int(rng.integers(0, len(pages)))]
+        hit = va in lru
+        assert mmu.translate(va).tlb_hit == hit, (step, hex(va))
+        if hit:
+            lru.remove(va)
+        elif len(lru) == ways:
+            lru.pop(0)
+            evictions += 1
+        lru.append(va)
+    assert t.stats.arrays["t"]["evictions"] == evictions
+    assert t.valid_entries() == len(lru)
+    if clock:
+        assert t._c.arr[0].clock > 1 << 60  # both forms were used
+
+
 def test_fill_prefers_an_invalid_way():
     """After INVLPG frees a way in a full set, the next fill takes it and
     evicts nothing."""
