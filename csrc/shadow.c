@@ -78,19 +78,99 @@ uint64_t ptemu_make_leaf_spte(uint64_t hpa, uint32_t acc, uint64_t copy_bits,
     return spte;
 }
 
+/* 1 when gfn's shadow pages (gfn_sp, as Python mirrors gfn_sps) include the
+ * one at host frame f. */
+static int gfn_has_sp(const ptemu_shadow_ctx *ctx, uint64_t gfn, uint64_t f)
+{
+    if (gfn >= ctx->nframes)
+        return 0;
+    uint32_t nsp = ctx->gfn_nsp[gfn];
+    if (nsp > PTEMU_GFN_SPS)
+        return 0;                          /* more than C tracks: Python's */
+    for (uint32_t k = 0; k < nsp; k++)
+        if (ctx->gfn_sp[gfn * PTEMU_GFN_SPS + k] == f + 1)
+            return 1;
+    return 0;
+}
+
+/* The fill cache missed (another region's slot, or a generation step since:
+ * an unlink, zap, unsync, sync or root change anywhere).  When every shadow
+ * page on va's path under the current root exists with the role shadow.py's
+ * _descend would look for -- so that _descend would link nothing -- write
+ * the slot as _cache_path would and return it; else NULL (Python builds).
+ * The level-1 page must be the only page of its frame, and that frame write
+ * protected: then it is in sync (try_unsync makes all pages of a frame
+ * unsync at once, and a frame with an unsync page is not protected), and
+ * the slot needs no snapshot.  Making room (the shadow limit, host memory
+ * pressure) is policy that Python does before its descent: then C declines. */
+static ptemu_spc_slot *shadow_descend(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t va,
+                                      const ptemu_walk_out *w)
+{
+    uint32_t levels = (uint32_t)(ctx->root_role & 7);
+    if (!ctx->root_key || levels < 4 || levels > 5 || w->nentries != levels ||
+        (ctx->root_key & ((1ULL << PTEMU_SP_KEY_SHIFT) - 1)) != ctx->root_role ||
+        !ctx->hash_room || *ctx->host_free < PTEMU_FILL_MIN_FREE)
+        return NULL;
+    uint64_t f = ctx->root_hpa >> 12;
+    if (f >= ctx->nhost)
+        return NULL;
+    uint8_t nxe = ctx->sp_info[f] & PTEMU_SPI_NXE;
+    uint64_t path[5];
+    uint32_t acc = PTEMU_TE_W | PTEMU_TE_U;
+    path[0] = f;
+    /* One level per guest entry above the leaf (KVM for_each_shadow_entry):
+     * the child the spte links must be the (gfn, role) page _descend wants. */
+    for (uint32_t k = 0; k + 1 < levels; k++) {
+        uint32_t level = levels - k;               /* of the page at path[k] */
+        uint64_t e = w->entry[k], spte;
+        acc &= (uint32_t)(e & (PTEMU_TE_W | PTEMU_TE_U)) | PTEMU_TE_NX;
+        if (nxe && (e & PTEMU_PTE_NX))
+            acc |= PTEMU_TE_NX;
+        if (!ptemu_load64(hmem, (f << 12) + 8 * ((va >> (12 + 9 * (level - 1))) & 511), &spte))
+            return NULL;
+        uint64_t child = (spte & SPTE_FRAME) >> 12;
+        if ((spte & ~SPTE_FRAME) != (PTEMU_PTE_P | PTEMU_PTE_W | PTEMU_PTE_U | PTEMU_PTE_A) ||
+            child >= ctx->nhost ||
+            ctx->sp_info[child] != (uint8_t)(acc | ((level - 1) << PTEMU_SPI_LEVEL_SHIFT) | nxe) ||
+            !gfn_has_sp(ctx, (e & ctx->amask) >> 12, child))
+            return NULL;                            /* missing or another role: link */
+        f = child;
+        path[k + 1] = f;
+    }
+    uint64_t l1_gfn = w->entry_pa[levels - 1] >> 12;
+    if (l1_gfn >= ctx->nframes || !ctx->wp[l1_gfn] || ctx->gfn_nsp[l1_gfn] != 1)
+        return NULL;                                /* maybe unsync: Python's slot */
+    ptemu_spc_slot *slot = &ctx->spc[(va >> 21) & ctx->spc_mask];
+    slot->tag = (va >> 21) + 1;
+    slot->gen = ctx->gen;
+    slot->l1_base = f << 12;
+    slot->l1_gfn = l1_gfn;
+    slot->npath = levels;
+    for (uint32_t k = 0; k < levels; k++)
+        slot->path[k] = path[k];
+    slot->gsnap = NULL;
+    ctx->path_walks++;
+    return slot;
+}
+
 /* Fast path 1.  Returns 1 when the access may be retried (a new or widened
- * leaf spte, or it was there already), 0 to decline to Python. */
+ * leaf spte, or it was there already), 0 to decline to Python, -1 when the
+ * guest's own walk faults with a #PF the guest must get (gf filled: fast
+ * path 5 hands it to Python's injection). */
 static int shadow_fast_fill(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t va,
-                            uint32_t access, uint32_t flags)
+                            uint32_t access, uint32_t flags, ptemu_fault *gf)
 {
     ptemu_walk_in in;
     ptemu_walk_out w;
-    ptemu_fault gf;
     in.va = va;
     in.access = access;
     in.flags = flags;
-    if (ptemu_translate(ctx->gcpu, ctx->gmem, NULL, &in, &w, &gf) != PTEMU_OK)
-        return 0;                          /* a true fault, or a table not backed */
+    if (ptemu_translate(ctx->gcpu, ctx->gmem, NULL, &in, &w, gf) != PTEMU_OK)
+        /* A true fault -- but a table frame not backed yet (BUS) is the
+         * hypervisor's to back first, and a #GP is not a guest walk's. */
+        return gf->vector == PTEMU_VEC_PF && gf->cause != PTEMU_CAUSE_BUS ? -1 : 0;
+    if (!(ctx->enabled & PTEMU_FP_HIDDEN_FAULT))
+        return 0;                          /* fast path 5 alone: the fill is Python's */
     if (w.level != 1 || w.nentries == 0)
         return 0;                          /* a large guest page: direct pages */
     uint64_t gfn = w.pa >> 12;
@@ -101,8 +181,13 @@ static int shadow_fast_fill(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t va,
         return 0;                          /* emulate or unsync: policy */
     const ptemu_spc_slot *slot = &ctx->spc[(va >> 21) & ctx->spc_mask];
     if (slot->tag != (va >> 21) + 1 || slot->gen != ctx->gen ||
-        slot->l1_gfn != w.entry_pa[w.nentries - 1] >> 12 || slot->npath > 5)
-        return 0;                          /* the path must be built: Python */
+        slot->l1_gfn != w.entry_pa[w.nentries - 1] >> 12) {
+        slot = shadow_descend(ctx, hmem, va, &w);
+        if (!slot)
+            return 0;                      /* the path must be built: Python */
+    }
+    if (slot->npath > 5)
+        return 0;
     uint64_t hpa = ctx->p2m[gfn];
     if (hpa == PTEMU_NO_FRAME || (hpa >> 12) >= ctx->nhost)
         return 0;                          /* backing a frame is Python's */
@@ -152,10 +237,11 @@ uint64_t ptemu_shadow_run(ptemu_shadow_ctx *ctx, const ptemu_cpu *cpu, ptemu_mem
 {
     uint64_t i = start, last = n;
     uint32_t tries = 0;
+    ctx->gfault_valid = 0;
     for (;;) {
         uint64_t idx = ptemu_run(cpu, mem, tlb, trace, n, i, NULL, fault);
         if (idx >= n || fault->vector != PTEMU_VEC_PF ||
-            !(ctx->enabled & PTEMU_FP_HIDDEN_FAULT))
+            !(ctx->enabled & (PTEMU_FP_HIDDEN_FAULT | PTEMU_FP_TRUE_FAULT)))
             return idx;
         if (idx == last) {
             if (++tries > FAST_TRIES)
@@ -165,9 +251,20 @@ uint64_t ptemu_shadow_run(ptemu_shadow_ctx *ctx, const ptemu_cpu *cpu, ptemu_mem
             tries = 0;
         }
         const ptemu_trace_rec *r = &trace[idx];
-        if (!shadow_fast_fill(ctx, mem, fault->cr2, r->access,
-                              r->user ? PTEMU_IN_USER : 0))
+        ptemu_fault gf;
+        int got = shadow_fast_fill(ctx, mem, fault->cr2, r->access,
+                                   r->user ? PTEMU_IN_USER : 0, &gf);
+        if (got <= 0) {
+            /* Fast path 5: the guest's walk faults, so the exit is a true
+             * fault.  Python injects it (it decides; C only saves it a second
+             * walk that would fault the same way: a faulting walk is
+             * side-effect free, SDM 4.8 as Bochs orders it). */
+            if (got < 0 && (ctx->enabled & PTEMU_FP_TRUE_FAULT)) {
+                ctx->gfault = gf;
+                ctx->gfault_valid = 1;
+            }
             return idx;
+        }
         i = idx;
     }
 }
@@ -177,8 +274,9 @@ int ptemu_shadow_translate(ptemu_shadow_ctx *ctx, ptemu_mmu *m, uint64_t va,
 {
     int r = ptemu_mmu_translate(m, va, access, flags);
     for (uint32_t tries = 0; r == PTEMU_VEC_PF && tries < FAST_TRIES; tries++) {
+        ptemu_fault gf;
         if (!(ctx->enabled & PTEMU_FP_HIDDEN_FAULT) ||
-            !shadow_fast_fill(ctx, m->mem, va, access, flags))
+            shadow_fast_fill(ctx, m->mem, va, access, flags, &gf) <= 0)
             break;
         r = ptemu_mmu_translate(m, va, access, flags);
     }

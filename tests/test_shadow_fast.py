@@ -191,9 +191,11 @@ def test_a_subclass_overriding_a_handler_turns_its_fast_path_off():
     for i in range(4):
         vm.vcpu.load_u64(VA + i * PAGE)
     assert vm.shadow.filled == [VA + i * PAGE for i in range(4)]
-    # fill stands in for fast paths 1 and 2: those are off, INVLPG and CR3 are not.
+    # fill stands in for fast paths 1 and 2: those are off; INVLPG, CR3 and the
+    # true fault (no fill there) are not.
     assert vm.stats["fast_pf_fixed"] == 0
-    assert vm.vcpu._fast_bits == lib.PTEMU_FP_INVLPG | lib.PTEMU_FP_CR3
+    assert vm.vcpu._fast_bits == (lib.PTEMU_FP_INVLPG | lib.PTEMU_FP_CR3
+                                  | lib.PTEMU_FP_TRUE_FAULT)
 
     class MyVCpu(VCpu):
         def page_fault_exit(self, va, acc, flags):

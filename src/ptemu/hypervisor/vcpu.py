@@ -48,6 +48,7 @@ _FP_CR3 = lib.PTEMU_FP_CR3
 _shadow_cr3 = lib.ptemu_shadow_cr3
 _FP_HIDDEN_FAULT = lib.PTEMU_FP_HIDDEN_FAULT
 _FP_PT_WRITE = lib.PTEMU_FP_PT_WRITE
+_FP_TRUE_FAULT = lib.PTEMU_FP_TRUE_FAULT
 # A trace record: access kind at byte 8, user flag at byte 9 (ptemu_trace_rec).
 _REC = TRACE_DTYPE.itemsize
 _REC_ACCESS = TRACE_DTYPE.fields["access"][1]
@@ -116,7 +117,8 @@ class VCpu:
         # The fast paths (csrc/shadow.c) over the shadow MMU's structures:
         # None when off -- asked for, or a handler they stand in for is overridden.
         self._fast = None
-        self._fast_bits = ((_FP_HIDDEN_FAULT | _FP_PT_WRITE | _FP_INVLPG | _FP_CR3)
+        self._fast_bits = ((_FP_HIDDEN_FAULT | _FP_PT_WRITE | _FP_INVLPG | _FP_CR3
+                            | _FP_TRUE_FAULT)
                            & ~self._handlers_overridden()
                            if self.fast_paths else 0)
         if self._fast_bits:
@@ -138,6 +140,8 @@ class VCpu:
         _FP_INVLPG: (("VCpu", "invlpg"), ("VCpu", "invlpg_exit"), ("ShadowMmu", "invlpg")),
         _FP_CR3: (("VCpu", "write_cr3"), ("VCpu", "cr3_write_exit"), ("ShadowMmu", "load_root"),
                   ("ShadowMmu", "sync_all")),
+        _FP_TRUE_FAULT: (("VCpu", "page_fault_exit"), ("VCpu", "_inject"),
+                         ("VCpu", "_back_walk_table")),
     }
 
     def _handlers_overridden(self):
@@ -185,6 +189,9 @@ class VCpu:
             st["fast_pf_fixed"] += fixed
             st["fast_pf_spurious"] += spurious
             st["fast_pf_emulate"] += emulated
+        if ctx.path_walks:
+            self._stats["fast_path_walk"] += ctx.path_walks
+            ctx.path_walks = 0
         if ctx.pte_write or ctx.tlb_flush or ctx.sync_entry:
             st = self._stats
             st["mmu_pte_write"] += ctx.pte_write
@@ -572,6 +579,7 @@ class VCpu:
         f = self._rfault
         run_c = self._run_c
         pf_exit = self.page_fault_exit
+        fast = self._fast if self._fast_bits & _FP_TRUE_FAULT else None
         counts = [0] * len(PF_OUTCOME_COUNTERS)     # by outcome, added to the stats at the end
         i = start
         last = -1
@@ -601,6 +609,16 @@ class VCpu:
                 else:
                     last = idx
                     tries = 0
+                if fast is not None and fast.gfault_valid:
+                    # Fast path 5: C's guest walk faulted (csrc/shadow.c), a true
+                    # fault; injected as page_fault_exit's _inject would, from
+                    # that walk's fault rather than from a second walk.
+                    counts[PF_INJECT] += 1
+                    st["fast_pf_guest"] += 1
+                    st["guest_accesses"] += idx - start
+                    exc = self._exc = fault_from_c(fast.gfault, self.vm.memory_bytes)
+                    return RunResult(int(idx), PageFault.vector, exc.error_code, exc.cr2,
+                                     exc.cause, exc)
                 o = _REC * idx
                 code = pf_exit(va, raw[o + _REC_ACCESS], _IN_USER if raw[o + _REC_USER] else 0)
                 counts[code] += 1
