@@ -462,3 +462,120 @@ def test_cr3_loads_to_roots_in_the_hash_are_done_in_c():
             [sp.gfn for sp in ref.shadow.prev_roots]
         same(fast, ref)
         assert fast.vcpu.tlb.stats == ref.vcpu.tlb.stats
+
+
+# ---- fast path 5 (a true fault inside vcpu.run) and fast path 1's shadow descent ----
+
+def _fault_tuple(r):
+    f = r.fault
+    return (r.index, r.vector, r.error_code, r.cr2, r.cause,
+            None if f is None else (type(f).__name__, f.error_code, f.cause, f.level, str(f)))
+
+
+def test_true_faults_in_run_are_handed_over_by_c():
+    """A true fault inside vcpu.run (SDM 4.7): the guest's walk in C faults, so
+    Python injects that walk's #PF without walking again.  Not present, a user
+    access to a supervisor page, a write to a read-only page, a reserved bit:
+    the same RunResult (error code, CR2, cause, level) and counters both ways.
+    A table frame not backed yet (the walk's BUS) is Python's to back: declined."""
+    vms = pair()
+    for vm, g in vms:
+        g.map(VA, 40 * PAGE, P | W | U | A | D)
+        g.map(VA + PAGE, 41 * PAGE, P | A | D | U)            # read-only
+        g.map(VA + 2 * PAGE, 42 * PAGE, P | W | A | D)        # supervisor only
+        # A 2 MiB leaf with bit 13 set: reserved (SDM 4.5.4, table 4-18).
+        g.map(VA + (4 << 21), (1 << 21) | (1 << 13), P | W | U | A, level=2)
+        # A level-1 table in a guest frame never written (not backed yet).
+        vm.phys.write_u64(g.entry_pa(VA + (1 << 21), 2), (70 * PAGE) | P | W | U)
+        vm.vcpu.write_cr3(g.root)
+        vm.vcpu.cpu.cpl = 3
+    cases = [(VA + 5 * PAGE, 0), (VA + PAGE, 1), (VA + 2 * PAGE, 0), (VA + (4 << 21), 0),
+             (VA + (1 << 21), 0)]
+    results = [[], []]
+    for va, acc in cases:
+        tr = np.zeros(3, dtype=TRACE_DTYPE)
+        tr["va"] = [VA, va, VA]
+        tr["access"] = [0, acc, 0]
+        tr["user"] = 1
+        for k, (vm, _) in enumerate(vms):
+            results[k].append(_fault_tuple(vm.vcpu.run(tr)))
+    assert results[0] == results[1]
+    assert [r[1] for r in results[0]] == [14] * 5
+    assert [r[2] for r in results[0]][:4] == [lib.PTEMU_PF_U, lib.PTEMU_PF_P | lib.PTEMU_PF_W |
+                                              lib.PTEMU_PF_U, lib.PTEMU_PF_P | lib.PTEMU_PF_U,
+                                              lib.PTEMU_PF_P | lib.PTEMU_PF_U |
+                                              lib.PTEMU_PF_RSVD]
+    (fast, _), (ref, _) = vms
+    assert fast.stats["pf_guest"] == ref.stats["pf_guest"] == 5
+    assert fast.stats["fast_pf_guest"] == 4            # all but the unbacked table's
+    assert ref.stats["fast_pf_guest"] == 0
+    same(fast, ref)
+
+
+def test_a_subclass_overriding_inject_turns_fast_path_5_off():
+    class MyVCpu(VCpu):
+        def _inject(self, va, acc, r):
+            return super()._inject(va, acc, r)
+    hv = Hypervisor(512 * PAGE)
+    MyVM.vcpu_class = MyVCpu
+    MyVM.shadow_class = ShadowMmu
+    try:
+        vm = MyVM(hv, hv._next_id, 64 * PAGE, "shadow", False, 3, None, False, None)
+        assert not vm.vcpu._fast_bits & lib.PTEMU_FP_TRUE_FAULT
+        assert vm.vcpu._fast_bits & lib.PTEMU_FP_HIDDEN_FAULT
+    finally:
+        MyVM.vcpu_class = VCpu
+
+
+def test_a_fill_cache_miss_on_an_existing_path_is_walked_in_c():
+    """The fill cache forgets every path at a generation step (here: a CR3 load
+    to another root and back).  The next hidden fault in the region finds every
+    shadow page of its path in place: C walks the shadow from the root, checks
+    each page's (gfn, role) as shadow.py's _descend would, and fills -- the
+    same sptes, rmap and counters as the Python descent."""
+    vms = pair()
+    for vm, g in vms:
+        for i in range(8):
+            g.map(VA + i * PAGE, (40 + i) * PAGE, P | W | U | A | D)
+        g2 = GuestTables(vm.phys, first=g.next + 4)
+        g2.map(VA, 50 * PAGE, P | W | U | A | D)
+        vm.vcpu.write_cr3(g.root)
+        vm.vcpu.load_u64(VA)                      # builds the path (Python)
+        vm.vcpu.write_cr3(g2.root)                # a new root (Python)
+        vm.vcpu.load_u64(VA)
+        vm.vcpu.write_cr3(g.root)                 # a cached root: the generation moves
+        tr = np.zeros(3, dtype=TRACE_DTYPE)
+        tr["va"] = [VA + i * PAGE for i in (1, 2, 3)]
+        vm.vcpu.run(tr)
+        vm.vcpu.store_u64(VA + 4 * PAGE, 9)
+    (fast, _), (ref, _) = vms
+    assert fast.stats["fast_path_walk"] == 1      # once: the slot holds the path again
+    assert fast.stats["fast_pf_fixed"] == 4
+    assert ref.stats["fast_path_walk"] == 0
+    same(fast, ref)
+
+
+def test_the_shadow_descent_declines_what_python_must_decide():
+    """No walk in C when a page on the path is missing (Python creates it) or
+    the level-1 page may be unsync (its slot needs the snapshot)."""
+    for kw in ({}, {"unsync": True}):
+        vms = pair(**kw)
+        for vm, g in vms:
+            for i in range(8):
+                g.map(VA + i * PAGE, (40 + i) * PAGE, P | W | U | A | D)
+            pt = g.table_of(VA)
+            g.map(VA + 8 * PAGE, pt, P | W | U | A | D)      # the guest maps its table
+            g.map(VA + (1 << 21), 48 * PAGE, P | W | U | A | D)
+            vm.vcpu.write_cr3(g.root)
+            vm.vcpu.load_u64(VA)
+            # A store into the level-1 table: emulated (shadow) or unsync.
+            vm.vcpu.store_u64(VA + 8 * PAGE + 8 * 7, (47 * PAGE) | P | W | U | A | D)
+            vm.vcpu.load_u64(VA + 7 * PAGE)
+            vm.vcpu.load_u64(VA + (1 << 21))      # another region: built (Python)
+        (fast, _), (ref, _) = vms
+        if kw:
+            assert fast.stats["mmu_unsync"] == 1
+        # Unsync: the level-1 frame is not protected, so no walk in C.  Shadow:
+        # the emulated store keeps the path; no generation step, no walk.
+        assert fast.stats["fast_path_walk"] == 0
+        same(fast, ref)
