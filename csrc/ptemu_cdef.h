@@ -625,6 +625,8 @@ typedef struct ptemu_shadow_ctx {
     uint32_t pad5;
     ptemu_fault gfault;       /* that fault, as the guest walk filled it */
     uint64_t path_walks;      /* fills whose cached path C rebuilt by walking the shadow */
+    const uint64_t *gsnap_addr; /* host frame -> address of its unsync page's gsnap
+                                 (512 words, Python's array), 0 when in sync */
 } ptemu_shadow_ctx;
 
 /* ptemu_run over the shadow tables with fast path 1: a hidden fault whose

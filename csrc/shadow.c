@@ -98,10 +98,10 @@ static int gfn_has_sp(const ptemu_shadow_ctx *ctx, uint64_t gfn, uint64_t f)
  * page on va's path under the current root exists with the role shadow.py's
  * _descend would look for -- so that _descend would link nothing -- write
  * the slot as _cache_path would and return it; else NULL (Python builds).
- * The level-1 page must be the only page of its frame, and that frame write
- * protected: then it is in sync (try_unsync makes all pages of a frame
- * unsync at once, and a frame with an unsync page is not protected), and
- * the slot needs no snapshot.  Making room (the shadow limit, host memory
+ * The level-1 page must be the only page of its frame; an unsync page's slot
+ * gets its snapshot (gsnap_addr, which shadow.py sets in try_unsync and
+ * clears in sync_page and zap), an in-sync one none -- and a page that is
+ * neither known unsync nor write-protected is declined.  Making room (the shadow limit, host memory
  * pressure) is policy that Python does before its descent: then C declines. */
 static ptemu_spc_slot *shadow_descend(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t va,
                                       const ptemu_walk_out *w)
@@ -138,8 +138,11 @@ static ptemu_spc_slot *shadow_descend(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, ui
         path[k + 1] = f;
     }
     uint64_t l1_gfn = w->entry_pa[levels - 1] >> 12;
-    if (l1_gfn >= ctx->nframes || !ctx->wp[l1_gfn] || ctx->gfn_nsp[l1_gfn] != 1)
-        return NULL;                                /* maybe unsync: Python's slot */
+    if (l1_gfn >= ctx->nframes || ctx->gfn_nsp[l1_gfn] != 1)
+        return NULL;
+    uint64_t snap = ctx->gsnap_addr[f];
+    if (!snap && !ctx->wp[l1_gfn])
+        return NULL;                                /* neither in sync nor known unsync */
     ptemu_spc_slot *slot = &ctx->spc[(va >> 21) & ctx->spc_mask];
     slot->tag = (va >> 21) + 1;
     slot->gen = ctx->gen;
@@ -148,7 +151,7 @@ static ptemu_spc_slot *shadow_descend(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, ui
     slot->npath = levels;
     for (uint32_t k = 0; k < levels; k++)
         slot->path[k] = path[k];
-    slot->gsnap = NULL;
+    slot->gsnap = (uint64_t *)(uintptr_t)snap;     /* as _cache_path: gsnap_c or NULL */
     ctx->path_walks++;
     return slot;
 }

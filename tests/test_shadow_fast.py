@@ -8,6 +8,7 @@ the leaf sptes, the rmap, every other counter (DESIGN.md "Python decides,
 C executes"; docs/shadow-mmu.md "Fast paths").
 """
 import numpy as np
+import ptemu
 import pytest
 
 from ptemu import bits
@@ -556,8 +557,9 @@ def test_a_fill_cache_miss_on_an_existing_path_is_walked_in_c():
 
 
 def test_the_shadow_descent_declines_what_python_must_decide():
-    """No walk in C when a page on the path is missing (Python creates it) or
-    the level-1 page may be unsync (its slot needs the snapshot)."""
+    """No walk in C when a page on the path is missing (Python creates it).  An
+    unsync level-1 page's slot gets its snapshot of gptes, which C then keeps as
+    the Python fill does (the guest's INVLPG resyncs against it)."""
     for kw in ({}, {"unsync": True}):
         vms = pair(**kw)
         for vm, g in vms:
@@ -569,13 +571,52 @@ def test_the_shadow_descent_declines_what_python_must_decide():
             vm.vcpu.write_cr3(g.root)
             vm.vcpu.load_u64(VA)
             # A store into the level-1 table: emulated (shadow) or unsync.
-            vm.vcpu.store_u64(VA + 8 * PAGE + 8 * 7, (47 * PAGE) | P | W | U | A | D)
+            vm.vcpu.store_u64(VA + 8 * PAGE + 8 * 7, (49 * PAGE) | P | W | U | A | D)
+            vm.shadow._forget_paths()             # a generation step (as any zap makes)
+            vm.vcpu.load_u64(VA + 6 * PAGE)       # the path exists: walked in C
             vm.vcpu.load_u64(VA + 7 * PAGE)
+            # The guest changes an entry behind the unsync shadow, then INVLPGs it.
+            vm.vcpu.store_u64(VA + 8 * PAGE + 8 * 6, (50 * PAGE) | P | W | U | A | D)
+            vm.vcpu.invlpg(VA + 6 * PAGE)
+            vm.vcpu.load_u64(VA + 6 * PAGE)
             vm.vcpu.load_u64(VA + (1 << 21))      # another region: built (Python)
         (fast, _), (ref, _) = vms
+        assert fast.stats["fast_path_walk"] == 1
+        assert [fast.vcpu.load_u64(VA + i * PAGE) for i in (6, 7)] == \
+            [ref.vcpu.load_u64(VA + i * PAGE) for i in (6, 7)] == [0xD0000 + 50, 0xD0000 + 49]
         if kw:
             assert fast.stats["mmu_unsync"] == 1
-        # Unsync: the level-1 frame is not protected, so no walk in C.  Shadow:
-        # the emulated store keeps the path; no generation step, no walk.
-        assert fast.stats["fast_path_walk"] == 0
+            assert fast.stats["mmu_sync_entry"] == ref.stats["mmu_sync_entry"] == 1
+            (sf,), (sr,) = fast.shadow.unsync_sps, ref.shadow.unsync_sps
+            assert np.array_equal(sf.gsnap, sr.gsnap)
         same(fast, ref)
+
+
+def test_a_flushing_cr3_load_with_unsync_pages_syncs_in_python_then_switches_in_c():
+    """MOV CR3 (flushing, SDM 4.10.4.1) while pages are unsync: Python syncs them
+    (policy: cr3_write_exit's first step), then fast path 4 switches to the
+    cached root.  A reserved-bit CR3 still raises #GP with nothing synced."""
+    vms = pair(unsync=True)
+    for vm, g in vms:
+        for i in range(4):
+            g.map(VA + i * PAGE, (40 + i) * PAGE, P | W | U | A | D)
+        pt = g.table_of(VA)
+        g.map(VA + 8 * PAGE, pt, P | W | U | A | D)
+        g2 = GuestTables(vm.phys, first=g.next + 4)
+        g2.map(VA, 50 * PAGE, P | W | U | A | D)
+        vm.vcpu.write_cr3(g2.root)
+        vm.vcpu.load_u64(VA)
+        vm.vcpu.write_cr3(g.root)
+        vm.vcpu.load_u64(VA)
+        vm.vcpu.store_u64(VA + 8 * PAGE + 8 * 2, (51 * PAGE) | P | W | U | A | D)   # unsync
+        with pytest.raises(ptemu.GeneralProtection):
+            vm.vcpu.write_cr3(g2.root | (1 << 62))
+        assert vm.shadow.unsync_sps
+        vm.vcpu.write_cr3(g2.root)                 # syncs, then the cached root
+        assert not vm.shadow.unsync_sps
+        vm.vcpu.write_cr3(g.root)
+        assert vm.vcpu.load_u64(VA + 2 * PAGE) == 0xD0000 + 51
+    (fast, _), (ref, _) = vms
+    assert fast.stats["mmu_sync"] == ref.stats["mmu_sync"] == 1
+    assert fast.stats["fast_cr3_write"] == 2          # both loads after the sync
+    same(fast, ref)

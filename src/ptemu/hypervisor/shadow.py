@@ -245,6 +245,9 @@ class ShadowMmu:
         #: hash's roots, for C's CR3 loads); key 0: none
         self.top_key = np.zeros(self.nframes, dtype=np.uint64)
         self.top_hpa = np.zeros(self.nframes, dtype=np.uint64)
+        #: host frame -> the address of its unsync page's gsnap (gsnap_c), 0 when
+        #: in sync: C's shadow descent gives an unsync page's slot its snapshot
+        self.gsnap_addr = np.zeros(len(self.flood), dtype=np.uint64)
         fast = self.fast = ffi.new("ptemu_shadow_ctx *")
         self._fast_bufs = (ffi.from_buffer("uint64_t[]", self.p2m),
                            ffi.from_buffer("uint8_t[]", self.wp_map),
@@ -256,9 +259,11 @@ class ShadowMmu:
                            ffi.from_buffer("uint64_t[]", vm.h2g_map),
                            ffi.from_buffer("uint64_t[]", vm.hypervisor.free_count),
                            ffi.from_buffer("uint64_t[]", self.top_key),
-                           ffi.from_buffer("uint64_t[]", self.top_hpa))
+                           ffi.from_buffer("uint64_t[]", self.top_hpa),
+                           ffi.from_buffer("uint64_t[]", self.gsnap_addr))
         (fast.p2m, fast.wp, fast.flood, fast.rmap_log, fast.sp_info, fast.gfn_sp,
-         fast.gfn_nsp, fast.h2g, fast.host_free, fast.top_key, fast.top_hpa) = self._fast_bufs
+         fast.gfn_nsp, fast.h2g, fast.host_free, fast.top_key, fast.top_hpa,
+         fast.gsnap_addr) = self._fast_bufs
         fast.allow_unsync = 1 if self.allow_unsync else 0
         fast.amask = 0x000FFFFFFFFFF000     # set_mode sets it (and rsvd_phys) for real
         self._hash_room()
@@ -607,6 +612,7 @@ class ShadowMmu:
             self.fast.unsync_pages = len(self.unsync_sps)
             sp.unsync = False
             sp.gsnap = sp.gsnap_c = None
+            self.gsnap_addr[sp.hpa >> 12] = 0
         if not sp.direct:
             sps = self.gfn_sps[sp.gfn]
             sps.remove(sp)
@@ -916,6 +922,7 @@ class ShadowMmu:
                 sp.gsnap = np.frombuffer(self._m[gbase >> 3:(gbase >> 3) + 512],
                                          dtype=np.uint64).copy()
                 sp.gsnap_c = ffi.from_buffer("uint64_t[]", sp.gsnap)
+                self.gsnap_addr[sp.hpa >> 12] = int(ffi.cast("uintptr_t", sp.gsnap_c))
                 self.unsync_sps[sp] = None
                 self.fast.unsync_pages = len(self.unsync_sps)
                 self.stats["mmu_unsync"] += 1
@@ -937,6 +944,7 @@ class ShadowMmu:
         self._forget_paths()        # no slot may keep the snapshot's address
         sp.unsync = False
         sp.gsnap = sp.gsnap_c = None
+        self.gsnap_addr[sp.hpa >> 12] = 0
         self.unsync_sps.pop(sp, None)
         self.fast.unsync_pages = len(self.unsync_sps)
         self.stats["mmu_sync"] += 1

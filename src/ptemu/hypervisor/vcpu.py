@@ -648,8 +648,31 @@ class VCpu:
         """Guest MOV to CR3 (intercepted)."""
         self.sync_cpu(load=False)
         self._stats["exit_cr3_write"] += 1
-        if not self.fast_cr3(value):
+        if not self.fast_cr3(value) and not self._sync_then_fast_cr3(value):
             self.cr3_write_exit(value, "cr3_write")
+
+    def _sync_then_fast_cr3(self, value):
+        """A flushing CR3 load while pages are unsync: cr3_write_exit's first step,
+        sync_all (policy, Python), then the root switch by fast path 4 when it
+        can (it declined only because of the unsync pages).  True when done.
+        The #GP check comes first, as in cr3_write_exit (nothing synced then)."""
+        sh = self.shadow
+        if not sh.unsync_sps or not self._fast_bits & _FP_CR3 or self._fast is None or \
+                not self._paging or self._root_stale or value.__class__ is not int or \
+                not 0 <= value <= _U64_MAX:
+            return False
+        g = self.cpu._c
+        pcide = g.cr4 & bits.CR4_PCIDE
+        rsvd = ((1 << 63) - 1) & ~((1 << (g.maxphyaddr or 52)) - 1)
+        if value & (rsvd if pcide else rsvd | bits.CR3_NOFLUSH) or \
+                (pcide and value & bits.CR3_NOFLUSH):
+            return False                # a #GP, or a load that syncs nothing
+        sh.sync_all()
+        if not self.fast_cr3(value):
+            return False                # a root to make: cr3_write_exit (nothing to sync)
+        if sh.need_flush or sh.need_reload:
+            self.commit()               # after the load's own flush, as cr3_write_exit
+        return True
 
     def fast_cr3(self, value):
         """Fast path 4 for a CR3 load (MOV CR3, new_baseptr, flush_tlb): True when
