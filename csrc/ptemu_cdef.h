@@ -627,7 +627,15 @@ typedef struct ptemu_shadow_ctx {
     uint64_t path_walks;      /* fills whose cached path C rebuilt by walking the shadow */
     const uint64_t *gsnap_addr; /* host frame -> address of its unsync page's gsnap
                                  (512 words, Python's array), 0 when in sync */
+    uint64_t *path_log;       /* paths the descent cached, PTEMU_PATH_LOG_WORDS each:
+                                 va >> 21, gen, npath, path[5] (for shadow.py's _pcache) */
+    uint64_t path_log_cap;    /* entries */
+    uint64_t path_log_len;    /* entries written since Python last took them */
+    const uint64_t *sp_key;   /* host frame -> key (gfn << 20 | role) of the shadow
+                                 page there, 0: none */
 } ptemu_shadow_ctx;
+#define PTEMU_PATH_LOG_WORDS    8
+#define PTEMU_ROLE_ACC_SHIFT    4    /* a role's inherited rights (shadow.py R_ACC_SHIFT) */
 
 /* ptemu_run over the shadow tables with fast path 1: a hidden fault whose
  * shadow path is cached gets its leaf spte and the run goes on.  Returns

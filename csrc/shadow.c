@@ -96,7 +96,8 @@ static int gfn_has_sp(const ptemu_shadow_ctx *ctx, uint64_t gfn, uint64_t f)
 /* The fill cache missed (another region's slot, or a generation step since:
  * an unlink, zap, unsync, sync or root change anywhere).  When every shadow
  * page on va's path under the current root exists with the role shadow.py's
- * _descend would look for -- so that _descend would link nothing -- write
+ * _descend would look for (the same key: gfn << 20 | role, from sp_key) --
+ * so that _descend would link nothing -- write
  * the slot as _cache_path would and return it; else NULL (Python builds).
  * The level-1 page must be the only page of its frame; an unsync page's slot
  * gets its snapshot (gsnap_addr, which shadow.py sets in try_unsync and
@@ -108,6 +109,7 @@ static ptemu_spc_slot *shadow_descend(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, ui
 {
     uint32_t levels = (uint32_t)(ctx->root_role & 7);
     if (!ctx->root_key || levels < 4 || levels > 5 || w->nentries != levels ||
+        !ctx->path_log || ctx->path_log_len >= ctx->path_log_cap ||
         (ctx->root_key & ((1ULL << PTEMU_SP_KEY_SHIFT) - 1)) != ctx->root_role ||
         !ctx->hash_room || *ctx->host_free < PTEMU_FILL_MIN_FREE)
         return NULL;
@@ -115,6 +117,8 @@ static ptemu_spc_slot *shadow_descend(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, ui
     if (f >= ctx->nhost)
         return NULL;
     uint8_t nxe = ctx->sp_info[f] & PTEMU_SPI_NXE;
+    /* The mode bits of every role (NXE, WP, LA57): the root's, the current mode's. */
+    uint64_t base = ctx->root_role & ~(uint64_t)0x7f;
     uint64_t path[5];
     uint32_t acc = PTEMU_TE_W | PTEMU_TE_U;
     path[0] = f;
@@ -129,9 +133,10 @@ static ptemu_spc_slot *shadow_descend(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, ui
         if (!ptemu_load64(hmem, (f << 12) + 8 * ((va >> (12 + 9 * (level - 1))) & 511), &spte))
             return NULL;
         uint64_t child = (spte & SPTE_FRAME) >> 12;
+        uint64_t key = (((e & ctx->amask) >> 12) << PTEMU_SP_KEY_SHIFT) | base |
+                       (level - 1) | ((uint64_t)acc << PTEMU_ROLE_ACC_SHIFT);
         if ((spte & ~SPTE_FRAME) != (PTEMU_PTE_P | PTEMU_PTE_W | PTEMU_PTE_U | PTEMU_PTE_A) ||
-            child >= ctx->nhost ||
-            ctx->sp_info[child] != (uint8_t)(acc | ((level - 1) << PTEMU_SPI_LEVEL_SHIFT) | nxe) ||
+            child >= ctx->nhost || ctx->sp_key[child] != key ||
             !gfn_has_sp(ctx, (e & ctx->amask) >> 12, child))
             return NULL;                            /* missing or another role: link */
         f = child;
@@ -152,6 +157,14 @@ static ptemu_spc_slot *shadow_descend(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, ui
     for (uint32_t k = 0; k < levels; k++)
         slot->path[k] = path[k];
     slot->gsnap = (uint64_t *)(uintptr_t)snap;     /* as _cache_path: gsnap_c or NULL */
+    /* shadow.py's _pcache gets the path too (as a Python descent caches it):
+     * a later Python fill in the region then makes no room either. */
+    uint64_t *log = &ctx->path_log[PTEMU_PATH_LOG_WORDS * ctx->path_log_len++];
+    log[0] = va >> 21;
+    log[1] = ctx->gen;
+    log[2] = levels;
+    for (uint32_t k = 0; k < 5; k++)
+        log[3 + k] = k < levels ? path[k] : 0;
     ctx->path_walks++;
     return slot;
 }

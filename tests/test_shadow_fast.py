@@ -553,6 +553,14 @@ def test_a_fill_cache_miss_on_an_existing_path_is_walked_in_c():
     assert fast.stats["fast_path_walk"] == 1      # once: the slot holds the path again
     assert fast.stats["fast_pf_fixed"] == 4
     assert ref.stats["fast_path_walk"] == 0
+    # The Python fill cache learns the path C cached (so that a later Python
+    # fill in the region makes no room where the reference makes none).
+    caches = []
+    for vm in (fast, ref):
+        vm.shadow._paths_current()
+        caches.append({k: [p.hpa for p in v] if isinstance(v, list) else v.hpa
+                       for k, v in vm.shadow._pcache.items()})
+    assert caches[0] == caches[1] and VA >> 21 in caches[0]
     same(fast, ref)
 
 
