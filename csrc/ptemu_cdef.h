@@ -580,6 +580,7 @@ void ptemu_uc_flush(ptemu_uc_link *link);
 #define PTEMU_FP_PT_WRITE       0x2   /* emulate a store into a protected level-1 table */
 #define PTEMU_FP_INVLPG         0x4   /* INVLPG with every shadow page in sync */
 #define PTEMU_FP_CR3            0x8   /* MOV CR3 to the current or a cached previous root */
+#define PTEMU_FP_TRUE_FAULT     0x10  /* stop a run at a true fault with the guest's #PF */
 #define PTEMU_SP_KEY_SHIFT      20    /* a shadow page's key: gfn << 20 | role */
 #define PTEMU_PREV_ROOTS_MAX    64    /* create_vm(prev_roots=...) at most */
 
@@ -659,7 +660,24 @@ typedef struct ptemu_shadow_ctx {
     uint32_t prev_max;        /* create_vm(prev_roots=...) */
     const uint64_t *top_key;  /* gfn -> key of a top-level shadow page of it in the hash */
     const uint64_t *top_hpa;  /* gfn -> its host address (the hash, for roots) */
+    /* fast path 5 (a true fault inside ptemu_shadow_run) and fast path 1's
+     * shadow descent (a fill-cache miss on a path that exists) */
+    uint32_t gfault_valid;    /* 1: the run stopped at a true fault, gfault is the
+                                 guest's own walk's #PF (Python injects it) */
+    uint32_t pad5;
+    ptemu_fault gfault;       /* that fault, as the guest walk filled it */
+    uint64_t path_walks;      /* fills whose cached path C rebuilt by walking the shadow */
+    const uint64_t *gsnap_addr; /* host frame -> address of its unsync page's gsnap
+                                 (512 words, Python's array), 0 when in sync */
+    uint64_t *path_log;       /* paths the descent cached, PTEMU_PATH_LOG_WORDS each:
+                                 va >> 21, gen, npath, path[5] (for shadow.py's _pcache) */
+    uint64_t path_log_cap;    /* entries */
+    uint64_t path_log_len;    /* entries written since Python last took them */
+    const uint64_t *sp_key;   /* host frame -> key (gfn << 20 | role) of the shadow
+                                 page there, 0: none */
 } ptemu_shadow_ctx;
+#define PTEMU_PATH_LOG_WORDS    8
+#define PTEMU_ROLE_ACC_SHIFT    4    /* a role's inherited rights (shadow.py R_ACC_SHIFT) */
 
 /* ptemu_run over the shadow tables with fast path 1: a hidden fault whose
  * shadow path is cached gets its leaf spte and the run goes on.  Returns

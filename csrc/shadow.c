@@ -69,19 +69,115 @@ uint64_t ptemu_make_leaf_spte(uint64_t hpa, uint32_t acc, uint64_t copy_bits,
     return spte;
 }
 
+/* 1 when gfn's shadow pages (gfn_sp, as Python mirrors gfn_sps) include the
+ * one at host frame f. */
+static int gfn_has_sp(const ptemu_shadow_ctx *ctx, uint64_t gfn, uint64_t f)
+{
+    if (gfn >= ctx->nframes)
+        return 0;
+    uint32_t nsp = ctx->gfn_nsp[gfn];
+    if (nsp > PTEMU_GFN_SPS)
+        return 0;                          /* more than C tracks: Python's */
+    for (uint32_t k = 0; k < nsp; k++)
+        if (ctx->gfn_sp[gfn * PTEMU_GFN_SPS + k] == f + 1)
+            return 1;
+    return 0;
+}
+
+/* The fill cache missed (another region's slot, or a generation step since:
+ * an unlink, zap, unsync, sync or root change anywhere).  When every shadow
+ * page on va's path under the current root exists with the role shadow.py's
+ * _descend would look for (the same key: gfn << 20 | role, from sp_key) --
+ * so that _descend would link nothing -- write
+ * the slot as _cache_path would and return it; else NULL (Python builds).
+ * The level-1 page must be the only page of its frame; an unsync page's slot
+ * gets its snapshot (gsnap_addr, which shadow.py sets in try_unsync and
+ * clears in sync_page and zap), an in-sync one none -- and a page that is
+ * neither known unsync nor write-protected is declined.  Making room (the shadow limit, host memory
+ * pressure) is policy that Python does before its descent: then C declines. */
+static ptemu_spc_slot *shadow_descend(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t va,
+                                      const ptemu_walk_out *w)
+{
+    uint32_t levels = (uint32_t)(ctx->root_role & 7);
+    if (!ctx->root_key || levels < 4 || levels > 5 || w->nentries != levels ||
+        !ctx->path_log || ctx->path_log_len >= ctx->path_log_cap ||
+        (ctx->root_key & ((1ULL << PTEMU_SP_KEY_SHIFT) - 1)) != ctx->root_role ||
+        !ctx->hash_room || *ctx->host_free < PTEMU_FILL_MIN_FREE)
+        return NULL;
+    uint64_t f = ctx->root_hpa >> 12;
+    if (f >= ctx->nhost)
+        return NULL;
+    uint8_t nxe = ctx->sp_info[f] & PTEMU_SPI_NXE;
+    /* The mode bits of every role (NXE, WP, LA57): the root's, the current mode's. */
+    uint64_t base = ctx->root_role & ~(uint64_t)0x7f;
+    uint64_t path[5];
+    uint32_t acc = PTEMU_TE_W | PTEMU_TE_U;
+    path[0] = f;
+    /* One level per guest entry above the leaf (KVM for_each_shadow_entry):
+     * the child the spte links must be the (gfn, role) page _descend wants. */
+    for (uint32_t k = 0; k + 1 < levels; k++) {
+        uint32_t level = levels - k;               /* of the page at path[k] */
+        uint64_t e = w->entry[k], spte;
+        acc &= (uint32_t)(e & (PTEMU_TE_W | PTEMU_TE_U)) | PTEMU_TE_NX;
+        if (nxe && (e & PTEMU_PTE_NX))
+            acc |= PTEMU_TE_NX;
+        if (!ptemu_load64(hmem, (f << 12) + 8 * ((va >> (12 + 9 * (level - 1))) & 511), &spte))
+            return NULL;
+        uint64_t child = (spte & SPTE_FRAME) >> 12;
+        uint64_t key = (((e & ctx->amask) >> 12) << PTEMU_SP_KEY_SHIFT) | base |
+                       (level - 1) | ((uint64_t)acc << PTEMU_ROLE_ACC_SHIFT);
+        if ((spte & ~SPTE_FRAME) != (PTEMU_PTE_P | PTEMU_PTE_W | PTEMU_PTE_U | PTEMU_PTE_A) ||
+            child >= ctx->nhost || ctx->sp_key[child] != key ||
+            !gfn_has_sp(ctx, (e & ctx->amask) >> 12, child))
+            return NULL;                            /* missing or another role: link */
+        f = child;
+        path[k + 1] = f;
+    }
+    uint64_t l1_gfn = w->entry_pa[levels - 1] >> 12;
+    if (l1_gfn >= ctx->nframes || ctx->gfn_nsp[l1_gfn] != 1)
+        return NULL;
+    uint64_t snap = ctx->gsnap_addr[f];
+    if (!snap && !ctx->wp[l1_gfn])
+        return NULL;                                /* neither in sync nor known unsync */
+    ptemu_spc_slot *slot = &ctx->spc[(va >> 21) & ctx->spc_mask];
+    slot->tag = (va >> 21) + 1;
+    slot->gen = ctx->gen;
+    slot->l1_base = f << 12;
+    slot->l1_gfn = l1_gfn;
+    slot->npath = levels;
+    for (uint32_t k = 0; k < levels; k++)
+        slot->path[k] = path[k];
+    slot->gsnap = (uint64_t *)(uintptr_t)snap;     /* as _cache_path: gsnap_c or NULL */
+    /* shadow.py's _pcache gets the path too (as a Python descent caches it):
+     * a later Python fill in the region then makes no room either. */
+    uint64_t *log = &ctx->path_log[PTEMU_PATH_LOG_WORDS * ctx->path_log_len++];
+    log[0] = va >> 21;
+    log[1] = ctx->gen;
+    log[2] = levels;
+    for (uint32_t k = 0; k < 5; k++)
+        log[3 + k] = k < levels ? path[k] : 0;
+    ctx->path_walks++;
+    return slot;
+}
+
 /* Fast path 1.  Returns 1 when the access may be retried (a new or widened
- * leaf spte, or it was there already), 0 to decline to Python. */
+ * leaf spte, or it was there already), 0 to decline to Python, -1 when the
+ * guest's own walk faults with a #PF the guest must get (gf filled: fast
+ * path 5 hands it to Python's injection). */
 static int shadow_fast_fill(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t va,
-                            uint32_t access, uint32_t flags)
+                            uint32_t access, uint32_t flags, ptemu_fault *gf)
 {
     ptemu_walk_in in;
     ptemu_walk_out w;
-    ptemu_fault gf;
     in.va = va;
     in.access = access;
     in.flags = flags;
-    if (ptemu_translate(ctx->gcpu, ctx->gmem, NULL, &in, &w, &gf) != PTEMU_OK)
-        return 0;                          /* a true fault, or a table not backed */
+    if (ptemu_translate(ctx->gcpu, ctx->gmem, NULL, &in, &w, gf) != PTEMU_OK)
+        /* A true fault -- but a table frame not backed yet (BUS) is the
+         * hypervisor's to back first, and a #GP is not a guest walk's. */
+        return gf->vector == PTEMU_VEC_PF && gf->cause != PTEMU_CAUSE_BUS ? -1 : 0;
+    if (!(ctx->enabled & PTEMU_FP_HIDDEN_FAULT))
+        return 0;                          /* fast path 5 alone: the fill is Python's */
     if (w.level != 1 || w.nentries == 0)
         return 0;                          /* a large guest page: direct pages */
     uint64_t gfn = w.pa >> 12;
@@ -92,8 +188,13 @@ static int shadow_fast_fill(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t va,
         return 0;                          /* emulate or unsync: policy */
     const ptemu_spc_slot *slot = &ctx->spc[(va >> 21) & ctx->spc_mask];
     if (slot->tag != (va >> 21) + 1 || slot->gen != ctx->gen ||
-        slot->l1_gfn != w.entry_pa[w.nentries - 1] >> 12 || slot->npath > 5)
-        return 0;                          /* the path must be built: Python */
+        slot->l1_gfn != w.entry_pa[w.nentries - 1] >> 12) {
+        slot = shadow_descend(ctx, hmem, va, &w);
+        if (!slot)
+            return 0;                      /* the path must be built: Python */
+    }
+    if (slot->npath > 5)
+        return 0;
     uint64_t hpa = ctx->p2m[gfn];
     if (hpa == PTEMU_NO_FRAME || (hpa >> 12) >= ctx->nhost)
         return 0;                          /* backing a frame is Python's */
@@ -143,10 +244,11 @@ uint64_t ptemu_shadow_run(ptemu_shadow_ctx *ctx, const ptemu_cpu *cpu, ptemu_mem
 {
     uint64_t i = start, last = n;
     uint32_t tries = 0;
+    ctx->gfault_valid = 0;
     for (;;) {
         uint64_t idx = ptemu_run(cpu, mem, tlb, trace, n, i, NULL, fault);
         if (idx >= n || fault->vector != PTEMU_VEC_PF ||
-            !(ctx->enabled & PTEMU_FP_HIDDEN_FAULT))
+            !(ctx->enabled & (PTEMU_FP_HIDDEN_FAULT | PTEMU_FP_TRUE_FAULT)))
             return idx;
         if (idx == last) {
             if (++tries > FAST_TRIES)
@@ -156,9 +258,20 @@ uint64_t ptemu_shadow_run(ptemu_shadow_ctx *ctx, const ptemu_cpu *cpu, ptemu_mem
             tries = 0;
         }
         const ptemu_trace_rec *r = &trace[idx];
-        if (!shadow_fast_fill(ctx, mem, fault->cr2, r->access,
-                              r->user ? PTEMU_IN_USER : 0))
+        ptemu_fault gf;
+        int got = shadow_fast_fill(ctx, mem, fault->cr2, r->access,
+                                   r->user ? PTEMU_IN_USER : 0, &gf);
+        if (got <= 0) {
+            /* Fast path 5: the guest's walk faults, so the exit is a true
+             * fault.  Python injects it (it decides; C only saves it a second
+             * walk that would fault the same way: a faulting walk is
+             * side-effect free, SDM 4.8 as Bochs orders it). */
+            if (got < 0 && (ctx->enabled & PTEMU_FP_TRUE_FAULT)) {
+                ctx->gfault = gf;
+                ctx->gfault_valid = 1;
+            }
             return idx;
+        }
         i = idx;
     }
 }
@@ -168,8 +281,9 @@ int ptemu_shadow_translate(ptemu_shadow_ctx *ctx, ptemu_mmu *m, uint64_t va,
 {
     int r = ptemu_mmu_translate(m, va, access, flags);
     for (uint32_t tries = 0; r == PTEMU_VEC_PF && tries < FAST_TRIES; tries++) {
+        ptemu_fault gf;
         if (!(ctx->enabled & PTEMU_FP_HIDDEN_FAULT) ||
-            !shadow_fast_fill(ctx, m->mem, va, access, flags))
+            shadow_fast_fill(ctx, m->mem, va, access, flags, &gf) <= 0)
             break;
         r = ptemu_mmu_translate(m, va, access, flags);
     }

@@ -8,6 +8,7 @@ the leaf sptes, the rmap, every other counter (DESIGN.md "Python decides,
 C executes"; docs/shadow-mmu.md "Fast paths").
 """
 import numpy as np
+import ptemu
 import pytest
 
 from ptemu import bits
@@ -191,9 +192,11 @@ def test_a_subclass_overriding_a_handler_turns_its_fast_path_off():
     for i in range(4):
         vm.vcpu.load_u64(VA + i * PAGE)
     assert vm.shadow.filled == [VA + i * PAGE for i in range(4)]
-    # fill stands in for fast paths 1 and 2: those are off, INVLPG and CR3 are not.
+    # fill stands in for fast paths 1 and 2: those are off; INVLPG, CR3 and the
+    # true fault (no fill there) are not.
     assert vm.stats["fast_pf_fixed"] == 0
-    assert vm.vcpu._fast_bits == lib.PTEMU_FP_INVLPG | lib.PTEMU_FP_CR3
+    assert vm.vcpu._fast_bits == (lib.PTEMU_FP_INVLPG | lib.PTEMU_FP_CR3
+                                  | lib.PTEMU_FP_TRUE_FAULT)
 
     class MyVCpu(VCpu):
         def page_fault_exit(self, va, acc, flags):
@@ -460,3 +463,168 @@ def test_cr3_loads_to_roots_in_the_hash_are_done_in_c():
             [sp.gfn for sp in ref.shadow.prev_roots]
         same(fast, ref)
         assert fast.vcpu.tlb.stats == ref.vcpu.tlb.stats
+
+
+# ---- fast path 5 (a true fault inside vcpu.run) and fast path 1's shadow descent ----
+
+def _fault_tuple(r):
+    f = r.fault
+    return (r.index, r.vector, r.error_code, r.cr2, r.cause,
+            None if f is None else (type(f).__name__, f.error_code, f.cause, f.level, str(f)))
+
+
+def test_true_faults_in_run_are_handed_over_by_c():
+    """A true fault inside vcpu.run (SDM 4.7): the guest's walk in C faults, so
+    Python injects that walk's #PF without walking again.  Not present, a user
+    access to a supervisor page, a write to a read-only page, a reserved bit:
+    the same RunResult (error code, CR2, cause, level) and counters both ways.
+    A table frame not backed yet (the walk's BUS) is Python's to back: declined."""
+    vms = pair()
+    for vm, g in vms:
+        g.map(VA, 40 * PAGE, P | W | U | A | D)
+        g.map(VA + PAGE, 41 * PAGE, P | A | D | U)            # read-only
+        g.map(VA + 2 * PAGE, 42 * PAGE, P | W | A | D)        # supervisor only
+        # A 2 MiB leaf with bit 13 set: reserved (SDM 4.5.4, table 4-18).
+        g.map(VA + (4 << 21), (1 << 21) | (1 << 13), P | W | U | A, level=2)
+        # A level-1 table in a guest frame never written (not backed yet).
+        vm.phys.write_u64(g.entry_pa(VA + (1 << 21), 2), (70 * PAGE) | P | W | U)
+        vm.vcpu.write_cr3(g.root)
+        vm.vcpu.cpu.cpl = 3
+    cases = [(VA + 5 * PAGE, 0), (VA + PAGE, 1), (VA + 2 * PAGE, 0), (VA + (4 << 21), 0),
+             (VA + (1 << 21), 0)]
+    results = [[], []]
+    for va, acc in cases:
+        tr = np.zeros(3, dtype=TRACE_DTYPE)
+        tr["va"] = [VA, va, VA]
+        tr["access"] = [0, acc, 0]
+        tr["user"] = 1
+        for k, (vm, _) in enumerate(vms):
+            results[k].append(_fault_tuple(vm.vcpu.run(tr)))
+    assert results[0] == results[1]
+    assert [r[1] for r in results[0]] == [14] * 5
+    assert [r[2] for r in results[0]][:4] == [lib.PTEMU_PF_U, lib.PTEMU_PF_P | lib.PTEMU_PF_W |
+                                              lib.PTEMU_PF_U, lib.PTEMU_PF_P | lib.PTEMU_PF_U,
+                                              lib.PTEMU_PF_P | lib.PTEMU_PF_U |
+                                              lib.PTEMU_PF_RSVD]
+    (fast, _), (ref, _) = vms
+    assert fast.stats["pf_guest"] == ref.stats["pf_guest"] == 5
+    assert fast.stats["fast_pf_guest"] == 4            # all but the unbacked table's
+    assert ref.stats["fast_pf_guest"] == 0
+    same(fast, ref)
+
+
+def test_a_subclass_overriding_inject_turns_fast_path_5_off():
+    class MyVCpu(VCpu):
+        def _inject(self, va, acc, r):
+            return super()._inject(va, acc, r)
+    hv = Hypervisor(512 * PAGE)
+    MyVM.vcpu_class = MyVCpu
+    MyVM.shadow_class = ShadowMmu
+    try:
+        vm = MyVM(hv, hv._next_id, 64 * PAGE, "shadow", False, 3, None, False, None)
+        assert not vm.vcpu._fast_bits & lib.PTEMU_FP_TRUE_FAULT
+        assert vm.vcpu._fast_bits & lib.PTEMU_FP_HIDDEN_FAULT
+    finally:
+        MyVM.vcpu_class = VCpu
+
+
+def test_a_fill_cache_miss_on_an_existing_path_is_walked_in_c():
+    """The fill cache forgets every path at a generation step (here: a CR3 load
+    to another root and back).  The next hidden fault in the region finds every
+    shadow page of its path in place: C walks the shadow from the root, checks
+    each page's (gfn, role) as shadow.py's _descend would, and fills -- the
+    same sptes, rmap and counters as the Python descent."""
+    vms = pair()
+    for vm, g in vms:
+        for i in range(8):
+            g.map(VA + i * PAGE, (40 + i) * PAGE, P | W | U | A | D)
+        g2 = GuestTables(vm.phys, first=g.next + 4)
+        g2.map(VA, 50 * PAGE, P | W | U | A | D)
+        vm.vcpu.write_cr3(g.root)
+        vm.vcpu.load_u64(VA)                      # builds the path (Python)
+        vm.vcpu.write_cr3(g2.root)                # a new root (Python)
+        vm.vcpu.load_u64(VA)
+        vm.vcpu.write_cr3(g.root)                 # a cached root: the generation moves
+        tr = np.zeros(3, dtype=TRACE_DTYPE)
+        tr["va"] = [VA + i * PAGE for i in (1, 2, 3)]
+        vm.vcpu.run(tr)
+        vm.vcpu.store_u64(VA + 4 * PAGE, 9)
+    (fast, _), (ref, _) = vms
+    assert fast.stats["fast_path_walk"] == 1      # once: the slot holds the path again
+    assert fast.stats["fast_pf_fixed"] == 4
+    assert ref.stats["fast_path_walk"] == 0
+    # The Python fill cache learns the path C cached (so that a later Python
+    # fill in the region makes no room where the reference makes none).
+    caches = []
+    for vm in (fast, ref):
+        vm.shadow._paths_current()
+        caches.append({k: [p.hpa for p in v] if isinstance(v, list) else v.hpa
+                       for k, v in vm.shadow._pcache.items()})
+    assert caches[0] == caches[1] and VA >> 21 in caches[0]
+    same(fast, ref)
+
+
+def test_the_shadow_descent_declines_what_python_must_decide():
+    """No walk in C when a page on the path is missing (Python creates it).  An
+    unsync level-1 page's slot gets its snapshot of gptes, which C then keeps as
+    the Python fill does (the guest's INVLPG resyncs against it)."""
+    for kw in ({}, {"unsync": True}):
+        vms = pair(**kw)
+        for vm, g in vms:
+            for i in range(8):
+                g.map(VA + i * PAGE, (40 + i) * PAGE, P | W | U | A | D)
+            pt = g.table_of(VA)
+            g.map(VA + 8 * PAGE, pt, P | W | U | A | D)      # the guest maps its table
+            g.map(VA + (1 << 21), 48 * PAGE, P | W | U | A | D)
+            vm.vcpu.write_cr3(g.root)
+            vm.vcpu.load_u64(VA)
+            # A store into the level-1 table: emulated (shadow) or unsync.
+            vm.vcpu.store_u64(VA + 8 * PAGE + 8 * 7, (49 * PAGE) | P | W | U | A | D)
+            vm.shadow._forget_paths()             # a generation step (as any zap makes)
+            vm.vcpu.load_u64(VA + 6 * PAGE)       # the path exists: walked in C
+            vm.vcpu.load_u64(VA + 7 * PAGE)
+            # The guest changes an entry behind the unsync shadow, then INVLPGs it.
+            vm.vcpu.store_u64(VA + 8 * PAGE + 8 * 6, (50 * PAGE) | P | W | U | A | D)
+            vm.vcpu.invlpg(VA + 6 * PAGE)
+            vm.vcpu.load_u64(VA + 6 * PAGE)
+            vm.vcpu.load_u64(VA + (1 << 21))      # another region: built (Python)
+        (fast, _), (ref, _) = vms
+        assert fast.stats["fast_path_walk"] == 1
+        assert [fast.vcpu.load_u64(VA + i * PAGE) for i in (6, 7)] == \
+            [ref.vcpu.load_u64(VA + i * PAGE) for i in (6, 7)] == [0xD0000 + 50, 0xD0000 + 49]
+        if kw:
+            assert fast.stats["mmu_unsync"] == 1
+            assert fast.stats["mmu_sync_entry"] == ref.stats["mmu_sync_entry"] == 1
+            (sf,), (sr,) = fast.shadow.unsync_sps, ref.shadow.unsync_sps
+            assert np.array_equal(sf.gsnap, sr.gsnap)
+        same(fast, ref)
+
+
+def test_a_flushing_cr3_load_with_unsync_pages_syncs_in_python_then_switches_in_c():
+    """MOV CR3 (flushing, SDM 4.10.4.1) while pages are unsync: Python syncs them
+    (policy: cr3_write_exit's first step), then fast path 4 switches to the
+    cached root.  A reserved-bit CR3 still raises #GP with nothing synced."""
+    vms = pair(unsync=True)
+    for vm, g in vms:
+        for i in range(4):
+            g.map(VA + i * PAGE, (40 + i) * PAGE, P | W | U | A | D)
+        pt = g.table_of(VA)
+        g.map(VA + 8 * PAGE, pt, P | W | U | A | D)
+        g2 = GuestTables(vm.phys, first=g.next + 4)
+        g2.map(VA, 50 * PAGE, P | W | U | A | D)
+        vm.vcpu.write_cr3(g2.root)
+        vm.vcpu.load_u64(VA)
+        vm.vcpu.write_cr3(g.root)
+        vm.vcpu.load_u64(VA)
+        vm.vcpu.store_u64(VA + 8 * PAGE + 8 * 2, (51 * PAGE) | P | W | U | A | D)   # unsync
+        with pytest.raises(ptemu.GeneralProtection):
+            vm.vcpu.write_cr3(g2.root | (1 << 62))
+        assert vm.shadow.unsync_sps
+        vm.vcpu.write_cr3(g2.root)                 # syncs, then the cached root
+        assert not vm.shadow.unsync_sps
+        vm.vcpu.write_cr3(g.root)
+        assert vm.vcpu.load_u64(VA + 2 * PAGE) == 0xD0000 + 51
+    (fast, _), (ref, _) = vms
+    assert fast.stats["mmu_sync"] == ref.stats["mmu_sync"] == 1
+    assert fast.stats["fast_cr3_write"] == 2          # both loads after the sync
+    same(fast, ref)

@@ -55,7 +55,7 @@ PF_OUTCOME_COUNTERS = ("pf_fixed", "pf_emulate", "pf_mmio", "pf_guest", "pf_spur
 #: The counters that say which path ran (csrc/shadow.c or Python): the only
 #: counters allowed to differ between fast_paths=True and fast_paths=False.
 FAST_COUNTERS = ("fast_pf_fixed", "fast_pf_spurious", "fast_pf_emulate", "fast_invlpg",
-                 "fast_cr3_write", "fast_mmu_update")
+                 "fast_cr3_write", "fast_mmu_update", "fast_pf_guest", "fast_path_walk")
 
 #: Every counter a VM keeps, with what it counts.
 COUNTERS = {
@@ -76,6 +76,10 @@ COUNTERS = {
     "fast_pf_fixed": "of pf_fixed: hidden faults fixed by the C fast path (csrc/shadow.c)",
     "fast_pf_spurious": "of pf_spurious: spurious exits seen by the C fast path",
     "fast_pf_emulate": "of pf_emulate: stores into protected level-1 tables emulated in C",
+    "fast_pf_guest": "of pf_guest: true faults whose guest walk C did inside vcpu.run "
+                     "(fast path 5; Python injects them without walking again)",
+    "fast_path_walk": "of fast_pf_fixed: fills whose shadow path C found by walking the "
+                      "shadow tables (the fill cache had no path for the region)",
     "fast_invlpg": "of invlpg: INVLPGs (and invlpg hypercalls) done in C",
     "fast_cr3_write": "of cr3_write: CR3 loads (MOV CR3, new_baseptr, flush_tlb) to the "
                       "current or a cached root done in C",

@@ -69,6 +69,9 @@ SPC_SLOTS = 1024
 #: Pending rmap additions C may make before Python absorbs them (pairs).
 RMAP_LOG_PAIRS = 4096
 RMAP_REMOVE = lib.PTEMU_RMAP_REMOVE
+#: Paths C's shadow descent may cache before Python takes them into _pcache.
+PATH_LOG_ENTRIES = 64
+PATH_LOG_WORDS = lib.PTEMU_PATH_LOG_WORDS
 GFN_SPS = lib.PTEMU_GFN_SPS
 SPI_DIRECT, SPI_LEVEL_SHIFT, SPI_NXE = (lib.PTEMU_SPI_DIRECT, lib.PTEMU_SPI_LEVEL_SHIFT,
                                         lib.PTEMU_SPI_NXE)
@@ -129,7 +132,7 @@ def for_each_shadow_entry(root, va, levels):
 # Role bits (kvm_mmu_page_role, reduced to what changes the meaning of a gpte).
 R_LEVEL = 0x7
 R_DIRECT = 0x8
-R_ACC_SHIFT = 4                 # 3 bits: TE_NX | TE_W | TE_U inherited from parents
+R_ACC_SHIFT = lib.PTEMU_ROLE_ACC_SHIFT   # 3 bits: TE_NX | TE_W | TE_U inherited from parents
 R_NXE = 1 << 7                  # EFER.NXE: bit 63 is XD, not reserved
 R_WP = 1 << 8                   # CR0.WP
 R_LA57 = 1 << 9                 # 5-level guest
@@ -245,6 +248,14 @@ class ShadowMmu:
         #: hash's roots, for C's CR3 loads); key 0: none
         self.top_key = np.zeros(self.nframes, dtype=np.uint64)
         self.top_hpa = np.zeros(self.nframes, dtype=np.uint64)
+        #: host frame -> the address of its unsync page's gsnap (gsnap_c), 0 when
+        #: in sync: C's shadow descent gives an unsync page's slot its snapshot
+        self.gsnap_addr = np.zeros(len(self.flood), dtype=np.uint64)
+        #: host frame -> key of the shadow page there (0: none), for C's descent
+        self.sp_key = np.zeros(len(self.flood), dtype=np.uint64)
+        #: the paths C's shadow descent put in the fill cache (_pcache's share),
+        #: PATH_LOG_WORDS words each; _take_path_log
+        self.path_log = np.zeros(PATH_LOG_ENTRIES * PATH_LOG_WORDS, dtype=np.uint64)
         fast = self.fast = ffi.new("ptemu_shadow_ctx *")
         self._fast_bufs = (ffi.from_buffer("uint64_t[]", self.p2m),
                            ffi.from_buffer("uint8_t[]", self.wp_map),
@@ -256,9 +267,14 @@ class ShadowMmu:
                            ffi.from_buffer("uint64_t[]", vm.h2g_map),
                            ffi.from_buffer("uint64_t[]", vm.hypervisor.free_count),
                            ffi.from_buffer("uint64_t[]", self.top_key),
-                           ffi.from_buffer("uint64_t[]", self.top_hpa))
+                           ffi.from_buffer("uint64_t[]", self.top_hpa),
+                           ffi.from_buffer("uint64_t[]", self.gsnap_addr),
+                           ffi.from_buffer("uint64_t[]", self.path_log),
+                           ffi.from_buffer("uint64_t[]", self.sp_key))
         (fast.p2m, fast.wp, fast.flood, fast.rmap_log, fast.sp_info, fast.gfn_sp,
-         fast.gfn_nsp, fast.h2g, fast.host_free, fast.top_key, fast.top_hpa) = self._fast_bufs
+         fast.gfn_nsp, fast.h2g, fast.host_free, fast.top_key, fast.top_hpa,
+         fast.gsnap_addr, fast.path_log, fast.sp_key) = self._fast_bufs
+        fast.path_log_cap = PATH_LOG_ENTRIES
         fast.allow_unsync = 1 if self.allow_unsync else 0
         fast.amask = 0x000FFFFFFFFFF000     # set_mode sets it (and rsvd_phys) for real
         self._hash_room()
@@ -294,12 +310,30 @@ class ShadowMmu:
         gen = self.fast.gen + 1
         self.fast.gen = gen
         self._pcache_gen = gen
+        self.fast.path_log_len = 0      # every path logged is of an older generation
 
     def _paths_current(self):
         """_pcache is of the current generation (C's CR3 fast path moves it on)."""
-        if self._pcache_gen != self.fast.gen:
+        f = self.fast
+        if self._pcache_gen != f.gen:
             self._pcache.clear()
-            self._pcache_gen = self.fast.gen
+            self._pcache_gen = f.gen
+        if f.path_log_len:
+            self._take_path_log()
+
+    def _take_path_log(self):
+        """Put the paths C's descent cached (this generation's) into _pcache, as
+        the Python descent's _cache_path would have: both ways the fill cache
+        then holds the same paths (a fill that hits makes no room)."""
+        f = self.fast
+        n = f.path_log_len
+        f.path_log_len = 0
+        log = self.path_log[:n * PATH_LOG_WORDS].tolist()
+        by = self.by_frame
+        gen = self._pcache_gen
+        for k in range(0, n * PATH_LOG_WORDS, PATH_LOG_WORDS):
+            if log[k + 1] == gen:
+                self._pcache[log[k]] = [by[fr] for fr in log[k + 3:k + 3 + log[k + 2]]]
 
     # -- the roots: kept in the C context, their one home (fast path 4 reads them) --
     @property
@@ -489,6 +523,7 @@ class ShadowMmu:
         self.flood[hpa >> 12] = 0
         if sp.level >= 4 and not sp.direct and gfn < self.nframes:
             self.top_key[gfn], self.top_hpa[gfn] = sp.key, hpa      # a root candidate
+        self.sp_key[hpa >> 12] = sp.key
         self.sp_info[hpa >> 12] = (sp.access | (SPI_DIRECT if sp.direct else 0)
                                    | (sp.level << SPI_LEVEL_SHIFT)
                                    | (SPI_NXE if role & R_NXE else 0))
@@ -607,6 +642,7 @@ class ShadowMmu:
             self.fast.unsync_pages = len(self.unsync_sps)
             sp.unsync = False
             sp.gsnap = sp.gsnap_c = None
+            self.gsnap_addr[sp.hpa >> 12] = 0
         if not sp.direct:
             sps = self.gfn_sps[sp.gfn]
             sps.remove(sp)
@@ -617,6 +653,7 @@ class ShadowMmu:
                 self._unprotect(sp.gfn)
             self._mirror_gfn(sp.gfn)
         self.sp_info[sp.hpa >> 12] = 0
+        self.sp_key[sp.hpa >> 12] = 0
         if sp.gfn < self.nframes and self.top_key[sp.gfn] == sp.key:
             self.top_key[sp.gfn] = 0
         self.hv.free_frame(sp.hpa, self.vm)
@@ -916,6 +953,7 @@ class ShadowMmu:
                 sp.gsnap = np.frombuffer(self._m[gbase >> 3:(gbase >> 3) + 512],
                                          dtype=np.uint64).copy()
                 sp.gsnap_c = ffi.from_buffer("uint64_t[]", sp.gsnap)
+                self.gsnap_addr[sp.hpa >> 12] = int(ffi.cast("uintptr_t", sp.gsnap_c))
                 self.unsync_sps[sp] = None
                 self.fast.unsync_pages = len(self.unsync_sps)
                 self.stats["mmu_unsync"] += 1
@@ -937,6 +975,7 @@ class ShadowMmu:
         self._forget_paths()        # no slot may keep the snapshot's address
         sp.unsync = False
         sp.gsnap = sp.gsnap_c = None
+        self.gsnap_addr[sp.hpa >> 12] = 0
         self.unsync_sps.pop(sp, None)
         self.fast.unsync_pages = len(self.unsync_sps)
         self.stats["mmu_sync"] += 1

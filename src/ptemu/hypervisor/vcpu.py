@@ -49,6 +49,7 @@ _shadow_cr3 = lib.ptemu_shadow_cr3
 _FP_HIDDEN_FAULT = lib.PTEMU_FP_HIDDEN_FAULT
 _FP_PT_WRITE = lib.PTEMU_FP_PT_WRITE
 _FP_MMU_UPDATE = lib.PTEMU_FP_MMU_UPDATE      # paravirt.py (csrc/paravirt.c)
+_FP_TRUE_FAULT = lib.PTEMU_FP_TRUE_FAULT
 # A trace record: access kind at byte 8, user flag at byte 9 (ptemu_trace_rec).
 _REC = TRACE_DTYPE.itemsize
 _REC_ACCESS = TRACE_DTYPE.fields["access"][1]
@@ -118,6 +119,7 @@ class VCpu:
         # None when off -- asked for, or a handler they stand in for is overridden.
         self._fast = None
         self._fast_bits = ((_FP_HIDDEN_FAULT | _FP_PT_WRITE | _FP_INVLPG | _FP_CR3
+                            | _FP_TRUE_FAULT
                             | (_FP_MMU_UPDATE if vm.paging == "paravirt" else 0))
                            & ~self._handlers_overridden()
                            if self.fast_paths else 0)
@@ -141,6 +143,8 @@ class VCpu:
         _FP_CR3: (("VCpu", "write_cr3"), ("VCpu", "cr3_write_exit"), ("ShadowMmu", "load_root"),
                   ("ShadowMmu", "sync_all")),
         _FP_MMU_UPDATE: MMU_UPDATE_HANDLERS,
+        _FP_TRUE_FAULT: (("VCpu", "page_fault_exit"), ("VCpu", "_inject"),
+                         ("VCpu", "_back_walk_table")),
     }
 
     def _handlers_overridden(self):
@@ -188,6 +192,9 @@ class VCpu:
             st["fast_pf_fixed"] += fixed
             st["fast_pf_spurious"] += spurious
             st["fast_pf_emulate"] += emulated
+        if ctx.path_walks:
+            self._stats["fast_path_walk"] += ctx.path_walks
+            ctx.path_walks = 0
         if ctx.pte_write or ctx.tlb_flush or ctx.sync_entry:
             st = self._stats
             st["mmu_pte_write"] += ctx.pte_write
@@ -575,6 +582,7 @@ class VCpu:
         f = self._rfault
         run_c = self._run_c
         pf_exit = self.page_fault_exit
+        fast = self._fast if self._fast_bits & _FP_TRUE_FAULT else None
         counts = [0] * len(PF_OUTCOME_COUNTERS)     # by outcome, added to the stats at the end
         i = start
         last = -1
@@ -604,6 +612,16 @@ class VCpu:
                 else:
                     last = idx
                     tries = 0
+                if fast is not None and fast.gfault_valid:
+                    # Fast path 5: C's guest walk faulted (csrc/shadow.c), a true
+                    # fault; injected as page_fault_exit's _inject would, from
+                    # that walk's fault rather than from a second walk.
+                    counts[PF_INJECT] += 1
+                    st["fast_pf_guest"] += 1
+                    st["guest_accesses"] += idx - start
+                    exc = self._exc = fault_from_c(fast.gfault, self.vm.memory_bytes)
+                    return RunResult(int(idx), PageFault.vector, exc.error_code, exc.cr2,
+                                     exc.cause, exc)
                 o = _REC * idx
                 code = pf_exit(va, raw[o + _REC_ACCESS], _IN_USER if raw[o + _REC_USER] else 0)
                 counts[code] += 1
@@ -633,8 +651,31 @@ class VCpu:
         """Guest MOV to CR3 (intercepted)."""
         self.sync_cpu(load=False)
         self._stats["exit_cr3_write"] += 1
-        if not self.fast_cr3(value):
+        if not self.fast_cr3(value) and not self._sync_then_fast_cr3(value):
             self.cr3_write_exit(value, "cr3_write")
+
+    def _sync_then_fast_cr3(self, value):
+        """A flushing CR3 load while pages are unsync: cr3_write_exit's first step,
+        sync_all (policy, Python), then the root switch by fast path 4 when it
+        can (it declined only because of the unsync pages).  True when done.
+        The #GP check comes first, as in cr3_write_exit (nothing synced then)."""
+        sh = self.shadow
+        if not sh.unsync_sps or not self._fast_bits & _FP_CR3 or self._fast is None or \
+                not self._paging or self._root_stale or value.__class__ is not int or \
+                not 0 <= value <= _U64_MAX:
+            return False
+        g = self.cpu._c
+        pcide = g.cr4 & bits.CR4_PCIDE
+        rsvd = ((1 << 63) - 1) & ~((1 << (g.maxphyaddr or 52)) - 1)
+        if value & (rsvd if pcide else rsvd | bits.CR3_NOFLUSH) or \
+                (pcide and value & bits.CR3_NOFLUSH):
+            return False                # a #GP, or a load that syncs nothing
+        sh.sync_all()
+        if not self.fast_cr3(value):
+            return False                # a root to make: cr3_write_exit (nothing to sync)
+        if sh.need_flush or sh.need_reload:
+            self.commit()               # after the load's own flush, as cr3_write_exit
+        return True
 
     def fast_cr3(self, value):
         """Fast path 4 for a CR3 load (MOV CR3, new_baseptr, flush_tlb): True when
