@@ -24,11 +24,12 @@ What must hold (DESIGN.md "Python decides, C executes"; issue 13):
 import numpy as np
 from hypothesis import given, settings, strategies as st
 
-from ptemu.hypervisor import Hypervisor, audit, HypercallRejected
+from ptemu.hypervisor import Hypervisor, audit
 from ptemu.hypervisor.exits import FAST_COUNTERS
 
-from test_shadow_property import (scaled, make_vm, make_native, VmSide, apply, ops, entry,
-                                  sane_entry, coherence_problems, isolation_problems,
+from test_shadow_property import (scaled, make_vm, VmSide, apply, ops, entry,
+                                  paravirt_against_native,
+                                  sane_entry, isolation_problems,
                                   va8, vaany, _acc, _idx, _cr3, PT_FRAMES, FRAMES, MEM, P, W,
                                   U, A, D, PS)
 
@@ -140,34 +141,4 @@ def test_a_disciplined_paravirt_guest_sees_native_both_ways(seq, fast):
     """SDM 4.10.4.3: after each accepted batch the guest flushes (flush_tlb);
     then every access gives what native hardware with a TLB gives, and guest
     memory -- the entries and every A/D bit -- is the native machine's."""
-    hv = Hypervisor(2 << 20)
-    vm = make_vm(hv, "paravirt", fast_paths=fast)
-    nat = make_native(tlb=True)
-    side = VmSide(vm)
-    for i, op in enumerate(seq):
-        if op[0] == "mmu_update":
-            try:
-                n = vm.vcpu.hypercall("mmu_update", op[1])
-            except HypercallRejected:
-                continue
-            except Exception:       # noqa: BLE001 - a malformed item: nothing applied
-                assert vm.phys.read(0, MEM) == nat.phys.read(0, MEM)
-                continue
-            assert n == len(op[1])
-            for gpa, v in op[1]:
-                nat.phys.write_u64(gpa, v)
-            vm.vcpu.hypercall("flush_tlb")
-            nat.write_cr3(nat.cpu.cr3)
-            probs = audit(vm) + coherence_problems(vm)
-            assert not probs, "step %d: %s" % (i, probs[:5])
-        elif op[0] == "hc_invlpg":
-            vm.vcpu.hypercall("invlpg", op[1])
-            nat.invlpg(op[1])
-        elif op[0] == "hc_baseptr":
-            vm.vcpu.hypercall("new_baseptr", op[1])
-            nat.write_cr3(op[1])
-        else:
-            a, b = apply(side, op), apply(nat, op)
-            assert a == b, "step %d %r: vm %r native %r" % (i, op, a, b)
-        assert vm.phys.read(0, MEM) == nat.phys.read(0, MEM), "step %d %r" % (i, op)
-        assert not isolation_problems(vm, [])
+    paravirt_against_native(seq, list, fast_paths=fast, malformed=True)

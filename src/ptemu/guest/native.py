@@ -143,23 +143,7 @@ class NativeVcpu(NoExitControl):
 
     def store_u64(self, va, value):
         """An 8-byte store at va (8-aligned)."""
-        # _data_pa(va, "w"), written out: the guest kernel's page-table stores
-        # all come here.
-        try:
-            misaligned = va & 7
-        except TypeError:
-            misaligned = check_u64(va, "virtual address") & 7   # raises the clear error
-        if misaligned:
-            raise InvalidInput("load_u64/store_u64 need an 8-byte aligned address, not %#x" % va)
-        h = self._stream
-        try:
-            r = _translate_c(h.c, va, _ACC_WRITE, _IN_CPL)
-        except (TypeError, OverflowError):
-            check_u64(va, "virtual address")                     # raises the clear error
-            raise
-        if r:
-            self._data_fault(r, va)
-        pa = walk_pa(h.out)
+        pa = self._data_pa(va, "w")
         try:
             ok = lib.ptemu_mem_store64(self._mem_c, pa, value)
         except (TypeError, OverflowError):
