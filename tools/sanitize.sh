@@ -148,8 +148,10 @@ case $SO in
     "$VENV"/*) ;;
     *) log "ptemu._native_c resolves to $SO, not inside $VENV"; exit 1 ;;
 esac
-if ! nm -D "$SO" 2>/dev/null | grep -q '__asan_report_load8' ||
-   ! nm -D "$SO" 2>/dev/null | grep -q '__ubsan_handle_'; then
+# (nm's output is read whole first: `nm | grep -q` under pipefail fails when
+# grep stops reading early and nm dies of SIGPIPE, as a larger library makes it.)
+SYMS=$(nm -D "$SO" 2>/dev/null || true)
+if [[ $SYMS != *__asan_report_load8* || $SYMS != *__ubsan_handle_* ]]; then
     log "$SO is not instrumented with ASan and UBSan"
     exit 1
 fi
