@@ -319,6 +319,33 @@ class RunResult:
         return self.vector == 0
 
 
+class _FaultRunResult(RunResult):
+    """The RunResult of a run that stopped at a #PF, whose `cause` and `fault`
+    (the PageFault fault_from_c makes) are made when first asked for, from a
+    copy of the fault struct's bytes (the struct is refilled by the next run):
+    a guest kernel resuming after each fault it handles needs only the index,
+    error code and CR2.  The same fields and values as the RunResult built
+    eagerly (NativeVcpu.run, VCpu.run)."""
+
+    def __init__(self, index, vector, error_code, cr2, f_bytes, memory_size):
+        self.index, self.vector, self.error_code, self.cr2 = index, vector, error_code, cr2
+        self._f_bytes = f_bytes
+        self._memory_size = memory_size
+        self._exc = None
+
+    @property
+    def fault(self):
+        if self._exc is None:
+            f = ffi.new("ptemu_fault *")
+            ffi.memmove(f, self._f_bytes, len(self._f_bytes))
+            self._exc = fault_from_c(f, self._memory_size)
+        return self._exc
+
+    @property
+    def cause(self):
+        return self.fault.cause
+
+
 class Mapping:
     """A present leaf: va, pa, page_size, flags (the leaf's bits outside the
     address field), plus level and the rights ANDed/ORed over all levels."""

@@ -25,7 +25,7 @@ from collections import defaultdict
 from ptemu._native import (ffi, lib, InvalidInput, PageFault, GeneralProtection, check_u64,
                            check_array, fault_from_c, walk_pa, ACCESS_CODES, U64_MAX)
 from ptemu.memory import PhysicalMemory
-from ptemu.mmu import CpuState, Mmu, RunResult, TRACE_DTYPE
+from ptemu.mmu import CpuState, Mmu, RunResult, TRACE_DTYPE, _FaultRunResult
 from ptemu.tlb import Tlb
 from ptemu._native import WalkHandle
 from ptemu.hypervisor.exits import NoExitControl, check_stores
@@ -41,32 +41,6 @@ _mmu_run = lib.ptemu_mmu_run
 _IN_CPL = lib.PTEMU_IN_CPL
 _ACC_WRITE = ACCESS_CODES["w"]
 _VEC_GP = lib.PTEMU_VEC_GP
-
-
-class _FaultRunResult(RunResult):
-    """The RunResult of a run that stopped at a #PF, whose `cause` and `fault`
-    (the PageFault) are made when first asked for, from a copy of the fault
-    struct's bytes (the vCPU's struct is refilled by the next run): a guest
-    kernel resuming after each fault it handles needs only the index, error
-    code and CR2."""
-
-    def __init__(self, index, vector, f, f_bytes, memory_size):
-        self.index, self.vector, self.error_code, self.cr2 = index, vector, f.error_code, f.cr2
-        self._f_bytes = f_bytes
-        self._memory_size = memory_size
-        self._exc = None
-
-    @property
-    def fault(self):
-        if self._exc is None:
-            f = ffi.new("ptemu_fault *")
-            ffi.memmove(f, self._f_bytes, len(self._f_bytes))
-            self._exc = fault_from_c(f, self._memory_size)
-        return self._exc
-
-    @property
-    def cause(self):
-        return self.fault.cause
 
 
 class NativeVcpu(NoExitControl):
@@ -202,7 +176,8 @@ class NativeVcpu(NoExitControl):
             return RunResult(idx, GeneralProtection.vector, 0, 0, "non-canonical",
                              GeneralProtection(int(trace["va"][idx])))
         st["page_fault"] += 1
-        return _FaultRunResult(idx, vector, f, self._fault_bytes[:], self._memory_size)
+        return _FaultRunResult(idx, vector, f.error_code, f.cr2, self._fault_bytes[:],
+                               self._memory_size)
 
     # -- paravirtual operations, performed directly -----------------------------
     def hypercall(self, op, *args):

@@ -25,7 +25,7 @@ from ptemu._native import (ffi, lib, InvalidInput, GeneralProtection, PageFault,
                            check_array, fault_from_c, ACCESS_CODES, decode_walk, walk_pa,
                            table_gpa_of_fault, check_layout, WalkHandle)
 from ptemu.memory import PhysicalMemory
-from ptemu.mmu import CpuState, Mmu, RunResult, TRACE_DTYPE
+from ptemu.mmu import CpuState, Mmu, RunResult, TRACE_DTYPE, _FaultRunResult
 from ptemu.hypervisor.exits import (ExitRecord, GuestMemoryError, ShadowMmuError, PF_RETRY,
                                     PF_EMULATE, PF_MMIO, PF_INJECT, PF_SPURIOUS,
                                     PF_OUTCOME_COUNTERS, check_stores)
@@ -69,6 +69,7 @@ _FLUSHED_BY_USER = lib.PTEMU_FLUSHED_BY_USER     # a flush cause (tlb.c), not a 
 _FLUSHED_BY_CR3 = lib.PTEMU_FLUSHED_BY_CR3
 _ACC_NAMES = ("read", "write", "fetch")
 _U64_MAX = (1 << 64) - 1
+_PF_INJECT_COUNTER = PF_OUTCOME_COUNTERS[PF_INJECT]
 _MAX_TRIES = 8          # exits on one access without progress before we call it a bug
 
 
@@ -128,6 +129,8 @@ class VCpu:
             ctx.gcpu = self.cpu.c_handle
             ctx.gmem = vm.view.c_handle
             self._fast = ctx
+            # Fast path 5's fault, copied into each RunResult (the next run refills it).
+            self._gfault_bytes = ffi.buffer(ffi.addressof(ctx, "gfault"))
         self._switch_fast_paths()
 
     #: The Python handlers each fast path stands in for (the class attributes
@@ -215,7 +218,8 @@ class VCpu:
     # -- keeping the real CPU in step with the guest's ------------------------------
     def sync_cpu(self, load=True):
         """Pick up guest CPU state changed by plain assignment (CPL, PKRU, ...).
-        load=False: the caller is about to load CR3 itself (no root for the old one)."""
+        load=False: the caller is about to load CR3 itself (no root for the old one).
+        run, load_u64 and store_u64 do the same check written out."""
         cur = self._cpu_bytes[:]
         if cur != self._seen or (load and self._root_stale and self._paging):
             self._cpu_changed(cur, load)
@@ -445,13 +449,17 @@ class VCpu:
         """An 8-byte load at va (8-aligned): the value in guest memory."""
         if va.__class__ is not int or va < 0 or va > _U64_MAX or va & 7:
             va = self._aligned(va)
-        self.sync_cpu()
+        cur = self._cpu_bytes[:]                    # sync_cpu(), written out
+        if cur != self._seen or (self._root_stale and self._paging):
+            self._cpu_changed(cur)
         self._stats["guest_accesses"] += 1
         if not self._paging:
             if va + 8 > self.vm.memory_bytes:
                 raise GuestMemoryError(va, va, self.vm.memory_bytes)
             return self.vm.phys.read_u64(va)
-        r = self._real_translate(va, 0)
+        ctx = self._fast                            # _real_translate(va, 0), written out
+        r = (_translate(self._rm, va, 0, _IN_CPL) if ctx is None
+             else _shadow_translate(ctx, self._rm, va, 0, _IN_CPL))
         if not r:                       # no exit: the real MMU had it
             return self._m[walk_pa(self._rbuf) >> 3]
         kind, addr = self._xlate(va, 0, r)
@@ -466,7 +474,9 @@ class VCpu:
             va = self._aligned(va)
         if value.__class__ is not int or value < 0 or value > _U64_MAX:
             value = check_u64(value, "value")
-        self.sync_cpu()
+        cur = self._cpu_bytes[:]                    # sync_cpu(), written out
+        if cur != self._seen or (self._root_stale and self._paging):
+            self._cpu_changed(cur)
         self._stats["guest_accesses"] += 1
         if not self._paging:
             if va + 8 > self.vm.memory_bytes:
@@ -566,30 +576,62 @@ class VCpu:
 
         The vCPU keeps a reference to the last trace it checked, so that a
         resume after each handled fault does not check it again (an access
-        code changed since is still refused, by the C loop)."""
-        trace = self._check_trace(trace)
+        code changed since is still refused, by the C loop).
+
+        The common resumes are written out here: the run completes, or its
+        first exit is a true fault fast path 5 found (its PageFault made only
+        when asked for, as on the native machine); any other exit goes to
+        _run_exits, the loop that handles them."""
+        if trace is not self._checked_trace:
+            trace = self._check_trace(trace)
         n = len(trace)
         if start.__class__ is not int or start < 0:
             start = check_u64(start, "start")
         if start > n:
             raise InvalidInput("start %d is past the end of the trace (%d)" % (start, n))
-        self.sync_cpu()
+        cur = self._cpu_bytes[:]                    # sync_cpu(), written out
+        if cur != self._seen or (self._root_stale and self._paging):
+            self._cpu_changed(cur)
         st = self._stats
         if not self._paging:
             st["guest_accesses"] += n - start
             return RunResult(n, 0, 0, 0, "none", None)
+        ctx = self._fast
+        f = self._rfault
+        if ctx is None:                             # _run_c(start, n), written out
+            idx = _run(self._rcpu, self._hmem, self._rtlb, self._trace_c, n, start, ffi.NULL, f)
+        else:
+            idx = _shadow_run(ctx, self._rcpu, self._hmem, self._rtlb, self._trace_c, n, start,
+                              f)
+        if idx == n:
+            st["guest_accesses"] += n - start
+            return RunResult(n, 0, 0, 0, "none", None)
+        if ctx is not None and ctx.gfault_valid and f.vector == _VEC_PF and \
+                self._fast_bits & _FP_TRUE_FAULT:
+            # Fast path 5 at the first exit: the counters _run_exits keeps for it.
+            st["fast_pf_guest"] += 1
+            st["guest_accesses"] += idx - start
+            st["exit_page_fault"] += 1
+            st[_PF_INJECT_COUNTER] += 1
+            g = ctx.gfault
+            return _FaultRunResult(idx, _VEC_PF, g.error_code, g.cr2, self._gfault_bytes[:],
+                                   self.vm.memory_bytes)
+        return self._run_exits(trace, start, n, idx)
+
+    def _run_exits(self, trace, start, n, idx):
+        """run()'s loop from its first exit, at trace[idx] (self._rfault filled):
+        each exit handled, the C loop resumed, up to the end or a true fault."""
+        st = self._stats
         raw = self._trace_raw
         f = self._rfault
         run_c = self._run_c
         pf_exit = self.page_fault_exit
         fast = self._fast if self._fast_bits & _FP_TRUE_FAULT else None
         counts = [0] * len(PF_OUTCOME_COUNTERS)     # by outcome, added to the stats at the end
-        i = start
         last = -1
         tries = 0
         try:
             while True:
-                idx = run_c(i, n)
                 if idx == n:
                     st["guest_accesses"] += n - start
                     return RunResult(n, 0, 0, 0, "none", None)
@@ -619,9 +661,9 @@ class VCpu:
                     counts[PF_INJECT] += 1
                     st["fast_pf_guest"] += 1
                     st["guest_accesses"] += idx - start
-                    exc = self._exc = fault_from_c(fast.gfault, self.vm.memory_bytes)
-                    return RunResult(int(idx), PageFault.vector, exc.error_code, exc.cr2,
-                                     exc.cause, exc)
+                    g = fast.gfault
+                    return _FaultRunResult(int(idx), _VEC_PF, g.error_code, g.cr2,
+                                           self._gfault_bytes[:], self.vm.memory_bytes)
                 o = _REC * idx
                 code = pf_exit(va, raw[o + _REC_ACCESS], _IN_USER if raw[o + _REC_USER] else 0)
                 counts[code] += 1
@@ -638,6 +680,7 @@ class VCpu:
                     if code == PF_EMULATE:
                         self._emulated_write_without_data(self._gpa)
                     i = idx + 1
+                idx = run_c(i, n)
         finally:
             n_exits = sum(counts)
             if n_exits:

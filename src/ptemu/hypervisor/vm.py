@@ -186,6 +186,7 @@ class GuestPhys:
         self._vm = vm
         self._m = vm.hypervisor.words
         self._arr = vm.hypervisor.host.array
+        self._bytes = memoryview(self._arr)     # the same memory, for plain byte copies
         self.size = vm.memory_bytes
 
     def __len__(self):
@@ -243,6 +244,22 @@ class GuestPhys:
         return bytes(out)
 
     def write(self, pa, data):
+        n = len(data) if data.__class__ is bytes else -1
+        if n > 8 and pa.__class__ is int and 0 <= pa and (pa & 0xFFF) + n <= PAGE and \
+                pa + n <= self.size:
+            # Within one frame and more than an entry (clear_page / copy_page):
+            # the loop below's one step, as one slice copy.
+            vm = self._vm
+            gfn = pa >> 12
+            off = pa & 0xFFF
+            hpa = vm.back(gfn)
+            word = (hpa + (off & ~7)) >> 3
+            old = self._m[word]
+            self._bytes[hpa + off:hpa + off + n] = data
+            if gfn in vm.shadow.gfn_sps:
+                vm.shadow.pte_written(gfn, off, old, self._m[word], n)
+                vm.vcpu.commit()
+            return
         data = bytes(data)
         pa, n = self._range(pa, len(data))
         vm = self._vm
