@@ -444,8 +444,8 @@ static PTEMU_INLINE uint64_t quick_range(const ptemu_ctx *c, const quick *q, con
 /*
  * Which is faster -- one address at a time (fewest instructions: tables in
  * cache) or grouped (most loads in flight: tables in DRAM) -- depends on the
- * CPU, its caches and the image, so a long batch times both on a chunk each
- * and takes the faster for the next QUICK_REPROBE chunks.  Only the speed
+ * CPU, its caches and the image, so a long batch times both on two chunks
+ * each and takes the faster for the next QUICK_REPROBE chunks.  Only the speed
  * depends on the choice, never a result.  Short batches go grouped (which
  * runs both walks: the groups, then the remainder one by one).
  */
@@ -475,19 +475,28 @@ static PTEMU_INLINE uint64_t quick_loop(const ptemu_ctx *c, const quick *q, cons
     int grouped = 1, first = 0;
     uint32_t until_probe = 0;
     while (i < n) {
-        if (!until_probe && n - i >= 2 * QUICK_CHUNK) {
-            /* Each strategy times one chunk; which goes first alternates,
-             * since the first may pay for caches the second finds warm. */
-            const uint64_t t0 = quick_clock_ns();
-            faults += first ? QUICK_RANGE(1, i, i + QUICK_CHUNK)
-                            : QUICK_RANGE(0, i, i + QUICK_CHUNK);
-            const uint64_t t1 = quick_clock_ns();
-            faults += first ? QUICK_RANGE(0, i + QUICK_CHUNK, i + 2 * QUICK_CHUNK)
-                            : QUICK_RANGE(1, i + QUICK_CHUNK, i + 2 * QUICK_CHUNK);
-            const uint64_t t2 = quick_clock_ns();
-            grouped = first ? t1 - t0 < t2 - t1 : t2 - t1 < t1 - t0;
+        if (!until_probe && n - i >= 4 * QUICK_CHUNK) {
+            /* Each strategy times two chunks, in the order x y y x, and
+             * its faster one counts: the first chunk may pay for caches
+             * the others find warm, and another job may take the core
+             * during any one of them.  x alternates from probe to probe. */
+            uint64_t t[5], best[2];
+            t[0] = quick_clock_ns();
+            for (uint32_t k = 0; k < 4; k++) {
+                const int g = (k == 0 || k == 3) ? first : !first;
+                const uint64_t from = i + k * QUICK_CHUNK;
+                faults += g ? QUICK_RANGE(1, from, from + QUICK_CHUNK)
+                            : QUICK_RANGE(0, from, from + QUICK_CHUNK);
+                t[k + 1] = quick_clock_ns();
+            }
+            /* best[1]: grouped, best[0]: one at a time */
+            const uint64_t x0 = t[1] - t[0], y0 = t[2] - t[1], y1 = t[3] - t[2],
+                           x1 = t[4] - t[3];
+            best[first] = x0 < x1 ? x0 : x1;
+            best[!first] = y0 < y1 ? y0 : y1;
+            grouped = best[1] < best[0];
             first = !first;
-            i += 2 * QUICK_CHUNK;
+            i += 4 * QUICK_CHUNK;
             until_probe = QUICK_REPROBE;
             continue;
         }
