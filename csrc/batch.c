@@ -250,6 +250,156 @@ static PTEMU_INLINE uint64_t quick_store(const ptemu_ctx *c, uint64_t k, uint64_
                                         &error_code[k], zeroed);
 }
 
+/*
+ * quick_walk() for one access kind, as the one-at-a-time loop runs it: what
+ * it reads of quick, for that kind, in a structure passed by value, so that
+ * the compiler keeps it in registers (no store through pa or vector can
+ * change it), and the rights table's row as a bitmask.
+ */
+typedef struct quick1 {
+    const uint8_t *base;
+    uint64_t lim, top, addr_mask, nx_mask;
+    uint64_t table_mask[6], table_want;
+    uint64_t leaf_mask[4], leaf_want;
+    /* bit r: rights r (PTEMU_TE_NX|W|U) refused, c->rtab[acc][mode][r]; bits
+     * 15:8 all 1 when the key check runs, so that (refused >> r) & 0x101
+     * tests both at once */
+    uint32_t refused;
+} quick1;
+
+static PTEMU_INLINE quick1 quick1_of(const ptemu_ctx *c, const quick *q, uint32_t acc)
+{
+    quick1 k;
+    k.base = q->base;
+    k.lim = q->lim;
+    k.top = q->top;
+    k.addr_mask = q->addr_mask;
+    k.nx_mask = q->nx_mask;
+    for (uint32_t l = 0; l < 6; l++)
+        k.table_mask[l] = q->table_mask[l];
+    k.table_want = q->table_want;
+    k.leaf_mask[0] = 0;
+    for (uint32_t l = 1; l < 4; l++)
+        k.leaf_mask[l] = q->leaf_mask[l][acc];
+    k.leaf_want = q->leaf_want[acc];
+    k.refused = q->keys ? 0xff00u : 0;
+    for (uint32_t r = 0; r < 8; r++)
+        if (c->rtab[acc][q->mode][r])
+            k.refused |= 1u << r;
+    return k;
+}
+
+/* 1 when every rights r (PTEMU_TE_NX|W|U) gets the same answer with NX set
+ * and clear, and no key check runs: then the walk need not OR the XD bits
+ * (4.6: only fetches look at them). */
+static inline int quick1_nx_free(const quick1 *k)
+{
+    return k->refused < 0x100u && ((k->refused ^ (k->refused >> 1)) & 0x55u) == 0;
+}
+
+/* The tail of quick_walk1() at the level the leaf sat: the rights (and key)
+ * check, then the address.  level is a constant at each call. */
+static PTEMU_INLINE int quick1_leaf(const ptemu_ctx *c, const quick1 k, uint32_t acc,
+                                    uint32_t mode, const int nx, const uint32_t level,
+                                    uint64_t va, uint64_t e, uint64_t all, uint64_t any,
+                                    uint64_t *pa)
+{
+    /* 4.6: R/W and U/S ANDed (at the PTEMU_TE_W/U bit positions), XD ORed
+     * (bit 63 onto PTEMU_TE_NX): the coincidences ptemu.h asserts.  With
+     * nx = 0 bit 0 is left 0, which quick1_nx_free() found to change no
+     * answer. */
+    uint32_t rights = (uint32_t)(all & (PTEMU_TE_W | PTEMU_TE_U));
+    if (nx)
+        rights |= (uint32_t)((any & k.nx_mask) >> 63);
+    if ((k.refused >> rights) & 0x101u) {
+        if ((k.refused >> rights) & 1u ||
+            keys_check(c, acc, mode, rights, (uint32_t)(e >> PTEMU_PTE_PKEY_SHIFT) & 15, 0))
+            return 0;
+    }
+    if (level == 1) {
+        /* addr_mask holds bits M-1:12 only: nothing below bit 12 to clear */
+        *pa = (e & k.addr_mask) | (va & 0xfffu);
+    } else {
+        const uint64_t off = (1ULL << ptemu_level_shift(level)) - 1;
+        *pa = (e & k.addr_mask & ~off) | (va & off);
+    }
+    return 1;
+}
+
+/* quick_walk() with quick1: the same answers (1 with *pa, or 0). */
+static PTEMU_INLINE int quick_walk1(const ptemu_ctx *c, const quick1 k, uint32_t acc,
+                                    uint32_t mode, const uint32_t levels, const int nx,
+                                    uint64_t va, uint64_t *pa)
+{
+    /* canonical (4.5.1): va + 2^(cb-1) below 2^cb, as an unsigned sum */
+    const uint32_t cb = levels == 5 ? 57 : 48;
+    if ((va + (1ULL << (cb - 1))) >> cb)
+        return 0;
+    uint64_t table = k.top, all = ~0ULL, any = 0;
+    for (uint32_t level = levels;; level--) {
+        const uint64_t epa = table + ((va >> ptemu_level_shift(level)) & 511) * 8;
+        uint64_t e;
+        if (epa > k.lim)
+            return 0;
+        memcpy(&e, k.base + epa, 8);
+        all &= e;
+        if (nx)
+            any |= e;
+        if (level == 1) {
+            if ((e & k.leaf_mask[1]) != k.leaf_want)
+                return 0;
+            return quick1_leaf(c, k, acc, mode, nx, 1, va, e, all, any, pa);
+        }
+        if ((e & k.table_mask[level]) != k.table_want) {
+            /* Not a plain table entry: a large leaf (PS in a PDPTE or PDE),
+             * or anything the full walk must look at. */
+            if (level > 3 || !(e & PTEMU_PTE_PS) || (e & k.leaf_mask[level]) != k.leaf_want)
+                return 0;
+            return level == 3 ? quick1_leaf(c, k, acc, mode, nx, 3, va, e, all, any, pa)
+                              : quick1_leaf(c, k, acc, mode, nx, 2, va, e, all, any, pa);
+        }
+        table = e & k.addr_mask;
+    }
+}
+
+/* Addresses [i, end) one at a time, all of one access kind acc (access
+ * NULL), or each of its own (acc ignored).  nx: see quick1_nx_free(). */
+static PTEMU_INLINE uint64_t quick_range1(const ptemu_ctx *c, const quick *q,
+                                          const uint32_t levels, const int nx,
+                                          const uint64_t *va, const uint8_t *access,
+                                          uint32_t acc, uint32_t flags, uint64_t i, uint64_t end,
+                                          uint64_t *pa, uint8_t *vector, uint32_t *error_code,
+                                          const int zeroed)
+{
+    uint64_t faults = 0;
+    const uint32_t mode = q->mode;
+    if (!access) {
+        const quick1 k = quick1_of(c, q, acc);
+        for (; i < end; i++) {
+            const uint64_t v = va[i];
+            uint64_t p = 0;
+            const int ok = quick_walk1(c, k, acc, mode, levels, nx, v, &p);
+            faults += quick_store(c, i, v, acc, flags, ok, p, pa, vector, error_code, zeroed);
+        }
+        return faults;
+    }
+    const quick1 k0 = quick1_of(c, q, 0), k1 = quick1_of(c, q, 1), k2 = quick1_of(c, q, 2);
+    for (; i < end; i++) {
+        const uint64_t v = va[i];
+        const uint32_t a = access[i];
+        uint64_t p = 0;
+        int ok = 0;
+        if (a == PTEMU_ACC_READ)
+            ok = quick_walk1(c, k0, a, mode, levels, 1, v, &p);
+        else if (a == PTEMU_ACC_WRITE)
+            ok = quick_walk1(c, k1, a, mode, levels, 1, v, &p);
+        else if (a == PTEMU_ACC_FETCH)
+            ok = quick_walk1(c, k2, a, mode, levels, 1, v, &p);
+        faults += quick_store(c, i, v, a, flags, ok, p, pa, vector, error_code, zeroed);
+    }
+    return faults;
+}
+
 /* Addresses [i, end) one at a time (grouped = 0) or QUICK_LANES at a time.
  * The addresses a group declines take the full walk after it, in index
  * order.  Quick results do not depend on what those full walks write (A/D
@@ -273,20 +423,29 @@ static PTEMU_INLINE uint64_t quick_range(const ptemu_ctx *c, const quick *q, con
             faults += quick_store(c, i + l, va[i + l], acc[l], flags, ok[l], p[l], pa, vector,
                                   error_code, zeroed);
     }
-    for (; i < end; i++) {
-        const uint32_t acc = access ? access[i] : access_all;
-        uint64_t p = 0;
-        const int ok = acc <= PTEMU_ACC_FETCH && quick_walk(c, q, levels, va[i], acc, &p);
-        faults += quick_store(c, i, va[i], acc, flags, ok, p, pa, vector, error_code, zeroed);
+    if (i >= end)
+        return faults;
+    if (!access && access_all > PTEMU_ACC_FETCH) {
+        for (; i < end; i++)
+            faults += quick_store(c, i, va[i], access_all, flags, 0, 0, pa, vector, error_code,
+                                  zeroed);
+        return faults;
     }
-    return faults;
+    if (!access) {
+        quick1 k = quick1_of(c, q, access_all);
+        if (quick1_nx_free(&k))
+            return faults + quick_range1(c, q, levels, 0, va, NULL, access_all, flags, i, end,
+                                         pa, vector, error_code, zeroed);
+    }
+    return faults + quick_range1(c, q, levels, 1, va, access, access_all, flags, i, end, pa,
+                                 vector, error_code, zeroed);
 }
 
 /*
  * Which is faster -- one address at a time (fewest instructions: tables in
  * cache) or grouped (most loads in flight: tables in DRAM) -- depends on the
- * CPU, its caches and the image, so a long batch times both on a chunk each
- * and takes the faster for the next QUICK_REPROBE chunks.  Only the speed
+ * CPU, its caches and the image, so a long batch times both on two chunks
+ * each and takes the faster for the next QUICK_REPROBE chunks.  Only the speed
  * depends on the choice, never a result.  Short batches go grouped (which
  * runs both walks: the groups, then the remainder one by one).
  */
@@ -316,19 +475,28 @@ static PTEMU_INLINE uint64_t quick_loop(const ptemu_ctx *c, const quick *q, cons
     int grouped = 1, first = 0;
     uint32_t until_probe = 0;
     while (i < n) {
-        if (!until_probe && n - i >= 2 * QUICK_CHUNK) {
-            /* Each strategy times one chunk; which goes first alternates,
-             * since the first may pay for caches the second finds warm. */
-            const uint64_t t0 = quick_clock_ns();
-            faults += first ? QUICK_RANGE(1, i, i + QUICK_CHUNK)
-                            : QUICK_RANGE(0, i, i + QUICK_CHUNK);
-            const uint64_t t1 = quick_clock_ns();
-            faults += first ? QUICK_RANGE(0, i + QUICK_CHUNK, i + 2 * QUICK_CHUNK)
-                            : QUICK_RANGE(1, i + QUICK_CHUNK, i + 2 * QUICK_CHUNK);
-            const uint64_t t2 = quick_clock_ns();
-            grouped = first ? t1 - t0 < t2 - t1 : t2 - t1 < t1 - t0;
+        if (!until_probe && n - i >= 4 * QUICK_CHUNK) {
+            /* Each strategy times two chunks, in the order x y y x, and
+             * its faster one counts: the first chunk may pay for caches
+             * the others find warm, and another job may take the core
+             * during any one of them.  x alternates from probe to probe. */
+            uint64_t t[5], best[2];
+            t[0] = quick_clock_ns();
+            for (uint32_t k = 0; k < 4; k++) {
+                const int g = (k == 0 || k == 3) ? first : !first;
+                const uint64_t from = i + k * QUICK_CHUNK;
+                faults += g ? QUICK_RANGE(1, from, from + QUICK_CHUNK)
+                            : QUICK_RANGE(0, from, from + QUICK_CHUNK);
+                t[k + 1] = quick_clock_ns();
+            }
+            /* best[1]: grouped, best[0]: one at a time */
+            const uint64_t x0 = t[1] - t[0], y0 = t[2] - t[1], y1 = t[3] - t[2],
+                           x1 = t[4] - t[3];
+            best[first] = x0 < x1 ? x0 : x1;
+            best[!first] = y0 < y1 ? y0 : y1;
+            grouped = best[1] < best[0];
             first = !first;
-            i += 2 * QUICK_CHUNK;
+            i += 4 * QUICK_CHUNK;
             until_probe = QUICK_REPROBE;
             continue;
         }
