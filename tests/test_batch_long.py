@@ -1,4 +1,4 @@
-"""translate_many over a long batch (issue 12): batches of at least two
+"""translate_many over a long batch (issue 12): batches of at least four
 chunks of csrc/batch.c's quick loop time its two strategies (one address at
 a time, and QUICK_LANES at a time) and go on with the faster, so a long
 batch runs both, in an order that depends on the machine.  Either way the
@@ -17,7 +17,7 @@ import numpy as np
 import ptemu
 from ptemu.pagetable import PageTableBuilder
 
-N = 20_000     # > 2 chunks of 4096: the loop measures both of its strategies
+N = 20_000     # >= 4 chunks of 4096: the loop times both of its strategies (x y y x)
 
 
 def _image(seed):
