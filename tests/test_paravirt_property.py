@@ -28,9 +28,9 @@ from ptemu.hypervisor import Hypervisor, audit
 from ptemu.hypervisor.exits import FAST_COUNTERS
 
 from test_shadow_property import (scaled, make_vm, VmSide, apply, ops, entry,
-                                  paravirt_against_native,
+                                  paravirt_against_native, PV_GUEST_OPS,
                                   sane_entry, isolation_problems,
-                                  va8, vaany, _acc, _idx, _cr3, PT_FRAMES, FRAMES, MEM, P, W,
+                                  vaany, _idx, _cr3, PT_FRAMES, FRAMES, MEM, P, W,
                                   U, A, D, PS)
 
 # -- strategies ---------------------------------------------------------------------------
@@ -130,12 +130,7 @@ def test_hypercall_fast_path_matches_the_python_reference(seq, limit):
     st.tuples(st.just("mmu_update"), st.lists(_item, min_size=1, max_size=8)),
     st.tuples(st.just("mmu_update"), st.lists(st.one_of(_item, _hostile_item), min_size=1,
                                               max_size=4)),
-    st.tuples(st.just("load"), va8),
-    st.tuples(st.just("access"), vaany, _acc),
-    st.tuples(st.just("run"), st.lists(st.tuples(vaany, st.integers(0, 2), st.booleans()),
-                                       min_size=1, max_size=8)),
-    st.tuples(st.just("hc_invlpg"), vaany),
-    st.tuples(st.just("hc_baseptr"), st.sampled_from([0x1000, 0x6000]))),
+    *PV_GUEST_OPS),
     min_size=1, max_size=40), fast=st.booleans())
 def test_a_disciplined_paravirt_guest_sees_native_both_ways(seq, fast):
     """SDM 4.10.4.3: after each accepted batch the guest flushes (flush_tlb);
