@@ -33,7 +33,7 @@ if lib.ptemu_abi_version() != ABI_VERSION or lib.PTEMU_ABI_VERSION != ABI_VERSIO
 __all__ = ["ffi", "lib", "PtemuError", "InvalidInput", "ImageError", "MmuFault",
            "PageFault", "GeneralProtection", "EptExit", "EptViolation", "EptMisconfig", "check_u64", "check_array",
            "fault_from_c", "ACCESS_CODES", "GuestWalk", "decode_walk", "walk_pa", "WALK_OUT",
-           "WALK_ENTRIES", "WALK_FIELDS", "WALK_VA_WORD", "walk_out_entries", "check_layout"]
+           "WALK_FIELDS", "WALK_VA_WORD", "walk_out_entries", "check_layout"]
 
 U64_MAX = (1 << 64) - 1
 
@@ -237,12 +237,10 @@ def check_layout(ok, what):
 
 
 # -- the walk output (ptemu_walk_out), decoded once -----------------------------------
-#: ptemu_walk_out for Translation (mmu.py): the ten entry words stay one bytes
-#: object until asked for (object creation dominates a scalar call):
-#: va, pa, page_size, leaf, level, rights, nentries, mem_refs, tlb_hit,
-#: first_level, entry_pa[5] + entry[5].
+#: ptemu_walk_out as a whole (its size, for the buffers C fills): va, pa,
+#: page_size, leaf, level, rights, nentries, mem_refs, tlb_hit, first_level,
+#: entry_pa[5] + entry[5].  Fields are read through WALK_FIELDS below.
 WALK_OUT = struct.Struct("<4Q6I80s")
-WALK_ENTRIES = struct.Struct("<10Q")
 check_layout(WALK_OUT.size == ffi.sizeof("ptemu_walk_out"), "sizeof(ptemu_walk_out)")
 check_layout(ffi.offsetof("ptemu_walk_out", "entry_pa") == 56, "ptemu_walk_out.entry_pa")
 check_layout(ffi.offsetof("ptemu_walk_out", "pa") == 8, "ptemu_walk_out.pa")
