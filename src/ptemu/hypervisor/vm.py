@@ -248,22 +248,13 @@ class GuestPhys:
         if n > 8 and pa.__class__ is int and 0 <= pa and (pa & 0xFFF) + n <= PAGE and \
                 pa + n <= self.size:
             # Within one frame and more than an entry (clear_page / copy_page):
-            # the loop below's one step, as one slice copy.
-            vm = self._vm
-            gfn = pa >> 12
-            off = pa & 0xFFF
-            hpa = vm.back(gfn)
-            word = (hpa + (off & ~7)) >> 3
-            old = self._m[word]
-            self._bytes[hpa + off:hpa + off + n] = data
-            if gfn in vm.shadow.gfn_sps:
-                vm.shadow.pte_written(gfn, off, old, self._m[word], n)
-                vm.vcpu.commit()
+            # the loop below's one step, without its checks and copies.
+            self._copy_in_frame(pa >> 12, pa & 0xFFF, data)
             return
         data = bytes(data)
         pa, n = self._range(pa, len(data))
         vm = self._vm
-        sh = vm.shadow
+        src = memoryview(data)
         done = 0
         while done < n:
             cur = pa + done
@@ -273,14 +264,22 @@ class GuestPhys:
             if k == 8 and not off & 7:
                 vm.guest_write(cur, int.from_bytes(data[done:done + 8], "little"))
             else:
-                hpa = vm.back(gfn)
-                word = (hpa + (off & ~7)) >> 3
-                old = self._m[word]
-                self._arr[hpa + off:hpa + off + k] = np.frombuffer(data, np.uint8, k, done)
-                if gfn in sh.gfn_sps:
-                    sh.pte_written(gfn, off, old, self._m[word], k)
-                    vm.vcpu.commit()
+                self._copy_in_frame(gfn, off, src[done:done + k])
             done += k
+
+    def _copy_in_frame(self, gfn, off, src):
+        """Bytes src into guest frame gfn at off (within the frame, not an
+        aligned 8-byte entry store): backed first, and a shadowed frame's
+        shadows told what changed (the entry at off's word before and after)."""
+        vm = self._vm
+        hpa = vm.back(gfn)
+        word = (hpa + (off & ~7)) >> 3
+        old = self._m[word]
+        k = len(src)
+        self._bytes[hpa + off:hpa + off + k] = src
+        if gfn in vm.shadow.gfn_sps:
+            vm.shadow.pte_written(gfn, off, old, self._m[word], k)
+            vm.vcpu.commit()
 
     def __repr__(self):
         return "<guest-physical memory of VM %d, %#x bytes>" % (self._vm.id, self.size)
