@@ -70,8 +70,11 @@ int ptemu_ept_walk(ptemu_ept *x, uint64_t gpa, uint32_t access, uint32_t qual_ex
     uint64_t e;
 
     x->walks++;
-    /* Guest-physical addresses are at most MAXPHYADDR bits wide. */
-    if (gpa >> m)
+    /* Guest-physical addresses are at most MAXPHYADDR bits wide, and a
+     * 4-level EPT translates only 48 of them (SDM Vol. 3C 29.3.2): a wider
+     * address is an EPT violation, never an alias of the address with its
+     * top bits cut off. */
+    if (gpa >> (levels == 4 && m > 48 ? 48 : m))
         return ept_exit(x, PTEMU_EXIT_EPT_VIOLATION, gpa, qual_access | qual_extra, levels);
     for (;;) {
         uint64_t epa = table + ((gpa >> ptemu_level_shift(level)) & 511) * 8;

@@ -649,3 +649,20 @@ def test_ept_needs_plain_host():
         Ept(nested, TABLES, TABLES_END)
     with pytest.raises(ptemu.InvalidInput):
         Ept(object(), TABLES, TABLES_END)
+
+
+def test_a_4_level_ept_refuses_guest_physical_addresses_of_49_bits_or_more():
+    """SDM Vol. 3C 29.3.2: a 4-level EPT translates 48-bit guest-physical
+    addresses; gpa 2^48 is an EPT violation, not gpa 0 with bit 48 cut off
+    (the walker fuzzer found a CR3 there reading gpa 0's table)."""
+    size = 4 * 4096
+    host = ptemu.PhysicalMemory(size + 64 * 4096)
+    ept = Ept(host, size, size + 64 * 4096, levels=4, ad=False)
+    for g in range(4):
+        ept.map(g * 4096, g * 4096)
+    host.write_u64(0, 0x1003)                   # a present PML4E at gpa 0
+    gmem = ptemu.PhysicalMemory.nested(ept, size)
+    cpu = ptemu.CpuState.long_mode(cr3=1 << 48, maxphyaddr=52)
+    with pytest.raises(EptViolation) as exc:
+        ptemu.Mmu(gmem, cpu).translate(0, "r", update_ad=False)
+    assert exc.value.gpa == 1 << 48
