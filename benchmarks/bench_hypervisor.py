@@ -175,6 +175,11 @@ def test_guest_workload(benchmark, workload, mode):
             info["seconds_over_native"] = round(over, 3)
             info["exits_per_s_over_native"] = round(exits / over)
             extra = "  (%.2f s over native: %.0f exits/s)" % (over, exits / over)
+        if workload in _NATIVE:
+            ratio = secs / _NATIVE[workload][2]
+            info["ratio_vs_native"] = round(ratio, 3)
+            extra += "\n    %.2fx native's time (target 1.3x) -- %s" % (
+                ratio, "met" if ratio <= 1.3 else "NOT met")
     print("\n%-15s %-8s %9d accesses %7.2f s  %9.0f accesses/s  %8d exits %8.0f exits/s%s\n"
           "    exits by reason: %s" % (
               workload, mode, res.accesses, secs, res.accesses / secs, exits, exits / secs,
