@@ -677,7 +677,17 @@ typedef struct ptemu_shadow_ctx {
                                  page there, 0: none */
 } ptemu_shadow_ctx;
 #define PTEMU_PATH_LOG_WORDS    8
+/* path_log npath flag: the path ends at a direct level-1 page under a guest
+ * 2 MiB leaf (shadow.py's _pcache[~(va >> 21)]), not at a level-1 page */
+#define PTEMU_PATH_LOG_DIRECT   0x100
 #define PTEMU_ROLE_ACC_SHIFT    4    /* a role's inherited rights (shadow.py R_ACC_SHIFT) */
+/* Role bits of direct pages (shadow.py R_DIRECT, R_PKEY_SHIFT, R_G, R_PWT, R_PCD):
+ * the large leaf's key, G and caching bits, which each spte copies */
+#define PTEMU_ROLE_DIRECT       0x8
+#define PTEMU_ROLE_PKEY_SHIFT   10
+#define PTEMU_ROLE_G            0x4000
+#define PTEMU_ROLE_PWT          0x8000
+#define PTEMU_ROLE_PCD          0x10000
 
 /* ptemu_run over the shadow tables with fast path 1: a hidden fault whose
  * shadow path is cached gets its leaf spte and the run goes on.  Returns

@@ -84,6 +84,54 @@ static int gfn_has_sp(const ptemu_shadow_ctx *ctx, uint64_t gfn, uint64_t f)
     return 0;
 }
 
+/* The shadow walk of shadow_descend and direct_descend (KVM
+ * for_each_shadow_entry): from the current root, one link per guest entry
+ * w->entry[0..nlinks-1] above the leaf; each spte must link, with exactly
+ * P|W|U|A, the (gfn, role) page _descend wants -- sp_key of the child's frame
+ * holding gfn << 20 | role for the gfn the entry names and the role it
+ * gives (the current mode's bits; the level; the rights inherited so far),
+ * and gfn_sp listing it under that gfn.  path[0..nlinks] gets the frames,
+ * root first; returns the last, or NO_FRAME where _descend would link. */
+static uint64_t descend_links(const ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t va,
+                              const ptemu_walk_out *w, uint32_t levels, uint32_t nlinks,
+                              uint64_t *path)
+{
+    /* A root of the current mode; the path goes to the log; no room to make
+     * (the shadow limit, host memory pressure: Python makes it first). */
+    if (!ctx->root_key || levels < 4 || levels > 5 || nlinks >= levels ||
+        !ctx->path_log || ctx->path_log_len >= ctx->path_log_cap ||
+        (ctx->root_key & ((1ULL << PTEMU_SP_KEY_SHIFT) - 1)) != ctx->root_role ||
+        !ctx->hash_room || *ctx->host_free < PTEMU_FILL_MIN_FREE)
+        return PTEMU_NO_FRAME;
+    uint64_t f = ctx->root_hpa >> 12;
+    if (f >= ctx->nhost)
+        return PTEMU_NO_FRAME;
+    uint8_t nxe = ctx->sp_info[f] & PTEMU_SPI_NXE;
+    /* The mode bits of every role (NXE, WP, LA57): the root's, the current mode's. */
+    uint64_t base = ctx->root_role & ~(uint64_t)0x7f;
+    uint32_t acc = PTEMU_TE_W | PTEMU_TE_U;
+    path[0] = f;
+    for (uint32_t k = 0; k < nlinks; k++) {
+        uint32_t level = levels - k;               /* of the page at path[k] */
+        uint64_t e = w->entry[k], spte;
+        acc &= (uint32_t)(e & (PTEMU_TE_W | PTEMU_TE_U)) | PTEMU_TE_NX;
+        if (nxe && (e & PTEMU_PTE_NX))
+            acc |= PTEMU_TE_NX;
+        if (!ptemu_load64(hmem, (f << 12) + 8 * ((va >> (12 + 9 * (level - 1))) & 511), &spte))
+            return PTEMU_NO_FRAME;
+        uint64_t child = (spte & SPTE_FRAME) >> 12;
+        uint64_t key = (((e & ctx->amask) >> 12) << PTEMU_SP_KEY_SHIFT) | base |
+                       (level - 1) | ((uint64_t)acc << PTEMU_ROLE_ACC_SHIFT);
+        if ((spte & ~SPTE_FRAME) != (PTEMU_PTE_P | PTEMU_PTE_W | PTEMU_PTE_U | PTEMU_PTE_A) ||
+            child >= ctx->nhost || ctx->sp_key[child] != key ||
+            !gfn_has_sp(ctx, (e & ctx->amask) >> 12, child))
+            return PTEMU_NO_FRAME;                  /* missing or another role: link */
+        f = child;
+        path[k + 1] = f;
+    }
+    return f;
+}
+
 /* The fill cache missed (another region's slot, or a generation step since:
  * an unlink, zap, unsync, sync or root change anywhere).  When every shadow
  * page on va's path under the current root exists with the role shadow.py's
@@ -99,40 +147,12 @@ static ptemu_spc_slot *shadow_descend(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, ui
                                       const ptemu_walk_out *w)
 {
     uint32_t levels = (uint32_t)(ctx->root_role & 7);
-    if (!ctx->root_key || levels < 4 || levels > 5 || w->nentries != levels ||
-        !ctx->path_log || ctx->path_log_len >= ctx->path_log_cap ||
-        (ctx->root_key & ((1ULL << PTEMU_SP_KEY_SHIFT) - 1)) != ctx->root_role ||
-        !ctx->hash_room || *ctx->host_free < PTEMU_FILL_MIN_FREE)
-        return NULL;
-    uint64_t f = ctx->root_hpa >> 12;
-    if (f >= ctx->nhost)
-        return NULL;
-    uint8_t nxe = ctx->sp_info[f] & PTEMU_SPI_NXE;
-    /* The mode bits of every role (NXE, WP, LA57): the root's, the current mode's. */
-    uint64_t base = ctx->root_role & ~(uint64_t)0x7f;
     uint64_t path[5];
-    uint32_t acc = PTEMU_TE_W | PTEMU_TE_U;
-    path[0] = f;
-    /* One level per guest entry above the leaf (KVM for_each_shadow_entry):
-     * the child the spte links must be the (gfn, role) page _descend wants. */
-    for (uint32_t k = 0; k + 1 < levels; k++) {
-        uint32_t level = levels - k;               /* of the page at path[k] */
-        uint64_t e = w->entry[k], spte;
-        acc &= (uint32_t)(e & (PTEMU_TE_W | PTEMU_TE_U)) | PTEMU_TE_NX;
-        if (nxe && (e & PTEMU_PTE_NX))
-            acc |= PTEMU_TE_NX;
-        if (!ptemu_load64(hmem, (f << 12) + 8 * ((va >> (12 + 9 * (level - 1))) & 511), &spte))
-            return NULL;
-        uint64_t child = (spte & SPTE_FRAME) >> 12;
-        uint64_t key = (((e & ctx->amask) >> 12) << PTEMU_SP_KEY_SHIFT) | base |
-                       (level - 1) | ((uint64_t)acc << PTEMU_ROLE_ACC_SHIFT);
-        if ((spte & ~SPTE_FRAME) != (PTEMU_PTE_P | PTEMU_PTE_W | PTEMU_PTE_U | PTEMU_PTE_A) ||
-            child >= ctx->nhost || ctx->sp_key[child] != key ||
-            !gfn_has_sp(ctx, (e & ctx->amask) >> 12, child))
-            return NULL;                            /* missing or another role: link */
-        f = child;
-        path[k + 1] = f;
-    }
+    if (w->nentries != levels)
+        return NULL;
+    uint64_t f = descend_links(ctx, hmem, va, w, levels, levels - 1, path);
+    if (f == PTEMU_NO_FRAME)
+        return NULL;
     uint64_t l1_gfn = w->entry_pa[levels - 1] >> 12;
     if (l1_gfn >= ctx->nframes || ctx->gfn_nsp[l1_gfn] != 1)
         return NULL;
@@ -160,6 +180,51 @@ static ptemu_spc_slot *shadow_descend(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, ui
     return slot;
 }
 
+/* The guest large-leaf bits a direct page's sptes carry (shadow.py leafbits). */
+#define DIRECT_COPY  (PTEMU_PTE_PWT | PTEMU_PTE_PCD | PTEMU_PTE_G | \
+                      (0xfULL << PTEMU_PTE_PKEY_SHIFT))
+
+/* Fast path 1 for a guest 2 MiB leaf (the kernel's direct map): shadow.py's
+ * fill through _direct_leaf_page, when it would link nothing.  The shadow
+ * path from the current root down to the page of the guest table holding
+ * the leaf must exist with the roles _descend wants (as shadow_descend
+ * checks it), and under it, at va's index, the direct level-1 page of the
+ * role direct_role gives (the leaf's rights, W only once its D is set; its
+ * key, G and caching bits), keyed by the base frame of the 2 MiB range.
+ * Returns that page's host frame and the path (root first, npath pages,
+ * without the direct page), or NO_FRAME: Python builds or makes room. */
+static uint64_t direct_descend(const ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t va,
+                               const ptemu_walk_out *w, uint64_t *path, uint32_t *npath,
+                               uint32_t *dacc)
+{
+    uint32_t levels = (uint32_t)(ctx->root_role & 7);
+    if (w->nentries + 1 != levels)
+        return PTEMU_NO_FRAME;
+    /* _descend's path: one link per guest entry above the leaf. */
+    uint64_t f = descend_links(ctx, hmem, va, w, levels, w->nentries - 1, path), spte;
+    if (f == PTEMU_NO_FRAME)
+        return PTEMU_NO_FRAME;
+    uint64_t base = ctx->root_role & ~(uint64_t)0x7f;    /* the mode bits of every role */
+    *npath = w->nentries;
+    /* direct_role, then the direct level-1 page under the level-2 page. */
+    uint64_t leaf = w->leaf;
+    uint32_t d = (leaf & PTEMU_PTE_D) ? w->rights : w->rights & ~(uint32_t)PTEMU_TE_W;
+    uint64_t role = base | PTEMU_ROLE_DIRECT | ((uint64_t)d << PTEMU_ROLE_ACC_SHIFT) |
+                    (((leaf >> PTEMU_PTE_PKEY_SHIFT) & 0xf) << PTEMU_ROLE_PKEY_SHIFT) |
+                    ((leaf & PTEMU_PTE_G) ? PTEMU_ROLE_G : 0) |
+                    ((leaf & PTEMU_PTE_PWT) ? PTEMU_ROLE_PWT : 0) |
+                    ((leaf & PTEMU_PTE_PCD) ? PTEMU_ROLE_PCD : 0) | 1;
+    uint64_t dgfn = (w->pa >> 12) & ~(uint64_t)511;
+    if (!ptemu_load64(hmem, (f << 12) + 8 * ((va >> 21) & 511), &spte))
+        return PTEMU_NO_FRAME;
+    uint64_t child = (spte & SPTE_FRAME) >> 12;
+    if ((spte & ~SPTE_FRAME) != (PTEMU_PTE_P | PTEMU_PTE_W | PTEMU_PTE_U | PTEMU_PTE_A) ||
+        child >= ctx->nhost || ctx->sp_key[child] != ((dgfn << PTEMU_SP_KEY_SHIFT) | role))
+        return PTEMU_NO_FRAME;
+    *dacc = d;
+    return child;
+}
+
 /* Fast path 1.  Returns 1 when the access may be retried (a new or widened
  * leaf spte, or it was there already), 0 to decline to Python, -1 when the
  * guest's own walk faults with a #PF the guest must get (gf filled: fast
@@ -178,36 +243,57 @@ static int shadow_fast_fill(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t va,
         return gf->vector == PTEMU_VEC_PF && gf->cause != PTEMU_CAUSE_BUS ? -1 : 0;
     if (!(ctx->enabled & PTEMU_FP_HIDDEN_FAULT))
         return 0;                          /* fast path 5 alone: the fill is Python's */
-    if (w.level != 1 || w.nentries == 0)
-        return 0;                          /* a large guest page: direct pages */
+    if ((w.level != 1 && w.level != 2) || w.nentries == 0)
+        return 0;                          /* a guest 1 GiB page: Python */
     uint64_t gfn = w.pa >> 12;
     if (gfn >= ctx->nframes)
         return 0;                          /* MMIO */
     if (access == PTEMU_ACC_WRITE &&
         (!(w.rights & PTEMU_TE_W) || ctx->wp[gfn] || !ctx->role_wp))
         return 0;                          /* emulate or unsync: policy */
-    const ptemu_spc_slot *slot = &ctx->spc[(va >> 21) & ctx->spc_mask];
-    if (slot->tag != (va >> 21) + 1 || slot->gen != ctx->gen ||
-        slot->l1_gfn != w.entry_pa[w.nentries - 1] >> 12) {
-        slot = shadow_descend(ctx, hmem, va, &w);
-        if (!slot)
+    const ptemu_spc_slot *slot = NULL;
+    uint64_t path[5], hpa, spte, addr, dframe = PTEMU_NO_FRAME;
+    const uint64_t *upath;
+    uint32_t npath;
+    if (w.level == 2) {
+        /* A guest 2 MiB page: its direct level-1 page, reached on the real
+         * shadow tables (no slot), when nothing is to be linked. */
+        uint32_t dacc;
+        dframe = direct_descend(ctx, hmem, va, &w, path, &npath, &dacc);
+        if (dframe == PTEMU_NO_FRAME)
             return 0;                      /* the path must be built: Python */
+        hpa = ctx->p2m[gfn];
+        if (hpa == PTEMU_NO_FRAME || (hpa >> 12) >= ctx->nhost)
+            return 0;                      /* backing a frame is Python's */
+        spte = ptemu_make_leaf_spte(hpa, dacc, w.leaf & DIRECT_COPY, 1, ctx->wp[gfn]);
+        addr = (dframe << 12) + 8 * ((va >> 12) & 511);
+        upath = path;
+    } else {
+        slot = &ctx->spc[(va >> 21) & ctx->spc_mask];
+        if (slot->tag != (va >> 21) + 1 || slot->gen != ctx->gen ||
+            slot->l1_gfn != w.entry_pa[w.nentries - 1] >> 12) {
+            slot = shadow_descend(ctx, hmem, va, &w);
+            if (!slot)
+                return 0;                  /* the path must be built: Python */
+        }
+        if (slot->npath > 5)
+            return 0;
+        hpa = ctx->p2m[gfn];
+        if (hpa == PTEMU_NO_FRAME || (hpa >> 12) >= ctx->nhost)
+            return 0;                      /* backing a frame is Python's */
+        spte = ptemu_make_leaf_spte(hpa, w.rights, w.leaf & ctx->leaf_copy,
+                                    (w.leaf & PTEMU_PTE_D) != 0, ctx->wp[gfn]);
+        addr = slot->l1_base + 8 * ((va >> 12) & 511);
+        upath = slot->path;
+        npath = slot->npath;
     }
-    if (slot->npath > 5)
-        return 0;
-    uint64_t hpa = ctx->p2m[gfn];
-    if (hpa == PTEMU_NO_FRAME || (hpa >> 12) >= ctx->nhost)
-        return 0;                          /* backing a frame is Python's */
-    uint64_t spte = ptemu_make_leaf_spte(hpa, w.rights, w.leaf & ctx->leaf_copy,
-                                         (w.leaf & PTEMU_PTE_D) != 0, ctx->wp[gfn]);
-    uint64_t addr = slot->l1_base + 8 * ((va >> 12) & 511);
     uint64_t old;
     if (!ptemu_load64(hmem, addr, &old))
         return 0;
     if (old) {
         if (old == spte) {
             ctx->pf_spurious++;
-            if (slot->gsnap)
+            if (slot && slot->gsnap)
                 slot->gsnap[(va >> 12) & 511] = w.leaf;
             goto used;
         }
@@ -226,15 +312,26 @@ static int shadow_fast_fill(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t va,
         return 0;                          /* cannot happen: the load passed */
     /* An unsync page remembers the gpte this spte was made from (resync at
      * the guest's INVLPG or CR3 load compares against it). */
-    if (slot->gsnap)
+    if (slot && slot->gsnap)
         slot->gsnap[(va >> 12) & 511] = w.leaf;
     ctx->pf_fixed++;
 used:
     /* A use of every page on the path: their write-flooding counts restart
-     * (KVM clears write_flooding_count on each page a fault walks). */
-    for (uint32_t k = 0; k < slot->npath; k++)
-        if (slot->path[k] < ctx->nhost)
-            ctx->flood[slot->path[k]] = 0;
+     * (KVM clears write_flooding_count on each page a fault walks; the
+     * direct page under a 2 MiB leaf is no page of the path, as in _use). */
+    for (uint32_t k = 0; k < npath; k++)
+        if (upath[k] < ctx->nhost)
+            ctx->flood[upath[k]] = 0;
+    if (dframe != PTEMU_NO_FRAME) {
+        /* shadow.py's _pcache[~(va >> 21)] gets the path and the direct page,
+         * as _direct_leaf_page caches them (room checked above). */
+        uint64_t *log = &ctx->path_log[PTEMU_PATH_LOG_WORDS * ctx->path_log_len++];
+        log[0] = va >> 21;
+        log[1] = ctx->gen;
+        log[2] = (npath + 1) | PTEMU_PATH_LOG_DIRECT;
+        for (uint32_t k = 0; k < 5; k++)
+            log[3 + k] = k < npath ? path[k] : k == npath ? dframe : 0;
+    }
     return 1;
 }
 
@@ -345,10 +442,6 @@ static int set_spte(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t addr, uint6
     ptemu_mem_store64(hmem, addr, new);
     return 1;
 }
-
-/* The guest large-leaf bits a direct page's sptes carry (shadow.py leafbits). */
-#define DIRECT_COPY  (PTEMU_PTE_PWT | PTEMU_PTE_PCD | PTEMU_PTE_G | \
-                      (0xfULL << PTEMU_PTE_PKEY_SHIFT))
 
 /* 1 when a fill for this walk (use=False) would leave the shadow as it is:
  * the store's own leaf spte is there, on the path a fill would take. */

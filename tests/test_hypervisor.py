@@ -75,6 +75,26 @@ def test_machine_contract_attributes_and_initial_vcpu():
     assert (pv.paging, pv.unsync) == ("paravirt", False)
 
 
+def test_a_frame_is_zero_when_handed_out_fresh_or_again():
+    """alloc_frame gives zeroed frames: one never handed out is still the zeros
+    host memory starts as; one given back dirty is zeroed when handed out again."""
+    hv = Hypervisor(8 * PAGE)
+    a = hv.alloc_frame()
+    assert not hv.host.array[a:a + PAGE].any()
+    hv.host.array[a:a + PAGE] = 0xAB
+    hv.free_frame(a)
+    assert hv.alloc_frame() == a                      # lowest free frame first
+    assert not hv.host.array[a:a + PAGE].any()
+    vm = hv.create_vm(4 * PAGE)
+    vm.phys.write(0, b"\xcd" * PAGE)
+    dirty = vm.gpa_to_hpa(0)
+    hv.destroy_vm(vm)
+    vm = hv.create_vm(4 * PAGE)
+    vm.phys.write_u64(0, 1)
+    assert vm.gpa_to_hpa(0) == dirty                  # the frame given back, zeroed
+    assert vm.phys.read(8, PAGE - 8) == bytes(PAGE - 8)
+
+
 def test_guest_memory_is_backed_lazily_lowest_frame_first():
     hv = Hypervisor(64 * PAGE)
     vm = hv.create_vm(32 * PAGE)

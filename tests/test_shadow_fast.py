@@ -110,8 +110,8 @@ def test_writes_widen_a_clean_spte_in_c_and_the_guest_sees_d():
 
 def test_declined_cases_go_to_python():
     """What C declines (docs/shadow-mmu.md): a true fault, a write to a
-    write-protected page table (emulated), a large guest page, a frame not
-    backed yet, MMIO.  Each is handled by the Python exit with the same result."""
+    write-protected page table (emulated), a large guest page's first fault
+    (its direct pages are made), a frame not backed yet, MMIO.  Each is handled by the Python exit with the same result."""
     vms = pair()
     for vm, g in vms:
         g.map(VA, 40 * PAGE, P | W | U | A | D)
@@ -136,6 +136,86 @@ def test_declined_cases_go_to_python():
     assert fast.stats["fast_pf_fixed"] == 1
     assert fast.stats["pf_emulate"] == 1 and fast.stats["pf_guest"] == 1
     assert fast.stats["pf_mmio"] == 1
+    same(fast, ref)
+
+
+def _pcaches(vms):
+    out = []
+    for vm, _ in vms:
+        vm.shadow._paths_current()
+        out.append({k: [p.hpa for p in v] for k, v in vm.shadow._pcache.items()})
+    return out
+
+
+@pytest.mark.parametrize("kw", [{}, {"unsync": True}])
+def test_hidden_faults_under_a_guest_2mib_page_are_fixed_in_c(kw):
+    """A guest 2 MiB leaf (SDM 4.5, PS=1 in a PDE; the kernel's direct map) is
+    shadowed by direct level-1 pages.  The first fault makes them (Python);
+    a later one whose direct page exists with the role the leaf gives -- its
+    rights, W only once D is set (SDM 4.8), its key, G and caching bits -- is
+    filled in C, inside vcpu.run and the scalar accesses.  A clean leaf's
+    first write needs the direct page of the W role (Python makes it); a
+    1 GiB leaf stays Python's.  The fill cache learns C's paths."""
+    big, key = 0x80000000, 5 << bits.PTE_PKEY_SHIFT
+    vms = pair(**kw)
+    for vm, g in vms:
+        for i in range(6):
+            vm.phys.write_u64(0x200000 + i * PAGE, i)           # backed (Python's)
+        g.map(big, 0x200000, P | W | U | A | D | PS | bits.PTE_G | bits.PTE_PCD | key, level=2)
+        g.map(big + 0x200000, 0, P | W | U | PS, level=2)      # clean
+        g.map(0xC0000000, 0, P | W | A | D | PS, level=3)      # 1 GiB
+        vm.vcpu.write_cr3(g.root)
+        vm.vcpu.load_u64(big)                                  # direct pages made
+    tr = np.zeros(3, dtype=TRACE_DTYPE)
+    tr["va"] = [big + i * PAGE for i in (1, 2, 3)]
+    tr["access"] = [0, 1, 0]
+    r = both(vms, lambda vm: vm.vcpu.run(tr))
+    assert r[0].index == r[1].index == 3
+    both(vms, lambda vm: vm.vcpu.store_u64(big + 4 * PAGE, 9))
+    assert both(vms, lambda vm: vm.vcpu.load_u64(big + 4 * PAGE)) == [9, 9]
+    (fast, _), (ref, _) = vms
+    assert fast.stats["fast_pf_fixed"] == 4 and ref.stats["fast_pf_fixed"] == 0
+    clean = big + 0x200000
+    for vm, _ in vms:
+        vm.vcpu.load_u64(clean + 40 * PAGE)                  # a clean leaf: read-only role
+        vm.vcpu.load_u64(clean + 41 * PAGE)                  # C
+        vm.vcpu.store_u64(clean + 41 * PAGE, 3)              # D set: the W role (Python)
+        vm.vcpu.store_u64(clean + 42 * PAGE, 4)              # C
+        vm.vcpu.load_u64(0xC0000000 + 43 * PAGE)
+        vm.vcpu.load_u64(0xC0000000 + 44 * PAGE)             # 1 GiB: Python
+    assert fast.stats["fast_pf_fixed"] == 6
+    assert fast.phys.read_u64(42 * PAGE) == 4
+    # Every spte carries the leaf's key, G and PCD (SDM 4.6.2, 4.10.2.4, 4.9.2).
+    for i in range(5):
+        spte = fast.vcpu.mmu.walk_entries(big + i * PAGE)[0][-1][1]
+        assert spte & (key | bits.PTE_G | bits.PTE_PCD) == key | bits.PTE_G | bits.PTE_PCD
+    caches = _pcaches(vms)
+    assert caches[0] == caches[1] and ~(clean >> 21) in caches[0]
+    same(fast, ref)
+
+
+@pytest.mark.parametrize("kw", [{}, {"shadow_limit": 8}])
+def test_the_direct_fast_fill_declines_what_python_must_decide(kw):
+    """A guest 2 MiB page is filled in C only with nothing to make: a direct
+    page of another role (the leaf's key changed), a frame not backed yet,
+    and memory pressure (a fill makes room first: shadow_limit) go to Python."""
+    big = 0x80000000
+    vms = pair(**kw)
+    for vm, g in vms:
+        for i in range(3):
+            vm.phys.write_u64(0x200000 + i * PAGE, i)
+        g.map(big, 0x200000, P | W | U | A | D | PS, level=2)
+        vm.vcpu.write_cr3(g.root)
+        vm.vcpu.load_u64(big)
+        vm.phys.write_u64(g.entry_pa(big, 2), 0x200000 | P | W | U | A | D | PS
+                          | 3 << bits.PTE_PKEY_SHIFT)
+        vm.vcpu.invlpg(big)
+        vm.vcpu.load_u64(big + PAGE)            # another key: another direct page
+        vm.vcpu.load_u64(big + 7 * PAGE)        # not backed yet
+        vm.vcpu.load_u64(big + 2 * PAGE)        # C, unless the shadow is at its limit
+    (fast, _), (ref, _) = vms
+    assert fast.stats["fast_pf_fixed"] == (0 if kw else 1)
+    assert _pcaches(vms)[0] == _pcaches(vms)[1]
     same(fast, ref)
 
 

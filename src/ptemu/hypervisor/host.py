@@ -24,6 +24,7 @@ __all__ = ["Hypervisor", "PAGE"]
 
 PAGE = 4096
 _PREV_ROOTS_MAX = lib.PTEMU_PREV_ROOTS_MAX
+_ZERO_PAGE = bytes(PAGE)
 
 
 def _check_guest_size(guest_memory_bytes):
@@ -46,9 +47,15 @@ class Hypervisor:
         self.host = PhysicalMemory(size)
         #: Host memory as uint64 words (a memoryview: the fastest scalar access).
         self.words = memoryview(self.host.array).cast("Q")
+        self._bytes = memoryview(self.host.array)   # the same as bytes (frame zeroing)
         self._free = list(range(size // PAGE))      # a heap: lowest frame first
         #: len(_free) as one word C reads (the fast paths decline under pressure)
         self.free_count = np.array([len(self._free)], dtype=np.uint64)
+        self._free_count = memoryview(self.free_count)      # (scalar writes)
+        #: frame -> 1 once handed out: a frame never handed out is still the
+        #: zeros host memory starts as (only owners write frames), so it needs
+        #: no zeroing
+        self._handed = bytearray(size // PAGE)
         self.vms = []
         self._next_id = 1
 
@@ -59,13 +66,18 @@ class Hypervisor:
 
     def alloc_frame(self, owner=None):
         """A zeroed host frame (its address); HostMemoryExhausted when none is left.
+        (Zeroed when it was handed out before; a frame never handed out still
+        holds the zeros host memory starts with.)
         owner: the VM the frame is charged to (its `frames_owned`)."""
         if not self._free:
             raise HostMemoryExhausted("no free host frame left (host memory %#x bytes)"
                                       % self.host.size)
         f = heapq.heappop(self._free)
-        self.free_count[0] = len(self._free)
-        self.host.array[f * PAGE:(f + 1) * PAGE] = 0
+        self._free_count[0] = len(self._free)
+        if self._handed[f]:
+            self._bytes[f * PAGE:(f + 1) * PAGE] = _ZERO_PAGE     # (a memoryview copy)
+        else:
+            self._handed[f] = 1
         if owner is not None:
             owner.frames_owned.add(f)
         return f * PAGE
@@ -75,7 +87,7 @@ class Hypervisor:
         if owner is not None:
             owner.frames_owned.discard(f)
         heapq.heappush(self._free, f)
-        self.free_count[0] = len(self._free)
+        self._free_count[0] = len(self._free)
 
     # -- the VM registry ------------------------------------------------------------
     def create_vm(self, guest_memory_bytes, paging="shadow", unsync=False, prev_roots=3,

@@ -72,6 +72,7 @@ RMAP_REMOVE = lib.PTEMU_RMAP_REMOVE
 #: Paths C's shadow descent may cache before Python takes them into _pcache.
 PATH_LOG_ENTRIES = 64
 PATH_LOG_WORDS = lib.PTEMU_PATH_LOG_WORDS
+PATH_LOG_DIRECT = lib.PTEMU_PATH_LOG_DIRECT
 GFN_SPS = lib.PTEMU_GFN_SPS
 SPI_DIRECT, SPI_LEVEL_SHIFT, SPI_NXE = (lib.PTEMU_SPI_DIRECT, lib.PTEMU_SPI_LEVEL_SHIFT,
                                         lib.PTEMU_SPI_NXE)
@@ -131,15 +132,15 @@ def for_each_shadow_entry(root, va, levels):
 
 # Role bits (kvm_mmu_page_role, reduced to what changes the meaning of a gpte).
 R_LEVEL = 0x7
-R_DIRECT = 0x8
+R_DIRECT = lib.PTEMU_ROLE_DIRECT
 R_ACC_SHIFT = lib.PTEMU_ROLE_ACC_SHIFT   # 3 bits: TE_NX | TE_W | TE_U inherited from parents
 R_NXE = 1 << 7                  # EFER.NXE: bit 63 is XD, not reserved
 R_WP = 1 << 8                   # CR0.WP
 R_LA57 = 1 << 9                 # 5-level guest
-R_PKEY_SHIFT = 10               # direct pages: the large leaf's key (4 bits) ...
-R_G = 1 << 14                   # ... G,
-R_PWT = 1 << 15                 # ... and caching bits, copied into every spte
-R_PCD = 1 << 16
+R_PKEY_SHIFT = lib.PTEMU_ROLE_PKEY_SHIFT    # direct pages: the large leaf's key (4 bits) ...
+R_G = lib.PTEMU_ROLE_G                      # ... G,
+R_PWT = lib.PTEMU_ROLE_PWT                  # ... and caching bits, copied into every spte
+R_PCD = lib.PTEMU_ROLE_PCD
 R_MODE = R_NXE | R_WP | R_LA57   # the paging-mode part, shared by all pages of one mode
 KEY_SHIFT = lib.PTEMU_SP_KEY_SHIFT  # key = gfn << 20 | role (C reads keys: fast path 4)
 
@@ -232,6 +233,7 @@ class ShadowMmu:
         self.wp_map = np.zeros(self.nframes, dtype=np.uint8)
         #: host frame number -> write-flooding count of the shadow page there
         self.flood = np.zeros(vm.hypervisor.host.size >> 12, dtype=np.uint32)
+        self._flood = memoryview(self.flood)    # the same, for scalar reads and writes
         #: the fill cache's level-1 paths in C form (ptemu_spc_slot), see _cache_path
         self.spc = ffi.new("ptemu_spc_slot[]", SPC_SLOTS)
         self._pcache_gen = 1    # the generation _pcache belongs to (fast.gen may move on in C)
@@ -256,6 +258,13 @@ class ShadowMmu:
         #: the paths C's shadow descent put in the fill cache (_pcache's share),
         #: PATH_LOG_WORDS words each; _take_path_log
         self.path_log = np.zeros(PATH_LOG_ENTRIES * PATH_LOG_WORDS, dtype=np.uint64)
+        # The same arrays as memoryviews: Python's scalar reads and writes
+        # (an int in C, not a numpy scalar; gfn_sp flat, GFN_SPS a row).
+        (self._wp_mv, self._spi_mv, self._nsp_mv, self._gsp_mv, self._topk_mv,
+         self._toph_mv, self._gsnap_mv, self._spkey_mv) = (
+            memoryview(a.reshape(-1)) for a in (self.wp_map, self.sp_info, self.gfn_nsp,
+                                                self.gfn_sp, self.top_key, self.top_hpa,
+                                                self.gsnap_addr, self.sp_key))
         fast = self.fast = ffi.new("ptemu_shadow_ctx *")
         self._fast_bufs = (ffi.from_buffer("uint64_t[]", self.p2m),
                            ffi.from_buffer("uint8_t[]", self.wp_map),
@@ -291,7 +300,9 @@ class ShadowMmu:
         self.need_reload = False
         self._pcache = {}       # va >> 21 -> the pages on the path to the level-1 page
                                 # under the current root, root first (fill);
-                                # ~(va >> 21) -> direct level-1 page of a guest 2 MiB page
+                                # ~(va >> 21) -> the same path to the page of the guest
+                                # table holding a guest 2 MiB leaf, then the direct
+                                # level-1 page under it (_direct_leaf_page)
 
         # Paging mode (set by set_mode from the guest's CR0/CR4/EFER).
         self.levels = 4
@@ -333,7 +344,11 @@ class ShadowMmu:
         gen = self._pcache_gen
         for k in range(0, n * PATH_LOG_WORDS, PATH_LOG_WORDS):
             if log[k + 1] == gen:
-                self._pcache[log[k]] = [by[fr] for fr in log[k + 3:k + 3 + log[k + 2]]]
+                npath = log[k + 2]
+                # (a path to a direct level-1 page: _direct_leaf_page's entry)
+                key = ~log[k] if npath & PATH_LOG_DIRECT else log[k]
+                npath &= 0xff
+                self._pcache[key] = [by[fr] for fr in log[k + 3:k + 3 + npath]]
 
     # -- the roots: kept in the C context, their one home (fast path 4 reads them) --
     @property
@@ -395,7 +410,7 @@ class ShadowMmu:
 
     def _use(self, pages):
         """A guest access through these pages: their write-flooding counts restart."""
-        flood = self.flood
+        flood = self._flood
         for p in pages:
             flood[p.hpa >> 12] = 0
 
@@ -403,13 +418,13 @@ class ShadowMmu:
     def _protect(self, gfn):
         if gfn < self.nframes and gfn not in self.wp:
             self.wp.add(gfn)
-            self.wp_map[gfn] = 1
+            self._wp_mv[gfn] = 1
             self.write_protect(gfn)
 
     def _unprotect(self, gfn):
         if gfn in self.wp:
             self.wp.discard(gfn)
-            self.wp_map[gfn] = 0
+            self._wp_mv[gfn] = 0
 
     # -- paging mode -------------------------------------------------------------
     def set_mode(self, levels, nxe, wp, maxphyaddr):
@@ -452,12 +467,13 @@ class ShadowMmu:
         sps = self.gfn_sps.get(gfn, ())
         n = len(sps)
         if n > GFN_SPS:
-            self.gfn_nsp[gfn] = 0xff
+            self._nsp_mv[gfn] = 0xff
             return
-        self.gfn_nsp[gfn] = n
-        row = self.gfn_sp[gfn]
+        self._nsp_mv[gfn] = n
+        row = self._gsp_mv
+        at = gfn * GFN_SPS
         for k, sp in enumerate(sps):
-            row[k] = (sp.hpa >> 12) + 1
+            row[at + k] = (sp.hpa >> 12) + 1
 
     def _make_room(self):
         """Before a fill that may create pages (KVM make_mmu_pages_available: on
@@ -520,11 +536,11 @@ class ShadowMmu:
                 sps.append(sp)
             self._mirror_gfn(gfn)
             self._protect(gfn)
-        self.flood[hpa >> 12] = 0
+        self._flood[hpa >> 12] = 0
         if sp.level >= 4 and not sp.direct and gfn < self.nframes:
-            self.top_key[gfn], self.top_hpa[gfn] = sp.key, hpa      # a root candidate
-        self.sp_key[hpa >> 12] = sp.key
-        self.sp_info[hpa >> 12] = (sp.access | (SPI_DIRECT if sp.direct else 0)
+            self._topk_mv[gfn], self._toph_mv[gfn] = sp.key, hpa      # a root candidate
+        self._spkey_mv[hpa >> 12] = sp.key
+        self._spi_mv[hpa >> 12] = (sp.access | (SPI_DIRECT if sp.direct else 0)
                                    | (sp.level << SPI_LEVEL_SHIFT)
                                    | (SPI_NXE if role & R_NXE else 0))
         self._hash_room()
@@ -628,9 +644,8 @@ class ShadowMmu:
             if len(present):
                 # _rmap_remove for each present spte, in one pass
                 h2g, rmap = self.h2g, self.rmap
-                frames = ((table[present] >> np.uint64(12)) & np.uint64(0xFFFFFFFFFF)).tolist()
-                for idx, frame in zip(present.tolist(), frames):
-                    gfn = h2g.get(frame)
+                for idx, spte in zip(present.tolist(), table[present].tolist()):
+                    gfn = h2g.get(spte >> 12 & 0xFFFFFFFFFF)
                     if gfn is not None:
                         s = rmap.get(gfn)
                         if s is not None:
@@ -642,7 +657,7 @@ class ShadowMmu:
             self.fast.unsync_pages = len(self.unsync_sps)
             sp.unsync = False
             sp.gsnap = sp.gsnap_c = None
-            self.gsnap_addr[sp.hpa >> 12] = 0
+            self._gsnap_mv[sp.hpa >> 12] = 0
         if not sp.direct:
             sps = self.gfn_sps[sp.gfn]
             sps.remove(sp)
@@ -652,15 +667,17 @@ class ShadowMmu:
             elif all(o.unsync for o in sps):
                 self._unprotect(sp.gfn)
             self._mirror_gfn(sp.gfn)
-        self.sp_info[sp.hpa >> 12] = 0
-        self.sp_key[sp.hpa >> 12] = 0
-        if sp.gfn < self.nframes and self.top_key[sp.gfn] == sp.key:
-            self.top_key[sp.gfn] = 0
+        self._spi_mv[sp.hpa >> 12] = 0
+        self._spkey_mv[sp.hpa >> 12] = 0
+        top = sp.level >= 4 and not sp.direct      # a root candidate (get_page)
+        if top and sp.gfn < self.nframes and self._topk_mv[sp.gfn] == sp.key:
+            self._topk_mv[sp.gfn] = 0
         self.hv.free_frame(sp.hpa, self.vm)
         st["shadow_pages"] = len(self.hash)
         self._hash_room()
         self.need_flush = True
-        self._forget_root(sp)
+        if top:                                     # (roots are such pages: load_root)
+            self._forget_root(sp)
 
     def zap_gfn(self, gfn):
         """Unshadow a guest frame: zap every shadow page of it (any role)."""
@@ -794,13 +811,28 @@ class ShadowMmu:
         gfn = walk.gpa >> 12
         extra = self.direct_role(walk.rights, walk.leaf)
         # The direct level-1 page of a guest 2 MiB page, as the last fill left
-        # it (cached under ~(va >> 21)).  Only when the fill is no use of the
-        # path: a use resets the flood count of every page on it.
-        if walk.level == 2 and not use:
-            sp = self._pcache.get(~(va >> 21))
-            if sp is not None and sp.key == (((gfn & ~511) << KEY_SHIFT) | extra | 1):
-                return sp
-        self._make_room()
+        # it: cached under ~(va >> 21) after the path to it (root first, as
+        # _descend gave it), valid while no spte was unlinked and no page
+        # zapped since, as the level-1 paths of fill.  A fill that is no use
+        # of the path takes the page; a use takes the path too (after making
+        # room, as always), when it ends at the guest table the walk used --
+        # _descend would give the same path and link nothing.
+        if walk.level == 2:
+            want = ((gfn & ~511) << KEY_SHIFT) | extra | 1
+            if not use:
+                ent = self._pcache.get(~(va >> 21))
+                if ent is not None and ent[-1].key == want:
+                    return ent[-1]
+                self._make_room()
+            else:
+                self._make_room()
+                ent = self._pcache.get(~(va >> 21))
+                if ent is not None and ent[-1].key == want and \
+                        ent[-2].gfn == walk.table_gpa >> 12:
+                    self._use(ent[:-1])
+                    return ent[-1]
+        else:
+            self._make_room()
         path = self._descend(va, walk.entries)
         if use:
             self._use(path)
@@ -815,7 +847,8 @@ class ShadowMmu:
                 self.link(it.sp, it.index, dgfn, extra | L)
         sp = it.sp
         if walk.level == 2:
-            self._pcache[~(va >> 21)] = sp
+            path.append(sp)
+            self._pcache[~(va >> 21)] = path
         return sp
 
     def _descend(self, va, gptes):
@@ -917,8 +950,8 @@ class ShadowMmu:
             # Flooding: three emulated writes with no use in between.  Level-1
             # pages are skipped when they can go unsync instead (as KVM).
             if flood and (sp.level > 1 or not self.allow_unsync):
-                f = self.flood[sp.hpa >> 12] + 1
-                self.flood[sp.hpa >> 12] = f
+                f = self._flood[sp.hpa >> 12] + 1
+                self._flood[sp.hpa >> 12] = f
                 if f >= FLOOD_ZAP:
                     st["mmu_flooded"] += 1
                     self.zap(sp)
@@ -953,7 +986,7 @@ class ShadowMmu:
                 sp.gsnap = np.frombuffer(self._m[gbase >> 3:(gbase >> 3) + 512],
                                          dtype=np.uint64).copy()
                 sp.gsnap_c = ffi.from_buffer("uint64_t[]", sp.gsnap)
-                self.gsnap_addr[sp.hpa >> 12] = int(ffi.cast("uintptr_t", sp.gsnap_c))
+                self._gsnap_mv[sp.hpa >> 12] = int(ffi.cast("uintptr_t", sp.gsnap_c))
                 self.unsync_sps[sp] = None
                 self.fast.unsync_pages = len(self.unsync_sps)
                 self.stats["mmu_unsync"] += 1
@@ -975,7 +1008,7 @@ class ShadowMmu:
         self._forget_paths()        # no slot may keep the snapshot's address
         sp.unsync = False
         sp.gsnap = sp.gsnap_c = None
-        self.gsnap_addr[sp.hpa >> 12] = 0
+        self._gsnap_mv[sp.hpa >> 12] = 0
         self.unsync_sps.pop(sp, None)
         self.fast.unsync_pages = len(self.unsync_sps)
         self.stats["mmu_sync"] += 1

@@ -62,6 +62,7 @@ class VirtualMachine:
         self.h2g = {}
         #: h2g for C: host frame -> gfn, NO_FRAME where this VM's memory is not
         self.h2g_map = np.full(hv.host.size // PAGE, NO_FRAME, dtype=np.uint64)
+        self._p2m_mv, self._h2g_mv = memoryview(self.p2m), memoryview(self.h2g_map)  # (scalars)
         self.frames_owned = set()
         self.counters = VmStats()
         #: The guest-physical space as the C walker sees it (walks of guest tables).
@@ -95,10 +96,10 @@ class VirtualMachine:
         if not self.hypervisor.free_frames:
             self.shadow._recycle(1, host=True)
         hpa = self.hypervisor.alloc_frame(owner=self)
-        self.p2m[gfn] = hpa
+        self._p2m_mv[gfn] = hpa
         self.p2m_list[gfn] = hpa
         self.h2g[hpa // PAGE] = gfn
-        self.h2g_map[hpa // PAGE] = gfn
+        self._h2g_mv[hpa // PAGE] = gfn
         self.counters["frames_backed"] += 1
         if self.vcpu.log is not None:
             self.vcpu.log_event("backing", "guest frame %d (gpa %#x) -> host frame %d "
@@ -229,7 +230,7 @@ class GuestPhys:
             if hpa == NO_FRAME:
                 return bytes(n)
             off = hpa + (pa & 0xFFF)
-            return self._arr[off:off + n].tobytes()
+            return self._bytes[off:off + n].tobytes()
         out = bytearray(n)
         p2m = self._vm.p2m_list
         done = 0
@@ -248,8 +249,16 @@ class GuestPhys:
         if n > 8 and pa.__class__ is int and 0 <= pa and (pa & 0xFFF) + n <= PAGE and \
                 pa + n <= self.size:
             # Within one frame and more than an entry (clear_page / copy_page):
-            # the loop below's one step, without its checks and copies.
-            self._copy_in_frame(pa >> 12, pa & 0xFFF, data)
+            # the loop below's one step, without its checks and copies --
+            # and for a backed frame no shadow page reads, just the copy.
+            gfn = pa >> 12
+            vm = self._vm
+            hpa = vm.p2m_list[gfn]
+            if hpa != NO_FRAME and gfn not in vm.shadow.gfn_sps:
+                off = hpa + (pa & 0xFFF)
+                self._bytes[off:off + n] = data
+            else:
+                self._copy_in_frame(gfn, pa & 0xFFF, data)
             return
         data = bytes(data)
         pa, n = self._range(pa, len(data))
