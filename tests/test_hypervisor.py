@@ -76,9 +76,15 @@ def test_machine_contract_attributes_and_initial_vcpu():
 
 
 def test_a_frame_is_zero_when_handed_out_fresh_or_again():
-    """alloc_frame gives zeroed frames: one never handed out is still the zeros
-    host memory starts as; one given back dirty is zeroed when handed out again."""
+    """alloc_frame gives zeroed frames: one given back dirty is zeroed when
+    handed out again, and so is one never handed out that a caller wrote
+    through the public host memory (no stale bytes reach a VM)."""
     hv = Hypervisor(8 * PAGE)
+    hv.host.array[7 * PAGE:8 * PAGE] = 0x5A           # a frame no one owns, written
+    taken = [hv.alloc_frame() for _ in range(8)]
+    assert taken[-1] == 7 * PAGE and not hv.host.array[7 * PAGE:8 * PAGE].any()
+    for f in taken:
+        hv.free_frame(f)
     a = hv.alloc_frame()
     assert not hv.host.array[a:a + PAGE].any()
     hv.host.array[a:a + PAGE] = 0xAB

@@ -52,10 +52,6 @@ class Hypervisor:
         #: len(_free) as one word C reads (the fast paths decline under pressure)
         self.free_count = np.array([len(self._free)], dtype=np.uint64)
         self._free_count = memoryview(self.free_count)      # (scalar writes)
-        #: frame -> 1 once handed out: a frame never handed out is still the
-        #: zeros host memory starts as (only owners write frames), so it needs
-        #: no zeroing
-        self._handed = bytearray(size // PAGE)
         self.vms = []
         self._next_id = 1
 
@@ -66,18 +62,15 @@ class Hypervisor:
 
     def alloc_frame(self, owner=None):
         """A zeroed host frame (its address); HostMemoryExhausted when none is left.
-        (Zeroed when it was handed out before; a frame never handed out still
-        holds the zeros host memory starts with.)
+        (Zeroed every time, fresh or not: host memory is public (`host`), and
+        a frame some caller wrote must not carry its bytes into a VM.)
         owner: the VM the frame is charged to (its `frames_owned`)."""
         if not self._free:
             raise HostMemoryExhausted("no free host frame left (host memory %#x bytes)"
                                       % self.host.size)
         f = heapq.heappop(self._free)
         self._free_count[0] = len(self._free)
-        if self._handed[f]:
-            self._bytes[f * PAGE:(f + 1) * PAGE] = _ZERO_PAGE     # (a memoryview copy)
-        else:
-            self._handed[f] = 1
+        self._bytes[f * PAGE:(f + 1) * PAGE] = _ZERO_PAGE     # (a memoryview copy)
         if owner is not None:
             owner.frames_owned.add(f)
         return f * PAGE
