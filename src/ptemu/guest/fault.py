@@ -12,7 +12,7 @@ from ptemu._native import InvalidInput, PageFault, GeneralProtection, check_u64,
 from ptemu.mmu import TRACE_DTYPE
 from ptemu.guest.mm import (
     PAGE, P, W, U, A, D, NX, ADDR, _U64, PTE_COW, PTE_PROTNONE, GuestKernelError,
-    SegmentationFault, _leaf_flags)
+    SegmentationFault, _LEAF_FLAGS)
 
 __all__ = ["FaultHandler"]
 
@@ -48,37 +48,40 @@ class FaultHandler:
         raise SegmentationFault(proc.pid, PageFault(va, ec))
 
     def _fault(self, proc, va, ec):
-        if ec & _PF_RSVD:
-            raise GuestKernelError("pid %d: reserved bit set in a page-table entry for %#x "
-                                   "(error code %#x)" % (proc.pid, va, ec))
-        if not ec & _PF_U:
+        if ec & (_PF_RSVD | _PF_U) != _PF_U:
+            if ec & _PF_RSVD:
+                raise GuestKernelError("pid %d: reserved bit set in a page-table entry for %#x "
+                                       "(error code %#x)" % (proc.pid, va, ec))
             raise GuestKernelError("kernel oops: supervisor #PF at %#x (error code %#x)"
                                    % (va, ec))
         write, fetch = ec & _PF_W, ec & _PF_I
         vma = self._find_vma(proc, va) if va < self.user_top else None
-        if (vma is None or (write and "w" not in vma.prot)
-                or (fetch and "x" not in vma.prot) or not vma.prot):
+        if vma is None:
+            self._segv(proc, va, ec)
+        prot = vma.prot
+        if (write and "w" not in prot) or (fetch and "x" not in prot) or not prot:
             self._segv(proc, va, ec)
         page = va & ~(PAGE - 1)
         epa = self._pte_addr(proc.cr3, page, create=True)
-        e = self._read(epa)
+        if self._npending:
+            self._sync()
+        e = self._entry(epa >> 3)               # (_read: the tables are in sync)
         if not e & P:
             if e & PTE_PROTNONE:
                 self._segv(proc, va, ec)     # the vma says otherwise: cannot happen
             if write or not self.zero_page:
-                frame = self._alloc_frame()
-                self._write(epa, frame | _leaf_flags(vma.prot))
+                self._set_pte(epa, self._alloc_frame() | _LEAF_FLAGS[prot])
                 return "demand_zero"
-            self._write(epa, self.zero_frame | PTE_COW | (_leaf_flags(vma.prot) & ~W))
+            self._set_pte(epa, self.zero_frame | PTE_COW | (_LEAF_FLAGS[prot] & ~W))
             return "zero_page"
         if write and not e & W:
             if not e & PTE_COW:
                 self._segv(proc, va, ec)
             frame = e & ADDR
-            if frame != self.zero_frame and self.refcount[frame // PAGE] == 1:
+            if frame != self.zero_frame and self._rc[frame >> 12] == 1:
                 # wp_page_reuse: no INVLPG; the #PF invalidated the stale
                 # read-only translation (SDM 4.10.4.1).
-                self._write(epa, (e | W) & ~PTE_COW & _U64)
+                self._set_pte(epa, (e | W) & ~PTE_COW & _U64)
                 return "cow_reuse"
             new = self._alloc_frame()
             if frame != self.zero_frame:
@@ -86,7 +89,7 @@ class FaultHandler:
                 self._put(frame)
             # wp_page_copy: the new entry is dirty, not young (A clear).
             flags = e & ~(ADDR | A | PTE_COW) & _U64
-            self._write(epa, new | flags | W | D)
+            self._set_pte(epa, new | flags | W | D)
             self._invlpg(page)           # the frame changed: ptep_clear_flush
             return "cow_copy"
         # The entry allows the access: a stale translation faulted.
@@ -107,6 +110,7 @@ class FaultHandler:
         n = len(trace)
         self._enter_user(pid)
         run = self.vcpu.run
+        handle = self._handle_fault
         stats = self.stats
         handled = 0
         last, last_ec, repeats = -1, 0, 0
@@ -121,16 +125,16 @@ class FaultHandler:
                 stats["segv"] += 1
                 raise SegmentationFault(pid, r.fault, start)
             ec = r.error_code
-            if start == last and ec == last_ec:
+            if start != last or ec != last_ec:
+                last, last_ec, repeats = start, ec, 0
+            else:
                 repeats += 1
                 if repeats >= 3:
                     raise GuestKernelError("pid %d: the fault at trace index %d (%#x, error "
                                            "code %#x) does not go away" % (pid, start, r.cr2,
                                                                            ec))
-            else:
-                last, last_ec, repeats = start, ec, 0
             try:
-                self._handle_fault(proc, r.cr2, ec)
+                handle(proc, r.cr2, ec)
             except SegmentationFault as exc:
                 exc.index = start
                 exc.fault = r.fault

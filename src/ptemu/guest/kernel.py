@@ -157,6 +157,7 @@ class Kernel(AddressSpaces, Processes, Vmas, FaultHandler):
         # Frame 0 is never handed out (a null frame catches table bugs).
         self.refcount = np.zeros(self.nframes, dtype=np.int32)
         self.refcount[0] = 1
+        self._rc = memoryview(self.refcount)    # its items as ints (the scalar paths)
         self._free = list(range(self.nframes - 1, 0, -1))   # pop() gives the lowest
         self._table_frames = set()          # frames holding live page tables
         #: top table -> {va >> 21: its level-1 table} (see _pte_addr)

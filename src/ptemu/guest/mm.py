@@ -134,6 +134,10 @@ def _leaf_flags(prot):
     return P | U | (W if "w" in prot else 0) | (0 if "x" in prot else NX)
 
 
+#: _leaf_flags of every prot (as _check_prot spells it), for the #PF handler.
+_LEAF_FLAGS = {p: _leaf_flags(p) for p in ("", "r", "w", "x", "rw", "rx", "wx", "rwx")}
+
+
 def _readers(phys):
     """(read entry i, read one table) of guest-physical memory, side-effect
     free: entry i is the u64 at gpa 8*i; straight from the backing array when
@@ -200,11 +204,12 @@ class AddressSpaces:
         return len(self._free)
 
     def _alloc_frame(self, table=False):
-        if not self._free:
+        free = self._free
+        if not free:
             raise GuestOutOfMemory("guest out of memory: all %d frames in use" % self.nframes)
-        fn = self._free.pop()
+        fn = free.pop()
         gpa = fn * PAGE
-        self.refcount[fn] = 1
+        self._rc[fn] = 1
         self._clear_page(gpa)
         if table:
             self._table_frames.add(gpa)
@@ -214,14 +219,14 @@ class AddressSpaces:
         return gpa
 
     def _get(self, gpa):
-        self.refcount[gpa // PAGE] += 1
+        self._rc[gpa // PAGE] += 1
 
     def _put(self, gpa):
         fn = gpa // PAGE
-        rc = int(self.refcount[fn]) - 1
+        rc = self._rc[fn] - 1
         if rc < 0:
             raise GuestKernelError("frame %#x freed twice" % gpa)
-        self.refcount[fn] = rc
+        self._rc[fn] = rc
         if rc == 0:
             self._free.append(fn)
             self.stats["frame_free"] += 1
@@ -331,6 +336,19 @@ class AddressSpaces:
             if self._npending >= self._pending_max:
                 self._sync()
             return
+        try:
+            self.vcpu.store_u64(DIRECT_MAP + gpa, value)
+        except MmuFault as exc:
+            raise _oops(exc) from exc
+
+    def _set_pte(self, gpa, value):
+        """_write(gpa, value), then _sync(): one entry changed now (the #PF
+        handler's), as one store_u64 when nothing else is pending."""
+        if self._npending or self.paravirt:
+            self._write(gpa, value)
+            self._sync()
+            return
+        self.stats["pte_write"] += 1
         try:
             self.vcpu.store_u64(DIRECT_MAP + gpa, value)
         except MmuFault as exc:

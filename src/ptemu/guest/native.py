@@ -20,10 +20,12 @@ The paravirtual hypercalls (Xen's mmu_update / mmuext_op shapes) are
 accepted and performed directly, so a paravirtual guest kernel runs
 unchanged on this machine.
 """
+import struct
 from collections import defaultdict
 
 from ptemu._native import (ffi, lib, InvalidInput, PageFault, GeneralProtection, check_u64,
-                           check_array, fault_from_c, walk_pa, ACCESS_CODES, U64_MAX)
+                           check_array, check_layout, fault_from_c, walk_pa, ACCESS_CODES,
+                           U64_MAX)
 from ptemu.memory import PhysicalMemory
 from ptemu.mmu import CpuState, Mmu, RunResult, TRACE_DTYPE, _FaultRunResult
 from ptemu.tlb import Tlb
@@ -37,10 +39,16 @@ __all__ = ["NativeMachine", "NativeVcpu", "HYPERCALLS"]
 HYPERCALLS = ("mmu_update", "new_baseptr", "invlpg", "flush_tlb")
 
 _translate_c = lib.ptemu_mmu_translate
+_store_stream = lib.ptemu_store_stream
 _mmu_run = lib.ptemu_mmu_run
 _IN_CPL = lib.PTEMU_IN_CPL
 _ACC_WRITE = ACCESS_CODES["w"]
 _VEC_GP = lib.PTEMU_VEC_GP
+_NULL = ffi.NULL
+#: A ptemu_fault's vector, error_code and cr2, from a copy of its bytes.
+_fault_head = struct.Struct("<IIQ").unpack_from
+check_layout((ffi.offsetof("ptemu_fault", "vector"), ffi.offsetof("ptemu_fault", "error_code"),
+              ffi.offsetof("ptemu_fault", "cr2")) == (0, 4, 8), "ptemu_fault")
 
 
 class NativeVcpu(NoExitControl):
@@ -69,9 +77,15 @@ class NativeVcpu(NoExitControl):
                                   tlb._c if tlb is not None else None)
         self._ctx_cache = ffi.new("ptemu_ctx_cache *")
         self._stream.c.cache = self._ctx_cache
+        self._stream_c, self._fault = self._stream.c, self._stream.fault
         self._fault_bytes = ffi.buffer(self._stream.fault)
         self._checked_trace = None      # the last trace run() checked (kept alive)
         self._trace_c = None
+        self._trace_n = 0
+        # store_u64's C call: a store stream of one record, written through a
+        # memoryview of its two words (va, value).
+        self._one = ffi.new("ptemu_store_rec[1]")
+        self._one_words = memoryview(ffi.buffer(self._one)).cast("Q")
 
     # -- guest accesses ---------------------------------------------------------
     def access(self, va, access="r"):
@@ -116,15 +130,30 @@ class NativeVcpu(NoExitControl):
         return int(self._val[0])
 
     def store_u64(self, va, value):
-        """An 8-byte store at va (8-aligned)."""
-        pa = self._data_pa(va, "w")
+        """An 8-byte store at va (8-aligned): the store stream of one store
+        (translate for a write, then store, in one C call)."""
+        words = self._one_words
         try:
-            ok = lib.ptemu_mem_store64(self._mem_c, pa, value)
-        except (TypeError, OverflowError):
-            check_u64(value, "value")
+            words[0] = va
+        except (TypeError, ValueError, OverflowError):
+            check_u64(va, "virtual address")    # raises the clear error
             raise
-        if not ok:
-            raise InvalidInput("u64 at %#x maps outside guest memory" % va)
+        if va & 7:
+            raise InvalidInput("load_u64/store_u64 need an 8-byte aligned address, not %#x" % va)
+        try:
+            words[1] = value
+        except (TypeError, ValueError, OverflowError):
+            self._data_pa(va, "w")              # a fault comes first, as on hardware
+            check_u64(value, "value")           # raises the clear error
+            raise
+        f = self._fault
+        f.vector = 0
+        if _store_stream(self._stream_c, self._one, 1, 0):
+            return
+        r = f.vector
+        if r:                   # the walk faulted (it filled the fault)
+            self._data_fault(r, va)
+        raise InvalidInput("u64 at %#x maps outside guest memory" % va)
 
     def store_stream(self, stores):
         """The stores in order, as store_u64 one by one, in one C loop; the first
@@ -155,29 +184,28 @@ class NativeVcpu(NoExitControl):
             self._trace_c = ffi.from_buffer("ptemu_trace_rec[]",
                                             check_array(trace, TRACE_DTYPE, "trace"))
             self._checked_trace = trace
-        n = len(trace)
+            self._trace_n = len(trace)
+        n = self._trace_n
         if start.__class__ is not int or start < 0:
             start = check_u64(start, "start")
         if start > n:
             raise InvalidInput("start %d is past the end of the trace (%d)" % (start, n))
-        h = self._stream
-        f = h.fault
-        idx = _mmu_run(h.c, self._trace_c, n, start, ffi.NULL)
+        idx = _mmu_run(self._stream_c, self._trace_c, n, start, _NULL)
         st = self._stats
         st["guest_accesses"] += idx - start
         if idx == n:
             return RunResult(n, 0, 0, 0, "none", None)
-        vector = f.vector
+        f_bytes = self._fault_bytes[:]
+        vector, error_code, cr2 = _fault_head(f_bytes)
         if vector == _VEC_GP:
-            if f.cause == lib.PTEMU_CAUSE_NONE:
+            if self._fault.cause == lib.PTEMU_CAUSE_NONE:
                 raise InvalidInput("trace[%d]: access code %d is not 0 (read), 1 (write) or "
                                    "2 (fetch)" % (idx, int(trace["access"][idx])))
             st["general_protection"] += 1
             return RunResult(idx, GeneralProtection.vector, 0, 0, "non-canonical",
                              GeneralProtection(int(trace["va"][idx])))
         st["page_fault"] += 1
-        return _FaultRunResult(idx, vector, f.error_code, f.cr2, self._fault_bytes[:],
-                               self._memory_size)
+        return _FaultRunResult(idx, vector, error_code, cr2, f_bytes, self._memory_size)
 
     # -- paravirtual operations, performed directly -----------------------------
     def hypercall(self, op, *args):
