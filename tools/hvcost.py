@@ -26,21 +26,14 @@ import tempfile
 import time
 
 MODES = ("native", "shadow", "unsync", "paravirt")
-GUEST_MEM = 64 << 20
-HOST_MEM = 256 << 20
 
 
 def _machine(mode):
-    from ptemu.guest import NativeMachine
-    if mode == "native":
-        return NativeMachine(GUEST_MEM)
-    from ptemu.hypervisor import Hypervisor
-    hv = Hypervisor(HOST_MEM)
-    if mode == "shadow":
-        return hv.create_vm(GUEST_MEM, paging="shadow")
-    if mode == "unsync":
-        return hv.create_vm(GUEST_MEM, paging="shadow", unsync=True)
-    return hv.create_vm(GUEST_MEM, paging="paravirt")
+    """The benchmark's own machine for `mode` (benchmarks/bench_hypervisor.py)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..",
+                                    "benchmarks"))
+    import bench_hypervisor
+    return bench_hypervisor._machine(mode)
 
 
 def _workload(name, total):
