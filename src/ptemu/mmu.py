@@ -442,7 +442,6 @@ class Mmu:
             h.out, h.cache = self._out_c, self._cache
             h.access, h.flags = code, lib.PTEMU_IN_CPL
             self._one[name] = ffi.addressof(h)
-        self._out_words = self._outbuf
 
     # -- translation --------------------------------------------------------
     def _user_flag(self, user):
@@ -470,7 +469,7 @@ class Mmu:
             # TypeError); any refusal takes the general path, which says why.
             try:
                 h = self._one[access]
-                self._out_words[WALK_VA_WORD] = va
+                self._outbuf[WALK_VA_WORD] = va
             except (KeyError, TypeError, ValueError, OverflowError):
                 return self._translate(va, access, user, update_ad, implicit)
             pa = _mmu_translate_one(h)
@@ -478,7 +477,7 @@ class Mmu:
                 self._raise(h.fault.vector, va, ffi.addressof(h[0], "fault"))
             t = _new_translation()
             t._pa = pa
-            t._out = self._out_words.tobytes()
+            t._out = self._outbuf.tobytes()
             return t
         return self._translate(va, access, user, update_ad, implicit)
 
