@@ -186,8 +186,7 @@ class GuestPhys:
     def __init__(self, vm):
         self._vm = vm
         self._m = vm.hypervisor.words
-        self._arr = vm.hypervisor.host.array
-        self._bytes = memoryview(self._arr)     # the same memory, for plain byte copies
+        self._bytes = memoryview(vm.hypervisor.host.array)     # host memory, for byte copies
         self.size = vm.memory_bytes
 
     def __len__(self):
@@ -240,7 +239,7 @@ class GuestPhys:
             hpa = p2m[cur >> 12]
             if hpa != NO_FRAME:
                 off = hpa + (cur & 0xFFF)
-                out[done:done + k] = self._arr[off:off + k].tobytes()
+                out[done:done + k] = self._bytes[off:off + k]
             done += k
         return bytes(out)
 
@@ -249,16 +248,8 @@ class GuestPhys:
         if n > 8 and pa.__class__ is int and 0 <= pa and (pa & 0xFFF) + n <= PAGE and \
                 pa + n <= self.size:
             # Within one frame and more than an entry (clear_page / copy_page):
-            # the loop below's one step, without its checks and copies --
-            # and for a backed frame no shadow page reads, just the copy.
-            gfn = pa >> 12
-            vm = self._vm
-            hpa = vm.p2m_list[gfn]
-            if hpa != NO_FRAME and gfn not in vm.shadow.gfn_sps:
-                off = hpa + (pa & 0xFFF)
-                self._bytes[off:off + n] = data
-            else:
-                self._copy_in_frame(gfn, pa & 0xFFF, data)
+            # the loop below's one step, without its checks and copies.
+            self._copy_in_frame(pa >> 12, pa & 0xFFF, data)
             return
         data = bytes(data)
         pa, n = self._range(pa, len(data))
@@ -279,16 +270,19 @@ class GuestPhys:
     def _copy_in_frame(self, gfn, off, src):
         """Bytes src into guest frame gfn at off (within the frame, not an
         aligned 8-byte entry store): backed first, and a shadowed frame's
-        shadows told what changed (the entry at off's word before and after)."""
+        shadows told what changed (the entry at off's word before and after);
+        a frame no shadow page reads just gets the copy."""
         vm = self._vm
         hpa = vm.back(gfn)
+        k = len(src)
+        if gfn not in vm.shadow.gfn_sps:
+            self._bytes[hpa + off:hpa + off + k] = src
+            return
         word = (hpa + (off & ~7)) >> 3
         old = self._m[word]
-        k = len(src)
         self._bytes[hpa + off:hpa + off + k] = src
-        if gfn in vm.shadow.gfn_sps:
-            vm.shadow.pte_written(gfn, off, old, self._m[word], k)
-            vm.vcpu.commit()
+        vm.shadow.pte_written(gfn, off, old, self._m[word], k)
+        vm.vcpu.commit()
 
     def __repr__(self):
         return "<guest-physical memory of VM %d, %#x bytes>" % (self._vm.id, self.size)
