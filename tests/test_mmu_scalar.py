@@ -102,6 +102,20 @@ def test_bad_address_on_the_fast_path(va, message):
         mmu.translate(va)
 
 
+def test_output_words_are_64_bits_and_take_every_address():
+    # The scalar path stores va into the output array, whose typecode is
+    # chosen for speed ("L" where it is 8 bytes): it must be 8 bytes and
+    # carry the whole 64-bit range into C (a non-canonical address at the
+    # top: #GP, SDM Vol. 3A 4.1.4 / 6.15; the highest canonical one: #PF).
+    mmu, _ = _mmu()
+    assert mmu._outbuf.itemsize == 8
+    with pytest.raises(ptemu.GeneralProtection):
+        mmu.translate(0x8000_0000_0000_0000)
+    with pytest.raises(ptemu.PageFault) as e:
+        mmu.translate((1 << 64) - 8)
+    assert e.value.cr2 == (1 << 64) - 8
+
+
 def test_numpy_address():
     mmu, _ = _mmu()
     assert mmu.translate(np.uint64(0x1010)).pa == 0xa010
