@@ -192,6 +192,15 @@ def fault_from_c(f, memory_size=None, ept_c=None):
     return PageFault(int(f.cr2), int(f.error_code), cause, int(f.level), msg)
 
 
+# The typecode for 64-bit words that Python stores ints into (array.array,
+# memoryview.cast): "L" where unsigned long is 64 bits (LP64), whose store
+# converts an int with PyLong_AsUnsignedLong's digit loop -- about 200
+# instructions less than "Q"'s byte-array path (callgrind, CPython 3.11) --
+# with the same range checks (OverflowError, TypeError).  Scalar hot paths
+# store a va or a value so on every call.
+WORD64 = "L" if struct.calcsize("L") == 8 else "Q"
+
+
 def check_u64(value, name="value"):
     """An int in 0..2**64-1, or InvalidInput."""
     if isinstance(value, (bool,)) or not isinstance(value, (int, np.integer)):

@@ -14,7 +14,8 @@ import numpy as np
 from ptemu import bits
 from ptemu._native import (ffi, lib, InvalidInput, PageFault, GeneralProtection,
                            check_u64, check_array, fault_from_c, ACCESS_CODES, U64_MAX,
-                           WALK_OUT, WALK_FIELDS, WALK_VA_WORD, walk_out_entries, check_layout)
+                           WALK_OUT, WALK_FIELDS, WALK_VA_WORD, walk_out_entries, check_layout,
+                           WORD64)
 from ptemu.memory import PhysicalMemory
 from ptemu.tlb import Tlb
 
@@ -382,11 +383,6 @@ class Mapping:
 _mmu_translate = lib.ptemu_mmu_translate
 _mmu_translate_one = lib.ptemu_mmu_translate_one
 _new_translation = Translation
-# The walk output's typecode: "L" where unsigned long is 64 bits (LP64), whose
-# store converts an int with PyLong_AsUnsignedLong's digit loop, about 200
-# instructions less than "Q"'s byte-array path -- every scalar translate
-# stores its va so.  Same range checks either way (OverflowError, TypeError).
-_WORD = "L" if array.array("L").itemsize == 8 else "Q"
 _mmu_translate_many = lib.ptemu_mmu_translate_many
 _mmu_run = lib.ptemu_mmu_run
 _from_buffer = ffi.from_buffer
@@ -425,8 +421,9 @@ class Mmu:
         self._m.mem = memory._c
         self._m.tlb = self._tlb_c
         # An array of words: its tobytes() (each scalar translate's copy of
-        # the output) costs a quarter less than a memoryview's.
-        self._outbuf = array.array(_WORD, bytes(_OUT.size))
+        # the output) costs a quarter less than a memoryview's; WORD64 makes
+        # the va store cheap.
+        self._outbuf = array.array(WORD64, bytes(_OUT.size))
         self._out_c = ffi.from_buffer("ptemu_walk_out *", self._outbuf)
         self._m.out = self._out_c
         # The walk context and its rights table, kept until the CPU state

@@ -12,7 +12,7 @@ import sys
 import numpy as np
 
 from ptemu import bits
-from ptemu._native import PtemuError, InvalidInput, MmuFault
+from ptemu._native import PtemuError, InvalidInput, MmuFault, WORD64
 from ptemu.memory import PhysicalMemory
 from ptemu.hypervisor.exits import STORE_DTYPE
 
@@ -148,7 +148,7 @@ def _readers(phys):
             if sys.byteorder == "little":
                 # A memoryview's item is an int, read in C: a third of the cost
                 # of a numpy scalar made into one.
-                return (memoryview(phys.array).cast("Q").__getitem__,
+                return (memoryview(phys.array).cast(WORD64).__getitem__,
                         lambda gpa: words[gpa >> 3:(gpa >> 3) + 512].copy())
             return (lambda i: int(words[i]),
                     lambda gpa: words[gpa >> 3:(gpa >> 3) + 512].copy())

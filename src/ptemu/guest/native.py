@@ -29,7 +29,7 @@ from ptemu._native import (ffi, lib, InvalidInput, PageFault, GeneralProtection,
 from ptemu.memory import PhysicalMemory
 from ptemu.mmu import CpuState, Mmu, RunResult, TRACE_DTYPE, _FaultRunResult
 from ptemu.tlb import Tlb
-from ptemu._native import WalkHandle
+from ptemu._native import WalkHandle, WORD64
 from ptemu.hypervisor.exits import NoExitControl, check_stores
 from ptemu.hypervisor.paravirt import mmu_update_items
 
@@ -85,7 +85,7 @@ class NativeVcpu(NoExitControl):
         # store_u64's C call: a store stream of one record, written through a
         # memoryview of its two words (va, value).
         self._one = ffi.new("ptemu_store_rec[1]")
-        self._one_words = memoryview(ffi.buffer(self._one)).cast("Q")
+        self._one_words = memoryview(ffi.buffer(self._one)).cast(WORD64)
 
     # -- guest accesses ---------------------------------------------------------
     def access(self, va, access="r"):

@@ -15,7 +15,7 @@ import heapq
 
 import numpy as np
 
-from ptemu._native import lib, InvalidInput, check_u64
+from ptemu._native import lib, InvalidInput, check_u64, WORD64
 from ptemu.memory import PhysicalMemory
 from ptemu.tlb import Tlb
 from ptemu.hypervisor.exits import HostMemoryExhausted
@@ -46,7 +46,7 @@ class Hypervisor:
                                % size)
         self.host = PhysicalMemory(size)
         #: Host memory as uint64 words (a memoryview: the fastest scalar access).
-        self.words = memoryview(self.host.array).cast("Q")
+        self.words = memoryview(self.host.array).cast(WORD64)
         self._bytes = memoryview(self.host.array)   # the same as bytes (frame zeroing)
         self._free = list(range(size // PAGE))      # a heap: lowest frame first
         #: len(_free) as one word C reads (the fast paths decline under pressure)
