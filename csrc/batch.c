@@ -715,6 +715,12 @@ uint64_t ptemu_run(const ptemu_cpu *cpu, ptemu_mem *mem, ptemu_tlb *tlb,
     return run_ctx(&c, trace, n, start, pa, fault);
 }
 
+uint64_t ptemu_ctx_run(const ptemu_ctx *c, const ptemu_trace_rec *trace, uint64_t n,
+                       uint64_t start, uint64_t *pa, ptemu_fault *fault)
+{
+    return run_ctx(c, trace, n, start, pa, fault);
+}
+
 uint64_t ptemu_mmu_run(ptemu_mmu *m, const ptemu_trace_rec *trace, uint64_t n,
                        uint64_t start, uint64_t *pa)
 {

@@ -88,6 +88,14 @@ void ptemu_ctx_tables(ptemu_ctx *c);
  * (with the rights table) when m->cpu, m->mem or m->tlb changed since; with
  * no cache, derived into *scratch, with the rights table when tables is 1. */
 const ptemu_ctx *ptemu_mmu_ctx(ptemu_mmu *m, ptemu_ctx *scratch, int tables);
+/* The same over any cache (NULL: derived into *scratch). */
+const ptemu_ctx *ptemu_cached_ctx(ptemu_ctx_cache *cache, const ptemu_cpu *cpu,
+                                  ptemu_mem *mem, ptemu_tlb *tlb, ptemu_ctx *scratch,
+                                  int tables);
+/* ptemu_run over a context already derived, with its rights table
+ * (ptemu_cached_ctx(..., 1)). */
+uint64_t ptemu_ctx_run(const ptemu_ctx *c, const ptemu_trace_rec *trace, uint64_t n,
+                       uint64_t start, uint64_t *pa, ptemu_fault *fault);
 
 uint32_t ptemu_resolve_flags(const ptemu_cpu *cpu, uint32_t flags);
 

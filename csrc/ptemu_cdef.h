@@ -344,7 +344,7 @@ typedef struct ptemu_mmu {
 /* ---- Functions ------------------------------------------------------------ */
 
 /* The layout version of this header; _native checks it against the build. */
-#define PTEMU_ABI_VERSION 8
+#define PTEMU_ABI_VERSION 9
 int ptemu_abi_version(void);
 
 /* Scalar translation through an Mmu handle: fills m->out or m->fault and
@@ -675,6 +675,9 @@ typedef struct ptemu_shadow_ctx {
     uint64_t path_log_len;    /* entries written since Python last took them */
     const uint64_t *sp_key;   /* host frame -> key (gfn << 20 | role) of the shadow
                                  page there, 0: none */
+    ptemu_ctx_cache *run_cache; /* ptemu_shadow_run's walk context, kept until the real
+                                 CPU state, memory or TLB changes (as ptemu_mmu's cache);
+                                 NULL: derived on every call */
 } ptemu_shadow_ctx;
 #define PTEMU_PATH_LOG_WORDS    8
 /* path_log npath flag: the path ends at a direct level-1 page under a guest

@@ -342,8 +342,13 @@ uint64_t ptemu_shadow_run(ptemu_shadow_ctx *ctx, const ptemu_cpu *cpu, ptemu_mem
     uint64_t i = start, last = n;
     uint32_t tries = 0;
     ctx->gfault_valid = 0;
+    /* The walk context, derived once (a fill changes sptes, not the real
+     * CPU state), and kept across calls in run_cache: deriving it and its
+     * rights table costs about 1,400 instructions, once per exit. */
+    ptemu_ctx scratch;
+    const ptemu_ctx *c = ptemu_cached_ctx(ctx->run_cache, cpu, mem, tlb, &scratch, 1);
     for (;;) {
-        uint64_t idx = ptemu_run(cpu, mem, tlb, trace, n, i, NULL, fault);
+        uint64_t idx = ptemu_ctx_run(c, trace, n, i, NULL, fault);
         if (idx >= n || fault->vector != PTEMU_VEC_PF ||
             !(ctx->enabled & (PTEMU_FP_HIDDEN_FAULT | PTEMU_FP_TRUE_FAULT)))
             return idx;

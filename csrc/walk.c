@@ -567,30 +567,37 @@ typedef struct ctx_cached {
 _Static_assert(sizeof(ctx_cached) <= sizeof(ptemu_ctx_cache), "ptemu_ctx_cache too small");
 _Static_assert(sizeof(ptemu_cpu) % 8 == 0, "ptemu_cpu has whole words");
 
-const ptemu_ctx *ptemu_mmu_ctx(ptemu_mmu *m, ptemu_ctx *scratch, int tables)
+const ptemu_ctx *ptemu_cached_ctx(ptemu_ctx_cache *cache, const ptemu_cpu *cpu_state,
+                                  ptemu_mem *mem, ptemu_tlb *tlb, ptemu_ctx *scratch,
+                                  int tables)
 {
-    if (!m->cache) {
-        ptemu_ctx_init(scratch, m->cpu, m->mem, m->tlb);
+    if (!cache) {
+        ptemu_ctx_init(scratch, cpu_state, mem, tlb);
         if (tables)
             ptemu_ctx_tables(scratch);
         return scratch;
     }
-    ctx_cached *cc = (ctx_cached *)(void *)m->cache;
+    ctx_cached *cc = (ctx_cached *)(void *)cache;
     uint64_t cpu[sizeof(ptemu_cpu) / 8], diff = 0;
-    memcpy(cpu, m->cpu, sizeof cpu);
+    memcpy(cpu, cpu_state, sizeof cpu);
     /* Every byte of the state, so that no field a walk reads can go stale
      * (the mode bits, CR3's table and PCID, PKRU, AC, MAXPHYADDR...). */
     for (size_t i = 0; i < sizeof cpu / 8; i++)
         diff |= cpu[i] ^ cc->cpu[i];
-    if (diff | !cc->valid | (cc->mem != m->mem) | (cc->tlb != m->tlb)) {
-        ptemu_ctx_init(&cc->ctx, m->cpu, m->mem, m->tlb);
+    if (diff | !cc->valid | (cc->mem != mem) | (cc->tlb != tlb)) {
+        ptemu_ctx_init(&cc->ctx, cpu_state, mem, tlb);
         ptemu_ctx_tables(&cc->ctx);
         memcpy(cc->cpu, cpu, sizeof cpu);
-        cc->mem = m->mem;
-        cc->tlb = m->tlb;
+        cc->mem = mem;
+        cc->tlb = tlb;
         cc->valid = 1;
     }
     return &cc->ctx;
+}
+
+const ptemu_ctx *ptemu_mmu_ctx(ptemu_mmu *m, ptemu_ctx *scratch, int tables)
+{
+    return ptemu_cached_ctx(m->cache, m->cpu, m->mem, m->tlb, scratch, tables);
 }
 
 int ptemu_mmu_translate(ptemu_mmu *m, uint64_t va, uint32_t access, uint32_t flags)

@@ -266,6 +266,10 @@ class ShadowMmu:
                                                 self.gfn_sp, self.top_key, self.top_hpa,
                                                 self.gsnap_addr, self.sp_key))
         fast = self.fast = ffi.new("ptemu_shadow_ctx *")
+        # ptemu_shadow_run's walk context, derived again only when the real
+        # CPU state (any byte), memory or TLB it runs on differs (C compares).
+        self._run_cache = ffi.new("ptemu_ctx_cache *")
+        fast.run_cache = self._run_cache
         self._fast_bufs = (ffi.from_buffer("uint64_t[]", self.p2m),
                            ffi.from_buffer("uint8_t[]", self.wp_map),
                            ffi.from_buffer("uint32_t[]", self.flood),
