@@ -276,3 +276,27 @@ def test_the_guest_sees_its_changes_after_the_flush_either_way(fast_paths):
     vm.vcpu.write_cr3(g.root)
     assert _loads(vm, range(10)) == [0xD0000 + 59 - i for i in range(10)]
     assert audit(vm) == []
+
+
+def test_c_sees_the_reserved_bits_of_a_new_maxphyaddr_at_once():
+    """SDM Vol. 3A 4.5.4: bits 51:MAXPHYADDR of a present entry are reserved, so
+    such a gpte has no spte.  set_mode hands C the reserved bits of the new
+    MAXPHYADDR with the mode (not the old mode's, until the next change):
+    a store into a protected level-1 table (fast path 2) and an unsync sync
+    in C give what the reference gives."""
+    from test_shadow_fast import _pt_store_world
+    for kw in ({}, {"unsync": True}):
+        vms = pair(**kw)
+        for vm, _ in vms:
+            vm.vcpu.cpu.maxphyaddr = 40
+        ats = _pt_store_world(vms, False)
+        for (vm, g), at in zip(vms, ats):
+            bad = (1 << 45) | (50 * PAGE) | P | W | U | A | D     # bit 45: reserved
+            vm.vcpu.store_u64(at + 8 * 1, bad)
+            vm.vcpu.write_cr3(g.root)
+            assert vm.shadow.fast.rsvd_phys == vm.shadow.rsvd_phys == ((1 << 52) - (1 << 40))
+        (fast, _), (ref, _) = vms
+        same(fast, ref)
+        r = [_load(vm, VA + PAGE) for vm, _ in vms]
+        assert r[0] == r[1] and r[0][0] == "#PF"
+        same(fast, ref)

@@ -449,10 +449,10 @@ class ShadowMmu:
         self.role_base, self.levels, self.nxe = base, levels, nxe
         self.fast.root_role = base | levels | (ACC_ALL << R_ACC_SHIFT)
         self.fast.role_wp = 1 if wp else 0
-        self.fast.rsvd_phys = self.rsvd_phys
-        self.fast.amask = amask
         self.amask, self.rsvd, self.maxphyaddr = amask, rsvd, maxphyaddr
         self.rsvd_phys = rsvd & ~NX
+        self.fast.rsvd_phys = self.rsvd_phys    # (the new mode's: C's spte rule uses it)
+        self.fast.amask = amask
         return changed
 
     # -- shadow pages: create, link, zap -------------------------------------------
