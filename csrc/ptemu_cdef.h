@@ -722,6 +722,19 @@ int ptemu_shadow_store(ptemu_shadow_ctx *ctx, ptemu_mmu *m, ptemu_tlb *tlb, uint
 int ptemu_shadow_invlpg(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, const ptemu_cpu *cpu,
                         ptemu_tlb *tlb, uint64_t va);
 
+/* The entries of an unsync level-1 shadow page (host address sp_hpa) of
+ * guest table gfn brought back in sync (shadow.py sync_page, whose Python
+ * loop is the reference): each present spte whose gpte differs from the
+ * snapshot gsnap[0..512) is remade from the gpte by leaf_from_gpte's rule
+ * and written by set_spte's (rmap changes to the log, *flush set when a
+ * translation was lowered or moved; *flush is not cleared).  Marking the
+ * page synced and write-protecting the frame stay Python's.  Returns 1
+ * when done, 0 to decline (nothing written): no room in the rmap log for
+ * 1,024 entries, a frame outside host memory or guest memory, or not a
+ * level-1 page; -1 on an impossible host-memory read (partly done). */
+int ptemu_shadow_sync_page(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t sp_hpa,
+                           uint64_t gfn, const uint64_t *gsnap, int *flush);
+
 /* Fast path 4: the guest's MOV CR3 value when its root is the current one
  * (returns 1), a cached previous root (returns 2: prev_roots rotated, the
  * fill cache's generation moved on) or a page of the hash (returns 3: the

@@ -631,6 +631,36 @@ int ptemu_shadow_invlpg(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, const ptemu_cpu 
     return 1;
 }
 
+/* ---- an unsync page's resync (shadow.py sync_page's entries) ---------------- */
+
+int ptemu_shadow_sync_page(ptemu_shadow_ctx *ctx, ptemu_mem *hmem, uint64_t sp_hpa,
+                           uint64_t gfn, const uint64_t *gsnap, int *flush)
+{
+    /* Room in the rmap log for a removal and an addition per entry, a guest
+     * table inside the VM and backed, and a level-1, non-direct shadow page
+     * of Python's (sp_info) -- else Python does it. */
+    if (!gsnap || !flush || ctx->rmap_log_len + 2 * 512 > ctx->rmap_log_cap ||
+        (sp_hpa & 0xfff) || (sp_hpa >> 12) >= ctx->nhost || gfn >= ctx->nframes ||
+        ctx->p2m[gfn] == PTEMU_NO_FRAME || (ctx->p2m[gfn] >> 12) >= ctx->nhost)
+        return 0;
+    uint8_t spi = ctx->sp_info[sp_hpa >> 12];
+    if ((spi & (PTEMU_SPI_DIRECT | (7 << PTEMU_SPI_LEVEL_SHIFT))) != (1 << PTEMU_SPI_LEVEL_SHIFT))
+        return 0;
+    uint64_t gbase = ctx->p2m[gfn];
+    /* In index order, as Python's loop over flatnonzero: every present spte
+     * whose gpte changed since the snapshot is remade from the gpte now
+     * (leaf_from_gpte: dropped when it may not exist), by set_spte's rules. */
+    for (uint64_t idx = 0; idx < 512; idx++) {
+        uint64_t spte, gpte;
+        if (!ptemu_load64(hmem, sp_hpa + 8 * idx, &spte) ||
+            !ptemu_load64(hmem, gbase + 8 * idx, &gpte))
+            return -1;                  /* never: both frames are below nhost */
+        if (spte && gpte != gsnap[idx])
+            set_spte(ctx, hmem, sp_hpa + 8 * idx, spte_from_gpte(ctx, spi, gpte), flush);
+    }
+    return 1;
+}
+
 /* ---- fast path 4: MOV CR3 to a cached root ------------------------------------ */
 
 _Static_assert(PTEMU_PREV_ROOTS_MAX == 64, "prev_key/prev_hpa are 64 long");

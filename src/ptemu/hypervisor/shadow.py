@@ -40,7 +40,7 @@ import numpy as np
 
 from ptemu import bits
 from ptemu._native import ffi, lib
-from ptemu.hypervisor.exits import HostMemoryExhausted
+from ptemu.hypervisor.exits import HostMemoryExhausted, ShadowMmuError
 
 __all__ = ["ShadowPage", "ShadowMmu", "role_str", "audit"]
 
@@ -300,6 +300,12 @@ class ShadowMmu:
         fast.prev_max = self.prev_roots_max
         fast.leaf_copy = LEAF_COPY
         self.unsync_sps = {}    # unsync pages, oldest first (a dict: a deterministic order)
+        # sync_page's entries in C (_sync_entries_in_c), unless a subclass
+        # overrides a rule that loop applies.
+        self._sync_c = all(getattr(type(self), n) is getattr(ShadowMmu, n)
+                           for n in ("leaf_from_gpte", "set_spte"))
+        self._sync_flush = ffi.new("int *")
+        self._hmem = vm.hypervisor.host.c_handle
         self.need_flush = False
         self.need_reload = False
         self._pcache = {}       # va >> 21 -> the pages on the path to the level-1 page
@@ -447,10 +453,10 @@ class ShadowMmu:
         self.role_base, self.levels, self.nxe = base, levels, nxe
         self.fast.root_role = base | levels | (ACC_ALL << R_ACC_SHIFT)
         self.fast.role_wp = 1 if wp else 0
-        self.fast.rsvd_phys = self.rsvd_phys
-        self.fast.amask = amask
         self.amask, self.rsvd, self.maxphyaddr = amask, rsvd, maxphyaddr
         self.rsvd_phys = rsvd & ~NX
+        self.fast.rsvd_phys = self.rsvd_phys    # (the new mode's: C's spte rule uses it)
+        self.fast.amask = amask
         return changed
 
     # -- shadow pages: create, link, zap -------------------------------------------
@@ -1002,13 +1008,14 @@ class ShadowMmu:
         """Bring an unsync page back in sync and write-protect its frame again."""
         if not sp.unsync:
             return
-        m = self._m
-        gbase = self._p2m[sp.gfn] >> 3
-        guest = np.frombuffer(m[gbase:gbase + 512], dtype=np.uint64)
-        shadow = np.frombuffer(m[sp.base:sp.base + 512], dtype=np.uint64)
-        changed = np.flatnonzero((sp.gsnap != guest) & (shadow != 0))
-        for idx in changed.tolist():
-            self.set_spte(sp.base + idx, self.leaf_from_gpte(sp, m[gbase + idx]))
+        if not self._sync_entries_in_c(sp):
+            m = self._m
+            gbase = self._p2m[sp.gfn] >> 3
+            guest = np.frombuffer(m[gbase:gbase + 512], dtype=np.uint64)
+            shadow = np.frombuffer(m[sp.base:sp.base + 512], dtype=np.uint64)
+            changed = np.flatnonzero((sp.gsnap != guest) & (shadow != 0))
+            for idx in changed.tolist():
+                self.set_spte(sp.base + idx, self.leaf_from_gpte(sp, m[gbase + idx]))
         self._forget_paths()        # no slot may keep the snapshot's address
         sp.unsync = False
         sp.gsnap = sp.gsnap_c = None
@@ -1017,6 +1024,26 @@ class ShadowMmu:
         self.fast.unsync_pages = len(self.unsync_sps)
         self.stats["mmu_sync"] += 1
         self._protect(sp.gfn)
+
+    def _sync_entries_in_c(self, sp):
+        """sync_page's loop over the entries (the Python one above is the
+        reference) done by C, ptemu_shadow_sync_page: the same sptes by the
+        rules of leaf_from_gpte and set_spte, in the same order, the rmap
+        changes logged.  Only while the vCPU has its fast paths on and
+        neither of those two is overridden; True when C did it."""
+        f = self.fast
+        if not f.enabled or not self._sync_c:
+            return False
+        if f.rmap_log_len + 2 * 512 > RMAP_LOG_PAIRS:
+            self.take_rmap_log()        # room for every entry's removal and addition
+        flush = self._sync_flush
+        flush[0] = 0
+        r = lib.ptemu_shadow_sync_page(f, self._hmem, sp.hpa, sp.gfn, sp.gsnap_c, flush)
+        if r < 0:
+            raise ShadowMmuError("sync of %r: C could not read host memory" % sp)
+        if flush[0]:
+            self.need_flush = True
+        return r == 1
 
     def sync_all(self):
         """Every unsync page (at a guest TLB flush: MOV CR3 and the like)."""
