@@ -130,6 +130,10 @@
 #define PTEMU_NFLUSH_CAUSES      7
 
 #define PTEMU_TLB_MAX_ARRAYS     8
+/* Bits of an array's occupancy map (ptemu_tlb_array.occ): set s has bit
+ * s mod PTEMU_TLB_OCC_BITS, one bit per set up to that many sets. */
+#define PTEMU_TLB_OCC_WORDS      8
+#define PTEMU_TLB_OCC_BITS       512
 #define PTEMU_MAX_LEVELS         5
 
 /* ---- Structures ----------------------------------------------------------- */
@@ -275,6 +279,10 @@ typedef struct ptemu_tlb_array {
     uint64_t misses;        /* lookups that probed this array and missed */
     uint64_t fills;
     uint64_t evictions;     /* fills that displaced a valid entry */
+    uint64_t occ[PTEMU_TLB_OCC_WORDS]; /* bit s mod PTEMU_TLB_OCC_BITS set for each set s
+                               that may hold a valid entry: a superset kept by fills
+                               and sweeps (and ptemu_tlb_init), so that a flush
+                               visits only the sets that may hold something */
 } ptemu_tlb_array;
 
 /* One probe of a lookup (derived by ptemu_tlb_init): an array at one of its

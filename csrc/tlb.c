@@ -37,6 +37,10 @@
  * key 0 and stamp 0, a valid one a stamp >= 1 (the clock counts from 1), so
  * the least recently used way of a set -- the first one, on a tie -- is the
  * first invalid way if there is one: replacement reads the stamps alone.
+ * Every set holding a valid entry has its bit in the array's occupancy map
+ * (occ, marked by fill(), recomputed by ptemu_tlb_init): a flush sweeps
+ * only those sets -- a shadow VM flushes the whole real TLB after a
+ * lowered spte, when it holds a handful of entries of its 1,800.
  */
 #include "ptemu.h"
 
@@ -189,17 +193,32 @@ static inline uint64_t *row_of(const ptemu_tlb_array *a, uint64_t tag)
     return a->slots + (size_t)(tag & (a->sets - 1)) * 3u * a->ways;
 }
 
-/* The sizes an array's valid entries have (for ptemu_tlb_array.live). */
-static uint32_t live_sizes(const ptemu_tlb_array *a)
+/* The occupancy bit of a set (ptemu_tlb_array.occ). */
+static inline void occ_mark(ptemu_tlb_array *a, size_t set)
+{
+    a->occ[(set >> 6) & (PTEMU_TLB_OCC_WORDS - 1u)] |= 1ull << (set & 63u);
+}
+
+static inline int occ_has(const ptemu_tlb_array *a, size_t set)
+{
+    return (int)(a->occ[(set >> 6) & (PTEMU_TLB_OCC_WORDS - 1u)] >> (set & 63u)) & 1;
+}
+
+/* From the entries themselves: the sizes an array's valid entries have
+ * (ptemu_tlb_array.live) and the sets that hold one (occ). */
+static void derive_occupancy(ptemu_tlb_array *a)
 {
     uint32_t live = 0;
+    memset(a->occ, 0, sizeof a->occ);
     for (size_t set = 0; set < a->sets; set++) {
         const uint64_t *row = a->slots + set * 3u * a->ways;
         for (uint32_t w = 0; w < a->ways; w++)
-            if (row[w])
+            if (row[w]) {
                 live |= 1u << key_size(row[w]);
+                occ_mark(a, set);
+            }
     }
-    return live;
+    a->live = live;
 }
 
 int ptemu_tlb_init(ptemu_tlb *t)
@@ -214,14 +233,16 @@ int ptemu_tlb_init(ptemu_tlb *t)
         if (a->sets & (a->sets - 1))
             return 0;
         a->nsizes = 0;
-        a->live = live_sizes(a);
+        derive_occupancy(a);
         for (uint32_t s = 0; s < 3; s++)
             if (a->sizes & (1u << s))
                 a->size_list[a->nsizes++] = (uint8_t)s;
     }
-    for (uint32_t l = 0; l < 6; l++)
+    for (uint32_t l = 0; l < 6; l++) {
         if (t->psc[l].sets & (t->psc[l].sets - 1))
             return 0;
+        derive_occupancy(&t->psc[l]);
+    }
     memset(t->steps, 0, sizeof t->steps);
     memset(t->nsteps, 0, sizeof t->nsteps);
     for (uint32_t k = 0; k < 2; k++) {
@@ -256,9 +277,11 @@ static PTEMU_INLINE uint64_t *array_fill(ptemu_tlb_array *a, uint64_t key, uint6
                                          int absent)
 {
     const uint32_t ways = a->ways;
-    uint64_t *row = row_of(a, key >> 3);
+    const size_t set = (size_t)((key >> 3) & (a->sets - 1));
+    uint64_t *row = a->slots + set * 3u * ways;
     uint32_t v;
     int w;
+    occ_mark(a, set);
     if (!absent && (w = find_way(row, ways, key, ptemu_td_pcid(data), 0)) >= 0) {
         v = (uint32_t)w;
     } else {
@@ -498,22 +521,38 @@ static inline int psc_entry_goes(uint64_t data, uint32_t kind, uint32_t pcid)
     return ptemu_td_pcid(data) == pcid;
 }
 
+/* Drop the entries a flush of `kind` removes from the sets the occupancy
+ * map says may hold one (the others hold none); a set left empty loses its
+ * bit when no other set shares it. */
 static void sweep(ptemu_tlb_array *a, int is_psc, uint32_t kind, uint32_t pcid, uint64_t va)
 {
     const uint32_t ways = a->ways;
+    const size_t sets = a->sets;
+    const uint32_t words = sets >= PTEMU_TLB_OCC_BITS ? PTEMU_TLB_OCC_WORDS
+                                                      : (uint32_t)(sets + 63u) / 64u;
     uint32_t live = 0;
-    for (size_t set = 0; set < a->sets; set++) {
-        uint64_t *row = a->slots + set * 3u * ways;
-        for (uint32_t w = 0; w < ways; w++) {
-            uint64_t key = row[w], data = row[2 * ways + w];
-            if (!key)
-                continue;
-            if (is_psc ? psc_entry_goes(data, kind, pcid)
-                       : tlb_entry_goes(key, data, kind, pcid, va))
-                ptemu_tlb_drop(&row[w], ways);
-            else
-                live |= 1u << key_size(key);
+    for (uint32_t i = 0; i < words; i++) {
+        uint64_t bits = a->occ[i], keep = 0;
+        while (bits) {
+            const uint32_t b = ptemu_ctz64(bits);
+            bits &= bits - 1;
+            for (size_t set = (size_t)i * 64u + b; set < sets; set += PTEMU_TLB_OCC_BITS) {
+                uint64_t *row = a->slots + set * 3u * ways;
+                for (uint32_t w = 0; w < ways; w++) {
+                    uint64_t key = row[w], data = row[2 * ways + w];
+                    if (!key)
+                        continue;
+                    if (is_psc ? psc_entry_goes(data, kind, pcid)
+                               : tlb_entry_goes(key, data, kind, pcid, va)) {
+                        ptemu_tlb_drop(&row[w], ways);
+                    } else {
+                        live |= 1u << key_size(key);
+                        keep |= 1ull << b;
+                    }
+                }
+            }
         }
+        a->occ[i] = keep;
     }
     a->live = live;
 }
@@ -527,15 +566,19 @@ void ptemu_tlb_flush(ptemu_tlb *t, uint32_t kind, uint32_t pcid, uint64_t va, ui
     uint32_t n = t->narrays < PTEMU_TLB_MAX_ARRAYS ? t->narrays : PTEMU_TLB_MAX_ARRAYS;
     for (uint32_t i = 0; i < n; i++) {
         ptemu_tlb_array *a = &t->arr[i];
-        if (!a->sets)
+        if (!a->sets || !a->live)       /* absent, or surely empty */
             continue;
         if (kind == PTEMU_FLUSH_INVLPG || kind == PTEMU_FLUSH_ADDR) {
-            /* Only the sets va indexes can hold its page. */
+            /* Only the sets va indexes can hold its page, at the sizes
+             * that may have an entry, when the set may hold one. */
             const uint32_t ways = a->ways;
             for (uint32_t s = 0; s < 3; s++) {
-                if (!(a->sizes & (1u << s)))
+                if (!(a->live & (1u << s)))
                     continue;
-                uint64_t *row = row_of(a, va >> ptemu_level_shift(s + 1));
+                const size_t set = (size_t)((va >> ptemu_level_shift(s + 1)) & (a->sets - 1));
+                if (!occ_has(a, set))
+                    continue;
+                uint64_t *row = a->slots + set * 3u * ways;
                 for (uint32_t w = 0; w < ways; w++)
                     if (row[w] && tlb_entry_goes(row[w], row[2 * ways + w], kind, pcid, va))
                         ptemu_tlb_drop(&row[w], ways);
@@ -545,7 +588,7 @@ void ptemu_tlb_flush(ptemu_tlb *t, uint32_t kind, uint32_t pcid, uint64_t va, ui
         }
     }
     for (uint32_t l = 2; l <= 5; l++)
-        if (t->psc[l].sets)
+        if (t->psc[l].sets && t->psc[l].live)
             sweep(&t->psc[l], 1, kind, pcid, va);
 }
 
