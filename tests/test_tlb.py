@@ -11,7 +11,8 @@ import pytest
 
 import ptemu
 from ptemu import (CpuState, Mmu, PhysicalMemory, Tlb, TlbArray, InvalidInput, PageFault,
-                   PTE_P, PTE_W, PTE_U, PTE_A, PTE_D, PTE_NX, CR4_SMAP, CR4_PGE)
+                   PTE_P, PTE_W, PTE_U, PTE_A, PTE_D, PTE_G, PTE_NX, CR4_SMAP, CR4_PGE)
+from ptemu._native import ffi
 from ptemu.pagetable import PageTableBuilder
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -418,6 +419,38 @@ def test_flushes_are_counted_by_cause():
     assert s.flushes == 9
     assert s.fault_invalidations == 1
     assert t.valid_entries() == 0
+
+
+def test_flushes_reach_every_set_of_an_array_larger_than_its_occupancy_map():
+    """A flush sweeps only the sets the occupancy map marks (csrc/tlb.c); an
+    array of 2,048 sets has sets s, s + 512, ... on one bit.  MOV CR3 with
+    PCIDE=0 drops every non-global entry and keeps the global ones (SDM
+    4.10.4.1, CR4.PGE=1): pages 512 apart, one global and one not, share a
+    bit, so the sweep must visit both sets and keep the bit for the global
+    one, which a later flush must then find."""
+    t = Tlb([TlbArray("big", 1, "data", ("4K",), 4096, 2)], psc={2: (16, 4)})
+    assert int(ffi.sizeof(t._c.arr[0].occ)) * 8 < 2048
+    mem, pt, mmu = make(t, cr4=CR4_PGE)
+    n = 1536
+    for i in range(n):
+        pt.map(BASE + i * 4096, i * 4096, 4096, RW | PTE_A | (PTE_G if i // 512 == 1 else 0))
+    for i in range(n):
+        mmu.translate(BASE + i * 4096)
+    assert t.valid_entries() == n
+    for i in range(n):                      # remap every page: the TLB keeps the old ones
+        pt.map(BASE + i * 4096, (n + i) * 4096, 4096,
+               RW | PTE_A | (PTE_G if i // 512 == 1 else 0))
+    mmu.write_cr3(mmu.cpu.cr3)
+    assert t.valid_entries() == 512
+    for i in range(n):
+        old, new = i * 4096, (n + i) * 4096
+        assert mmu.translate(BASE + i * 4096).pa == (old if i // 512 == 1 else new), i
+    assert t.valid_entries() == n
+    mmu.write_cr3(mmu.cpu.cr3)              # the global entries survive a second sweep too
+    assert t.valid_entries() == 512
+    t.flush_all()
+    assert t.valid_entries() == 0
+    assert all(mmu.translate(BASE + i * 4096).pa == (n + i) * 4096 for i in range(n))
 
 
 def test_lookup_counters_by_access_kind():
