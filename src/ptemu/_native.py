@@ -357,7 +357,9 @@ class WalkHandle:
     a memory's, a Tlb's `c_handle`): `c` to pass to ptemu_mmu_translate, `out` the
     walk output buffer (decode_walk / walk_pa), `fault` the fault it fills.
     For layers that run their own translations (the vCPU's guest walks)
-    without reaching into an Mmu."""
+    without reaching into an Mmu.  It keeps the walk context (and rights
+    table) in a ptemu_ctx_cache, derived again only when the CPU state (any
+    byte), the memory or the TLB differs (C compares), as an Mmu does."""
 
     __slots__ = ("c", "out", "fault", "_keep")
 
@@ -370,4 +372,6 @@ class WalkHandle:
         out_c = ffi.from_buffer("ptemu_walk_out *", self.out)
         self.c.out = out_c
         self.fault = ffi.addressof(self.c[0], "fault")
-        self._keep = (cpu_c, mem_c, tlb_c, out_c)
+        cache = ffi.new("ptemu_ctx_cache *")
+        self.c.cache = cache
+        self._keep = (cpu_c, mem_c, tlb_c, out_c, cache)

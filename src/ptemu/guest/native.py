@@ -72,11 +72,9 @@ class NativeVcpu(NoExitControl):
         self._translate = self.mmu.translate
         self._val = ffi.new("uint64_t *")
         # The vCPU's own walks (scalar loads and stores, store streams): the
-        # Mmu's C entry point through a handle with a walk-context cache.
+        # Mmu's C entry point through a handle (with a walk-context cache).
         self._stream = WalkHandle(self.cpu._c, self._mem_c,
                                   tlb._c if tlb is not None else None)
-        self._ctx_cache = ffi.new("ptemu_ctx_cache *")
-        self._stream.c.cache = self._ctx_cache
         self._stream_c, self._fault = self._stream.c, self._stream.fault
         self._fault_bytes = ffi.buffer(self._stream.fault)
         self._checked_trace = None      # the last trace run() checked (kept alive)
