@@ -112,7 +112,7 @@ def mmu_update_items(args, size):
     return updates
 
 
-def _fast_mmu_update(vcpu, ctx, batch):
+def fast_mmu_update(vcpu, ctx, batch):
     """The batch through C (csrc/paravirt.c): the number of entries written, or
     None when C declined or the batch is not a list/tuple of (int, int)
     tuples (then nothing was written, and the caller runs the Python path)."""
@@ -138,8 +138,11 @@ def _fast_mmu_update(vcpu, ctx, batch):
         flat = list(chain.from_iterable(batch))
         if set(map(type, flat)) != _INT:
             return None
+        items = vcpu._pv_items      # the vCPU's own buffer, grown to the largest batch
+        if len(items) < 2 * n:
+            items = vcpu._pv_items = ffi.new("uint64_t[]", 2 * n)
         try:
-            items = ffi.new("uint64_t[]", flat)
+            items[0:2 * n] = flat
         except OverflowError:
             return None
         r = _pv_update(ctx, vcpu._hmem, items, n)
@@ -148,24 +151,23 @@ def _fast_mmu_update(vcpu, ctx, batch):
             r = _pv_update(ctx, vcpu._hmem, items, n)
     if not r or r == _PV_LOG_FULL:
         return None
-    st = vcpu.vm.counters
-    st["exit_hypercall"] += 1
-    st["hypercall"] += 1
-    st["hypercall_mmu_update"] += 1
-    st["mmu_update_entries"] += n
-    st["fast_mmu_update"] += 1
+    # Counted in two ints; absorb_fast_counts folds them into exit_hypercall,
+    # hypercall, hypercall_mmu_update, mmu_update_entries and fast_mmu_update.
+    vcpu._pv_batches += 1
+    vcpu._pv_entries += n
     if r == _PV_DONE_FLUSH:
         vcpu.shadow.need_flush = True
     vcpu.commit()          # one real-TLB flush for the whole batch, as below
     return n
 
 
-def hypercall(vcpu, op, args):
-    """Dispatch one hypercall of a paravirt VM (see the module docstring)."""
-    if op == "mmu_update" and len(args) == 1:
+def hypercall(vcpu, op, args, fast=True):
+    """Dispatch one hypercall of a paravirt VM (see the module docstring).
+    fast=False: the caller has tried fast_mmu_update already (VCpu.hypercall)."""
+    if fast and op == "mmu_update" and len(args) == 1:
         ctx = vcpu.shadow.fast
         if ctx.enabled & _FP_MMU_UPDATE:
-            n = _fast_mmu_update(vcpu, ctx, args[0])
+            n = fast_mmu_update(vcpu, ctx, args[0])
             if n is not None:
                 return n
     st = vcpu.vm.counters
