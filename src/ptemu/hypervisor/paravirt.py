@@ -161,6 +161,22 @@ def fast_mmu_update(vcpu, ctx, batch):
     return n
 
 
+def load_cr3(vcpu, cr3):
+    """new_baseptr and flush_tlb, counted and checked: the CR3 load by fast
+    path 4 (csrc/shadow.c) when it can, else the CR3 exit."""
+    if not vcpu.fast_cr3(cr3):
+        vcpu.cr3_write_exit(cr3, "hypercall")
+    return 0
+
+
+def invlpg(vcpu, va):
+    """The invlpg hypercall, counted and checked, the CPU state synced: fast
+    path 3 when it can, else the INVLPG exit."""
+    if not vcpu.fast_invlpg(va):
+        vcpu.invlpg_exit(va)
+    return 0
+
+
 def hypercall(vcpu, op, args, fast=True):
     """Dispatch one hypercall of a paravirt VM (see the module docstring).
     fast=False: the caller has tried fast_mmu_update already (VCpu.hypercall)."""
@@ -196,22 +212,15 @@ def hypercall(vcpu, op, args, fast=True):
     if op == "new_baseptr":
         if len(args) != 1:
             raise InvalidInput("new_baseptr takes one CR3 value")
-        if not vcpu.fast_cr3(args[0]):
-            vcpu.cr3_write_exit(args[0], "hypercall")
-        return 0
+        return load_cr3(vcpu, args[0])
     if op == "invlpg":
         if len(args) != 1:
             raise InvalidInput("invlpg takes one virtual address")
         va = check_u64(args[0], "virtual address")
         vcpu.sync_cpu()            # the shadow root of the current CR3, for the resync
-        if not vcpu.fast_invlpg(va):
-            vcpu.invlpg_exit(va)
-        return 0
+        return invlpg(vcpu, va)
     if op == "flush_tlb":
         if args:
             raise InvalidInput("flush_tlb takes no arguments")
-        cr3 = vcpu.cpu._c.cr3
-        if not vcpu.fast_cr3(cr3):
-            vcpu.cr3_write_exit(cr3, "hypercall")
-        return 0
+        return load_cr3(vcpu, vcpu.cpu._c.cr3)
     raise InvalidInput("unknown hypercall %r (known: %s)" % (op, ", ".join(HYPERCALLS)))
