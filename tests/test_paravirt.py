@@ -366,3 +366,25 @@ def test_shadow_vms_have_no_mmu_update_fast_path():
     hv = Hypervisor(64 * PAGE)
     vm = hv.create_vm(16 * PAGE)
     assert not vm.vcpu._fast_bits & lib.PTEMU_FP_MMU_UPDATE
+
+
+def test_the_reused_items_buffer_carries_only_the_current_batch():
+    """The fast path copies each batch into one buffer of the vCPU, grown to the
+    largest batch: a short batch after a long one writes its own entries only,
+    a batch with a value out of range after them is refused both ways, and the
+    counters the fast path keeps in two ints reach vm.stats."""
+    vms = pv_pair()
+    long = [(14 * PAGE + 8 * i, i + 1) for i in range(200)]
+    assert both(vms, "mmu_update", long) == ("ok", 200)
+    short = [(15 * PAGE + 8 * i, 7) for i in range(3)]
+    assert both(vms, "mmu_update", short) == ("ok", 3)
+    for vm in vms:
+        assert [vm.phys.read_u64(15 * PAGE + 8 * i) for i in range(5)] == [7, 7, 7, 0, 0]
+    a = both(vms, "mmu_update", [(15 * PAGE, 1), (15 * PAGE + 8, 1 << 64)])
+    assert a[0] == "InvalidInput"
+    assert vms[0].stats["fast_mmu_update"] == 2 and vms[1].stats["fast_mmu_update"] == 0
+    for vm in vms:
+        st = vm.stats
+        assert (st["exit_hypercall"], st["hypercall_mmu_update"], st["mmu_update_entries"]) \
+            == (4, 2, 203)      # (pv_pair loaded CR3 by new_baseptr)
+    same(*vms)

@@ -344,6 +344,12 @@ class AddressSpaces:
     def _set_pte(self, gpa, value):
         """_write(gpa, value), then _sync(): one entry changed now (the #PF
         handler's), as one store_u64 when nothing else is pending."""
+        if self.paravirt and self._deferred and not self._npending:
+            # _write then _sync written out for the one entry: a batch of one.
+            self.stats["pte_write"] += 1
+            self.vcpu.hypercall("mmu_update", [(self._pending_base + gpa, value)])
+            self.stats["mmu_update_batches"] += 1
+            return
         if self._npending or self.paravirt:
             self._write(gpa, value)
             self._sync()

@@ -112,7 +112,7 @@ def mmu_update_items(args, size):
     return updates
 
 
-def _fast_mmu_update(vcpu, ctx, batch):
+def fast_mmu_update(vcpu, ctx, batch):
     """The batch through C (csrc/paravirt.c): the number of entries written, or
     None when C declined or the batch is not a list/tuple of (int, int)
     tuples (then nothing was written, and the caller runs the Python path)."""
@@ -138,8 +138,11 @@ def _fast_mmu_update(vcpu, ctx, batch):
         flat = list(chain.from_iterable(batch))
         if set(map(type, flat)) != _INT:
             return None
+        items = vcpu._pv_items      # the vCPU's own buffer, grown to the largest batch
+        if len(items) < 2 * n:
+            items = vcpu._pv_items = ffi.new("uint64_t[]", 2 * n)
         try:
-            items = ffi.new("uint64_t[]", flat)
+            items[0:2 * n] = flat
         except OverflowError:
             return None
         r = _pv_update(ctx, vcpu._hmem, items, n)
@@ -148,24 +151,39 @@ def _fast_mmu_update(vcpu, ctx, batch):
             r = _pv_update(ctx, vcpu._hmem, items, n)
     if not r or r == _PV_LOG_FULL:
         return None
-    st = vcpu.vm.counters
-    st["exit_hypercall"] += 1
-    st["hypercall"] += 1
-    st["hypercall_mmu_update"] += 1
-    st["mmu_update_entries"] += n
-    st["fast_mmu_update"] += 1
+    # Counted in two ints; absorb_fast_counts folds them into exit_hypercall,
+    # hypercall, hypercall_mmu_update, mmu_update_entries and fast_mmu_update.
+    vcpu._pv_batches += 1
+    vcpu._pv_entries += n
     if r == _PV_DONE_FLUSH:
         vcpu.shadow.need_flush = True
     vcpu.commit()          # one real-TLB flush for the whole batch, as below
     return n
 
 
-def hypercall(vcpu, op, args):
-    """Dispatch one hypercall of a paravirt VM (see the module docstring)."""
-    if op == "mmu_update" and len(args) == 1:
+def load_cr3(vcpu, cr3):
+    """new_baseptr and flush_tlb, counted and checked: the CR3 load by fast
+    path 4 (csrc/shadow.c) when it can, else the CR3 exit."""
+    if not vcpu.fast_cr3(cr3):
+        vcpu.cr3_write_exit(cr3, "hypercall")
+    return 0
+
+
+def invlpg(vcpu, va):
+    """The invlpg hypercall, counted and checked, the CPU state synced: fast
+    path 3 when it can, else the INVLPG exit."""
+    if not vcpu.fast_invlpg(va):
+        vcpu.invlpg_exit(va)
+    return 0
+
+
+def hypercall(vcpu, op, args, fast=True):
+    """Dispatch one hypercall of a paravirt VM (see the module docstring).
+    fast=False: the caller has tried fast_mmu_update already (VCpu.hypercall)."""
+    if fast and op == "mmu_update" and len(args) == 1:
         ctx = vcpu.shadow.fast
         if ctx.enabled & _FP_MMU_UPDATE:
-            n = _fast_mmu_update(vcpu, ctx, args[0])
+            n = fast_mmu_update(vcpu, ctx, args[0])
             if n is not None:
                 return n
     st = vcpu.vm.counters
@@ -194,22 +212,15 @@ def hypercall(vcpu, op, args):
     if op == "new_baseptr":
         if len(args) != 1:
             raise InvalidInput("new_baseptr takes one CR3 value")
-        if not vcpu.fast_cr3(args[0]):
-            vcpu.cr3_write_exit(args[0], "hypercall")
-        return 0
+        return load_cr3(vcpu, args[0])
     if op == "invlpg":
         if len(args) != 1:
             raise InvalidInput("invlpg takes one virtual address")
         va = check_u64(args[0], "virtual address")
         vcpu.sync_cpu()            # the shadow root of the current CR3, for the resync
-        if not vcpu.fast_invlpg(va):
-            vcpu.invlpg_exit(va)
-        return 0
+        return invlpg(vcpu, va)
     if op == "flush_tlb":
         if args:
             raise InvalidInput("flush_tlb takes no arguments")
-        cr3 = vcpu.cpu._c.cr3
-        if not vcpu.fast_cr3(cr3):
-            vcpu.cr3_write_exit(cr3, "hypercall")
-        return 0
+        return load_cr3(vcpu, vcpu.cpu._c.cr3)
     raise InvalidInput("unknown hypercall %r (known: %s)" % (op, ", ".join(HYPERCALLS)))

@@ -30,7 +30,9 @@ from ptemu.hypervisor.exits import (ExitRecord, GuestMemoryError, ShadowMmuError
                                     PF_EMULATE, PF_MMIO, PF_INJECT, PF_SPURIOUS,
                                     PF_OUTCOME_COUNTERS, check_stores)
 from ptemu.hypervisor.shadow import ShadowMmu, TE_W, R_WP
-from ptemu.hypervisor.paravirt import hypercall as _hypercall, MMU_UPDATE_HANDLERS
+from ptemu.hypervisor.paravirt import (hypercall as _hypercall, MMU_UPDATE_HANDLERS,
+                                        fast_mmu_update as _fast_mmu_update,
+                                        invlpg as _pv_invlpg, load_cr3 as _pv_load_cr3)
 
 __all__ = ["VCpu"]
 
@@ -119,6 +121,10 @@ class VCpu:
         # The fast paths (csrc/shadow.c) over the shadow MMU's structures:
         # None when off -- asked for, or a handler they stand in for is overridden.
         self._fast = None
+        self._paravirt = vm.paging == "paravirt"
+        # The mmu_update fast path's counts (absorb_fast_counts) and its items buffer.
+        self._pv_batches = self._pv_entries = self._pv_calls = 0
+        self._pv_items = ffi.new("uint64_t[]", 64)
         self._fast_bits = ((_FP_HIDDEN_FAULT | _FP_PT_WRITE | _FP_INVLPG | _FP_CR3
                             | _FP_TRUE_FAULT
                             | (_FP_MMU_UPDATE if vm.paging == "paravirt" else 0))
@@ -195,6 +201,16 @@ class VCpu:
             st["fast_pf_fixed"] += fixed
             st["fast_pf_spurious"] += spurious
             st["fast_pf_emulate"] += emulated
+        batches, calls = self._pv_batches, self._pv_calls
+        if batches or calls:
+            entries = self._pv_entries
+            self._pv_batches = self._pv_entries = self._pv_calls = 0
+            st = self._stats
+            st["exit_hypercall"] += batches + calls
+            st["hypercall"] += batches + calls
+            st["hypercall_mmu_update"] += batches
+            st["mmu_update_entries"] += entries
+            st["fast_mmu_update"] += batches
         if ctx.path_walks:
             self._stats["fast_path_walk"] += ctx.path_walks
             ctx.path_walks = 0
@@ -843,10 +859,38 @@ class VCpu:
 
     def hypercall(self, op, *args):
         """Paravirtual operations (paravirt VMs only): see ptemu.hypervisor.paravirt."""
-        if self.vm.paging != "paravirt":
+        if not self._paravirt:
             raise InvalidInput("hypercall %r: this VM uses %s paging; hypercalls are for "
                                "paravirt VMs" % (op, self.vm.paging))
-        self.sync_cpu(load=False)
+        cur = self._cpu_bytes[:]                    # sync_cpu(load=False), written out
+        if cur != self._seen:
+            self._cpu_changed(cur, False)
+        ctx = self._fast
+        if ctx is None or not ctx.enabled & _FP_MMU_UPDATE:
+            return self.hypercall_exit(op, args)
+        # The mmu_update fast path's bit is on only when hypercall_exit is
+        # VCpu's own: the common calls skip the dispatch layers (and count the
+        # exit in self._pv_calls, which absorb_fast_counts folds in).
+        if len(args) == 1:
+            if op == "mmu_update":
+                # What C declines goes to the Python path (not tried in C twice).
+                n = _fast_mmu_update(self, ctx, args[0])
+                if n is not None:
+                    return n
+                return _hypercall(self, op, args, False)
+            if op == "invlpg":
+                va = args[0]
+                if va.__class__ is int and 0 <= va <= _U64_MAX:
+                    self._pv_calls += 1
+                    if self._root_stale and self._paging:
+                        self._cpu_changed(cur)      # the rest of sync_cpu(): the root
+                    return _pv_invlpg(self, va)
+            elif op == "new_baseptr":
+                self._pv_calls += 1
+                return _pv_load_cr3(self, args[0])
+        elif op == "flush_tlb" and not args:
+            self._pv_calls += 1
+            return _pv_load_cr3(self, self.cpu._c.cr3)
         return self.hypercall_exit(op, args)
 
     def hypercall_exit(self, op, args):
