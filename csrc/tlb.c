@@ -531,6 +531,28 @@ static void sweep(ptemu_tlb_array *a, int is_psc, uint32_t kind, uint32_t pcid, 
     const uint32_t words = sets >= PTEMU_TLB_OCC_BITS ? PTEMU_TLB_OCC_WORDS
                                                       : (uint32_t)(sets + 63u) / 64u;
     uint32_t live = 0;
+    if (kind == PTEMU_FLUSH_ALL || (is_psc && kind == PTEMU_FLUSH_NONGLOBAL)) {
+        /* Every valid entry goes: clear the marked sets without a test per
+         * way.  The same words as a drop of each valid way -- key and stamp
+         * to 0 -- and an invalid way's stamp left as it is. */
+        for (uint32_t i = 0; i < words; i++) {
+            uint64_t bits = a->occ[i];
+            while (bits) {
+                const uint32_t b = ptemu_ctz64(bits);
+                bits &= bits - 1;
+                for (size_t set = (size_t)i * 64u + b; set < sets; set += PTEMU_TLB_OCC_BITS) {
+                    uint64_t *row = a->slots + set * 3u * ways;
+                    for (uint32_t w = 0; w < ways; w++) {
+                        row[ways + w] = row[w] ? 0 : row[ways + w];
+                        row[w] = 0;
+                    }
+                }
+            }
+            a->occ[i] = 0;
+        }
+        a->live = 0;
+        return;
+    }
     for (uint32_t i = 0; i < words; i++) {
         uint64_t bits = a->occ[i], keep = 0;
         while (bits) {
