@@ -296,7 +296,10 @@ typedef struct ptemu_tlb_step {
 
 typedef struct ptemu_tlb {
     uint32_t narrays;
-    uint32_t ready;                /* set by ptemu_tlb_init once geometry is final */
+    uint32_t ready;                /* set by ptemu_tlb_init once geometry is final; clear
+                                      it (or call ptemu_tlb_init) after writing slots
+                                      yourself: the next lookup or flush then derives
+                                      live and occ from the entries again */
     ptemu_tlb_array arr[8];        /* TLB arrays */
     ptemu_tlb_array psc[6];        /* paging-structure caches, index = level 2..5 */
     /* Derived by ptemu_tlb_init, per access kind (0 data, 1 fetch): the

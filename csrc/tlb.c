@@ -581,6 +581,8 @@ static void sweep(ptemu_tlb_array *a, int is_psc, uint32_t kind, uint32_t pcid, 
 
 void ptemu_tlb_flush(ptemu_tlb *t, uint32_t kind, uint32_t pcid, uint64_t va, uint32_t cause)
 {
+    if (!t->ready)
+        ptemu_tlb_init(t);      /* slots written from outside: live and occ again */
     if (cause < PTEMU_NFLUSH_CAUSES)
         t->flushes[cause]++;
     if (cause == PTEMU_FLUSHED_BY_PF)

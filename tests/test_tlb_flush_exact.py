@@ -158,3 +158,19 @@ def test_an_entry_written_through_c_handle_is_flushed_after_tlb_init():
     lib.ptemu_tlb_flush(c, lib.PTEMU_FLUSH_PCID, 5, 0, lib.PTEMU_FLUSHED_BY_USER)
     assert tlb.valid_entries() == 0
     assert a.slots[row] == 0 and a.slots[row + ways] == 0
+
+
+def test_clearing_ready_after_writing_slots_is_enough_for_a_flush():
+    """The other way to announce such entries: clear `ready`; the flush
+    derives the map first."""
+    tlb = Tlb.default()
+    c = tlb.c_handle
+    a = c.arr[0]
+    ways, s = a.ways, a.sets - 1
+    row = s * 3 * ways
+    a.slots[row] = (0x777 << 3) | 1
+    a.slots[row + ways] = 1
+    c.ready = 0
+    lib.ptemu_tlb_flush(c, lib.PTEMU_FLUSH_ALL, 0, 0, lib.PTEMU_FLUSHED_BY_USER)
+    assert c.ready == 1
+    assert tlb.valid_entries() == 0
