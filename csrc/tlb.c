@@ -524,35 +524,14 @@ static inline int psc_entry_goes(uint64_t data, uint32_t kind, uint32_t pcid)
 /* Drop the entries a flush of `kind` removes from the sets the occupancy
  * map says may hold one (the others hold none); a set left empty loses its
  * bit when no other set shares it. */
-static void sweep(ptemu_tlb_array *a, int is_psc, uint32_t kind, uint32_t pcid, uint64_t va)
+static PTEMU_INLINE void sweep_marked(ptemu_tlb_array *a, int is_psc, uint32_t kind,
+                                       uint32_t pcid, uint64_t va, const int all)
 {
     const uint32_t ways = a->ways;
     const size_t sets = a->sets;
     const uint32_t words = sets >= PTEMU_TLB_OCC_BITS ? PTEMU_TLB_OCC_WORDS
                                                       : (uint32_t)(sets + 63u) / 64u;
     uint32_t live = 0;
-    if (kind == PTEMU_FLUSH_ALL || (is_psc && kind == PTEMU_FLUSH_NONGLOBAL)) {
-        /* Every valid entry goes: clear the marked sets without a test per
-         * way.  The same words as a drop of each valid way -- key and stamp
-         * to 0 -- and an invalid way's stamp left as it is. */
-        for (uint32_t i = 0; i < words; i++) {
-            uint64_t bits = a->occ[i];
-            while (bits) {
-                const uint32_t b = ptemu_ctz64(bits);
-                bits &= bits - 1;
-                for (size_t set = (size_t)i * 64u + b; set < sets; set += PTEMU_TLB_OCC_BITS) {
-                    uint64_t *row = a->slots + set * 3u * ways;
-                    for (uint32_t w = 0; w < ways; w++) {
-                        row[ways + w] = row[w] ? 0 : row[ways + w];
-                        row[w] = 0;
-                    }
-                }
-            }
-            a->occ[i] = 0;
-        }
-        a->live = 0;
-        return;
-    }
     for (uint32_t i = 0; i < words; i++) {
         uint64_t bits = a->occ[i], keep = 0;
         while (bits) {
@@ -562,10 +541,13 @@ static void sweep(ptemu_tlb_array *a, int is_psc, uint32_t kind, uint32_t pcid, 
                 uint64_t *row = a->slots + set * 3u * ways;
                 for (uint32_t w = 0; w < ways; w++) {
                     uint64_t key = row[w], data = row[2 * ways + w];
-                    if (!key)
+                    if (all) {
+                        row[ways + w] = key ? 0 : row[ways + w];
+                        row[w] = 0;
+                    } else if (!key) {
                         continue;
-                    if (is_psc ? psc_entry_goes(data, kind, pcid)
-                               : tlb_entry_goes(key, data, kind, pcid, va)) {
+                    } else if (is_psc ? psc_entry_goes(data, kind, pcid)
+                                      : tlb_entry_goes(key, data, kind, pcid, va)) {
                         ptemu_tlb_drop(&row[w], ways);
                     } else {
                         live |= 1u << key_size(key);
@@ -577,6 +559,18 @@ static void sweep(ptemu_tlb_array *a, int is_psc, uint32_t kind, uint32_t pcid, 
         a->occ[i] = keep;
     }
     a->live = live;
+}
+
+/* A flush's sweep of one array.  When every valid entry goes (ALL;
+ * NONGLOBAL in a PSC) the marked sets are cleared without a test per way
+ * (sweep_marked specialised for it): the same words as a drop of each valid
+ * way, key and stamp to 0, an invalid way's stamp left as it is. */
+static void sweep(ptemu_tlb_array *a, int is_psc, uint32_t kind, uint32_t pcid, uint64_t va)
+{
+    if (kind == PTEMU_FLUSH_ALL || (is_psc && kind == PTEMU_FLUSH_NONGLOBAL))
+        sweep_marked(a, is_psc, kind, pcid, va, 1);
+    else
+        sweep_marked(a, is_psc, kind, pcid, va, 0);
 }
 
 void ptemu_tlb_flush(ptemu_tlb *t, uint32_t kind, uint32_t pcid, uint64_t va, uint32_t cause)
