@@ -14,7 +14,7 @@ compares results, counters, host memory and the rmap (test_shadow_fast.same).
 import numpy as np
 import pytest
 
-from ptemu import PageFault
+from ptemu import PageFault, bits
 from ptemu._native import ffi, lib
 from ptemu.hypervisor import Hypervisor, audit
 from ptemu.hypervisor.exits import GuestMemoryError
@@ -300,3 +300,88 @@ def test_c_sees_the_reserved_bits_of_a_new_maxphyaddr_at_once():
         r = [_load(vm, VA + PAGE) for vm, _ in vms]
         assert r[0] == r[1] and r[0][0] == "#PF"
         same(fast, ref)
+
+
+def _random_gpte(rng, nframes):
+    """A guest PTE of any kind sync_page must handle: mostly present with
+    A set, some without A or P, frames backed, not yet backed or outside
+    the VM, any of W/U/D/NX/G/PCD/PWT, now and then a reserved bit."""
+    r = int(rng.integers(16))
+    if r == 0:
+        return 0
+    gfn = int(rng.choice([rng.integers(40, 60), rng.integers(60, nframes),
+                          rng.integers(nframes, nframes + 64)], p=[0.7, 0.2, 0.1]))
+    flags = P | A
+    for bit, p in ((W, 0.7), (U, 0.8), (D, 0.6), (NX, 0.2), (bits.PTE_G, 0.1),
+                   (bits.PTE_PCD, 0.1), (bits.PTE_PWT, 0.1)):
+        if rng.random() < p:
+            flags |= bit
+    if r == 1:
+        flags &= ~A
+    if r == 2:
+        flags &= ~P
+    if r == 3:
+        flags |= 1 << 51                    # reserved below MAXPHYADDR 52
+    return (gfn * PAGE) | flags
+
+
+def _rmap_order(vm):
+    """The rmap with each set in its iteration order: the same rmap changes
+    in the same order leave the same order (write_protect walks it)."""
+    return {g: list(s) for g, s in vm.shadow.rmap.items() if s}
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_tables_sync_the_same_in_c_and_python(monkeypatch, seed):
+    """Random guest tables, fast paths on (C syncs) vs off (Python's loop):
+    a whole level-1 table of random gptes, a random half of it touched
+    (sptes made), the table made unsync, a random set of its entries
+    rewritten with random gptes behind the hypervisor's back (SDM Vol. 3A
+    4.10.4.3: the guest may not rely on them before it invalidates), then a
+    flushing MOV CR3 (4.10.4.1), at which both VMs sync.  Afterwards: the
+    same sptes and host memory, the same rmap (and the order of its sets),
+    every counter but the fast ones, the real TLB flushed once because the
+    sync lowered or moved a translation (need_flush), and the same answer
+    for every one of the 512 pages."""
+    seen = _spy(monkeypatch)
+    rng = np.random.default_rng(1000 + seed)
+    vms = pair(unsync=True)
+    nframes = vms[0][0].shadow.nframes
+    table = [_random_gpte(rng, nframes) for _ in range(512)]
+    touched = sorted(rng.choice(512, 256, replace=False).tolist())
+    rewrites = [(int(i), _random_gpte(rng, nframes) if rng.random() < 0.9 else table[int(i)])
+                for i in rng.choice(512, int(rng.integers(32, 300)), replace=False)]
+    outs = []
+    for vm, g in vms:
+        for i, e in enumerate(table):
+            g.map(VA + i * PAGE, e & ~0xFFF, e & 0xFFF | e & (NX | 1 << 51))
+        pt = g.table_of(VA)
+        g.map(SELF, pt, P | W | U | A | D)
+        vm.vcpu.write_cr3(g.root)
+        out = _loads(vm, touched)
+        vm.vcpu.load_u64(SELF)
+        for i, e in rewrites:
+            vm.vcpu.store_u64(SELF + 8 * i, e)          # the first one unsyncs
+        assert vm.shadow.unsync_sps
+        # The guest unmaps its window on the table and invalidates it (4.10.4.1
+        # INVLPG): no writable spte maps the table any more, so the flush at
+        # the CR3 load below is the sync's own (a translation lowered or moved).
+        vm.phys.write_u64(g.entry_pa(SELF, 1), 0)
+        vm.vcpu.invlpg(SELF)
+        assert not vm.shadow.need_flush
+        outs.append(out)
+    (fast, _), (ref, _) = vms
+    assert outs[0] == outs[1]
+    same(fast, ref)
+    flushes = [vm.stats["tlb_flush"] for vm, _ in vms]
+    for vm, g in vms:
+        vm.vcpu.write_cr3(g.root)                       # syncs
+        assert not vm.shadow.unsync_sps
+    assert seen == [True, False]
+    assert [vm.stats["tlb_flush"] - f for (vm, _), f in zip(vms, flushes)] == [1, 1]
+    assert fast.stats["mmu_sync"] == ref.stats["mmu_sync"] == 1
+    same(fast, ref)
+    assert _rmap_order(fast) == _rmap_order(ref)
+    assert _loads(fast, range(512)) == _loads(ref, range(512))
+    same(fast, ref)
+    assert _rmap_order(fast) == _rmap_order(ref)
