@@ -188,9 +188,20 @@ static PTEMU_INLINE int find_way_hit(const uint64_t *row, uint32_t ways, uint64_
 
 /* The key run of the set a tag indexes (stamps follow at + ways, data at
  * + 2 * ways). */
+/* The set a tag indexes, and a set's words (keys, stamps, data). */
+static inline size_t set_of(const ptemu_tlb_array *a, uint64_t tag)
+{
+    return (size_t)(tag & (a->sets - 1));
+}
+
+static inline uint64_t *row_at(const ptemu_tlb_array *a, size_t set)
+{
+    return a->slots + set * 3u * a->ways;
+}
+
 static inline uint64_t *row_of(const ptemu_tlb_array *a, uint64_t tag)
 {
-    return a->slots + (size_t)(tag & (a->sets - 1)) * 3u * a->ways;
+    return row_at(a, set_of(a, tag));
 }
 
 /* The occupancy bit of a set (ptemu_tlb_array.occ). */
@@ -211,7 +222,7 @@ static void derive_occupancy(ptemu_tlb_array *a)
     uint32_t live = 0;
     memset(a->occ, 0, sizeof a->occ);
     for (size_t set = 0; set < a->sets; set++) {
-        const uint64_t *row = a->slots + set * 3u * a->ways;
+        const uint64_t *row = row_at(a, set);
         for (uint32_t w = 0; w < a->ways; w++)
             if (row[w]) {
                 live |= 1u << key_size(row[w]);
@@ -277,8 +288,8 @@ static PTEMU_INLINE uint64_t *array_fill(ptemu_tlb_array *a, uint64_t key, uint6
                                          int absent)
 {
     const uint32_t ways = a->ways;
-    const size_t set = (size_t)((key >> 3) & (a->sets - 1));
-    uint64_t *row = a->slots + set * 3u * ways;
+    const size_t set = set_of(a, key >> 3);
+    uint64_t *row = row_at(a, set);
     uint32_t v;
     int w;
     occ_mark(a, set);
@@ -538,7 +549,7 @@ static PTEMU_INLINE void sweep_marked(ptemu_tlb_array *a, int is_psc, uint32_t k
             const uint32_t b = ptemu_ctz64(bits);
             bits &= bits - 1;
             for (size_t set = (size_t)i * 64u + b; set < sets; set += PTEMU_TLB_OCC_BITS) {
-                uint64_t *row = a->slots + set * 3u * ways;
+                uint64_t *row = row_at(a, set);
                 for (uint32_t w = 0; w < ways; w++) {
                     uint64_t key = row[w], data = row[2 * ways + w];
                     if (all) {
@@ -593,10 +604,10 @@ void ptemu_tlb_flush(ptemu_tlb *t, uint32_t kind, uint32_t pcid, uint64_t va, ui
             for (uint32_t s = 0; s < 3; s++) {
                 if (!(a->live & (1u << s)))
                     continue;
-                const size_t set = (size_t)((va >> ptemu_level_shift(s + 1)) & (a->sets - 1));
+                const size_t set = set_of(a, va >> ptemu_level_shift(s + 1));
                 if (!occ_has(a, set))
                     continue;
-                uint64_t *row = a->slots + set * 3u * ways;
+                uint64_t *row = row_at(a, set);
                 for (uint32_t w = 0; w < ways; w++)
                     if (row[w] && tlb_entry_goes(row[w], row[2 * ways + w], kind, pcid, va))
                         ptemu_tlb_drop(&row[w], ways);
@@ -626,7 +637,7 @@ uint64_t ptemu_tlb_count_valid(const ptemu_tlb *t, int which)
             a = &t->psc[level];
         }
         for (size_t set = 0; set < a->sets; set++) {
-            const uint64_t *row = a->slots + set * 3u * a->ways;
+            const uint64_t *row = row_at(a, set);
             for (uint32_t w = 0; w < a->ways; w++)
                 count += row[w] != 0;
         }

@@ -235,7 +235,7 @@ class VCpu:
     def sync_cpu(self, load=True):
         """Pick up guest CPU state changed by plain assignment (CPL, PKRU, ...).
         load=False: the caller is about to load CR3 itself (no root for the old one).
-        run, load_u64 and store_u64 do the same check written out."""
+        run, load_u64, store_u64 and hypercall do the same check written out."""
         cur = self._cpu_bytes[:]
         if cur != self._seen or (load and self._root_stale and self._paging):
             self._cpu_changed(cur, load)
