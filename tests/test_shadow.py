@@ -271,9 +271,26 @@ def test_run_rejects_bad_traces():
     with pytest.raises(ptemu.InvalidInput):
         vm.vcpu.run(np.zeros(3, dtype=np.uint64))
     tr = np.zeros(2, dtype=ptemu.TRACE_DTYPE)
-    tr["access"][1] = 5
-    with pytest.raises(ptemu.InvalidInput):
+    tr["access"][0] = 5
+    with pytest.raises(ptemu.InvalidInput, match=r"trace\[0\]: access code 5"):
         vm.vcpu.run(tr)
+    # A bad code is refused where the run reaches it, as on the native machine:
+    # trace[0] (va 0, unmapped) faults first, and the run stops there.
+    tr["access"] = [0, 5]
+    r = vm.vcpu.run(tr)
+    assert (r.index, r.vector) == (0, 14)
+    with pytest.raises(ptemu.InvalidInput, match=r"trace\[1\]: access code 5"):
+        vm.vcpu.run(tr, start=1)
+    # With paging off no C loop runs: run() itself refuses the code.
+    cpu = vm.vcpu.cpu      # (both at once: MOV CR0 cannot clear PG in 64-bit mode)
+    cpu._assign(cr0=cpu.cr0 & ~bits.CR0_PG, efer=cpu.efer & ~(bits.EFER_LMA | bits.EFER_LME))
+    before = vm.stats["guest_accesses"]
+    tr["access"] = [0, 0]
+    assert vm.vcpu.run(tr).index == 2
+    tr["access"] = [0, 7]
+    with pytest.raises(ptemu.InvalidInput, match=r"trace\[1\]: access code 7"):
+        vm.vcpu.run(tr)
+    assert vm.stats["guest_accesses"] == before + 3
     with pytest.raises(ptemu.InvalidInput):
         vm.vcpu.run(np.zeros(2, dtype=ptemu.TRACE_DTYPE), start=3)
 
