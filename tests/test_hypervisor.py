@@ -101,6 +101,28 @@ def test_a_frame_is_zero_when_handed_out_fresh_or_again():
     assert vm.phys.read(8, PAGE - 8) == bytes(PAGE - 8)
 
 
+def test_a_whole_frame_written_into_an_unbacked_one_is_its_only_content():
+    """A guest write of a whole frame backs it with that content in one copy
+    (alloc_frame's fill): no stale host bytes, the neighbours untouched, and a
+    shadowed frame still takes the path that tells its shadows."""
+    hv = Hypervisor(16 * PAGE)
+    hv.host.array[:] = 0x5A                           # stale bytes everywhere
+    vm = hv.create_vm(8 * PAGE)
+    data = bytes(range(256)) * 16
+    vm.phys.write(3 * PAGE, data)
+    hpa = vm.gpa_to_hpa(3 * PAGE)
+    assert hv.host.array[hpa:hpa + PAGE].tobytes() == data
+    assert vm.phys.read(3 * PAGE, PAGE) == data and vm.stats["frames_backed"] == 1
+    vm.phys.write(5 * PAGE, bytes(PAGE))              # clear_page of a fresh frame
+    hpa5 = vm.gpa_to_hpa(5 * PAGE)
+    assert not hv.host.array[hpa5:hpa5 + PAGE].any()
+    assert vm.gpa_to_hpa(4 * PAGE) is None            # nothing else backed
+    assert vm.phys.read(2 * PAGE, PAGE) == bytes(PAGE)
+    with pytest.raises(ptemu.InvalidInput):
+        vm.phys.write(7 * PAGE + 8, data)             # past the end: refused, nothing backed
+    assert vm.gpa_to_hpa(7 * PAGE) is None
+
+
 def test_guest_memory_is_backed_lazily_lowest_frame_first():
     hv = Hypervisor(64 * PAGE)
     vm = hv.create_vm(32 * PAGE)

@@ -60,17 +60,21 @@ class Hypervisor:
     def free_frames(self):
         return len(self._free)
 
-    def alloc_frame(self, owner=None):
+    def alloc_frame(self, owner=None, fill=None):
         """A zeroed host frame (its address); HostMemoryExhausted when none is left.
         (Zeroed every time, fresh or not: host memory is public (`host`), and
         a frame some caller wrote must not carry its bytes into a VM.)
-        owner: the VM the frame is charged to (its `frames_owned`)."""
+        owner: the VM the frame is charged to (its `frames_owned`).
+        fill: the frame's 4096 bytes instead of zeros (a guest write of a whole
+        frame into an unbacked one: one copy, not zeros and then the copy)."""
+        if fill is None:
+            fill = _ZERO_PAGE
         if not self._free:
             raise HostMemoryExhausted("no free host frame left (host memory %#x bytes)"
                                       % self.host.size)
         f = heapq.heappop(self._free)
         self._free_count[0] = len(self._free)
-        self._bytes[f * PAGE:(f + 1) * PAGE] = _ZERO_PAGE     # (a memoryview copy)
+        self._bytes[f * PAGE:(f + 1) * PAGE] = fill     # (a memoryview copy; a bad fill raises)
         if owner is not None:
             owner.frames_owned.add(f)
         return f * PAGE

@@ -88,14 +88,16 @@ class VirtualMachine:
         self.vcpu.detach()
 
     # -- guest memory ----------------------------------------------------------------
-    def back(self, gfn):
-        """Back guest frame gfn with a host frame (if not yet); its host address."""
+    def back(self, gfn, fill=None):
+        """Back guest frame gfn with a host frame (if not yet); its host address.
+        fill: the new frame's 4096 bytes (Hypervisor.alloc_frame); an already
+        backed frame is returned as it is."""
         hpa = self.p2m_list[gfn]
         if hpa != NO_FRAME:
             return hpa
         if not self.hypervisor.free_frames:
             self.shadow._recycle(1, host=True)
-        hpa = self.hypervisor.alloc_frame(owner=self)
+        hpa = self.hypervisor.alloc_frame(owner=self, fill=fill)
         self._p2m_mv[gfn] = hpa
         self.p2m_list[gfn] = hpa
         self.h2g[hpa // PAGE] = gfn
@@ -273,11 +275,15 @@ class GuestPhys:
         shadows told what changed (the entry at off's word before and after);
         a frame no shadow page reads just gets the copy."""
         vm = self._vm
-        hpa = vm.back(gfn)
         k = len(src)
         if gfn not in vm.shadow.gfn_sps:
+            if k == PAGE and vm.p2m_list[gfn] == NO_FRAME:
+                vm.back(gfn, fill=src)      # (clear_page of a fresh frame: one copy)
+                return
+            hpa = vm.back(gfn)
             self._bytes[hpa + off:hpa + off + k] = src
             return
+        hpa = vm.back(gfn)
         word = (hpa + (off & ~7)) >> 3
         old = self._m[word]
         self._bytes[hpa + off:hpa + off + k] = src
