@@ -382,9 +382,14 @@ def test_the_reused_items_buffer_carries_only_the_current_batch():
         assert [vm.phys.read_u64(15 * PAGE + 8 * i) for i in range(5)] == [7, 7, 7, 0, 0]
     a = both(vms, "mmu_update", [(15 * PAGE, 1), (15 * PAGE + 8, 1 << 64)])
     assert a[0] == "InvalidInput"
+    # One entry out of range (the one-entry path leaves the range check to cffi):
+    for bad in ([(15 * PAGE, 1 << 64)], [(15 * PAGE, -1)], [(-8, 1)], [(1 << 64, 1)]):
+        assert both(vms, "mmu_update", bad)[0] == "InvalidInput"
+    for vm in vms:
+        assert vm.phys.read_u64(15 * PAGE) == 7
     assert vms[0].stats["fast_mmu_update"] == 2 and vms[1].stats["fast_mmu_update"] == 0
     for vm in vms:
         st = vm.stats
         assert (st["exit_hypercall"], st["hypercall_mmu_update"], st["mmu_update_entries"]) \
-            == (4, 2, 203)      # (pv_pair loaded CR3 by new_baseptr)
+            == (8, 2, 203)      # (pv_pair loaded CR3 by new_baseptr; 4 refused calls)
     same(*vms)

@@ -124,10 +124,12 @@ def fast_mmu_update(vcpu, ctx, batch):
         if item.__class__ is not tuple or len(item) != 2:
             return None
         gpa, value = item
-        if gpa.__class__ is not int or value.__class__ is not int or \
-                not 0 <= gpa <= _U64_MAX or not 0 <= value <= _U64_MAX:
+        if gpa.__class__ is not int or value.__class__ is not int:
             return None
-        r = _pv_update1(ctx, vcpu._hmem, gpa, value)
+        try:
+            r = _pv_update1(ctx, vcpu._hmem, gpa, value)
+        except OverflowError:       # (cffi's range check of a uint64_t: nothing written)
+            return None
         if r == _PV_LOG_FULL:
             vcpu.shadow.take_rmap_log()
             r = _pv_update1(ctx, vcpu._hmem, gpa, value)
@@ -155,9 +157,11 @@ def fast_mmu_update(vcpu, ctx, batch):
     # hypercall, hypercall_mmu_update, mmu_update_entries and fast_mmu_update.
     vcpu._pv_batches += 1
     vcpu._pv_entries += n
+    sh = vcpu.shadow
     if r == _PV_DONE_FLUSH:
-        vcpu.shadow.need_flush = True
-    vcpu.commit()          # one real-TLB flush for the whole batch, as below
+        sh.need_flush = True
+    if sh.need_flush or sh.need_reload:
+        vcpu.commit()      # one real-TLB flush for the whole batch, as below
     return n
 
 

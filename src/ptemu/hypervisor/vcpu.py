@@ -121,6 +121,7 @@ class VCpu:
         # The fast paths (csrc/shadow.c) over the shadow MMU's structures:
         # None when off -- asked for, or a handler they stand in for is overridden.
         self._fast = None
+        self._enabled = 0       # ctx.enabled as a Python int (a cffi field read costs ~600 instr.)
         self._paravirt = vm.paging == "paravirt"
         # The mmu_update fast path's counts (absorb_fast_counts) and its items buffer.
         self._pv_batches = self._pv_entries = self._pv_calls = 0
@@ -176,7 +177,7 @@ class VCpu:
         ctx = self._fast
         if ctx is not None:
             on = self.log is None and not self.shadow.prefetch and not self._destroyed
-            ctx.enabled = self._fast_bits if on else 0
+            ctx.enabled = self._enabled = self._fast_bits if on else 0
 
     def detach(self):
         """The VM was destroyed: every later operation is refused."""
@@ -873,7 +874,7 @@ class VCpu:
         if cur != self._seen:
             self._cpu_changed(cur, False)
         ctx = self._fast
-        if ctx is None or not ctx.enabled & _FP_MMU_UPDATE:
+        if not self._enabled & _FP_MMU_UPDATE:
             return self.hypercall_exit(op, args)
         # The mmu_update fast path's bit is on only when hypercall_exit is
         # VCpu's own: the common calls skip the dispatch layers (and count the
