@@ -20,12 +20,11 @@ The paravirtual hypercalls (Xen's mmu_update / mmuext_op shapes) are
 accepted and performed directly, so a paravirtual guest kernel runs
 unchanged on this machine.
 """
-import struct
 from collections import defaultdict
 
 from ptemu._native import (ffi, lib, InvalidInput, PageFault, GeneralProtection, check_u64,
-                           check_array, check_layout, fault_from_c, walk_pa, ACCESS_CODES,
-                           U64_MAX)
+                           check_array, fault_from_c, walk_pa, ACCESS_CODES, U64_MAX,
+                           FAULT_HEAD)
 from ptemu.memory import PhysicalMemory
 from ptemu.mmu import CpuState, Mmu, RunResult, TRACE_DTYPE, _FaultRunResult
 from ptemu.tlb import Tlb
@@ -45,10 +44,6 @@ _IN_CPL = lib.PTEMU_IN_CPL
 _ACC_WRITE = ACCESS_CODES["w"]
 _VEC_GP = lib.PTEMU_VEC_GP
 _NULL = ffi.NULL
-#: A ptemu_fault's vector, error_code and cr2, from a copy of its bytes.
-_fault_head = struct.Struct("<IIQ").unpack_from
-check_layout((ffi.offsetof("ptemu_fault", "vector"), ffi.offsetof("ptemu_fault", "error_code"),
-              ffi.offsetof("ptemu_fault", "cr2")) == (0, 4, 8), "ptemu_fault")
 
 
 class NativeVcpu(NoExitControl):
@@ -194,7 +189,7 @@ class NativeVcpu(NoExitControl):
         if idx == n:
             return RunResult(n, 0, 0, 0, "none", None)
         f_bytes = self._fault_bytes[:]
-        vector, error_code, cr2 = _fault_head(f_bytes)
+        vector, error_code, cr2 = FAULT_HEAD(f_bytes)
         if vector == _VEC_GP:
             if self._fault.cause == lib.PTEMU_CAUSE_NONE:
                 raise InvalidInput("trace[%d]: access code %d is not 0 (read), 1 (write) or "
