@@ -22,6 +22,7 @@ from ptemu.hypervisor.exits import FAST_COUNTERS
 from ptemu.hypervisor.shadow import make_leaf_spte, TE_W, TE_U
 from ptemu.hypervisor.vcpu import VCpu
 from ptemu.hypervisor.vm import VirtualMachine
+from ptemu.guest import NativeMachine
 
 P, W, U, A, D, PS = (bits.PTE_P, bits.PTE_W, bits.PTE_U, bits.PTE_A, bits.PTE_D, bits.PTE_PS)
 PAGE = 4096
@@ -393,3 +394,37 @@ def test_the_reused_items_buffer_carries_only_the_current_batch():
         assert (st["exit_hypercall"], st["hypercall_mmu_update"], st["mmu_update_entries"]) \
             == (8, 2, 203)      # (pv_pair loaded CR3 by new_baseptr; 4 refused calls)
     same(*vms)
+
+
+def _outcome(fn, *args):
+    try:
+        return ("ok", fn(*args))
+    except Exception as exc:        # noqa: BLE001 - compared, not swallowed
+        return (type(exc).__name__, str(exc), getattr(exc, "index", None))
+
+
+@pytest.mark.parametrize("gpa, value", [
+    (PT + 8 * 9, 12 * PAGE | P | U | A),          # a new leaf: C writes it and the spte
+    (PT + 8 * 7, 13 * PAGE | P | W | U | A | D),  # a remap of va 7's entry (a flush)
+    (PT + 8 * 7, 0),                              # an unmap
+    (PT + 8 * 9, 999 * PAGE | P),                 # outside the VM: refused
+    (PT + 8 * 9 + 4, 1),                          # misaligned: refused
+    (PT + 8 * 9, 1 << 64),                        # out of range: refused
+    (-8, 1),
+])
+def test_mmu_update1_is_the_one_entry_hypercall(gpa, value):
+    """vcpu.mmu_update1(gpa, value) is hypercall("mmu_update", [(gpa, value)]):
+    the same outcome, guest and host memory, shadow, rmap and counters, with the
+    fast paths on and off, and on the native machine."""
+    one, ref = pv_pair(), pv_pair()
+    got = [_outcome(vm.vcpu.mmu_update1, gpa, value) for vm in one]
+    want = [call(vm, "mmu_update", [(gpa, value)]) for vm in ref]
+    assert got == want and got[0] == got[1]
+    for a, b in zip(one, ref):
+        same(a, b)
+    assert one[0].stats["fast_mmu_update"] == (1 if got[0][0] == "ok" else 0)
+    nm = NativeMachine(32 * PAGE)
+    nm2 = NativeMachine(32 * PAGE)
+    assert (_outcome(nm.vcpu.mmu_update1, gpa, value)
+            == call(nm2, "mmu_update", [(gpa, value)]))
+    assert np.array_equal(nm.phys.array, nm2.phys.array) and dict(nm.stats) == dict(nm2.stats)

@@ -347,7 +347,7 @@ class AddressSpaces:
         if self.paravirt and self._deferred and not self._npending:
             # _write then _sync written out for the one entry: a batch of one.
             self.stats["pte_write"] += 1
-            self.vcpu.hypercall("mmu_update", [(self._pending_base + gpa, value)])
+            self.vcpu.mmu_update1(self._pending_base + gpa, value)
             self.stats["mmu_update_batches"] += 1
             return
         if self._npending or self.paravirt:

@@ -42,7 +42,8 @@ from ptemu import bits
 from ptemu._native import ffi, lib, InvalidInput, check_u64
 from ptemu.hypervisor.exits import HypercallRejected
 
-__all__ = ["hypercall", "validate_entry", "HYPERCALLS", "MMU_UPDATE_HANDLERS"]
+__all__ = ["hypercall", "validate_entry", "HYPERCALLS", "MMU_UPDATE_HANDLERS",
+           "fast_mmu_update", "fast_mmu_update1"]
 
 HYPERCALLS = ("mmu_update", "new_baseptr", "invlpg", "flush_tlb")
 _P, _W, _PS = bits.PTE_P, bits.PTE_W, bits.PTE_PS
@@ -126,33 +127,46 @@ def fast_mmu_update(vcpu, ctx, batch):
         gpa, value = item
         if gpa.__class__ is not int or value.__class__ is not int:
             return None
-        try:
-            r = _pv_update1(ctx, vcpu._hmem, gpa, value)
-        except OverflowError:       # (cffi's range check of a uint64_t: nothing written)
-            return None
-        if r == _PV_LOG_FULL:
-            vcpu.shadow.take_rmap_log()
-            r = _pv_update1(ctx, vcpu._hmem, gpa, value)
-    else:
-        # Shape and types checked at C speed; cffi refuses what is out of range.
-        if not n or set(map(type, batch)) != _TUPLE or set(map(len, batch)) != _PAIR:
-            return None
-        flat = list(chain.from_iterable(batch))
-        if set(map(type, flat)) != _INT:
-            return None
-        items = vcpu._pv_items      # the vCPU's own buffer, grown to the largest batch
-        if len(items) < 2 * n:
-            items = vcpu._pv_items = ffi.new("uint64_t[]", 2 * n)
-        try:
-            items[0:2 * n] = flat
-        except OverflowError:
-            return None
+        return fast_mmu_update1(vcpu, ctx, gpa, value)
+    # Shape and types checked at C speed; cffi refuses what is out of range.
+    if not n or set(map(type, batch)) != _TUPLE or set(map(len, batch)) != _PAIR:
+        return None
+    flat = list(chain.from_iterable(batch))
+    if set(map(type, flat)) != _INT:
+        return None
+    items = vcpu._pv_items      # the vCPU's own buffer, grown to the largest batch
+    if len(items) < 2 * n:
+        items = vcpu._pv_items = ffi.new("uint64_t[]", 2 * n)
+    try:
+        items[0:2 * n] = flat
+    except OverflowError:
+        return None
+    r = _pv_update(ctx, vcpu._hmem, items, n)
+    if r == _PV_LOG_FULL:
+        vcpu.shadow.take_rmap_log()
         r = _pv_update(ctx, vcpu._hmem, items, n)
-        if r == _PV_LOG_FULL:
-            vcpu.shadow.take_rmap_log()
-            r = _pv_update(ctx, vcpu._hmem, items, n)
     if not r or r == _PV_LOG_FULL:
         return None
+    return _applied(vcpu, r, n)
+
+
+def fast_mmu_update1(vcpu, ctx, gpa, value):
+    """fast_mmu_update of the one entry (gpa, value), two ints: 1 when C wrote
+    it, None when C declined (nothing written)."""
+    try:
+        r = _pv_update1(ctx, vcpu._hmem, gpa, value)
+    except OverflowError:       # (cffi's range check of a uint64_t: nothing written)
+        return None
+    if r == _PV_LOG_FULL:
+        vcpu.shadow.take_rmap_log()
+        r = _pv_update1(ctx, vcpu._hmem, gpa, value)
+    if not r or r == _PV_LOG_FULL:
+        return None
+    return _applied(vcpu, r, 1)
+
+
+def _applied(vcpu, r, n):
+    """After C applied a batch of n entries (r: how): count it, and flush."""
     # Counted in two ints; absorb_fast_counts folds them into exit_hypercall,
     # hypercall, hypercall_mmu_update, mmu_update_entries and fast_mmu_update.
     vcpu._pv_batches += 1
@@ -161,7 +175,7 @@ def fast_mmu_update(vcpu, ctx, batch):
     if r == _PV_DONE_FLUSH:
         sh.need_flush = True
     if sh.need_flush or sh.need_reload:
-        vcpu.commit()      # one real-TLB flush for the whole batch, as below
+        vcpu.commit()      # one real-TLB flush for the whole batch, as the Python path does
     return n
 
 

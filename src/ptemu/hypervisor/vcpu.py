@@ -32,6 +32,7 @@ from ptemu.hypervisor.exits import (ExitRecord, GuestMemoryError, ShadowMmuError
 from ptemu.hypervisor.shadow import ShadowMmu, TE_W, R_WP
 from ptemu.hypervisor.paravirt import (hypercall as _hypercall, MMU_UPDATE_HANDLERS,
                                         fast_mmu_update as _fast_mmu_update,
+                                        fast_mmu_update1 as _fast_mmu_update1,
                                         invlpg as _pv_invlpg, load_cr3 as _pv_load_cr3)
 
 __all__ = ["VCpu"]
@@ -911,6 +912,22 @@ class VCpu:
             self._pv_calls += 1
             return _pv_load_cr3(self, self.cpu._c.cr3)
         return self.hypercall_exit(op, args)
+
+    def mmu_update1(self, gpa, value):
+        """hypercall("mmu_update", [(gpa, value)]): one entry, the same call and
+        counters, without building and checking a batch -- a guest kernel's
+        #PF handler updates one PTE at a time.  The fast path's C call when it
+        is on and takes the entry; anything else goes the hypercall's way."""
+        if self._enabled & _FP_MMU_UPDATE and gpa.__class__ is int and \
+                value.__class__ is int:
+            cur = self._cpu_bytes[:]                # sync_cpu(load=False), written out
+            if cur != self._seen:
+                self._cpu_changed(cur, False)
+            if _fast_mmu_update1(self, self._fast, gpa, value):
+                return 1
+            # What C declines goes to the Python path (not tried in C twice).
+            return _hypercall(self, "mmu_update", ([(gpa, value)],), False)
+        return self.hypercall("mmu_update", [(gpa, value)])
 
     def hypercall_exit(self, op, args):
         """The VMCALL exit: paravirt.hypercall dispatches it."""
