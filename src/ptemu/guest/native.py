@@ -201,10 +201,6 @@ class NativeVcpu(NoExitControl):
         return _FaultRunResult(idx, vector, error_code, cr2, f_bytes, self._memory_size)
 
     # -- paravirtual operations, performed directly -----------------------------
-    def mmu_update1(self, gpa, value):
-        """hypercall("mmu_update", [(gpa, value)]), as a VM's vCPU offers it."""
-        return self.hypercall("mmu_update", [(gpa, value)])
-
     def hypercall(self, op, *args):
         """The paravirtual page-table operations, done as the hardware would:
 

@@ -194,7 +194,8 @@ class ShadowMmuError(PtemuError):
 class NoExitControl:
     """MOV to CR3/CR4 and INVLPG on a vCPU where they do not exit (bare metal,
     nested paging): they act on the vCPU's own Mmu and TLB with the rules of
-    SDM 4.10.4.1, and are counted.  Needs self.mmu and self._stats."""
+    SDM 4.10.4.1, and are counted; and mmu_update1 as the hypercall it stands
+    for.  Needs self.mmu, self._stats and self.hypercall."""
 
     def write_cr3(self, value):
         """MOV to CR3 (SDM 4.10.4.1: flush non-global entries of the PCID)."""
@@ -209,6 +210,10 @@ class NoExitControl:
         """INVLPG va (SDM 4.10.4.1)."""
         self.mmu.invlpg(va)
         self._stats["invlpg"] += 1
+
+    def mmu_update1(self, gpa, value):
+        """hypercall("mmu_update", [(gpa, value)]), as a shadow VM's vCPU offers it."""
+        return self.hypercall("mmu_update", [(gpa, value)])
 
 
 def checked_gpa(gpa, memory_bytes):
