@@ -830,10 +830,18 @@ class VCpu:
 
     def invlpg(self, va):
         """Guest INVLPG (intercepted)."""
-        va = check_u64(va, "virtual address")
-        self.sync_cpu()
-        self._stats["exit_invlpg"] += 1
-        if self.fast_invlpg(va):
+        if va.__class__ is not int or va < 0 or va > _U64_MAX:
+            va = check_u64(va, "virtual address")
+        cur = self._cpu_bytes[:]                    # sync_cpu(), written out
+        if cur != self._seen or (self._root_stale and self._paging):
+            self._cpu_changed(cur)
+        st = self._stats
+        st["exit_invlpg"] += 1
+        ctx = self._fast                            # fast_invlpg(va), written out
+        if ctx is not None and self._paging and \
+                _shadow_invlpg(ctx, self._hmem, self._rcpu, self._rtlb, va):
+            st["invlpg"] += 1
+            st["fast_invlpg"] += 1
             return
         self.invlpg_exit(va)
         if self.log is not None:
