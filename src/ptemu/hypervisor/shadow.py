@@ -522,16 +522,19 @@ class ShadowMmu:
 
     def get_page(self, gfn, role):
         """The shadow page for (gfn, role), created when missing (kvm_mmu_get_page)."""
-        sp = self.hash.get((gfn << KEY_SHIFT) | role)
+        key = (gfn << KEY_SHIFT) | role
+        h = self.hash
+        sp = h.get(key)
         if sp is not None:
             return sp
         st = self.stats
         st["mmu_cache_miss"] += 1
         hpa = self._alloc_frame()
         sp = ShadowPage(gfn, role, hpa)
-        self.hash[sp.key] = sp
-        self.by_frame[hpa >> 12] = sp
-        n = len(self.hash)
+        h[key] = sp
+        fr = hpa >> 12
+        self.by_frame[fr] = sp
+        n = len(h)
         st["shadow_pages"] = n
         if n > st["shadow_pages_peak"]:
             st["shadow_pages_peak"] = n
@@ -548,13 +551,12 @@ class ShadowMmu:
                 sps.append(sp)
             self._mirror_gfn(gfn)
             self._protect(gfn)
-        self._flood[hpa >> 12] = 0
+        self._flood[fr] = 0
         if sp.level >= 4 and not sp.direct and gfn < self.nframes:
-            self._topk_mv[gfn], self._toph_mv[gfn] = sp.key, hpa      # a root candidate
-        self._spkey_mv[hpa >> 12] = sp.key
-        self._spi_mv[hpa >> 12] = (sp.access | (SPI_DIRECT if sp.direct else 0)
-                                   | (sp.level << SPI_LEVEL_SHIFT)
-                                   | (SPI_NXE if role & R_NXE else 0))
+            self._topk_mv[gfn], self._toph_mv[gfn] = key, hpa         # a root candidate
+        self._spkey_mv[fr] = key
+        self._spi_mv[fr] = (sp.access | (SPI_DIRECT if sp.direct else 0)
+                            | (sp.level << SPI_LEVEL_SHIFT) | (SPI_NXE if role & R_NXE else 0))
         self._hash_room()
         return sp
 
@@ -616,19 +618,19 @@ class ShadowMmu:
         (gfn, spte address) added, or (gfn | RMAP_REMOVE, address) removed.
         (C writes sptes; the rmap itself stays Python's.)"""
         rmap = self._rmap
-        log = self.rmap_log[:2 * n].tolist()
-        for k in range(0, 2 * n, 2):
-            gfn = log[k]
+        get = rmap.get
+        words = iter(self.rmap_log[:2 * n].tolist())
+        for gfn, addr in zip(words, words):     # (gfn, address) pairs
             if gfn & RMAP_REMOVE:
-                s = rmap.get(gfn & ~RMAP_REMOVE)
+                s = get(gfn & ~RMAP_REMOVE)
                 if s is not None:
-                    s.discard(log[k + 1])
+                    s.discard(addr)
                 continue
-            s = rmap.get(gfn)
+            s = get(gfn)
             if s is None:
-                rmap[gfn] = {log[k + 1]}
+                rmap[gfn] = {addr}
             else:
-                s.add(log[k + 1])
+                s.add(addr)
 
     def zap(self, sp):
         """Destroy a shadow page (kvm_mmu_prepare_zap_page + commit)."""
@@ -1018,8 +1020,7 @@ class ShadowMmu:
                 sp.unsync = True
                 # In sync until now, so the guest table as it is now is what
                 # the present sptes were made from.
-                sp.gsnap = np.frombuffer(self._m[gbase >> 3:(gbase >> 3) + 512],
-                                         dtype=np.uint64).copy()
+                sp.gsnap = self._mnp[gbase >> 3:(gbase >> 3) + 512].copy()
                 sp.gsnap_c = ffi.from_buffer("uint64_t[]", sp.gsnap)
                 self._gsnap_mv[sp.hpa >> 12] = int(ffi.cast("uintptr_t", sp.gsnap_c))
                 self.unsync_sps[sp] = None

@@ -18,6 +18,8 @@ With fast paths on (create_vm(fast_paths=True), the default), the common
 C call (csrc/shadow.c) over state the shadow MMU owns, and never reaches
 page_fault_exit; every other case does (docs/shadow-mmu.md, "Fast paths").
 """
+import struct
+
 import numpy as np
 
 from ptemu import bits
@@ -73,6 +75,10 @@ _ACC_NAMES = ("read", "write", "fetch")
 _U64_MAX = (1 << 64) - 1
 _PF_INJECT_COUNTER = PF_OUTCOME_COUNTERS[PF_INJECT]
 _MAX_TRIES = 8          # exits on one access without progress before we call it a bug
+#: vector, error_code and cr2 from a ptemu_fault's bytes (fast path 5's fault copy)
+_fault_head = struct.Struct("<IIQ").unpack_from
+check_layout(ffi.offsetof("ptemu_fault", "error_code") == 4
+             and ffi.offsetof("ptemu_fault", "cr2") == 8, "ptemu_fault")
 
 
 class VCpu:
@@ -118,6 +124,8 @@ class VCpu:
         self._checked_trace = None     # the last trace run() checked (kept alive),
         self._trace_raw = None         # its bytes,
         self._trace_c = None           # and its records as C sees them
+        self._trace_n = 0              # and its length
+        self._memory_bytes = vm.memory_bytes
         # The fast paths (csrc/shadow.c) over the shadow MMU's structures:
         # None when off -- asked for, or a handler they stand in for is overridden.
         self._fast = None
@@ -137,6 +145,8 @@ class VCpu:
             self._fast = ctx
             # Fast path 5's fault, copied into each RunResult (the next run refills it).
             self._gfault_bytes = ffi.buffer(ffi.addressof(ctx, "gfault"))
+        #: the fast paths' context when fast path 5 (true faults) is among them
+        self._fp5 = self._fast if self._fast_bits & _FP_TRUE_FAULT else None
         self._switch_fast_paths()
 
     #: The Python handlers each fast path stands in for (the class attributes
@@ -573,6 +583,7 @@ class VCpu:
             self._checked_trace = trace
             self._trace_raw = memoryview(trace.view(np.uint8)) if len(trace) else None
             self._trace_c = ffi.from_buffer("ptemu_trace_rec[]", trace)
+            self._trace_n = len(trace)
         return trace
 
     def _run_c(self, i, n):
@@ -600,7 +611,7 @@ class VCpu:
         _run_exits, the loop that handles them."""
         if trace is not self._checked_trace:
             trace = self._check_trace(trace)
-        n = len(trace)
+        n = self._trace_n
         if start.__class__ is not int or start < 0:
             start = check_u64(start, "start")
         if start > n:
@@ -629,16 +640,16 @@ class VCpu:
         if idx == n:
             st["guest_accesses"] += n - start
             return RunResult(n, 0, 0, 0, "none", None)
-        if ctx is not None and ctx.gfault_valid and f.vector == _VEC_PF and \
-                self._fast_bits & _FP_TRUE_FAULT:
+        fp5 = self._fp5
+        if fp5 is not None and fp5.gfault_valid and f.vector == _VEC_PF:
             # Fast path 5 at the first exit: the counters _run_exits keeps for it.
             st["fast_pf_guest"] += 1
             st["guest_accesses"] += idx - start
             st["exit_page_fault"] += 1
             st[_PF_INJECT_COUNTER] += 1
-            g = ctx.gfault
-            return _FaultRunResult(idx, _VEC_PF, g.error_code, g.cr2, self._gfault_bytes[:],
-                                   self.vm.memory_bytes)
+            fb = self._gfault_bytes[:]
+            _, error_code, cr2 = _fault_head(fb)
+            return _FaultRunResult(idx, _VEC_PF, error_code, cr2, fb, self._memory_bytes)
         return self._run_exits(trace, start, n, idx)
 
     def _run_exits(self, trace, start, n, idx):
@@ -649,7 +660,7 @@ class VCpu:
         f = self._rfault
         run_c = self._run_c
         pf_exit = self.page_fault_exit
-        fast = self._fast if self._fast_bits & _FP_TRUE_FAULT else None
+        fast = self._fp5
         counts = [0] * len(PF_OUTCOME_COUNTERS)     # by outcome, added to the stats at the end
         last = -1
         tries = 0
@@ -684,9 +695,10 @@ class VCpu:
                     counts[PF_INJECT] += 1
                     st["fast_pf_guest"] += 1
                     st["guest_accesses"] += idx - start
-                    g = fast.gfault
-                    return _FaultRunResult(int(idx), _VEC_PF, g.error_code, g.cr2,
-                                           self._gfault_bytes[:], self.vm.memory_bytes)
+                    fb = self._gfault_bytes[:]
+                    _, error_code, cr2 = _fault_head(fb)
+                    return _FaultRunResult(int(idx), _VEC_PF, error_code, cr2, fb,
+                                           self._memory_bytes)
                 o = _REC * idx
                 code = pf_exit(va, raw[o + _REC_ACCESS], _IN_USER if raw[o + _REC_USER] else 0)
                 counts[code] += 1
