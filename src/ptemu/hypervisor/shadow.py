@@ -214,7 +214,6 @@ class ShadowMmu:
         self.hv = vm.hypervisor
         self._m = vm.hypervisor.words       # host memory as uint64 words
         self._mnp = np.frombuffer(self._m, dtype=np.uint64)    # the same as a numpy array
-        self._h2g_np = vm.h2g_map           # numpy: host frame -> gfn (NO_FRAME: none)
         self.p2m = vm.p2m                   # numpy uint64: gfn -> host byte offset
         self._p2m = vm.p2m_list             # the same as a Python list (fast reads)
         self.h2g = vm.h2g                   # host frame number -> gfn
@@ -662,18 +661,12 @@ class ShadowMmu:
             table = self._mnp[base:base + 512]
             present = table.nonzero()[0]
             if len(present):
-                # _rmap_remove for each present spte, in one pass (h2g as its
-                # array: the gfn of each spte's frame, NO_FRAME for none)
-                rmap = self.rmap
-                frames = (table[present] >> 12) & 0xFFFFFFFFFF
-                try:
-                    gfns = self._h2g_np[frames].tolist()
-                except IndexError:          # a frame past host memory (written by hand)
-                    h2g = self.h2g
-                    gfns = [h2g.get(f, NO_FRAME) for f in frames.tolist()]
+                # _rmap_remove for each present spte, in one pass
+                h2g, rmap = self.h2g.get, self.rmap
                 a0 = base << 3
-                for idx, gfn in zip(present.tolist(), gfns):
-                    if gfn != NO_FRAME:
+                for idx, spte in zip(present.tolist(), table[present].tolist()):
+                    gfn = h2g(spte >> 12 & 0xFFFFFFFFFF)
+                    if gfn is not None:
                         s = rmap.get(gfn)
                         if s is not None:
                             s.discard(a0 + (idx << 3))
