@@ -245,7 +245,7 @@ class VCpu:
     def sync_cpu(self, load=True):
         """Pick up guest CPU state changed by plain assignment (CPL, PKRU, ...).
         load=False: the caller is about to load CR3 itself (no root for the old one).
-        run, load_u64, store_u64 and hypercall do the same check written out."""
+        run, load_u64, store_u64, hypercall and invlpg do the same check written out."""
         cur = self._cpu_bytes[:]
         if cur != self._seen or (load and self._root_stale and self._paging):
             self._cpu_changed(cur, load)
@@ -860,8 +860,9 @@ class VCpu:
             self.log_exit("invlpg", "INVLPG %#x" % va)
 
     def fast_invlpg(self, va):
-        """Fast path 3 for an INVLPG (the instruction or the hypercall): True when
-        C did it, with the counters invlpg_exit keeps (the rest are absorbed)."""
+        """Fast path 3 for an INVLPG (the hypercall's; VCpu.invlpg, the instruction,
+        has it written out): True when C did it, with the counters invlpg_exit
+        keeps (the rest are absorbed)."""
         ctx = self._fast
         if ctx is None or not self._paging or \
                 not _shadow_invlpg(ctx, self._hmem, self._rcpu, self._rtlb, va):
