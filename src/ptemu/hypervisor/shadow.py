@@ -213,6 +213,7 @@ class ShadowMmu:
         self.vm = vm
         self.hv = vm.hypervisor
         self._m = vm.hypervisor.words       # host memory as uint64 words
+        self._mnp = np.frombuffer(self._m, dtype=np.uint64)    # the same as a numpy array
         self.p2m = vm.p2m                   # numpy uint64: gfn -> host byte offset
         self._p2m = vm.p2m_list             # the same as a Python list (fast reads)
         self.h2g = vm.h2g                   # host frame number -> gfn
@@ -520,16 +521,19 @@ class ShadowMmu:
 
     def get_page(self, gfn, role):
         """The shadow page for (gfn, role), created when missing (kvm_mmu_get_page)."""
-        sp = self.hash.get((gfn << KEY_SHIFT) | role)
+        key = (gfn << KEY_SHIFT) | role
+        h = self.hash
+        sp = h.get(key)
         if sp is not None:
             return sp
         st = self.stats
         st["mmu_cache_miss"] += 1
         hpa = self._alloc_frame()
         sp = ShadowPage(gfn, role, hpa)
-        self.hash[sp.key] = sp
-        self.by_frame[hpa >> 12] = sp
-        n = len(self.hash)
+        h[key] = sp
+        fr = hpa >> 12
+        self.by_frame[fr] = sp
+        n = len(h)
         st["shadow_pages"] = n
         if n > st["shadow_pages_peak"]:
             st["shadow_pages_peak"] = n
@@ -546,13 +550,12 @@ class ShadowMmu:
                 sps.append(sp)
             self._mirror_gfn(gfn)
             self._protect(gfn)
-        self._flood[hpa >> 12] = 0
+        self._flood[fr] = 0
         if sp.level >= 4 and not sp.direct and gfn < self.nframes:
-            self._topk_mv[gfn], self._toph_mv[gfn] = sp.key, hpa      # a root candidate
-        self._spkey_mv[hpa >> 12] = sp.key
-        self._spi_mv[hpa >> 12] = (sp.access | (SPI_DIRECT if sp.direct else 0)
-                                   | (sp.level << SPI_LEVEL_SHIFT)
-                                   | (SPI_NXE if role & R_NXE else 0))
+            self._topk_mv[gfn], self._toph_mv[gfn] = key, hpa         # a root candidate
+        self._spkey_mv[fr] = key
+        self._spi_mv[fr] = (sp.access | (SPI_DIRECT if sp.direct else 0)
+                            | (sp.level << SPI_LEVEL_SHIFT) | (SPI_NXE if role & R_NXE else 0))
         self._hash_room()
         return sp
 
@@ -614,19 +617,19 @@ class ShadowMmu:
         (gfn, spte address) added, or (gfn | RMAP_REMOVE, address) removed.
         (C writes sptes; the rmap itself stays Python's.)"""
         rmap = self._rmap
-        log = self.rmap_log[:2 * n].tolist()
-        for k in range(0, 2 * n, 2):
-            gfn = log[k]
+        get = rmap.get
+        words = iter(self.rmap_log[:2 * n].tolist())
+        for gfn, addr in zip(words, words):     # (gfn, address) pairs
             if gfn & RMAP_REMOVE:
-                s = rmap.get(gfn & ~RMAP_REMOVE)
+                s = get(gfn & ~RMAP_REMOVE)
                 if s is not None:
-                    s.discard(log[k + 1])
+                    s.discard(addr)
                 continue
-            s = rmap.get(gfn)
+            s = get(gfn)
             if s is None:
-                rmap[gfn] = {log[k + 1]}
+                rmap[gfn] = {addr}
             else:
-                s.add(log[k + 1])
+                s.add(addr)
 
     def zap(self, sp):
         """Destroy a shadow page (kvm_mmu_prepare_zap_page + commit)."""
@@ -637,52 +640,64 @@ class ShadowMmu:
         m = self._m
         st = self.stats
         st["mmu_shadow_zapped"] += 1
-        for addr in sp.parents:
-            m[addr >> 3] = 0
-            parent = self.by_frame.get(addr >> 12)
-            if parent is not None:
-                parent.children.pop((addr & 0xFFF) >> 3, None)
-        sp.parents = set()
+        hpa = sp.hpa
+        fr = hpa >> 12
+        if sp.parents:
+            by = self.by_frame
+            for addr in sp.parents:
+                m[addr >> 3] = 0
+                parent = by.get(addr >> 12)
+                if parent is not None:
+                    parent.children.pop((addr & 0xFFF) >> 3, None)
+            sp.parents = set()
         if sp.level > 1:
-            for idx, child in sp.children.items():
-                child.parents.discard(sp.hpa + idx * 8)
-            sp.children.clear()
+            children = sp.children
+            if children:
+                for idx, child in children.items():
+                    child.parents.discard(hpa + idx * 8)
+                children.clear()
         else:
             base = sp.base
-            table = np.frombuffer(m[base:base + 512], dtype=np.uint64)
-            present = np.flatnonzero(table)
+            table = self._mnp[base:base + 512]
+            present = table.nonzero()[0]
             if len(present):
                 # _rmap_remove for each present spte, in one pass
-                h2g, rmap = self.h2g, self.rmap
+                h2g, rmap = self.h2g.get, self.rmap
+                a0 = base << 3
                 for idx, spte in zip(present.tolist(), table[present].tolist()):
-                    gfn = h2g.get(spte >> 12 & 0xFFFFFFFFFF)
+                    gfn = h2g(spte >> 12 & 0xFFFFFFFFFF)
                     if gfn is not None:
                         s = rmap.get(gfn)
                         if s is not None:
-                            s.discard((base + idx) << 3)
+                            s.discard(a0 + (idx << 3))
         del self.hash[sp.key]
-        del self.by_frame[sp.hpa >> 12]
+        del self.by_frame[fr]
         if sp.unsync:
             self.unsync_sps.pop(sp, None)
             self.fast.unsync_pages = len(self.unsync_sps)
             sp.unsync = False
             sp.gsnap = sp.gsnap_c = None
-            self._gsnap_mv[sp.hpa >> 12] = 0
+            self._gsnap_mv[fr] = 0
+        gfn = sp.gfn
         if not sp.direct:
-            sps = self.gfn_sps[sp.gfn]
+            sps = self.gfn_sps[gfn]
             sps.remove(sp)
             if not sps:
-                del self.gfn_sps[sp.gfn]
-                self._unprotect(sp.gfn)
-            elif all(o.unsync for o in sps):
-                self._unprotect(sp.gfn)
-            self._mirror_gfn(sp.gfn)
-        self._spi_mv[sp.hpa >> 12] = 0
-        self._spkey_mv[sp.hpa >> 12] = 0
+                del self.gfn_sps[gfn]
+                self._unprotect(gfn)
+            else:
+                for o in sps:
+                    if not o.unsync:
+                        break
+                else:
+                    self._unprotect(gfn)
+            self._mirror_gfn(gfn)
+        self._spi_mv[fr] = 0
+        self._spkey_mv[fr] = 0
         top = sp.level >= 4 and not sp.direct      # a root candidate (get_page)
-        if top and sp.gfn < self.nframes and self._topk_mv[sp.gfn] == sp.key:
-            self._topk_mv[sp.gfn] = 0
-        self.hv.free_frame(sp.hpa, self.vm)
+        if top and gfn < self.nframes and self._topk_mv[gfn] == sp.key:
+            self._topk_mv[gfn] = 0
+        self.hv.free_frame(hpa, self.vm)
         st["shadow_pages"] = len(self.hash)
         self._hash_room()
         self.need_flush = True
@@ -787,7 +802,9 @@ class ShadowMmu:
         rights = walk.rights
         leaf = walk.leaf
         gfn = walk.gpa >> 12
-        self._paths_current()
+        f = self.fast                       # _paths_current(), written out
+        if self._pcache_gen != f.gen or f.path_log_len:
+            self._paths_current()
         if level == 1:
             # The level-1 page of this 2 MiB region under the current root, as
             # the last fill left it: valid while no spte was unlinked and no
@@ -847,15 +864,15 @@ class ShadowMmu:
         if use:
             self._use(path)
         sp = path[-1]
-        for it in for_each_shadow_entry(sp, va, walk.level):
-            if it.level == 1:
-                break
-            L = it.level - 1
+        L = walk.level - 1      # for_each_shadow_entry(sp, va, walk.level), written out
+        while L:
             dgfn = gfn & ~((1 << (9 * L)) - 1)
-            child = it.sp.children.get(it.index)
+            idx = (va >> SHIFT[L + 1]) & 511
+            child = sp.children.get(idx)
             if child is None or child.key != (dgfn << KEY_SHIFT) | extra | L:
-                self.link(it.sp, it.index, dgfn, extra | L)
-        sp = it.sp
+                child = self.link(sp, idx, dgfn, extra | L)
+            sp = child
+            L -= 1
         if walk.level == 2:
             path.append(sp)
             self._pcache[~(va >> 21)] = path
@@ -866,26 +883,29 @@ class ShadowMmu:
         (top first), down to the shadow page of the guest table holding the
         walk's leaf entry: one shadow page per guest table on the way, per
         role, linked where missing.  Returns the path, root first."""
-        path = []
         acc = ACC_ALL
         base = self.role_base
         nxe = self.nxe
         amask = self.amask
         last = len(gptes) - 1
-        for it in for_each_shadow_entry(self.root, va, self.levels):
-            path.append(it.sp)
-            k = self.levels - it.level
-            if k == last:
-                break
+        # for_each_shadow_entry(self.root, va, self.levels), written out
+        sp = self.root
+        level = self.levels
+        path = [sp]
+        for k in range(last):
             e = gptes[k]
             acc &= (e & ACC_ALL) | TE_NX
             if nxe and e & NX:
                 acc |= TE_NX
-            role = base | (it.level - 1) | (acc << R_ACC_SHIFT)
+            role = base | (level - 1) | (acc << R_ACC_SHIFT)
             cgfn = (e & amask) >> 12
-            child = it.sp.children.get(it.index)
+            idx = (va >> SHIFT[level]) & 511
+            child = sp.children.get(idx)
             if child is None or child.key != (cgfn << KEY_SHIFT) | role:
-                self.link(it.sp, it.index, cgfn, role)
+                child = self.link(sp, idx, cgfn, role)
+            sp = child
+            level -= 1
+            path.append(sp)
         return path
 
     def _prefetch(self, sp, idx):
@@ -993,8 +1013,7 @@ class ShadowMmu:
                 sp.unsync = True
                 # In sync until now, so the guest table as it is now is what
                 # the present sptes were made from.
-                sp.gsnap = np.frombuffer(self._m[gbase >> 3:(gbase >> 3) + 512],
-                                         dtype=np.uint64).copy()
+                sp.gsnap = self._mnp[gbase >> 3:(gbase >> 3) + 512].copy()
                 sp.gsnap_c = ffi.from_buffer("uint64_t[]", sp.gsnap)
                 self._gsnap_mv[sp.hpa >> 12] = int(ffi.cast("uintptr_t", sp.gsnap_c))
                 self.unsync_sps[sp] = None

@@ -18,6 +18,7 @@ With fast paths on (create_vm(fast_paths=True), the default), the common
 C call (csrc/shadow.c) over state the shadow MMU owns, and never reaches
 page_fault_exit; every other case does (docs/shadow-mmu.md, "Fast paths").
 """
+
 import numpy as np
 
 from ptemu import bits
@@ -120,6 +121,8 @@ class VCpu:
         self._checked_trace = None     # the last trace run() checked (kept alive),
         self._trace_raw = None         # its bytes,
         self._trace_c = None           # and its records as C sees them
+        self._trace_n = 0              # and its length
+        self._memory_bytes = vm.memory_bytes
         # The fast paths (csrc/shadow.c) over the shadow MMU's structures:
         # None when off -- asked for, or a handler they stand in for is overridden.
         self._fast = None
@@ -144,6 +147,8 @@ class VCpu:
             self._gfault_bytes = ffi.buffer(ffi.addressof(ctx, "gfault"))
             self._gfault_valid = memoryview(
                 ffi.buffer(ffi.addressof(ctx, "gfault_valid"))).cast("I")
+        #: the fast paths' context when fast path 5 (true faults) is among them
+        self._fp5 = self._fast if self._fast_bits & _FP_TRUE_FAULT else None
         self._switch_fast_paths()
 
     #: The Python handlers each fast path stands in for (the class attributes
@@ -248,7 +253,7 @@ class VCpu:
     def sync_cpu(self, load=True):
         """Pick up guest CPU state changed by plain assignment (CPL, PKRU, ...).
         load=False: the caller is about to load CR3 itself (no root for the old one).
-        run, load_u64, store_u64 and hypercall do the same check written out."""
+        run, load_u64, store_u64, hypercall and invlpg do the same check written out."""
         cur = self._cpu_bytes[:]
         if cur != self._seen or (load and self._root_stale and self._paging):
             self._cpu_changed(cur, load)
@@ -586,6 +591,7 @@ class VCpu:
             self._checked_trace = trace
             self._trace_raw = memoryview(trace.view(np.uint8)) if len(trace) else None
             self._trace_c = ffi.from_buffer("ptemu_trace_rec[]", trace)
+            self._trace_n = len(trace)
         return trace
 
     def _run_c(self, i, n):
@@ -613,7 +619,7 @@ class VCpu:
         _run_exits, the loop that handles them."""
         if trace is not self._checked_trace:
             trace = self._check_trace(trace)
-        n = len(trace)
+        n = self._trace_n
         if start.__class__ is not int or start < 0:
             start = check_u64(start, "start")
         if start > n:
@@ -651,7 +657,7 @@ class VCpu:
             st["guest_accesses"] += idx - start
             g = self._gfault_bytes[:]
             _, error_code, cr2 = FAULT_HEAD(g)
-            return _FaultRunResult(idx, _VEC_PF, error_code, cr2, g, self.vm.memory_bytes)
+            return _FaultRunResult(idx, _VEC_PF, error_code, cr2, g, self._memory_bytes)
         return self._run_exits(trace, start, n, idx)
 
     def _run_exits(self, trace, start, n, idx):
@@ -662,7 +668,7 @@ class VCpu:
         f = self._rfault
         run_c = self._run_c
         pf_exit = self.page_fault_exit
-        fast = self._fast if self._fast_bits & _FP_TRUE_FAULT else None
+        fast = self._fp5
         counts = [0] * len(PF_OUTCOME_COUNTERS)     # by outcome, added to the stats at the end
         last = -1
         tries = 0
@@ -690,16 +696,17 @@ class VCpu:
                 else:
                     last = idx
                     tries = 0
-                if fast is not None and fast.gfault_valid:
+                if fast is not None and self._gfault_valid[0]:
                     # Fast path 5: C's guest walk faulted (csrc/shadow.c), a true
                     # fault; injected as page_fault_exit's _inject would, from
                     # that walk's fault rather than from a second walk.
                     counts[PF_INJECT] += 1
                     st["fast_pf_guest"] += 1
                     st["guest_accesses"] += idx - start
-                    g = fast.gfault
-                    return _FaultRunResult(int(idx), _VEC_PF, g.error_code, g.cr2,
-                                           self._gfault_bytes[:], self.vm.memory_bytes)
+                    fb = self._gfault_bytes[:]
+                    _, error_code, cr2 = FAULT_HEAD(fb)
+                    return _FaultRunResult(int(idx), _VEC_PF, error_code, cr2, fb,
+                                           self._memory_bytes)
                 o = _REC * idx
                 code = pf_exit(va, raw[o + _REC_ACCESS], _IN_USER if raw[o + _REC_USER] else 0)
                 counts[code] += 1
@@ -843,18 +850,27 @@ class VCpu:
 
     def invlpg(self, va):
         """Guest INVLPG (intercepted)."""
-        va = check_u64(va, "virtual address")
-        self.sync_cpu()
-        self._stats["exit_invlpg"] += 1
-        if self.fast_invlpg(va):
+        if va.__class__ is not int or va < 0 or va > _U64_MAX:
+            va = check_u64(va, "virtual address")
+        cur = self._cpu_bytes[:]                    # sync_cpu(), written out
+        if cur != self._seen or (self._root_stale and self._paging):
+            self._cpu_changed(cur)
+        st = self._stats
+        st["exit_invlpg"] += 1
+        ctx = self._fast                            # fast_invlpg(va), written out
+        if ctx is not None and self._paging and \
+                _shadow_invlpg(ctx, self._hmem, self._rcpu, self._rtlb, va):
+            st["invlpg"] += 1
+            st["fast_invlpg"] += 1
             return
         self.invlpg_exit(va)
         if self.log is not None:
             self.log_exit("invlpg", "INVLPG %#x" % va)
 
     def fast_invlpg(self, va):
-        """Fast path 3 for an INVLPG (the instruction or the hypercall): True when
-        C did it, with the counters invlpg_exit keeps (the rest are absorbed)."""
+        """Fast path 3 for an INVLPG (the hypercall's; VCpu.invlpg, the instruction,
+        has it written out): True when C did it, with the counters invlpg_exit
+        keeps (the rest are absorbed)."""
         ctx = self._fast
         if ctx is None or not self._paging or \
                 not _shadow_invlpg(ctx, self._hmem, self._rcpu, self._rtlb, va):
