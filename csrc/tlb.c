@@ -38,7 +38,8 @@
  * the least recently used way of a set -- the first one, on a tie -- is the
  * first invalid way if there is one: replacement reads the stamps alone.
  * Every set holding a valid entry has its bit in the array's occupancy map
- * (occ, marked by fill(), recomputed by ptemu_tlb_init): a flush sweeps
+ * (occ, marked by a fill into an invalid way -- any other fill finds its set
+ * marked already -- and recomputed by ptemu_tlb_init): a flush sweeps
  * only those sets -- a shadow VM flushes the whole real TLB after a
  * lowered spte, when it holds a handful of entries of its 1,800.
  */
@@ -282,7 +283,8 @@ int ptemu_tlb_init(ptemu_tlb *t)
 }
 
 /* Install an entry in its set: over a matching one (same key and PCID),
- * else in the least recently used way (an invalid one if any).  absent:
+ * else in the least recently used way (an invalid one if any), keeping the
+ * occupancy map's invariant (the file's comment).  absent:
  * the caller knows no entry matches, so only the stamps are read. */
 static PTEMU_INLINE uint64_t *array_fill(ptemu_tlb_array *a, uint64_t key, uint64_t data,
                                          int absent)
@@ -292,12 +294,17 @@ static PTEMU_INLINE uint64_t *array_fill(ptemu_tlb_array *a, uint64_t key, uint6
     uint64_t *row = row_at(a, set);
     uint32_t v;
     int w;
-    occ_mark(a, set);
     if (!absent && (w = find_way(row, ways, key, ptemu_td_pcid(data), 0)) >= 0) {
         v = (uint32_t)w;
     } else {
         v = oldest_way(a, row + ways, ways);
-        a->evictions += row[v] != 0;
+        /* A valid victim (or a match, above) means the set held an entry,
+         * so its occupancy bit is set already: only a fill into an invalid
+         * way -- rare once the array is warm -- may have to set it. */
+        if (row[v])
+            a->evictions++;
+        else
+            occ_mark(a, set);
     }
     a->live |= 1u << key_size(key);
     row[v] = key;
