@@ -491,12 +491,14 @@ PTEMU_INLINE void ptemu_tlb_fill(ptemu_tlb *t, uint64_t va, uint32_t access, uin
         return;
     uint64_t key = key_of(va >> ptemu_level_shift(size + 1), size);
     uint64_t data = data_of(pcid, base, flags, pkey);
-    uint32_t k = access == PTEMU_ACC_FETCH;
-    for (uint32_t tier = 0; tier < 2; tier++) {
-        uint32_t i = t->fill_at[k][tier][size];
-        if (i)
-            array_fill(t, &t->arr[i - 1], key, data, absent);
-    }
+    /* The two tiers one after the other, not a loop: the second is a
+     * fill of its own, whose branches predict apart from the first's. */
+    const uint8_t (*at)[3] = t->fill_at[access == PTEMU_ACC_FETCH];
+    const uint32_t l1 = at[0][size], l2 = at[1][size];
+    if (l1)
+        array_fill(t, &t->arr[l1 - 1], key, data, absent);
+    if (l2)
+        array_fill(t, &t->arr[l2 - 1], key, data, absent);
 }
 
 PTEMU_INLINE int ptemu_psc_lookup(ptemu_tlb *t, uint64_t va, uint32_t pcid, uint32_t levels,
