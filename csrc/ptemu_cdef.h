@@ -292,6 +292,8 @@ typedef struct ptemu_tlb_step {
     uint8_t  size;          /* PTEMU_SIZE_* */
     uint8_t  shift;         /* of the tag: log2 of the page size */
     uint8_t  last;          /* 1: the array's last size; a miss here is its miss */
+    uint8_t  pos;           /* the array's index in probe[] */
+    uint8_t  pad[3];
 } ptemu_tlb_step;
 
 typedef struct ptemu_tlb {
@@ -303,8 +305,9 @@ typedef struct ptemu_tlb {
     ptemu_tlb_array arr[8];        /* TLB arrays */
     ptemu_tlb_array psc[6];        /* paging-structure caches, index = level 2..5 */
     /* Derived by ptemu_tlb_init, per access kind (0 data, 1 fetch): the
-     * arrays to probe, first level first; and per page size the array to
-     * fill at each tier (index + 1, 0 = none). */
+     * arrays to probe, first level first (those holding some page size);
+     * and per page size the array to fill at each tier (index + 1, 0 =
+     * none). */
     uint8_t  probe[2][8];
     uint8_t  nprobe[2];
     uint8_t  fill_at[2][2][3];     /* [kind][tier-1][size] */
@@ -312,6 +315,10 @@ typedef struct ptemu_tlb {
      * step per (array, size), in the order a lookup takes them. */
     ptemu_tlb_step steps[2][24];
     uint8_t  nsteps[2];
+    /* Bit j set when step j's array has its live bit for the step's size
+     * (kept with the arrays' live bits: by ptemu_tlb_init, a fill that
+     * sets a live bit, a flush that may clear some). */
+    uint32_t live_steps[2];
     uint64_t lookups[3];           /* by access kind */
     uint64_t l1_hits[3];
     uint64_t l2_hits[3];

@@ -29,8 +29,9 @@
  *
  * A lookup takes the steps ptemu_tlb_init derives from the geometry
  * (ptemu_tlb.steps: each array in probe order at each page size it holds),
- * testing the array's live bit for the size before it reads the set, so
- * that arrays for sizes a workload never used cost a test and a counter.
+ * only those whose array has its live bit for the size (ptemu_tlb.live_steps,
+ * a bit per step, derived again whenever a live bit changes), so that arrays
+ * for sizes a workload never used cost only their miss counter.
  *
  * Invariants: an array holds at most one valid entry per (tag, size, pcid);
  * fill() overwrites a match before it evicts anything.  An invalid entry has
@@ -38,7 +39,8 @@
  * the least recently used way of a set -- the first one, on a tie -- is the
  * first invalid way if there is one: replacement reads the stamps alone.
  * Every set holding a valid entry has its bit in the array's occupancy map
- * (occ, marked by fill(), recomputed by ptemu_tlb_init): a flush sweeps
+ * (occ, marked by a fill into an invalid way -- any other fill finds its set
+ * marked already -- and recomputed by ptemu_tlb_init): a flush sweeps
  * only those sets -- a shadow VM flushes the whole real TLB after a
  * lowered spte, when it holds a handful of entries of its 1,800.
  */
@@ -232,6 +234,20 @@ static void derive_occupancy(ptemu_tlb_array *a)
     a->live = live;
 }
 
+/* ptemu_tlb.live_steps from the arrays' live bits. */
+static PTEMU_NOINLINE void derive_live_steps(ptemu_tlb *t)
+{
+    for (uint32_t k = 0; k < 2; k++) {
+        uint32_t m = 0;
+        for (uint32_t j = 0; j < t->nsteps[k]; j++) {
+            const ptemu_tlb_step *st = &t->steps[k][j];
+            if (t->arr[st->arr].live & (1u << st->size))
+                m |= 1u << j;
+        }
+        t->live_steps[k] = m;
+    }
+}
+
 int ptemu_tlb_init(ptemu_tlb *t)
 {
     if (t->narrays > PTEMU_TLB_MAX_ARRAYS)
@@ -261,45 +277,57 @@ int ptemu_tlb_init(ptemu_tlb *t)
         for (uint32_t tier = 1; tier <= 2; tier++) {
             for (uint32_t i = 0; i < t->narrays; i++) {
                 ptemu_tlb_array *a = &t->arr[i];
-                if (!a->sets || a->tier != tier || !(a->kinds & kind))
+                if (!a->sets || !a->nsizes || a->tier != tier || !(a->kinds & kind))
                     continue;
-                t->probe[k][t->nprobe[k]++] = (uint8_t)i;
                 for (uint32_t j = 0; j < a->nsizes; j++) {
                     ptemu_tlb_step *st = &t->steps[k][t->nsteps[k]++];
                     st->arr = (uint8_t)i;
+                    st->pos = t->nprobe[k];
                     st->size = a->size_list[j];
                     st->shift = (uint8_t)ptemu_level_shift(st->size + 1u);
                     st->last = j + 1 == a->nsizes;
                 }
+                t->probe[k][t->nprobe[k]++] = (uint8_t)i;
                 for (uint32_t s = 0; s < 3; s++)
                     if ((a->sizes & (1u << s)) && !t->fill_at[k][tier - 1][s])
                         t->fill_at[k][tier - 1][s] = (uint8_t)(i + 1);
             }
         }
     }
+    derive_live_steps(t);
     t->ready = 1;
     return 1;
 }
 
 /* Install an entry in its set: over a matching one (same key and PCID),
- * else in the least recently used way (an invalid one if any).  absent:
+ * else in the least recently used way (an invalid one if any), keeping the
+ * occupancy map's invariant (the file's comment).  absent:
  * the caller knows no entry matches, so only the stamps are read. */
-static PTEMU_INLINE uint64_t *array_fill(ptemu_tlb_array *a, uint64_t key, uint64_t data,
-                                         int absent)
+static PTEMU_INLINE uint64_t *array_fill(ptemu_tlb *t, ptemu_tlb_array *a, uint64_t key,
+                                         uint64_t data, int absent)
 {
     const uint32_t ways = a->ways;
     const size_t set = set_of(a, key >> 3);
     uint64_t *row = row_at(a, set);
     uint32_t v;
     int w;
-    occ_mark(a, set);
     if (!absent && (w = find_way(row, ways, key, ptemu_td_pcid(data), 0)) >= 0) {
         v = (uint32_t)w;
     } else {
         v = oldest_way(a, row + ways, ways);
-        a->evictions += row[v] != 0;
+        /* A valid victim (or a match, above) means the set held an entry,
+         * so its occupancy bit is set already: only a fill into an invalid
+         * way -- rare once the array is warm -- may have to set it. */
+        if (row[v])
+            a->evictions++;
+        else
+            occ_mark(a, set);
     }
-    a->live |= 1u << key_size(key);
+    const uint32_t live_bit = 1u << key_size(key);
+    if (!(a->live & live_bit)) {    /* a size new to the array: steps to take again */
+        a->live |= live_bit;
+        derive_live_steps(t);
+    }
     row[v] = key;
     row[ways + v] = ++a->clock;
     row[2 * ways + v] = data;
@@ -313,53 +341,66 @@ static inline uint64_t data_of(uint32_t pcid, uint64_t base, uint32_t flags, uin
            ((uint64_t)(pkey & 15u) << PTEMU_TD_PKEY_SHIFT) | (flags & 0xffu);
 }
 
+/* The misses of a lookup that ended before the step-th of its steps (or,
+ * with step = nsteps, went through them all), when it took them from the
+ * first-th on: one for each array whose steps it passed, counted at its
+ * last one (ptemu_tlb_lookup_after_hot counts the hot array's when the hot
+ * probe was its only size). */
+static PTEMU_INLINE void count_misses(ptemu_tlb *t, uint32_t k, uint32_t first, uint32_t step)
+{
+    const ptemu_tlb_step *const steps = t->steps[k];
+    const uint32_t from = first < t->nsteps[k] ? steps[first].pos : t->nprobe[k];
+    const uint32_t to = step < t->nsteps[k] ? steps[step].pos : t->nprobe[k];
+    for (uint32_t p = from; p < to; p++)
+        t->arr[t->probe[k][p]].misses++;
+}
+
 /* ptemu_tlb_lookup() once the lookup is counted, from the first-th of its
  * steps on (the arrays in probe order, each at the page sizes it holds):
- * one loop over (array, size) pairs derived by ptemu_tlb_init, so that a
- * miss pays a live-bit test for each size a workload never used and one
- * set probe for each it did. */
+ * the steps live_steps says may find something, each one set probe, then
+ * a miss for each array passed -- so that a miss pays nothing but that
+ * counter for the arrays and sizes a workload never used. */
 static PTEMU_INLINE int lookup_from(ptemu_tlb *t, uint64_t va, uint32_t access, uint32_t pcid,
                                     uint32_t first, ptemu_tlb_hit *h)
 {
     h->way = NULL;
-    const uint32_t k = access == PTEMU_ACC_FETCH, nsteps = t->nsteps[k];
+    const uint32_t k = access == PTEMU_ACC_FETCH;
     const ptemu_tlb_step *const steps = t->steps[k];
-    for (uint32_t j = first; j < nsteps; j++) {
+    for (uint32_t m = t->live_steps[k] >> first << first; m; m &= m - 1) {
+        const uint32_t j = ptemu_ctz64(m);
         const ptemu_tlb_step st = steps[j];
         ptemu_tlb_array *a = &t->arr[st.arr];
-        if (a->live & (1u << st.size)) {
-            const uint32_t ways = a->ways;
-            const uint64_t tag = va >> st.shift;
-            uint64_t *row = row_of(a, tag);
-            const int w = find_way(row, ways, key_of(tag, st.size), pcid, PTEMU_TE_G);
-            if (w >= 0) {
-                row[ways + w] = ++a->clock;
-                h->way = &row[w];
-                h->data = row[2 * ways + w];
-                h->ways = ways;
-                h->size = st.size;
-                a->hits++;
-                if (a->tier == 1) {
-                    t->l1_hits[access]++;
-                    return 1;
-                }
-                t->l2_hits[access]++;
-                /* Second-level hit: refill the first level, as the STLB
-                 * does, and answer with that copy.  The first level was
-                 * just probed for va and missed, so it holds no match for
-                 * the current PCID; an entry of another PCID (a global
-                 * one) may still meet one there. */
-                const uint32_t l1 = t->fill_at[k][0][st.size];
-                if (l1) {
-                    h->way = array_fill(&t->arr[l1 - 1], *h->way, h->data,
-                                        ptemu_td_pcid(h->data) == pcid);
-                    h->ways = t->arr[l1 - 1].ways;
-                }
-                return 1;
-            }
+        const uint32_t ways = a->ways;
+        const uint64_t tag = va >> st.shift;
+        uint64_t *row = row_of(a, tag);
+        const int w = find_way(row, ways, key_of(tag, st.size), pcid, PTEMU_TE_G);
+        if (w < 0)
+            continue;
+        count_misses(t, k, first, j);
+        row[ways + w] = ++a->clock;
+        h->way = &row[w];
+        h->data = row[2 * ways + w];
+        h->ways = ways;
+        h->size = st.size;
+        a->hits++;
+        if (a->tier == 1) {
+            t->l1_hits[access]++;
+            return 1;
         }
-        a->misses += st.last;   /* an array's miss: at the last of its sizes */
+        t->l2_hits[access]++;
+        /* Second-level hit: refill the first level, as the STLB does, and
+         * answer with that copy.  The first level was just probed for va
+         * and missed, so it holds no match for the current PCID; an entry
+         * of another PCID (a global one) may still meet one there. */
+        const uint32_t l1 = t->fill_at[k][0][st.size];
+        if (l1) {
+            h->way = array_fill(t, &t->arr[l1 - 1], *h->way, h->data,
+                                ptemu_td_pcid(h->data) == pcid);
+            h->ways = t->arr[l1 - 1].ways;
+        }
+        return 1;
     }
+    count_misses(t, k, first, t->nsteps[k]);
     t->misses[access]++;
     return 0;
 }
@@ -450,12 +491,14 @@ PTEMU_INLINE void ptemu_tlb_fill(ptemu_tlb *t, uint64_t va, uint32_t access, uin
         return;
     uint64_t key = key_of(va >> ptemu_level_shift(size + 1), size);
     uint64_t data = data_of(pcid, base, flags, pkey);
-    uint32_t k = access == PTEMU_ACC_FETCH;
-    for (uint32_t tier = 0; tier < 2; tier++) {
-        uint32_t i = t->fill_at[k][tier][size];
-        if (i)
-            array_fill(&t->arr[i - 1], key, data, absent);
-    }
+    /* The two tiers one after the other, not a loop: the second is a
+     * fill of its own, whose branches predict apart from the first's. */
+    const uint8_t (*at)[3] = t->fill_at[access == PTEMU_ACC_FETCH];
+    const uint32_t l1 = at[0][size], l2 = at[1][size];
+    if (l1)
+        array_fill(t, &t->arr[l1 - 1], key, data, absent);
+    if (l2)
+        array_fill(t, &t->arr[l2 - 1], key, data, absent);
 }
 
 PTEMU_INLINE int ptemu_psc_lookup(ptemu_tlb *t, uint64_t va, uint32_t pcid, uint32_t levels,
@@ -490,7 +533,7 @@ PTEMU_INLINE void ptemu_psc_fill(ptemu_tlb *t, uint32_t level, uint64_t va, uint
 {
     if (level < 2 || level > 5 || !t->psc[level].sets)
         return;
-    array_fill(&t->psc[level], key_of(va >> ptemu_level_shift(level), level),
+    array_fill(t, &t->psc[level], key_of(va >> ptemu_level_shift(level), level),
                data_of(pcid, table, rights, 0), absent);
 }
 
@@ -616,6 +659,8 @@ void ptemu_tlb_flush(ptemu_tlb *t, uint32_t kind, uint32_t pcid, uint64_t va, ui
             sweep(a, 0, kind, pcid, va);
         }
     }
+    if (kind != PTEMU_FLUSH_INVLPG && kind != PTEMU_FLUSH_ADDR)
+        derive_live_steps(t);   /* the sweeps may have cleared live bits */
     for (uint32_t l = 2; l <= 5; l++)
         if (t->psc[l].sets && t->psc[l].live)
             sweep(&t->psc[l], 1, kind, pcid, va);

@@ -315,15 +315,16 @@ static PTEMU_INLINE uint32_t walk_levels(const ptemu_ctx *c, uint64_t va, const 
  * found for this access (hit->way NULL: a miss, or no TLB), so that batch loops
  * can take the common hit themselves and hand everything else here without
  * probing (and counting) twice.  va is canonical, paging is on.  entries:
- * 0 when the caller reads only o->pa, so the entries read need not be
- * copied to o->entry_pa[] and o->entry[].
+ * 0 when the caller reads only o->pa (run's loop), so that nothing else of
+ * o -- the entries read, the level, the leaf... -- is written.
  */
 static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uint32_t access,
                                             uint32_t flags, ptemu_tlb *tlb,
                                             const ptemu_tlb_hit *hit, const int entries,
                                             ptemu_walk_out *o, ptemu_fault *f)
 {
-    walk_out_begin(o, va);
+    if (entries)
+        walk_out_begin(o, va);
     uint32_t acc_ec = access_bits(c, access, flags);
     ptemu_ept *ept = c->mem->ept;
     uint64_t ept_refs0 = 0;
@@ -339,6 +340,8 @@ static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uin
             return page_fault(c, f, va, prot | acc_ec, PTEMU_CAUSE_PROT, 0);
         if (!hit_needs_walk(hit->data, access, ept)) {
             o->pa = hit_pa(hit, va);
+            if (!entries)
+                return PTEMU_OK;
             o->page_size = 1ULL << ptemu_level_shift(hit->size + 1u);
             o->level = hit->size + 1u;
             o->rights = ptemu_td_flags(hit->data) & (PTEMU_TE_W | PTEMU_TE_U | PTEMU_TE_NX);
@@ -382,15 +385,18 @@ static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uin
     else
         cause = walk_levels(c, va, plain, set_a_now, &level, table, &rights, epas, ents,
                             rights_at, &n, &e, &and_all);
-    for (uint32_t i = 0; entries && i < n; i++) {
-        o->entry_pa[i] = epas[i];
-        o->entry[i] = ents[i];
+    const uint32_t mem_refs = n + (uint32_t)(ept ? ept->refs - ept_refs0 : 0);
+    if (entries) {
+        for (uint32_t i = 0; i < n; i++) {
+            o->entry_pa[i] = epas[i];
+            o->entry[i] = ents[i];
+        }
+        o->nentries = n;
+        o->mem_refs = mem_refs;
+        o->first_level = first_level;
     }
-    o->nentries = n;
-    o->mem_refs = n + (uint32_t)(ept ? ept->refs - ept_refs0 : 0);
-    o->first_level = first_level;
     if (tlb)
-        tlb->walk_refs += o->mem_refs;
+        tlb->walk_refs += mem_refs;
     if (cause == PTEMU_CAUSE_EPT)
         return ept_exit_fault(f, ept, va);
     if (cause == PTEMU_CAUSE_BUS)
@@ -452,7 +458,8 @@ static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uin
         if (!ptemu_ept_walk(ept, gpa, access, PTEMU_EQ_GLA_VALID | PTEMU_EQ_TRANSLATED, &hpa,
                             &erights))
             return ept_exit_fault(f, ept, va);
-        o->mem_refs += (uint32_t)(ept->refs - r0);
+        if (entries)
+            o->mem_refs += (uint32_t)(ept->refs - r0);
         if (tlb)
             tlb->walk_refs += ept->refs - r0;
         ept->exit_gpa = gpa;    /* for the caller: the guest-physical address */
@@ -465,10 +472,13 @@ static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uin
     }
 
     o->pa = base | (va & (size - 1));
-    o->page_size = ept ? 1ULL << ptemu_level_shift(level) : size;
-    o->level = level;
-    o->leaf = ents[n - 1];
-    o->rights = rights;
+    const uint64_t leaf = ents[n - 1];
+    if (entries) {
+        o->page_size = ept ? 1ULL << ptemu_level_shift(level) : size;
+        o->level = level;
+        o->leaf = leaf;
+        o->rights = rights;
+    }
 
     if (tlb) {
         /* Cache what was used: one PSC entry per non-leaf entry read (all
@@ -479,9 +489,9 @@ static PTEMU_INLINE int translate_looked_up(const ptemu_ctx *c, uint64_t va, uin
             ptemu_psc_fill(tlb, first_level - i, va, c->pcid, ents[i] & addr_mask, rights_at[i],
                            1);
         uint32_t tflags = rights | ept_rights;
-        if (o->leaf & PTEMU_PTE_D)
+        if (leaf & PTEMU_PTE_D)
             tflags |= PTEMU_TE_D;
-        if (c->pge && (o->leaf & PTEMU_PTE_G))
+        if (c->pge && (leaf & PTEMU_PTE_G))
             tflags |= PTEMU_TE_G;
         ptemu_tlb_fill(tlb, va, access, c->pcid, tlb_size, base, tflags, pkey, absent);
     }
