@@ -444,6 +444,7 @@ class Mmu:
             h.out, h.cache = self._out_c, self._cache
             h.access, h.flags = code, lib.PTEMU_IN_CPL
             self._one[name] = ffi.addressof(h)
+        self._one_r = self._one["r"]
 
     # -- translation --------------------------------------------------------
     def _user_flag(self, user):
@@ -465,13 +466,16 @@ class Mmu:
         SMAP checks whatever RFLAGS.AC says.  update_ad=False probes: no A/D
         write, and the TLB is neither consulted nor filled.
         """
-        if user is None and update_ad is True and implicit is False:
+        if user is None and update_ad and not implicit:
             # The common case: one C call with one argument.  The store into
             # the output's va word converts va as cffi would (OverflowError,
             # TypeError); any refusal takes the general path, which says why.
+            # update_ad and implicit are read for their truth, as the general
+            # path reads them; the default access has its handle at hand.
+            out = self._outbuf
             try:
-                h = self._one[access]
-                self._outbuf[WALK_VA_WORD] = va
+                h = self._one_r if access == "r" else self._one[access]
+                out[WALK_VA_WORD] = va
             except (KeyError, TypeError, ValueError, OverflowError):
                 return self._translate(va, access, user, update_ad, implicit)
             pa = _mmu_translate_one(h)
@@ -479,7 +483,7 @@ class Mmu:
                 self._raise(h.fault.vector, va, ffi.addressof(h[0], "fault"))
             t = _new_translation()
             t._pa = pa
-            t._out = self._outbuf.tobytes()
+            t._out = out.tobytes()
             return t
         return self._translate(va, access, user, update_ad, implicit)
 
