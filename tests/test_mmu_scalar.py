@@ -132,7 +132,7 @@ def test_translation_is_read_only():
 def test_flags_read_for_their_truth_on_both_paths():
     """The one-argument path takes update_ad and implicit by truth, as the
     general path reads them, and an access kind equal to 'r' however it was
-    made: 1/0 and numpy bools behave as True/False.  A probe (update_ad
+    made (a numpy str): 1/0 and numpy bools behave as True/False.  A probe (update_ad
     false) leaves A and D clear; a write with update_ad true sets both
     (SDM 4.8)."""
     mmu, mem = _mmu()
@@ -144,7 +144,7 @@ def test_flags_read_for_their_truth_on_both_paths():
     t = mmu.translate(0x1010, "".join(["w"]), update_ad=np.True_, implicit=np.False_)
     leaf = mem.read_u64(0x4008)
     assert leaf & A and leaf & D and t.leaf == leaf
-    r = "".join(["r"])
+    r = np.str_("r")
     for kw in ({}, {"update_ad": 1}, {"implicit": 0}, {"update_ad": np.True_}):
         assert mmu.translate(0x10, r, **kw) == mmu.translate(0x10, "r", user=False)
     with pytest.raises(ptemu.InvalidInput, match="access must be"):

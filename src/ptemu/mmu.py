@@ -444,7 +444,6 @@ class Mmu:
             h.out, h.cache = self._out_c, self._cache
             h.access, h.flags = code, lib.PTEMU_IN_CPL
             self._one[name] = ffi.addressof(h)
-        self._one_r = self._one["r"]
 
     # -- translation --------------------------------------------------------
     def _user_flag(self, user):
@@ -471,10 +470,10 @@ class Mmu:
             # the output's va word converts va as cffi would (OverflowError,
             # TypeError); any refusal takes the general path, which says why.
             # update_ad and implicit are read for their truth, as the general
-            # path reads them; the default access has its handle at hand.
+            # path reads them.
             out = self._outbuf
             try:
-                h = self._one_r if access == "r" else self._one[access]
+                h = self._one[access]
                 out[WALK_VA_WORD] = va
             except (KeyError, TypeError, ValueError, OverflowError):
                 return self._translate(va, access, user, update_ad, implicit)
