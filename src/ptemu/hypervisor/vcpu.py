@@ -119,7 +119,7 @@ class VCpu:
         self._gpa = 0
         self._exc = None
         self._checked_trace = None     # the last trace run() checked (kept alive),
-        self._trace_raw = None         # its bytes,
+        self._trace_raw = None         # its bytes (made at its first exit),
         self._trace_c = None           # and its records as C sees them
         self._trace_n = 0              # and its length
         self._memory_bytes = vm.memory_bytes
@@ -589,7 +589,7 @@ class VCpu:
             # context-switch workload's time); with paging off run() scans.
             trace = check_array(trace, TRACE_DTYPE, "trace")
             self._checked_trace = trace
-            self._trace_raw = memoryview(trace.view(np.uint8)) if len(trace) else None
+            self._trace_raw = None     # (made by _run_exits when an exit needs it)
             self._trace_c = ffi.from_buffer("ptemu_trace_rec[]", trace)
             self._trace_n = len(trace)
         return trace
@@ -665,6 +665,10 @@ class VCpu:
         each exit handled, the C loop resumed, up to the end or a true fault."""
         st = self._stats
         raw = self._trace_raw
+        if raw is None:
+            # The records' bytes, for the access and user fields of an exit
+            # (a view of the cffi buffer: no numpy call per new trace).
+            raw = self._trace_raw = memoryview(ffi.buffer(self._trace_c))
         f = self._rfault
         run_c = self._run_c
         pf_exit = self.page_fault_exit
