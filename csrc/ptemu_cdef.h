@@ -362,7 +362,7 @@ typedef struct ptemu_mmu {
 /* ---- Functions ------------------------------------------------------------ */
 
 /* The layout version of this header; _native checks it against the build. */
-#define PTEMU_ABI_VERSION 10
+#define PTEMU_ABI_VERSION 11
 int ptemu_abi_version(void);
 
 /* Scalar translation through an Mmu handle: fills m->out or m->fault and

@@ -25,7 +25,7 @@ except ImportError as exc:  # pragma: no cover - only on a broken install
         "with `pip install .` (nothing is compiled at import time)") from exc
 
 # The header the extension was built from must be the one this code expects.
-ABI_VERSION = 10
+ABI_VERSION = 11
 if lib.ptemu_abi_version() != ABI_VERSION or lib.PTEMU_ABI_VERSION != ABI_VERSION:
     raise ImportError("ptemu._native_c was built from another csrc/ (ABI %d, expected %d); "
                       "reinstall ptemu" % (lib.ptemu_abi_version(), ABI_VERSION))
