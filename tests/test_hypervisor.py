@@ -121,6 +121,10 @@ def test_a_whole_frame_written_into_an_unbacked_one_is_its_only_content():
     with pytest.raises(ptemu.InvalidInput):
         vm.phys.write(7 * PAGE + 8, data)             # past the end: refused, nothing backed
     assert vm.gpa_to_hpa(7 * PAGE) is None
+    free = hv.free_frames
+    with pytest.raises(ValueError):
+        hv.alloc_frame(fill=b"short")                 # a fill of the wrong size ...
+    assert hv.free_frames == free                     # ... leaves the frame free
 
 
 def test_guest_memory_is_backed_lazily_lowest_frame_first():

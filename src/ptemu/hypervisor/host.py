@@ -72,9 +72,10 @@ class Hypervisor:
         if not self._free:
             raise HostMemoryExhausted("no free host frame left (host memory %#x bytes)"
                                       % self.host.size)
-        f = heapq.heappop(self._free)
+        f = self._free[0]           # the lowest free frame, taken once it is filled:
+        self._bytes[f * PAGE:(f + 1) * PAGE] = fill     # (a memoryview copy; a bad fill
+        heapq.heappop(self._free)                       # raises with the frame still free)
         self._free_count[0] = len(self._free)
-        self._bytes[f * PAGE:(f + 1) * PAGE] = fill     # (a memoryview copy; a bad fill raises)
         if owner is not None:
             owner.frames_owned.add(f)
         return f * PAGE
