@@ -1028,10 +1028,10 @@ class ShadowMmu:
         if not sp.unsync:
             return
         if not self._sync_entries_in_c(sp):
-            m = self._m
+            m, mnp = self._m, self._mnp
             gbase = self._p2m[sp.gfn] >> 3
-            guest = np.frombuffer(m[gbase:gbase + 512], dtype=np.uint64)
-            shadow = np.frombuffer(m[sp.base:sp.base + 512], dtype=np.uint64)
+            guest = mnp[gbase:gbase + 512]
+            shadow = mnp[sp.base:sp.base + 512]
             changed = np.flatnonzero((sp.gsnap != guest) & (shadow != 0))
             for idx in changed.tolist():
                 self.set_spte(sp.base + idx, self.leaf_from_gpte(sp, m[gbase + idx]))
@@ -1092,7 +1092,7 @@ class ShadowMmu:
 
     def table(self, sp):
         """sp's 512 sptes (a live numpy view of host memory)."""
-        return np.frombuffer(self._m[sp.base:sp.base + 512], dtype=np.uint64)
+        return self._mnp[sp.base:sp.base + 512]
 
 
 # -- audits (used by the tests; KVM had mmu_audit.c) --------------------------------------

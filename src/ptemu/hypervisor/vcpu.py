@@ -130,7 +130,7 @@ class VCpu:
         self._paravirt = vm.paging == "paravirt"
         # The mmu_update fast path's counts (absorb_fast_counts) and its items buffer.
         self._pv_batches = self._pv_entries = self._pv_calls = 0
-        # True faults fast path 5 returned at run()'s first exit (absorb_fast_counts).
+        # True faults fast path 5 returned from run() (absorb_fast_counts).
         self._fast_guest_faults = 0
         self._pv_items = ffi.new("uint64_t[]", 64)
         self._fast_bits = ((_FP_HIDDEN_FAULT | _FP_PT_WRITE | _FP_INVLPG | _FP_CR3
@@ -648,11 +648,10 @@ class VCpu:
         if idx == n:
             st["guest_accesses"] += n - start
             return RunResult(n, 0, 0, 0, "none", None)
-        if ctx is not None and self._gfault_valid[0] and self._rvector[0] == _VEC_PF and \
-                self._fast_bits & _FP_TRUE_FAULT:
-            # Fast path 5 at the first exit: the counters _run_exits keeps for it
-            # (three of them in one int, absorb_fast_counts), the fault read
-            # from one copy of its bytes (cffi field reads cost ~600 each).
+        if self._fp5 is not None and self._gfault_valid[0] and self._rvector[0] == _VEC_PF:
+            # Fast path 5 at the first exit, counted as _run_exits counts it (three
+            # counters in one int, absorb_fast_counts), the fault read from one
+            # copy of its bytes (cffi field reads cost ~600 each).
             self._fast_guest_faults += 1
             st["guest_accesses"] += idx - start
             g = self._gfault_bytes[:]
@@ -704,8 +703,7 @@ class VCpu:
                     # Fast path 5: C's guest walk faulted (csrc/shadow.c), a true
                     # fault; injected as page_fault_exit's _inject would, from
                     # that walk's fault rather than from a second walk.
-                    counts[PF_INJECT] += 1
-                    st["fast_pf_guest"] += 1
+                    self._fast_guest_faults += 1        # (as run() counts them)
                     st["guest_accesses"] += idx - start
                     fb = self._gfault_bytes[:]
                     _, error_code, cr2 = FAULT_HEAD(fb)
