@@ -234,6 +234,9 @@ static void derive_occupancy(ptemu_tlb_array *a)
     a->live = live;
 }
 
+_Static_assert(sizeof(((ptemu_tlb *)0)->steps[0]) / sizeof(ptemu_tlb_step) <= 32,
+               "ptemu_tlb.live_steps has one bit per lookup step");
+
 /* ptemu_tlb.live_steps from the arrays' live bits. */
 static PTEMU_NOINLINE void derive_live_steps(ptemu_tlb *t)
 {
